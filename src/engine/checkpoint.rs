@@ -1,0 +1,127 @@
+//! A checkpoint opened read-only, by one process: list keys, dtypes, shapes and chunks; read a
+//! key (or a box of it) into a caller buffer without registering anything — the counterpart of
+//! torch's `_load_state_dict_from_keys`.
+
+use super::load::{execute, open_local, LoadOptions, Opened};
+use super::read::{read_object, Files};
+use crate::error::{Error, Result};
+use crate::format::metadata::{EntryMeta, Metadata};
+use crate::format::pyobj::ObjectValue;
+use crate::format::sidecar::Sidecar;
+use crate::region::Region;
+use crate::state::State;
+use crate::storage::{self, Storage};
+use crate::tensor::{DType, TensorView};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Tensor,
+    /// A torch.save'd Python object (bytes, int, float, anything picklable).
+    Object,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyInfo<'c> {
+    pub fqn: &'c str,
+    pub kind: KeyKind,
+    /// `None` for objects and for dtypes libdcp does not know (see `dtype_name`).
+    pub dtype: Option<DType>,
+    pub dtype_name: &'c str,
+    pub shape: &'c [u64],
+    pub chunks: &'c [Region],
+}
+
+pub struct Checkpoint {
+    storage: Arc<dyn Storage>,
+    opened: Opened,
+    location: String,
+}
+
+impl Checkpoint {
+    pub fn open(location: &str) -> Result<Checkpoint> {
+        let storage = storage::open(location)?;
+        Self::open_storage(storage, location)
+    }
+
+    pub fn open_storage(storage: Arc<dyn Storage>, location: &str) -> Result<Checkpoint> {
+        let opened = open_local(storage.as_ref())?;
+        Ok(Checkpoint { storage, opened, location: location.to_string() })
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
+    pub fn metadata(&self) -> &Metadata {
+        &self.opened.metadata
+    }
+    pub fn sidecar(&self) -> Option<&Sidecar> {
+        self.opened.sidecar.as_ref()
+    }
+    pub fn len(&self) -> usize {
+        self.opened.metadata.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn key(&self, i: usize) -> Option<KeyInfo<'_>> {
+        let (fqn, e) = self.opened.metadata.entries.get(i)?;
+        Some(match e {
+            EntryMeta::Tensor(t) => KeyInfo { fqn, kind: KeyKind::Tensor, dtype: t.dtype, dtype_name: &t.dtype_name, shape: &t.size, chunks: &t.chunks },
+            EntryMeta::Bytes => KeyInfo { fqn, kind: KeyKind::Object, dtype: None, dtype_name: "", shape: &[], chunks: &[] },
+        })
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = KeyInfo<'_>> {
+        (0..self.len()).filter_map(|i| self.key(i))
+    }
+
+    pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
+        let i = self.opened.metadata.entries.iter().position(|(k, _)| k == fqn)?;
+        self.key(i)
+    }
+
+    fn tensor_key(&self, fqn: &str) -> Result<KeyInfo<'_>> {
+        let k = self.find(fqn).ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
+        if k.kind != KeyKind::Tensor {
+            return Err(Error::mismatch(format!("key {fqn:?} is an object, not a tensor")));
+        }
+        Ok(k)
+    }
+
+    /// Reads the box of `fqn` at `offsets` with the view's sizes into `view` (any strides).
+    pub fn read_tensor_into(&self, fqn: &str, offsets: &[u64], view: TensorView<'_>, verify: bool) -> Result<()> {
+        let k = self.tensor_key(fqn)?;
+        let shape = k.shape.to_vec();
+        let mut state = State::new();
+        state.add_tensor_chunk(fqn, view, &shape, offsets)?;
+        execute(self.storage.as_ref(), &self.opened, &mut state, &LoadOptions { strict: true, verify, threads: 4 })?;
+        Ok(())
+    }
+
+    /// Reads a whole tensor into a new buffer of its dtype's bytes.
+    pub fn read_tensor(&self, fqn: &str) -> Result<(DType, Vec<u64>, Vec<u8>)> {
+        let k = self.tensor_key(fqn)?;
+        let dtype = k.dtype.ok_or_else(|| Error::unsupported(format!("key {fqn:?}: dtype torch.{} is not supported", k.dtype_name)))?;
+        let shape = k.shape.to_vec();
+        let n = crate::tensor::numel(&shape)? as usize * dtype.size();
+        let mut buf = vec![0u8; n];
+        let view = TensorView::from_bytes(&mut buf, dtype, &shape)?;
+        self.read_tensor_into(fqn, &vec![0; shape.len()], view, true)?;
+        Ok((dtype, shape, buf))
+    }
+
+    pub fn read_object(&self, fqn: &str) -> Result<ObjectValue> {
+        let k = self.find(fqn).ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
+        if k.kind != KeyKind::Object {
+            return Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object")));
+        }
+        let info = self.opened.lookup.storage(&self.opened.metadata, fqn, None).ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
+        let files = Files::new(self.storage.as_ref(), self.opened.sidecar.as_ref());
+        read_object(&files, fqn, info)
+    }
+}

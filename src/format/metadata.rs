@@ -1,0 +1,488 @@
+//! torch DCP's `.metadata`: a pickle of `torch.distributed.checkpoint.metadata.Metadata`.
+//! [`Metadata::encode`] emits it with the same classes and shapes torch 2.11 writes
+//! (`../shared/reference/torch-dcp-format.txt`); [`Metadata::decode`] reads what torch writes.
+
+use super::pickle::{self, Graph, NodeId, PickleWriter};
+use crate::error::{Error, Result};
+use crate::region::Region;
+use crate::tensor::DType;
+use std::collections::HashMap;
+
+const MD_MODULE: &str = "torch.distributed.checkpoint.metadata";
+const FS_MODULE: &str = "torch.distributed.checkpoint.filesystem";
+
+/// One element of a key's path in the nested state dict: a dict key or a list index.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum PathPart {
+    Key(String),
+    Index(u64),
+}
+
+/// Splits an fqn on '.', taking all-digit parts as list indices (`optimizer.param_groups.0.lr`).
+pub fn default_path(fqn: &str) -> Vec<PathPart> {
+    fqn.split('.')
+        .map(|p| if !p.is_empty() && p.len() < 19 && p.bytes().all(|b| b.is_ascii_digit()) { PathPart::Index(p.parse().unwrap()) } else { PathPart::Key(p.to_string()) })
+        .collect()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorMeta {
+    /// `None` when torch wrote a dtype libdcp does not know; `dtype_name` says which.
+    pub dtype: Option<DType>,
+    pub dtype_name: String,
+    pub size: Vec<u64>,
+    pub chunks: Vec<Region>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum EntryMeta {
+    Tensor(TensorMeta),
+    /// A `torch.save`d Python object (bytes, int, float, anything picklable).
+    Bytes,
+}
+
+/// `MetadataIndex`: a key and, for tensors, the chunk's offsets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StorageIndex {
+    pub fqn: String,
+    pub offset: Option<Vec<u64>>,
+    pub index: Option<u64>,
+}
+
+/// `_StorageInfo`: where an item's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageInfo {
+    pub relative_path: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metadata {
+    /// Keys in the order they were written.
+    pub entries: Vec<(String, EntryMeta)>,
+    pub planner_data: Vec<(String, Vec<PathPart>)>,
+    pub storage: Vec<(StorageIndex, StorageInfo)>,
+    pub checkpoint_id: Option<String>,
+    pub save_id: Option<String>,
+    pub version: Option<String>,
+}
+
+impl Metadata {
+    pub fn encode(&self) -> Vec<u8> {
+        Encoder::new().metadata(self)
+    }
+
+    pub fn decode(data: &[u8], what: &str) -> Result<Metadata> {
+        let g = pickle::parse(data, what)?;
+        Decoder { g: &g, what }.metadata()
+    }
+
+    /// Lookup tables for loading: key -> entry, (key, chunk offsets) -> storage.
+    pub fn index(&self) -> MetadataLookup {
+        let mut entries = HashMap::with_capacity(self.entries.len());
+        for (i, (k, _)) in self.entries.iter().enumerate() {
+            entries.insert(k.clone(), i);
+        }
+        let mut storage = HashMap::with_capacity(self.storage.len());
+        for (i, (idx, _)) in self.storage.iter().enumerate() {
+            storage.insert((idx.fqn.clone(), idx.offset.clone()), i);
+        }
+        MetadataLookup { entries, storage }
+    }
+}
+
+pub struct MetadataLookup {
+    entries: HashMap<String, usize>,
+    storage: HashMap<(String, Option<Vec<u64>>), usize>,
+}
+
+impl MetadataLookup {
+    pub fn entry<'m>(&self, md: &'m Metadata, fqn: &str) -> Option<&'m EntryMeta> {
+        self.entries.get(fqn).map(|&i| &md.entries[i].1)
+    }
+    pub fn storage<'m>(&self, md: &'m Metadata, fqn: &str, offset: Option<&[u64]>) -> Option<&'m StorageInfo> {
+        self.storage.get(&(fqn.to_string(), offset.map(|o| o.to_vec()))).map(|&i| &md.storage[i].1)
+    }
+}
+
+struct Encoder {
+    w: PickleWriter,
+    sizes: HashMap<Vec<u64>, u32>,
+    layout: Option<u32>,
+    mem_format: Option<u32>,
+}
+
+impl Encoder {
+    fn new() -> Self {
+        Encoder { w: PickleWriter::new(4), sizes: HashMap::new(), layout: None, mem_format: None }
+    }
+
+    /// `torch.Size(values)`, shared through the memo when the same value repeats.
+    fn size(&mut self, values: &[u64]) {
+        if let Some(&idx) = self.sizes.get(values) {
+            self.w.get(idx);
+            return;
+        }
+        self.w.global("torch", "Size");
+        self.w.int_tuple(values);
+        self.w.tuple(1).reduce();
+        let idx = self.w.memoize();
+        self.sizes.insert(values.to_vec(), idx);
+    }
+
+    fn new_object(&mut self, module: &str, class: &str) {
+        self.w.global(module, class);
+        self.w.empty_tuple().newobj();
+    }
+
+    fn metadata(mut self, md: &Metadata) -> Vec<u8> {
+        self.new_object(MD_MODULE, "Metadata");
+        self.w.empty_dict().mark();
+
+        self.w.str_memo("state_dict_metadata");
+        self.w.empty_dict().mark();
+        for (fqn, entry) in &md.entries {
+            self.w.str_memo(fqn);
+            match entry {
+                EntryMeta::Bytes => self.new_object(MD_MODULE, "BytesStorageMetadata"),
+                EntryMeta::Tensor(t) => self.tensor_meta(t),
+            }
+        }
+        self.w.setitems();
+
+        self.w.str_memo("planner_data");
+        self.w.empty_dict().mark();
+        for (fqn, path) in &md.planner_data {
+            self.w.str_memo(fqn);
+            if path.len() > 3 {
+                self.w.mark();
+            }
+            for part in path {
+                match part {
+                    PathPart::Key(k) => self.w.str_memo(k),
+                    PathPart::Index(i) => self.w.int(*i as i64),
+                };
+            }
+            self.w.tuple(path.len());
+        }
+        self.w.setitems();
+
+        self.w.str_memo("storage_data");
+        self.w.empty_dict().mark();
+        for (idx, info) in &md.storage {
+            self.new_object(MD_MODULE, "MetadataIndex");
+            self.w.empty_dict().mark();
+            self.w.str_memo("fqn").str_memo(&idx.fqn);
+            self.w.str_memo("index");
+            match idx.index {
+                Some(i) => self.w.int(i as i64),
+                None => self.w.none(),
+            };
+            if let Some(off) = &idx.offset {
+                self.w.str_memo("offset");
+                self.size(off);
+            }
+            self.w.setitems().build();
+            self.new_object(FS_MODULE, "_StorageInfo");
+            self.w.empty_dict().mark();
+            self.w.str_memo("relative_path").str_memo(&info.relative_path);
+            self.w.str_memo("offset").int(info.offset as i64);
+            self.w.str_memo("length").int(info.length as i64);
+            self.w.setitems().build();
+        }
+        self.w.setitems();
+
+        self.w.str_memo("storage_meta");
+        self.new_object(MD_MODULE, "StorageMeta");
+        self.w.empty_dict().mark();
+        self.w.str_memo("checkpoint_id");
+        match &md.checkpoint_id {
+            Some(s) => self.w.str(s),
+            None => self.w.none(),
+        };
+        self.w.str_memo("save_id");
+        match &md.save_id {
+            Some(s) => self.w.str(s),
+            None => self.w.none(),
+        };
+        self.w.str_memo("load_id").none();
+        self.w.str_memo("modules").empty_list();
+        self.w.setitems().build();
+
+        self.w.str_memo("version");
+        self.w.str(md.version.as_deref().unwrap_or("1.0.0"));
+        self.w.setitems().build();
+        self.w.finish()
+    }
+
+    fn tensor_meta(&mut self, t: &TensorMeta) {
+        self.new_object(MD_MODULE, "TensorStorageMetadata");
+        self.w.empty_dict().mark();
+        self.w.str_memo("properties");
+        self.new_object(MD_MODULE, "TensorProperties");
+        self.w.mark();
+        self.w.global("torch", &t.dtype_name);
+        match self.layout {
+            Some(i) => {
+                self.w.get(i);
+            }
+            None => {
+                self.w.global("torch.serialization", "_get_layout");
+                self.w.str("torch.strided");
+                self.w.tuple(1).reduce();
+                self.layout = Some(self.w.memoize());
+            }
+        }
+        self.w.bool(false);
+        match self.mem_format {
+            Some(i) => {
+                self.w.get(i);
+            }
+            None => {
+                self.w.global(MD_MODULE, "_MEM_FORMAT_ENCODING");
+                self.w.int(0);
+                self.w.tuple(1).reduce();
+                self.mem_format = Some(self.w.memoize());
+            }
+        }
+        self.w.bool(false);
+        self.w.tuple(5).build();
+        self.w.str_memo("size");
+        self.size(&t.size);
+        self.w.str_memo("chunks");
+        self.w.empty_list();
+        if !t.chunks.is_empty() {
+            self.w.mark();
+            for c in &t.chunks {
+                self.new_object(MD_MODULE, "ChunkStorageMetadata");
+                self.w.empty_dict().mark();
+                self.w.str_memo("offsets");
+                self.size(&c.offsets);
+                self.w.str_memo("sizes");
+                self.size(&c.sizes);
+                self.w.setitems().build();
+            }
+            self.w.appends();
+        }
+        self.w.setitems().build();
+    }
+}
+
+struct Decoder<'g> {
+    g: &'g Graph,
+    what: &'g str,
+}
+
+impl Decoder<'_> {
+    fn err(&self, msg: impl std::fmt::Display) -> Error {
+        Error::corrupt(format!("{}: not a torch DCP Metadata pickle: {msg}", self.what))
+    }
+
+    /// An object built by NEWOBJ (or REDUCE) of a class named `class`, returning its state.
+    fn object_state(&self, id: NodeId, class: &str) -> Result<Option<NodeId>> {
+        let ((_, name), _, state) = self.g.as_call(id).ok_or_else(|| self.err(format!("expected a {class} object")))?;
+        if name != class {
+            return Err(self.err(format!("expected a {class} object, found {name}")));
+        }
+        Ok(state)
+    }
+
+    fn field(&self, state: Option<NodeId>, name: &str) -> Option<NodeId> {
+        state.and_then(|s| self.g.dict_get(s, name))
+    }
+
+    fn uint(&self, id: NodeId, what: &str) -> Result<u64> {
+        self.g.as_int(id).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| self.err(format!("{what} is not a non-negative int")))
+    }
+
+    fn size(&self, id: NodeId, what: &str) -> Result<Vec<u64>> {
+        let seq = match self.g.as_call(id) {
+            Some(((_, "Size"), args, _)) => {
+                let a = self.g.as_seq(args).ok_or_else(|| self.err(format!("{what}: bad torch.Size")))?;
+                match a.first() {
+                    Some(&inner) => inner,
+                    None => return Ok(vec![]),
+                }
+            }
+            _ => id,
+        };
+        let items = self.g.as_seq(seq).ok_or_else(|| self.err(format!("{what} is not a size")))?;
+        items.iter().map(|&i| self.uint(i, what)).collect()
+    }
+
+    fn metadata(&self) -> Result<Metadata> {
+        let state = self.object_state(self.g.root, "Metadata")?;
+        let mut md = Metadata::default();
+        let sdm = self.field(state, "state_dict_metadata").ok_or_else(|| self.err("no state_dict_metadata"))?;
+        for &(k, v) in self.g.as_dict(sdm).ok_or_else(|| self.err("state_dict_metadata is not a dict"))? {
+            let fqn = self.g.as_str(k).ok_or_else(|| self.err("a key of state_dict_metadata is not a str"))?.to_string();
+            let entry = self.entry(v, &fqn)?;
+            md.entries.push((fqn, entry));
+        }
+        if let Some(pd) = self.field(state, "planner_data") {
+            if let Some(items) = self.g.as_dict(pd) {
+                for &(k, v) in items {
+                    let (Some(fqn), Some(parts)) = (self.g.as_str(k), self.g.as_seq(v)) else { continue };
+                    let path = parts
+                        .iter()
+                        .filter_map(|&p| match self.g.as_str(p) {
+                            Some(s) => Some(PathPart::Key(s.to_string())),
+                            None => self.g.as_int(p).map(|i| PathPart::Index(i.max(0) as u64)),
+                        })
+                        .collect();
+                    md.planner_data.push((fqn.to_string(), path));
+                }
+            }
+        }
+        if let Some(sd) = self.field(state, "storage_data") {
+            if !self.g.is_none(sd) {
+                for &(k, v) in self.g.as_dict(sd).ok_or_else(|| self.err("storage_data is not a dict"))? {
+                    md.storage.push((self.storage_index(k)?, self.storage_info(v)?));
+                }
+            }
+        }
+        if let Some(sm) = self.field(state, "storage_meta") {
+            if !self.g.is_none(sm) {
+                let st = self.object_state(sm, "StorageMeta")?;
+                md.checkpoint_id = self.field(st, "checkpoint_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
+                md.save_id = self.field(st, "save_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
+            }
+        }
+        md.version = self.field(state, "version").and_then(|i| self.g.as_str(i)).map(str::to_string);
+        Ok(md)
+    }
+
+    fn entry(&self, id: NodeId, fqn: &str) -> Result<EntryMeta> {
+        let ((_, class), _, state) = self.g.as_call(id).ok_or_else(|| self.err(format!("entry {fqn:?} is not an object")))?;
+        match class {
+            "BytesStorageMetadata" => Ok(EntryMeta::Bytes),
+            "TensorStorageMetadata" => {
+                let props = self.field(state, "properties").ok_or_else(|| self.err(format!("{fqn}: no properties")))?;
+                let dtype_node = self.dtype_node(props, fqn)?;
+                let (module, name) = self.g.as_global(dtype_node).ok_or_else(|| self.err(format!("{fqn}: dtype is not a torch global")))?;
+                if module != "torch" {
+                    return Err(self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype")));
+                }
+                let size = self.size(self.field(state, "size").ok_or_else(|| self.err(format!("{fqn}: no size")))?, "size")?;
+                let chunks_node = self.field(state, "chunks").ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
+                let mut chunks = Vec::new();
+                for &c in self.g.as_seq(chunks_node).ok_or_else(|| self.err(format!("{fqn}: chunks is not a list")))? {
+                    let cs = self.object_state(c, "ChunkStorageMetadata")?;
+                    let offsets = self.size(self.field(cs, "offsets").ok_or_else(|| self.err(format!("{fqn}: chunk without offsets")))?, "offsets")?;
+                    let sizes = self.size(self.field(cs, "sizes").ok_or_else(|| self.err(format!("{fqn}: chunk without sizes")))?, "sizes")?;
+                    if offsets.len() != size.len() || sizes.len() != size.len() {
+                        return Err(self.err(format!("{fqn}: chunk rank differs from tensor rank")));
+                    }
+                    chunks.push(Region { offsets, sizes });
+                }
+                Ok(EntryMeta::Tensor(TensorMeta { dtype: DType::from_torch_name(name), dtype_name: name.to_string(), size, chunks }))
+            }
+            other => Err(self.err(format!("entry {fqn:?} has unknown storage class {other}"))),
+        }
+    }
+
+    /// TensorProperties' state is a tuple (dtype, layout, requires_grad, memory_format,
+    /// pin_memory) in torch >= 2.1 and a dict in older versions.
+    fn dtype_node(&self, props: NodeId, fqn: &str) -> Result<NodeId> {
+        let state = self.object_state(props, "TensorProperties")?.ok_or_else(|| self.err(format!("{fqn}: TensorProperties without state")))?;
+        if let Some(items) = self.g.as_seq(state) {
+            return items.first().copied().ok_or_else(|| self.err(format!("{fqn}: empty TensorProperties")));
+        }
+        self.g.dict_get(state, "dtype").ok_or_else(|| self.err(format!("{fqn}: TensorProperties without dtype")))
+    }
+
+    fn storage_index(&self, id: NodeId) -> Result<StorageIndex> {
+        let st = self.object_state(id, "MetadataIndex")?;
+        let fqn = self.field(st, "fqn").and_then(|i| self.g.as_str(i)).ok_or_else(|| self.err("MetadataIndex without fqn"))?.to_string();
+        let offset = match self.field(st, "offset") {
+            Some(o) if !self.g.is_none(o) => Some(self.size(o, "MetadataIndex.offset")?),
+            _ => None,
+        };
+        let index = self.field(st, "index").and_then(|i| self.g.as_int(i)).and_then(|v| u64::try_from(v).ok());
+        Ok(StorageIndex { fqn, offset, index })
+    }
+
+    fn storage_info(&self, id: NodeId) -> Result<StorageInfo> {
+        let st = self.object_state(id, "_StorageInfo")?;
+        let relative_path = self.field(st, "relative_path").and_then(|i| self.g.as_str(i)).ok_or_else(|| self.err("_StorageInfo without relative_path"))?;
+        if relative_path.is_empty() || relative_path.contains(['/', '\\', '\0']) || relative_path == "." || relative_path == ".." {
+            return Err(self.err(format!("storage path {relative_path:?} is not a plain file name")));
+        }
+        let offset = self.uint(self.field(st, "offset").ok_or_else(|| self.err("_StorageInfo without offset"))?, "offset")?;
+        let length = self.uint(self.field(st, "length").ok_or_else(|| self.err("_StorageInfo without length"))?, "length")?;
+        Ok(StorageInfo { relative_path: relative_path.to_string(), offset, length })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Metadata {
+        let mut md = Metadata::default();
+        md.entries.push((
+            "model.w".into(),
+            EntryMeta::Tensor(TensorMeta {
+                dtype: Some(DType::F32),
+                dtype_name: "float32".into(),
+                size: vec![4, 3],
+                chunks: vec![Region { offsets: vec![0, 0], sizes: vec![2, 3] }, Region { offsets: vec![2, 0], sizes: vec![2, 3] }],
+            }),
+        ));
+        md.entries.push((
+            "step".into(),
+            EntryMeta::Tensor(TensorMeta { dtype: Some(DType::I64), dtype_name: "int64".into(), size: vec![], chunks: vec![Region::full(&[])] }),
+        ));
+        md.entries.push(("lr".into(), EntryMeta::Bytes));
+        md.planner_data = vec![
+            ("model.w".into(), default_path("model.w")),
+            ("step".into(), default_path("step")),
+            ("lr".into(), vec![PathPart::Key("optimizer".into()), PathPart::Key("param_groups".into()), PathPart::Index(0), PathPart::Key("lr".into())]),
+        ];
+        md.storage = vec![
+            (StorageIndex { fqn: "model.w".into(), offset: Some(vec![0, 0]), index: Some(0) }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 0, length: 100 }),
+            (StorageIndex { fqn: "model.w".into(), offset: Some(vec![2, 0]), index: Some(1) }, StorageInfo { relative_path: "__1_0.distcp".into(), offset: 0, length: 100 }),
+            (StorageIndex { fqn: "step".into(), offset: Some(vec![]), index: Some(0) }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 128, length: 1 << 33 }),
+            (StorageIndex { fqn: "lr".into(), offset: None, index: None }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 4096, length: 10 }),
+        ];
+        md.checkpoint_id = Some("/tmp/x".into());
+        md.save_id = Some("abc".into());
+        md.version = Some("1.0.0".into());
+        md
+    }
+
+    #[test]
+    fn roundtrip() {
+        let md = sample();
+        let bytes = md.encode();
+        let back = Metadata::decode(&bytes, ".metadata").unwrap();
+        assert_eq!(back, md);
+        let lk = back.index();
+        assert_eq!(lk.storage(&back, "model.w", Some(&[2, 0])).unwrap().relative_path, "__1_0.distcp");
+        assert!(lk.storage(&back, "lr", None).is_some());
+        assert!(lk.entry(&back, "nope").is_none());
+    }
+
+    #[test]
+    fn truncated_and_garbled_fail_cleanly() {
+        let bytes = sample().encode();
+        for cut in [0, 1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Metadata::decode(&bytes[..cut], "m").is_err());
+        }
+        let mut g = bytes.clone();
+        for i in (0..g.len()).step_by(7) {
+            g[i] ^= 0x5a;
+            let _ = Metadata::decode(&g, "m");
+            g[i] ^= 0x5a;
+        }
+    }
+
+    #[test]
+    fn default_paths() {
+        assert_eq!(
+            default_path("optimizer.param_groups.0.lr"),
+            vec![PathPart::Key("optimizer".into()), PathPart::Key("param_groups".into()), PathPart::Index(0), PathPart::Key("lr".into())]
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Byte formats: pickles, `.metadata`, torch.save zip items, the `.libdcp` sidecar.
+
+pub mod metadata;
+pub mod pickle;
+pub mod pyobj;
+pub mod sidecar;
+pub mod zipitem;

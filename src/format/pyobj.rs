@@ -1,0 +1,506 @@
+//! Plain Python values (None, bool, int, float, str, bytes, list, tuple, dict): to and from
+//! pickles, to and from Python literal text. These are the non-tensor entries of a state dict
+//! (`optimizer.param_groups.0.lr`, `betas`, an opaque blob), stored by torch DCP as `torch.save`
+//! items.
+
+use super::pickle::{self, Graph, Node, NodeId, PickleWriter};
+use crate::error::{Error, Result};
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PyValue {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<PyValue>),
+    Tuple(Vec<PyValue>),
+    Dict(Vec<(PyValue, PyValue)>),
+}
+
+const MAX_DEPTH: usize = 256;
+
+impl PyValue {
+    /// Writes the value's opcodes (no PROTO/STOP).
+    pub fn write(&self, w: &mut PickleWriter) {
+        match self {
+            PyValue::None => {
+                w.none();
+            }
+            PyValue::Bool(b) => {
+                w.bool(*b);
+            }
+            PyValue::Int(v) => {
+                w.int(*v);
+            }
+            PyValue::Float(v) => {
+                w.float(*v);
+            }
+            PyValue::Str(s) => {
+                w.str(s);
+            }
+            PyValue::Bytes(b) => {
+                w.bytes(b);
+            }
+            PyValue::List(items) => {
+                w.empty_list();
+                if !items.is_empty() {
+                    w.mark();
+                    for it in items {
+                        it.write(w);
+                    }
+                    w.appends();
+                }
+            }
+            PyValue::Tuple(items) => {
+                if items.len() > 3 {
+                    w.mark();
+                }
+                for it in items {
+                    it.write(w);
+                }
+                w.tuple(items.len());
+            }
+            PyValue::Dict(items) => {
+                w.empty_dict();
+                if !items.is_empty() {
+                    w.mark();
+                    for (k, v) in items {
+                        k.write(w);
+                        v.write(w);
+                    }
+                    w.setitems();
+                }
+            }
+        }
+    }
+
+    /// A complete pickle of the value, in the protocol `torch.save` uses (2).
+    pub fn to_pickle(&self) -> Vec<u8> {
+        let mut w = PickleWriter::new(2);
+        self.write(&mut w);
+        w.finish()
+    }
+
+    /// Interprets a pickle as a plain value; `Ok(None)` when it holds anything else (a class
+    /// instance, a tensor reference), which callers then keep as an opaque pickle.
+    pub fn from_pickle(data: &[u8], what: &str) -> Result<Option<PyValue>> {
+        let g = pickle::parse(data, what)?;
+        Ok(Self::from_graph(&g, g.root, 0))
+    }
+
+    pub fn from_graph(g: &Graph, id: NodeId, depth: usize) -> Option<PyValue> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let rec = |i: NodeId| Self::from_graph(g, i, depth + 1);
+        Some(match g.node(id) {
+            Node::None => PyValue::None,
+            Node::Bool(b) => PyValue::Bool(*b),
+            Node::Int(v) => PyValue::Int(*v),
+            Node::Float(v) => PyValue::Float(*v),
+            Node::Str(s) => PyValue::Str(s.clone()),
+            Node::Bytes(b) => PyValue::Bytes(b.clone()),
+            Node::Tuple(items) => PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
+            Node::List(items) => PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
+            Node::Dict(items) => PyValue::Dict(items.iter().map(|&(k, v)| Some((rec(k)?, rec(v)?))).collect::<Option<_>>()?),
+            Node::Call { .. } => {
+                let ((module, name), args, state) = g.as_call(id)?;
+                if state.is_some() {
+                    return None;
+                }
+                let args = g.as_seq(args)?;
+                match (module, name, args.len()) {
+                    ("_codecs", "encode", 2) => {
+                        let text = g.as_str(args[0])?;
+                        if g.as_str(args[1])? != "latin1" {
+                            return None;
+                        }
+                        let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+                        PyValue::Bytes(bytes?)
+                    }
+                    ("__builtin__" | "builtins", "bytes", 0) => PyValue::Bytes(vec![]),
+                    ("__builtin__" | "builtins", "bytearray", 1) => PyValue::Bytes(match g.node(args[0]) {
+                        Node::Bytes(b) => b.clone(),
+                        _ => return None,
+                    }),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// Parses Python literal syntax: `None`, `True`, `3`, `-1.5e3`, `inf`, `'text'`, `b'\x00'`,
+    /// `[..]`, `(..)`, `{k: v}`.
+    pub fn parse_literal(text: &str) -> Result<PyValue> {
+        let mut p = LiteralParser { s: text.as_bytes(), pos: 0, text };
+        let v = p.value(0)?;
+        p.ws();
+        if p.pos != p.s.len() {
+            return Err(p.err("unexpected text after the value"));
+        }
+        Ok(v)
+    }
+}
+
+impl fmt::Display for PyValue {
+    /// Python `repr` syntax, which [`PyValue::parse_literal`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PyValue::None => f.write_str("None"),
+            PyValue::Bool(true) => f.write_str("True"),
+            PyValue::Bool(false) => f.write_str("False"),
+            PyValue::Int(v) => write!(f, "{v}"),
+            PyValue::Float(v) => {
+                if v.is_nan() {
+                    f.write_str("nan")
+                } else if v.is_infinite() {
+                    f.write_str(if *v > 0.0 { "inf" } else { "-inf" })
+                } else if v.fract() == 0.0 && v.abs() < 1e16 {
+                    write!(f, "{v:.1}")
+                } else {
+                    write!(f, "{v:?}")
+                }
+            }
+            PyValue::Str(s) => {
+                f.write_str("'")?;
+                for c in s.chars() {
+                    match c {
+                        '\'' => f.write_str("\\'")?,
+                        '\\' => f.write_str("\\\\")?,
+                        '\n' => f.write_str("\\n")?,
+                        c if (c as u32) < 0x20 => write!(f, "\\x{:02x}", c as u32)?,
+                        c => write!(f, "{c}")?,
+                    }
+                }
+                f.write_str("'")
+            }
+            PyValue::Bytes(b) => {
+                f.write_str("b'")?;
+                for &c in b {
+                    match c {
+                        b'\'' => f.write_str("\\'")?,
+                        b'\\' => f.write_str("\\\\")?,
+                        0x20..=0x7e => write!(f, "{}", c as char)?,
+                        _ => write!(f, "\\x{c:02x}")?,
+                    }
+                }
+                f.write_str("'")
+            }
+            PyValue::List(items) => {
+                f.write_str("[")?;
+                for (i, it) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{it}")?;
+                }
+                f.write_str("]")
+            }
+            PyValue::Tuple(items) => {
+                f.write_str("(")?;
+                for (i, it) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{it}")?;
+                }
+                if items.len() == 1 {
+                    f.write_str(",")?;
+                }
+                f.write_str(")")
+            }
+            PyValue::Dict(items) => {
+                f.write_str("{")?;
+                for (i, (k, v)) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{k}: {v}")?;
+                }
+                f.write_str("}")
+            }
+        }
+    }
+}
+
+struct LiteralParser<'a> {
+    s: &'a [u8],
+    pos: usize,
+    text: &'a str,
+}
+
+impl LiteralParser<'_> {
+    fn err(&self, msg: &str) -> Error {
+        Error::invalid(format!("Python literal {:?}: {msg} at character {}", self.text, self.pos))
+    }
+    fn ws(&mut self) {
+        while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
+            self.pos += 1;
+        }
+    }
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+    fn eat(&mut self, c: u8) -> bool {
+        self.ws();
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn word(&mut self, w: &str) -> bool {
+        if self.s[self.pos..].starts_with(w.as_bytes()) {
+            let after = self.s.get(self.pos + w.len()).copied();
+            if !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                self.pos += w.len();
+                return true;
+            }
+        }
+        false
+    }
+
+    fn value(&mut self, depth: usize) -> Result<PyValue> {
+        if depth > MAX_DEPTH {
+            return Err(self.err("nesting too deep"));
+        }
+        self.ws();
+        let c = self.peek().ok_or_else(|| self.err("expected a value"))?;
+        match c {
+            b'[' => {
+                self.pos += 1;
+                Ok(PyValue::List(self.items(b']', depth)?.0))
+            }
+            b'(' => {
+                self.pos += 1;
+                let (items, trailing_comma) = self.items(b')', depth)?;
+                if items.len() == 1 && !trailing_comma {
+                    return Ok(items.into_iter().next().unwrap());
+                }
+                Ok(PyValue::Tuple(items))
+            }
+            b'{' => {
+                self.pos += 1;
+                let mut items = Vec::new();
+                loop {
+                    if self.eat(b'}') {
+                        break;
+                    }
+                    let k = self.value(depth + 1)?;
+                    if !self.eat(b':') {
+                        return Err(self.err("expected ':'"));
+                    }
+                    let v = self.value(depth + 1)?;
+                    items.push((k, v));
+                    if self.eat(b'}') {
+                        break;
+                    }
+                    if !self.eat(b',') {
+                        return Err(self.err("expected ',' or '}'"));
+                    }
+                }
+                Ok(PyValue::Dict(items))
+            }
+            b'\'' | b'"' => Ok(PyValue::Str(String::from_utf8(self.quoted(false)?).map_err(|_| self.err("invalid UTF-8"))?)),
+            b'b' if matches!(self.s.get(self.pos + 1), Some(b'\'') | Some(b'"')) => {
+                self.pos += 1;
+                Ok(PyValue::Bytes(self.quoted(true)?))
+            }
+            _ => {
+                if self.word("None") {
+                    return Ok(PyValue::None);
+                }
+                if self.word("True") {
+                    return Ok(PyValue::Bool(true));
+                }
+                if self.word("False") {
+                    return Ok(PyValue::Bool(false));
+                }
+                self.number()
+            }
+        }
+    }
+
+    fn items(&mut self, close: u8, depth: usize) -> Result<(Vec<PyValue>, bool)> {
+        let mut items = Vec::new();
+        let mut trailing = false;
+        loop {
+            if self.eat(close) {
+                return Ok((items, trailing));
+            }
+            items.push(self.value(depth + 1)?);
+            trailing = false;
+            if self.eat(close) {
+                return Ok((items, trailing));
+            }
+            if !self.eat(b',') {
+                return Err(self.err("expected ','"));
+            }
+            trailing = true;
+        }
+    }
+
+    fn quoted(&mut self, bytes: bool) -> Result<Vec<u8>> {
+        let q = self.s[self.pos];
+        self.pos += 1;
+        let mut out = Vec::new();
+        loop {
+            let c = self.peek().ok_or_else(|| self.err("unterminated string"))?;
+            self.pos += 1;
+            if c == q {
+                return Ok(out);
+            }
+            if c != b'\\' {
+                out.push(c);
+                continue;
+            }
+            let e = self.peek().ok_or_else(|| self.err("unterminated escape"))?;
+            self.pos += 1;
+            match e {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'r' => out.push(b'\r'),
+                b'0' => out.push(0),
+                b'\\' | b'\'' | b'"' => out.push(e),
+                b'x' => {
+                    let h = self.s.get(self.pos..self.pos + 2).ok_or_else(|| self.err("short \\x escape"))?;
+                    let v = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16).map_err(|_| self.err("bad \\x escape"))?;
+                    self.pos += 2;
+                    if bytes || v < 0x80 {
+                        out.push(v);
+                    } else {
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(char::from(v).encode_utf8(&mut buf).as_bytes());
+                    }
+                }
+                _ => return Err(self.err("unsupported escape")),
+            }
+        }
+    }
+
+    fn number(&mut self) -> Result<PyValue> {
+        let start = self.pos;
+        if matches!(self.peek(), Some(b'-') | Some(b'+')) {
+            self.pos += 1;
+        }
+        if self.word("inf") {
+            let neg = self.s[start] == b'-';
+            return Ok(PyValue::Float(if neg { f64::NEG_INFINITY } else { f64::INFINITY }));
+        }
+        if self.word("nan") {
+            return Ok(PyValue::Float(f64::NAN));
+        }
+        while self.peek().is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'+' | b'-' | b'_')) {
+            let c = self.s[self.pos];
+            if (c == b'+' || c == b'-') && !matches!(self.s[self.pos - 1], b'e' | b'E') {
+                break;
+            }
+            self.pos += 1;
+        }
+        let tok = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("").replace('_', "");
+        if tok.is_empty() || tok == "-" || tok == "+" {
+            return Err(self.err("expected a value"));
+        }
+        if let Ok(v) = tok.parse::<i64>() {
+            return Ok(PyValue::Int(v));
+        }
+        tok.parse::<f64>().map(PyValue::Float).map_err(|_| self.err("not a number"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pickle_roundtrip() {
+        let v = PyValue::Dict(vec![
+            (PyValue::Str("lr".into()), PyValue::Float(0.1)),
+            (PyValue::Str("betas".into()), PyValue::Tuple(vec![PyValue::Float(0.9), PyValue::Float(0.999)])),
+            (PyValue::Str("params".into()), PyValue::List(vec![PyValue::Str("net1.weight".into()), PyValue::Int(3)])),
+            (PyValue::Str("blob".into()), PyValue::Bytes(vec![0, 200, 7])),
+            (PyValue::Str("empty".into()), PyValue::Bytes(vec![])),
+            (PyValue::Str("none".into()), PyValue::None),
+            (PyValue::Str("flag".into()), PyValue::Bool(true)),
+            (PyValue::Str("big".into()), PyValue::Int(-(1 << 50))),
+            (PyValue::Str("t4".into()), PyValue::Tuple((0..5).map(PyValue::Int).collect())),
+        ]);
+        let p = v.to_pickle();
+        assert_eq!(PyValue::from_pickle(&p, "t").unwrap(), Some(v));
+    }
+
+    #[test]
+    fn literal_roundtrip() {
+        for text in ["None", "True", "[1, 2.5, 'a\\'b']", "(0.9, 0.999)", "(1,)", "{'a': b'\\x00\\xff', 'b': []}", "-3", "1e-08", "inf", "()"] {
+            let v = PyValue::parse_literal(text).unwrap();
+            let again = PyValue::parse_literal(&v.to_string()).unwrap();
+            assert_eq!(v, again, "{text} -> {v}");
+        }
+        assert_eq!(PyValue::parse_literal("(5)").unwrap(), PyValue::Int(5));
+        assert_eq!(PyValue::parse_literal("1e-08").unwrap(), PyValue::Float(1e-8));
+        assert!(PyValue::parse_literal("[1, 2").is_err());
+        assert!(PyValue::parse_literal("foo").is_err());
+        assert!(PyValue::parse_literal("1 2").is_err());
+    }
+
+    #[test]
+    fn objects_are_not_plain_values() {
+        let mut w = PickleWriter::new(2);
+        w.global("collections", "OrderedDict").empty_tuple().reduce();
+        assert_eq!(PyValue::from_pickle(&w.finish(), "t").unwrap(), None);
+    }
+}
+
+/// A non-tensor entry of a state dict, as libdcp stores and returns it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObjectValue {
+    /// A Python `bytes` object.
+    Bytes(Vec<u8>),
+    /// A Python `int` that fits in 64 bits.
+    Int(i64),
+    /// A Python `float`.
+    Float(f64),
+    /// Any other plain value (str, bool, None, list, tuple, dict of those).
+    Py(PyValue),
+    /// A pickle libdcp does not interpret (a class instance, for example), kept byte for byte.
+    Pickle(Vec<u8>),
+}
+
+impl ObjectValue {
+    /// The pickle stored as the item's `data.pkl`.
+    pub fn to_pickle(&self) -> Vec<u8> {
+        match self {
+            ObjectValue::Bytes(b) => PyValue::Bytes(b.clone()).to_pickle(),
+            ObjectValue::Int(v) => PyValue::Int(*v).to_pickle(),
+            ObjectValue::Float(v) => PyValue::Float(*v).to_pickle(),
+            ObjectValue::Py(v) => v.to_pickle(),
+            ObjectValue::Pickle(p) => p.clone(),
+        }
+    }
+
+    pub fn from_pickle(data: &[u8], what: &str) -> Result<ObjectValue> {
+        Ok(match PyValue::from_pickle(data, what) {
+            Ok(Some(PyValue::Bytes(b))) => ObjectValue::Bytes(b),
+            Ok(Some(PyValue::Int(v))) => ObjectValue::Int(v),
+            Ok(Some(PyValue::Float(v))) => ObjectValue::Float(v),
+            Ok(Some(v)) => ObjectValue::Py(v),
+            // Anything else, including pickles with opcodes the VM does not run, stays opaque.
+            Ok(None) | Err(_) => ObjectValue::Pickle(data.to_vec()),
+        })
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ObjectValue::Bytes(_) => "bytes",
+            ObjectValue::Int(_) => "int",
+            ObjectValue::Float(_) => "float",
+            ObjectValue::Py(_) => "object",
+            ObjectValue::Pickle(_) => "pickle",
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The `.libdcp` sidecar: what libdcp knows about a checkpoint it wrote that torch's format does
+//! not carry. torch ignores the file; a checkpoint without one (written by torch) still loads.
+//!
+//! Envelope: magic (8 bytes) | envelope version (u32 LE) | payload length (u64 LE) | payload
+//! (postcard) | CRC-32 of the payload (u32 LE).
+
+use crate::error::{ensure, Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+
+pub const FILE_NAME: &str = ".libdcp";
+pub const MAGIC: &[u8; 8] = b"LIBDCP\0\x1a";
+pub const ENVELOPE_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 1;
+/// Payload checksums of large tensor items are kept per block of this many bytes, so a load that
+/// needs part of an item verifies only the blocks it reads.
+pub const BLOCK_SIZE: u64 = 4 << 20;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub format_version: u32,
+    /// "libdcp <version>".
+    pub writer: String,
+    pub save_id: String,
+    pub world_size: u32,
+    /// Length and CRC-32 of the `.metadata` committed with this sidecar.
+    pub metadata_len: u64,
+    pub metadata_crc32: u32,
+    /// Hash of the global save plan (equal hashes: same layout).
+    pub plan_hash: u64,
+    pub block_size: u64,
+    pub files: Vec<FileRecord>,
+    /// Tensor items whose payload is larger than one block.
+    pub blocks: Vec<BlockRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub len: u64,
+    pub rank: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub fqn: String,
+    pub chunk_offsets: Vec<u64>,
+    /// Index into `files`.
+    pub file: u32,
+    /// Absolute offset of the payload (`data/0`) in the file.
+    pub payload_offset: u64,
+    pub payload_len: u64,
+    /// CRC-32 of each `block_size` piece of the payload, in order.
+    pub crcs: Vec<u32>,
+}
+
+impl Sidecar {
+    pub fn encode(&self) -> Vec<u8> {
+        let payload = postcard::to_allocvec(self).expect("sidecar serialises");
+        let mut out = Vec::with_capacity(payload.len() + 24);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out
+    }
+
+    /// Parses a sidecar. A damaged one is [`ErrorKind::Corrupt`]; one from a newer libdcp is
+    /// [`ErrorKind::Unsupported`] (callers then fall back to the zip CRCs).
+    pub fn decode(data: &[u8], what: &str) -> Result<Sidecar> {
+        let bad = |m: &str| Error::corrupt(format!("{what}: damaged libdcp sidecar: {m}"));
+        ensure!(data.len() >= 24, bad("too short"));
+        ensure!(&data[..8] == MAGIC, bad("wrong magic"));
+        let env = u32::from_le_bytes(data[8..12].try_into().unwrap());
+        ensure!(env == ENVELOPE_VERSION, Error::new(ErrorKind::Unsupported, format!("{what}: sidecar envelope version {env} is not supported")));
+        let n = u64::from_le_bytes(data[12..20].try_into().unwrap());
+        ensure!(n == data.len() as u64 - 24, bad(&format!("payload length {n} does not match the file ({} bytes)", data.len())));
+        let payload = &data[20..data.len() - 4];
+        let crc = u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap());
+        ensure!(crc32fast::hash(payload) == crc, Error::new(ErrorKind::Checksum, format!("{what}: sidecar CRC-32 mismatch")));
+        let s: Sidecar = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
+        ensure!(
+            s.format_version == FORMAT_VERSION,
+            Error::new(ErrorKind::Unsupported, format!("{what}: sidecar format version {} is not supported", s.format_version))
+        );
+        ensure!(s.block_size > 0, bad("zero block size"));
+        for b in &s.blocks {
+            ensure!((b.file as usize) < s.files.len(), bad("block record names a missing file"));
+            ensure!(b.crcs.len() as u64 == b.payload_len.div_ceil(s.block_size), bad("block count does not match payload length"));
+        }
+        Ok(s)
+    }
+}
+
+/// CRC-32 of each `block`-byte piece of `data`.
+pub fn block_crcs(data: &[u8], block: u64) -> Vec<u32> {
+    data.chunks(block as usize).map(crc32fast::hash).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Sidecar {
+        Sidecar {
+            format_version: FORMAT_VERSION,
+            writer: "libdcp 0.1.0".into(),
+            save_id: "id".into(),
+            world_size: 2,
+            metadata_len: 100,
+            metadata_crc32: 7,
+            plan_hash: 99,
+            block_size: BLOCK_SIZE,
+            files: vec![FileRecord { name: "__0_0.distcp".into(), len: 1 << 30, rank: 0 }],
+            blocks: vec![BlockRecord { fqn: "w".into(), chunk_offsets: vec![0, 0], file: 0, payload_offset: 4096, payload_len: BLOCK_SIZE + 1, crcs: vec![1, 2] }],
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let s = sample();
+        assert_eq!(Sidecar::decode(&s.encode(), "t").unwrap(), s);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let enc = sample().encode();
+        for i in 0..enc.len() {
+            let mut m = enc.clone();
+            m[i] ^= 0x01;
+            assert!(Sidecar::decode(&m, "t").is_err(), "flip at {i} not detected");
+        }
+        for cut in 0..enc.len() {
+            assert!(Sidecar::decode(&enc[..cut], "t").is_err());
+        }
+    }
+
+    #[test]
+    fn newer_version_is_unsupported() {
+        let mut s = sample();
+        s.format_version = 99;
+        assert_eq!(Sidecar::decode(&s.encode(), "t").unwrap_err().kind(), ErrorKind::Unsupported);
+    }
+}

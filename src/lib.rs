@@ -1,0 +1,23 @@
+//! libdcp: distributed checkpoints in PyTorch DCP's on-disk format, with a C ABI.
+//!
+//! The safe Rust API is public for Rust users: build a [`State`] of borrowed tensors and owned
+//! values, then [`save`] or [`load`] with a [`Context`]; open a checkpoint read-only with
+//! [`Checkpoint`]. The C API in [`ffi`] is a thin layer over the same functions.
+
+pub mod comm;
+pub mod engine;
+pub mod error;
+pub mod ffi;
+pub mod format;
+pub mod plan;
+pub mod region;
+pub mod state;
+pub mod storage;
+pub mod tensor;
+
+pub use engine::{load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions, SaveReport};
+pub use error::{Error, ErrorKind, Result};
+pub use format::pyobj::{ObjectValue, PyValue};
+pub use region::Region;
+pub use state::State;
+pub use tensor::{DType, Device, TensorView};

@@ -1,0 +1,157 @@
+//! Local file system backend: pread/pwrite, O_DIRECT where the file system takes it, fdatasync,
+//! atomic rename, directory fsync.
+
+use super::{ReadHandle, Storage, WriteHandle};
+use crate::error::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const DIRECT_ALIGN: usize = 4096;
+
+pub struct FsStorage {
+    root: PathBuf,
+}
+
+impl FsStorage {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FsStorage { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+struct FsRead {
+    file: File,
+    len: u64,
+    path: PathBuf,
+}
+
+impl ReadHandle for FsRead {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(Error::corrupt(format!(
+                "{}: needs bytes {offset}..{} but the file has {} bytes (truncated?)",
+                self.path.display(),
+                offset.saturating_add(buf.len() as u64),
+                self.len
+            )));
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::io(&format!("reading {} bytes at offset {offset} of", buf.len()), &self.path, e))
+    }
+}
+
+struct FsWrite {
+    file: File,
+    direct: bool,
+    path: PathBuf,
+}
+
+impl WriteHandle for FsWrite {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, offset).map_err(|e| Error::io(&format!("writing {} bytes at offset {offset} of", data.len()), &self.path, e))
+    }
+    fn direct_alignment(&self) -> Option<usize> {
+        self.direct.then_some(DIRECT_ALIGN)
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file.set_len(len).map_err(|e| Error::io("setting the length of", &self.path, e))
+    }
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("fdatasync of", &self.path, e))
+    }
+}
+
+impl Storage for FsStorage {
+    fn describe(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+    fn prepare(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.root).map_err(|e| Error::io("creating directory", &self.root, e))
+    }
+    fn exists(&self, name: &str) -> Result<bool> {
+        match std::fs::metadata(self.path(name)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("checking", &self.path(name), e)),
+        }
+    }
+    fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
+        let path = self.path(name);
+        let file = File::open(&path).map_err(|e| Error::io("opening", &path, e))?;
+        let len = file.metadata().map_err(|e| Error::io("reading the size of", &path, e))?.len();
+        Ok(Arc::new(FsRead { file, len, path }))
+    }
+    fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>> {
+        let path = self.path(name);
+        let open = |flags: i32| OpenOptions::new().write(true).create(true).truncate(true).custom_flags(flags).open(&path);
+        if direct {
+            match open(libc::O_DIRECT) {
+                Ok(file) => return Ok(Arc::new(FsWrite { file, direct: true, path })),
+                // tmpfs and some FUSE file systems refuse O_DIRECT: fall back to buffered I/O.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => return Err(Error::io("creating", &path, e)),
+            }
+        }
+        let file = open(0).map_err(|e| Error::io("creating", &path, e))?;
+        Ok(Arc::new(FsWrite { file, direct: false, path }))
+    }
+    fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        let tmp = self.path(&format!("{name}.tmp"));
+        let dst = self.path(name);
+        let write = || -> std::io::Result<()> {
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all_at(data, 0)?;
+            f.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io("writing", &tmp, e)
+        })?;
+        std::fs::rename(&tmp, &dst).map_err(|e| Error::io("renaming into place", &dst, e))
+    }
+    fn remove(&self, name: &str) -> Result<()> {
+        match std::fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing", &self.path(name), e)),
+        }
+    }
+    fn sync_dir(&self) -> Result<()> {
+        let d = File::open(&self.root).map_err(|e| Error::io("opening directory", &self.root, e))?;
+        d.sync_all().map_err(|e| Error::io("fsync of directory", &self.root, e))
+    }
+    fn list(&self) -> Result<Vec<String>> {
+        let rd = std::fs::read_dir(&self.root).map_err(|e| Error::io("listing", &self.root, e))?;
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| Error::io("listing", &self.root, e))?;
+            if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() {
+        let dir = std::env::temp_dir().join(format!("libdcp-fs-conf-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        super::super::conformance::run(&FsStorage::new(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

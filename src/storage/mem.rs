@@ -1,0 +1,102 @@
+//! An in-memory backend, for tests and for staging small checkpoints.
+
+use super::{ReadHandle, Storage, WriteHandle};
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default, Clone)]
+pub struct MemStorage {
+    files: Arc<Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>>,
+}
+
+impl MemStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+struct MemFile {
+    name: String,
+    data: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ReadHandle for MemFile {
+    fn len(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let d = self.data.lock().unwrap();
+        let start = offset as usize;
+        let end = start.checked_add(buf.len()).filter(|&e| e <= d.len()).ok_or_else(|| {
+            Error::corrupt(format!("mem://{}: needs bytes {offset}..{} but the file has {} bytes", self.name, offset + buf.len() as u64, d.len()))
+        })?;
+        buf.copy_from_slice(&d[start..end]);
+        Ok(())
+    }
+}
+
+impl WriteHandle for MemFile {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut d = self.data.lock().unwrap();
+        let end = offset as usize + data.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn direct_alignment(&self) -> Option<usize> {
+        None
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.data.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Storage for MemStorage {
+    fn describe(&self, name: &str) -> String {
+        format!("mem://{name}")
+    }
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+    fn exists(&self, name: &str) -> Result<bool> {
+        Ok(self.files.lock().unwrap().contains_key(name))
+    }
+    fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
+        let data = self.files.lock().unwrap().get(name).cloned().ok_or_else(|| Error::not_found(format!("mem://{name} does not exist")))?;
+        Ok(Arc::new(MemFile { name: name.to_string(), data }))
+    }
+    fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
+        let data = Arc::new(Mutex::new(Vec::new()));
+        self.files.lock().unwrap().insert(name.to_string(), data.clone());
+        Ok(Arc::new(MemFile { name: name.to_string(), data }))
+    }
+    fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.files.lock().unwrap().insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
+        Ok(())
+    }
+    fn remove(&self, name: &str) -> Result<()> {
+        self.files.lock().unwrap().remove(name);
+        Ok(())
+    }
+    fn sync_dir(&self) -> Result<()> {
+        Ok(())
+    }
+    fn list(&self) -> Result<Vec<String>> {
+        Ok(self.files.lock().unwrap().keys().cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conformance() {
+        super::super::conformance::run(&super::MemStorage::new());
+    }
+}

@@ -1,0 +1,100 @@
+//! Where checkpoint files live. The engine talks to a [`Storage`] only; the file system is the
+//! first backend, an in-memory one serves tests, object stores come later.
+
+pub mod fs;
+pub mod mem;
+
+use crate::error::Result;
+use std::sync::Arc;
+
+/// Random-access reads of one stored file.
+pub trait ReadHandle: Send + Sync {
+    fn len(&self) -> u64;
+    /// Fills `buf` from `offset`; a short file is an error naming the file and offset.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Reads `len` bytes at `offset` into a new buffer.
+    fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.read_at(offset, &mut v)?;
+        Ok(v)
+    }
+}
+
+/// Positional writes to one file being created; several threads may write disjoint ranges.
+pub trait WriteHandle: Send + Sync {
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// `Some(n)` when writes bypass the page cache and must be n-aligned in offset, length and
+    /// memory.
+    fn direct_alignment(&self) -> Option<usize>;
+    /// Sets the final length (after padded direct writes).
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Makes the data durable.
+    fn sync(&self) -> Result<()>;
+}
+
+pub trait Storage: Send + Sync {
+    /// A human-readable location of `name` for messages (a path, a URL).
+    fn describe(&self, name: &str) -> String;
+    /// Creates the checkpoint location if needed.
+    fn prepare(&self) -> Result<()>;
+    fn exists(&self, name: &str) -> Result<bool>;
+    fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>>;
+    /// Reads a whole (small) file.
+    fn read_all(&self, name: &str) -> Result<Vec<u8>> {
+        let h = self.open_read(name)?;
+        h.read_vec(0, h.len() as usize)
+    }
+    /// Creates (truncating) a file for positional writes; `direct` asks for O_DIRECT where the
+    /// backend and file system allow it.
+    fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>>;
+    /// Writes a small file atomically and durably: temporary name, sync, rename.
+    fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Removes a file; a missing file is not an error.
+    fn remove(&self, name: &str) -> Result<()>;
+    /// Makes renames and creations in the location durable.
+    fn sync_dir(&self) -> Result<()>;
+    fn list(&self) -> Result<Vec<String>>;
+}
+
+/// Opens the storage for a checkpoint location string.
+pub fn open(location: &str) -> Result<Arc<dyn Storage>> {
+    if location.is_empty() {
+        return Err(crate::error::Error::invalid("checkpoint path is empty"));
+    }
+    Ok(Arc::new(fs::FsStorage::new(location)))
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! Checks every backend must pass.
+    use super::*;
+
+    pub fn run(s: &dyn Storage) {
+        s.prepare().unwrap();
+        assert!(!s.exists("a").unwrap());
+        let w = s.create("a", false).unwrap();
+        w.write_at(4, b"5678").unwrap();
+        w.write_at(0, b"1234").unwrap();
+        w.sync().unwrap();
+        drop(w);
+        assert!(s.exists("a").unwrap());
+        let r = s.open_read("a").unwrap();
+        assert_eq!(r.len(), 8);
+        assert_eq!(r.read_vec(2, 4).unwrap(), b"3456");
+        let err = r.read_vec(6, 4).unwrap_err();
+        assert!(err.message().contains("a"), "{err}");
+        s.put_atomic("m", b"meta").unwrap();
+        assert_eq!(s.read_all("m").unwrap(), b"meta");
+        s.put_atomic("m", b"meta2").unwrap();
+        assert_eq!(s.read_all("m").unwrap(), b"meta2");
+        let mut names = s.list().unwrap();
+        names.sort();
+        assert_eq!(names, vec!["a".to_string(), "m".to_string()]);
+        s.remove("a").unwrap();
+        s.remove("a").unwrap();
+        assert!(!s.exists("a").unwrap());
+        assert!(s.open_read("a").is_err());
+        s.sync_dir().unwrap();
+    }
+}
