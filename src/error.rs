@@ -66,10 +66,26 @@ impl ErrorKind {
 
     pub fn from_code(code: i32) -> ErrorKind {
         use ErrorKind::*;
-        [InvalidArgument, Io, Corrupt, Checksum, NotFound, Mismatch, AlreadyExists, Comm, Timeout, Unsupported, Cuda, Internal, BufferTooSmall, NoSpace, Busy]
-            .into_iter()
-            .find(|k| k.code() == code)
-            .unwrap_or(Internal)
+        [
+            InvalidArgument,
+            Io,
+            Corrupt,
+            Checksum,
+            NotFound,
+            Mismatch,
+            AlreadyExists,
+            Comm,
+            Timeout,
+            Unsupported,
+            Cuda,
+            Internal,
+            BufferTooSmall,
+            NoSpace,
+            Busy,
+        ]
+        .into_iter()
+        .find(|k| k.code() == code)
+        .unwrap_or(Internal)
     }
 }
 
@@ -84,7 +100,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -122,7 +141,11 @@ impl Error {
             _ if err.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotFound,
             _ => ErrorKind::Io,
         };
-        let label = if kind == ErrorKind::NoSpace { " (ENOSPC: no space left on device)" } else { "" };
+        let label = if kind == ErrorKind::NoSpace {
+            " (ENOSPC: no space left on device)"
+        } else {
+            ""
+        };
         Self::new(kind, format!("{what} {}: {err}{label}", path.display()))
     }
 

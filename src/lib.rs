@@ -15,7 +15,10 @@ pub mod state;
 pub mod storage;
 pub mod tensor;
 
-pub use engine::{load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions, SaveReport};
+pub use engine::{
+    load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions,
+    SaveReport,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};
 pub use region::Region;

@@ -2,7 +2,9 @@
 
 use crate::error::{ensure, Error, Result};
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Region {
     pub offsets: Vec<u64>,
     pub sizes: Vec<u64>,
@@ -12,14 +14,19 @@ impl Region {
     pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<Self> {
         ensure!(
             offsets.len() == sizes.len(),
-            Error::invalid(format!("offsets {offsets:?} and sizes {sizes:?} have different ranks"))
+            Error::invalid(format!(
+                "offsets {offsets:?} and sizes {sizes:?} have different ranks"
+            ))
         );
         Ok(Region { offsets, sizes })
     }
 
     /// The whole tensor of the given shape.
     pub fn full(shape: &[u64]) -> Self {
-        Region { offsets: vec![0; shape.len()], sizes: shape.to_vec() }
+        Region {
+            offsets: vec![0; shape.len()],
+            sizes: shape.to_vec(),
+        }
     }
 
     pub fn ndim(&self) -> usize {
@@ -38,7 +45,11 @@ impl Region {
     pub fn check_within(&self, shape: &[u64]) -> Result<()> {
         ensure!(
             self.ndim() == shape.len(),
-            Error::invalid(format!("box of rank {} for a tensor of rank {}", self.ndim(), shape.len()))
+            Error::invalid(format!(
+                "box of rank {} for a tensor of rank {}",
+                self.ndim(),
+                shape.len()
+            ))
         );
         for d in 0..shape.len() {
             let end = self.offsets[d].checked_add(self.sizes[d]);
@@ -74,7 +85,11 @@ impl Region {
 
     /// The same box expressed relative to the origin of `outer` (which must contain it).
     pub fn relative_to(&self, outer: &Region) -> Vec<u64> {
-        self.offsets.iter().zip(&outer.offsets).map(|(a, b)| a - b).collect()
+        self.offsets
+            .iter()
+            .zip(&outer.offsets)
+            .map(|(a, b)| a - b)
+            .collect()
     }
 }
 
@@ -86,7 +101,13 @@ mod tests {
     fn intersect_boxes() {
         let a = Region::new(vec![0, 0], vec![4, 4]).unwrap();
         let b = Region::new(vec![2, 3], vec![4, 4]).unwrap();
-        assert_eq!(a.intersect(&b), Some(Region { offsets: vec![2, 3], sizes: vec![2, 1] }));
+        assert_eq!(
+            a.intersect(&b),
+            Some(Region {
+                offsets: vec![2, 3],
+                sizes: vec![2, 1]
+            })
+        );
         let c = Region::new(vec![4, 0], vec![1, 1]).unwrap();
         assert_eq!(a.intersect(&c), None);
         let scalar = Region::full(&[]);

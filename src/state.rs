@@ -44,7 +44,10 @@ pub struct State<'a> {
 
 fn check_fqn(fqn: &str) -> Result<()> {
     ensure!(!fqn.is_empty(), Error::invalid("key is empty"));
-    ensure!(!fqn.contains('\0'), Error::invalid(format!("key {fqn:?} contains a NUL byte")));
+    ensure!(
+        !fqn.contains('\0'),
+        Error::invalid(format!("key {fqn:?} contains a NUL byte"))
+    );
     Ok(())
 }
 
@@ -55,9 +58,17 @@ impl<'a> State<'a> {
 
     fn insert(&mut self, fqn: &str, value: EntryValue<'a>) -> Result<()> {
         check_fqn(fqn)?;
-        ensure!(!self.index.contains_key(fqn), Error::invalid(format!("key {fqn:?} is already registered")));
+        ensure!(
+            !self.index.contains_key(fqn),
+            Error::invalid(format!("key {fqn:?} is already registered"))
+        );
         self.index.insert(fqn.to_string(), self.entries.len());
-        self.entries.push(Entry { fqn: fqn.to_string(), path: None, value, loaded: false });
+        self.entries.push(Entry {
+            fqn: fqn.to_string(),
+            path: None,
+            value,
+            loaded: false,
+        });
         Ok(())
     }
 
@@ -69,19 +80,41 @@ impl<'a> State<'a> {
 
     /// Registers a local piece of a larger tensor: the piece is `view`, it sits at `offsets` of
     /// a global tensor of `global_shape`.
-    pub fn add_tensor_chunk(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], offsets: &[u64]) -> Result<()> {
-        let region = Region::new(offsets.to_vec(), view.sizes().to_vec()).map_err(|e| e.context(format!("key {fqn:?}")))?;
+    pub fn add_tensor_chunk(
+        &mut self,
+        fqn: &str,
+        view: TensorView<'a>,
+        global_shape: &[u64],
+        offsets: &[u64],
+    ) -> Result<()> {
+        let region = Region::new(offsets.to_vec(), view.sizes().to_vec())
+            .map_err(|e| e.context(format!("key {fqn:?}")))?;
         ensure!(
             region.ndim() == global_shape.len(),
             Error::invalid(format!("key {fqn:?}: local tensor has {} dims but the global shape {global_shape:?} has {}", region.ndim(), global_shape.len()))
         );
-        region.check_within(global_shape).map_err(|e| e.context(format!("key {fqn:?}")))?;
-        self.insert(fqn, EntryValue::Tensor(TensorEntry { view, global_shape: global_shape.to_vec(), region }))
+        region
+            .check_within(global_shape)
+            .map_err(|e| e.context(format!("key {fqn:?}")))?;
+        self.insert(
+            fqn,
+            EntryValue::Tensor(TensorEntry {
+                view,
+                global_shape: global_shape.to_vec(),
+                region,
+            }),
+        )
     }
 
     /// Registers a tensor whose local piece must have the box `region` (computed from a mesh and
     /// placements); a view of another shape is rejected with both shapes in the message.
-    pub fn add_tensor_region(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], region: Region) -> Result<()> {
+    pub fn add_tensor_region(
+        &mut self,
+        fqn: &str,
+        view: TensorView<'a>,
+        global_shape: &[u64],
+        region: Region,
+    ) -> Result<()> {
         ensure!(
             view.sizes() == region.sizes.as_slice(),
             Error::invalid(format!(
@@ -121,14 +154,25 @@ impl<'a> State<'a> {
     }
     /// Registers an opaque pickle, stored byte for byte as the item's `data.pkl`.
     pub fn add_pickle(&mut self, fqn: &str, pickle: &[u8]) -> Result<()> {
-        ensure!(pickle.len() >= 2 && pickle.last() == Some(&b'.'), Error::invalid(format!("key {fqn:?}: not a pickle (must end with the STOP opcode '.')")));
+        ensure!(
+            pickle.len() >= 2 && pickle.last() == Some(&b'.'),
+            Error::invalid(format!(
+                "key {fqn:?}: not a pickle (must end with the STOP opcode '.')"
+            ))
+        );
         self.add_object(fqn, ObjectValue::Pickle(pickle.to_vec()))
     }
 
     /// Sets the key's path in the nested state dict, for torch's `planner_data`.
     pub fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
-        ensure!(!path.is_empty(), Error::invalid(format!("key {fqn:?}: empty path")));
-        let i = *self.index.get(fqn).ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))?;
+        ensure!(
+            !path.is_empty(),
+            Error::invalid(format!("key {fqn:?}: empty path"))
+        );
+        let i = *self
+            .index
+            .get(fqn)
+            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))?;
         self.entries[i].path = Some(path);
         Ok(())
     }
@@ -151,7 +195,9 @@ impl<'a> State<'a> {
     pub fn object(&self, fqn: &str) -> Result<&ObjectValue> {
         match self.get(fqn).map(|e| &e.value) {
             Some(EntryValue::Object(v)) => Ok(v),
-            Some(EntryValue::Tensor(_)) => Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object"))),
+            Some(EntryValue::Tensor(_)) => Err(Error::mismatch(format!(
+                "key {fqn:?} is a tensor, not an object"
+            ))),
             None => Err(Error::not_found(format!("key {fqn:?} is not registered"))),
         }
     }
@@ -173,7 +219,11 @@ mod tests {
     fn duplicate_and_bad_keys() {
         let mut s = State::new();
         s.add_int("a", 1).unwrap();
-        assert!(s.add_int("a", 2).unwrap_err().message().contains("already registered"));
+        assert!(s
+            .add_int("a", 2)
+            .unwrap_err()
+            .message()
+            .contains("already registered"));
         assert!(s.add_int("", 2).is_err());
         assert!(s.add_pickle("p", b"xx").is_err());
     }
@@ -192,7 +242,20 @@ mod tests {
         let mut buf = vec![0f32; 4];
         let mut s = State::new();
         let v = TensorView::from_slice(&mut buf, DType::F32, &[2, 2]).unwrap();
-        let e = s.add_tensor_region("w", v, &[4, 4], Region { offsets: vec![0, 0], sizes: vec![2, 4] }).unwrap_err();
-        assert!(e.message().contains("[2, 2]") && e.message().contains("[2, 4]"), "{e}");
+        let e = s
+            .add_tensor_region(
+                "w",
+                v,
+                &[4, 4],
+                Region {
+                    offsets: vec![0, 0],
+                    sizes: vec![2, 4],
+                },
+            )
+            .unwrap_err();
+        assert!(
+            e.message().contains("[2, 2]") && e.message().contains("[2, 4]"),
+            "{e}"
+        );
     }
 }

@@ -132,7 +132,10 @@ impl DType {
     }
 
     pub fn from_storage_name(name: &str) -> Option<DType> {
-        ALL_DTYPES.iter().copied().find(|d| d.storage_name() == Some(name))
+        ALL_DTYPES
+            .iter()
+            .copied()
+            .find(|d| d.storage_name() == Some(name))
     }
 
     pub fn is_floating_point(self) -> bool {
@@ -169,7 +172,10 @@ pub enum Device {
 
 /// Product of sizes, with overflow checked.
 pub fn numel(sizes: &[u64]) -> Result<u64> {
-    sizes.iter().try_fold(1u64, |acc, &s| acc.checked_mul(s)).ok_or_else(|| Error::invalid(format!("shape {sizes:?} overflows")))
+    sizes
+        .iter()
+        .try_fold(1u64, |acc, &s| acc.checked_mul(s))
+        .ok_or_else(|| Error::invalid(format!("shape {sizes:?} overflows")))
 }
 
 /// Row-major (C-contiguous) strides, in elements.
@@ -190,9 +196,14 @@ pub fn strided_extent_bytes(sizes: &[u64], strides: &[u64], elem: usize) -> Resu
     }
     let mut last = 0u64;
     for (&s, &st) in sizes.iter().zip(strides) {
-        last = (s - 1).checked_mul(st).and_then(|v| v.checked_add(last)).ok_or_else(|| Error::invalid("strides overflow"))?;
+        last = (s - 1)
+            .checked_mul(st)
+            .and_then(|v| v.checked_add(last))
+            .ok_or_else(|| Error::invalid("strides overflow"))?;
     }
-    last.checked_add(1).and_then(|v| v.checked_mul(elem as u64)).ok_or_else(|| Error::invalid("strides overflow"))
+    last.checked_add(1)
+        .and_then(|v| v.checked_mul(elem as u64))
+        .ok_or_else(|| Error::invalid("strides overflow"))
 }
 
 /// A borrowed view of caller memory holding a (local) tensor: dtype, sizes, strides in elements,
@@ -217,7 +228,16 @@ impl<'a> TensorView<'a> {
     /// A contiguous CPU tensor over a mutable byte slice.
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
         let strides = contiguous_strides(sizes);
-        unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, Some(&strides), Device::Cpu) }
+        unsafe {
+            Self::from_raw(
+                data.as_mut_ptr(),
+                data.len(),
+                dtype,
+                sizes,
+                Some(&strides),
+                Device::Cpu,
+            )
+        }
     }
 
     /// A contiguous CPU tensor over a typed slice (`f32`, `i64`, ...); the dtype must have the
@@ -225,7 +245,11 @@ impl<'a> TensorView<'a> {
     pub fn from_slice<T: Copy>(data: &'a mut [T], dtype: DType, sizes: &[u64]) -> Result<Self> {
         ensure!(
             std::mem::size_of::<T>() == dtype.size(),
-            Error::invalid(format!("element size {} does not match dtype {dtype} ({} bytes)", std::mem::size_of::<T>(), dtype.size()))
+            Error::invalid(format!(
+                "element size {} does not match dtype {dtype} ({} bytes)",
+                std::mem::size_of::<T>(),
+                dtype.size()
+            ))
         );
         let nbytes = std::mem::size_of_val(data);
         let ptr = data.as_mut_ptr() as *mut u8;
@@ -250,7 +274,11 @@ impl<'a> TensorView<'a> {
             Some(s) => {
                 ensure!(
                     s.len() == sizes.len(),
-                    Error::invalid(format!("{} strides given for {} dimensions", s.len(), sizes.len()))
+                    Error::invalid(format!(
+                        "{} strides given for {} dimensions",
+                        s.len(),
+                        sizes.len()
+                    ))
                 );
                 s.to_vec()
             }
@@ -264,8 +292,19 @@ impl<'a> TensorView<'a> {
                 "buffer of {nbytes} bytes is too small for a {dtype} tensor of sizes {sizes:?} and strides {strides:?} ({extent} bytes needed)"
             ))
         );
-        ensure!(extent == 0 || !ptr.is_null(), Error::invalid("data pointer is null for a non-empty tensor"));
-        Ok(TensorView { ptr, nbytes, dtype, sizes: sizes.to_vec(), strides, device, _borrow: PhantomData })
+        ensure!(
+            extent == 0 || !ptr.is_null(),
+            Error::invalid("data pointer is null for a non-empty tensor")
+        );
+        Ok(TensorView {
+            ptr,
+            nbytes,
+            dtype,
+            sizes: sizes.to_vec(),
+            strides,
+            device,
+            _borrow: PhantomData,
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -312,13 +351,25 @@ pub fn is_contiguous(sizes: &[u64], strides: &[u64]) -> bool {
 /// # Safety
 /// Every element addressed through `src`/`dst` with the given sizes and strides must be in bounds
 /// of valid memory, and the two regions must not overlap.
-pub unsafe fn copy_strided(src: *const u8, src_strides: &[usize], dst: *mut u8, dst_strides: &[usize], sizes: &[usize], elem: usize) {
+pub unsafe fn copy_strided(
+    src: *const u8,
+    src_strides: &[usize],
+    dst: *mut u8,
+    dst_strides: &[usize],
+    sizes: &[usize],
+    elem: usize,
+) {
     if sizes.iter().any(|&s| s == 0) {
         return;
     }
     // Drop size-1 dims, then fuse dims from the inside out while both sides stay dense.
-    let mut dims: Vec<(usize, usize, usize)> =
-        sizes.iter().zip(src_strides).zip(dst_strides).filter(|((&n, _), _)| n != 1).map(|((&n, &s), &d)| (n, s, d)).collect();
+    let mut dims: Vec<(usize, usize, usize)> = sizes
+        .iter()
+        .zip(src_strides)
+        .zip(dst_strides)
+        .filter(|((&n, _), _)| n != 1)
+        .map(|((&n, &s), &d)| (n, s, d))
+        .collect();
     let mut run = elem;
     while let Some(&(n, s, d)) = dims.last() {
         if s == run && d == run {

@@ -46,7 +46,11 @@ impl Checkpoint {
 
     pub fn open_storage(storage: Arc<dyn Storage>, location: &str) -> Result<Checkpoint> {
         let opened = open_local(storage.as_ref())?;
-        Ok(Checkpoint { storage, opened, location: location.to_string() })
+        Ok(Checkpoint {
+            storage,
+            opened,
+            location: location.to_string(),
+        })
     }
 
     pub fn location(&self) -> &str {
@@ -71,8 +75,22 @@ impl Checkpoint {
     pub fn key(&self, i: usize) -> Option<KeyInfo<'_>> {
         let (fqn, e) = self.opened.metadata.entries.get(i)?;
         Some(match e {
-            EntryMeta::Tensor(t) => KeyInfo { fqn, kind: KeyKind::Tensor, dtype: t.dtype, dtype_name: &t.dtype_name, shape: &t.size, chunks: &t.chunks },
-            EntryMeta::Bytes => KeyInfo { fqn, kind: KeyKind::Object, dtype: None, dtype_name: "", shape: &[], chunks: &[] },
+            EntryMeta::Tensor(t) => KeyInfo {
+                fqn,
+                kind: KeyKind::Tensor,
+                dtype: t.dtype,
+                dtype_name: &t.dtype_name,
+                shape: &t.size,
+                chunks: &t.chunks,
+            },
+            EntryMeta::Bytes => KeyInfo {
+                fqn,
+                kind: KeyKind::Object,
+                dtype: None,
+                dtype_name: "",
+                shape: &[],
+                chunks: &[],
+            },
         })
     }
 
@@ -81,32 +99,64 @@ impl Checkpoint {
     }
 
     pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
-        let i = self.opened.metadata.entries.iter().position(|(k, _)| k == fqn)?;
+        let i = self
+            .opened
+            .metadata
+            .entries
+            .iter()
+            .position(|(k, _)| k == fqn)?;
         self.key(i)
     }
 
     fn tensor_key(&self, fqn: &str) -> Result<KeyInfo<'_>> {
-        let k = self.find(fqn).ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
+        let k = self.find(fqn).ok_or_else(|| {
+            Error::not_found(format!(
+                "key {fqn:?} is not in the checkpoint at {}",
+                self.location
+            ))
+        })?;
         if k.kind != KeyKind::Tensor {
-            return Err(Error::mismatch(format!("key {fqn:?} is an object, not a tensor")));
+            return Err(Error::mismatch(format!(
+                "key {fqn:?} is an object, not a tensor"
+            )));
         }
         Ok(k)
     }
 
     /// Reads the box of `fqn` at `offsets` with the view's sizes into `view` (any strides).
-    pub fn read_tensor_into(&self, fqn: &str, offsets: &[u64], view: TensorView<'_>, verify: bool) -> Result<()> {
+    pub fn read_tensor_into(
+        &self,
+        fqn: &str,
+        offsets: &[u64],
+        view: TensorView<'_>,
+        verify: bool,
+    ) -> Result<()> {
         let k = self.tensor_key(fqn)?;
         let shape = k.shape.to_vec();
         let mut state = State::new();
         state.add_tensor_chunk(fqn, view, &shape, offsets)?;
-        execute(self.storage.as_ref(), &self.opened, &mut state, &LoadOptions { strict: true, verify, threads: 4 })?;
+        execute(
+            self.storage.as_ref(),
+            &self.opened,
+            &mut state,
+            &LoadOptions {
+                strict: true,
+                verify,
+                threads: 4,
+            },
+        )?;
         Ok(())
     }
 
     /// Reads a whole tensor into a new buffer of its dtype's bytes.
     pub fn read_tensor(&self, fqn: &str) -> Result<(DType, Vec<u64>, Vec<u8>)> {
         let k = self.tensor_key(fqn)?;
-        let dtype = k.dtype.ok_or_else(|| Error::unsupported(format!("key {fqn:?}: dtype torch.{} is not supported", k.dtype_name)))?;
+        let dtype = k.dtype.ok_or_else(|| {
+            Error::unsupported(format!(
+                "key {fqn:?}: dtype torch.{} is not supported",
+                k.dtype_name
+            ))
+        })?;
         let shape = k.shape.to_vec();
         let n = crate::tensor::numel(&shape)? as usize * dtype.size();
         let mut buf = vec![0u8; n];
@@ -116,11 +166,22 @@ impl Checkpoint {
     }
 
     pub fn read_object(&self, fqn: &str) -> Result<ObjectValue> {
-        let k = self.find(fqn).ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
+        let k = self.find(fqn).ok_or_else(|| {
+            Error::not_found(format!(
+                "key {fqn:?} is not in the checkpoint at {}",
+                self.location
+            ))
+        })?;
         if k.kind != KeyKind::Object {
-            return Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object")));
+            return Err(Error::mismatch(format!(
+                "key {fqn:?} is a tensor, not an object"
+            )));
         }
-        let info = self.opened.lookup.storage(&self.opened.metadata, fqn, None).ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
+        let info = self
+            .opened
+            .lookup
+            .storage(&self.opened.metadata, fqn, None)
+            .ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
         let files = Files::new(self.storage.as_ref(), self.opened.sidecar.as_ref());
         read_object(&files, fqn, info)
     }

@@ -31,7 +31,10 @@ impl Context {
     }
 
     pub fn with_communicator(comm: Box<dyn Communicator>) -> Context {
-        Context { comm, plan_cache: Mutex::new(None) }
+        Context {
+            comm,
+            plan_cache: Mutex::new(None),
+        }
     }
 
     pub fn rank(&self) -> usize {

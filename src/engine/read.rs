@@ -26,8 +26,14 @@ pub struct Files<'s> {
 
 impl<'s> Files<'s> {
     pub fn new(storage: &'s dyn Storage, sidecar: Option<&Sidecar>) -> Self {
-        let expected_len = sidecar.map(|s| s.files.iter().map(|f| (f.name.clone(), f.len)).collect()).unwrap_or_default();
-        Files { storage, open: Mutex::new(HashMap::new()), expected_len }
+        let expected_len = sidecar
+            .map(|s| s.files.iter().map(|f| (f.name.clone(), f.len)).collect())
+            .unwrap_or_default();
+        Files {
+            storage,
+            open: Mutex::new(HashMap::new()),
+            expected_len,
+        }
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
@@ -35,15 +41,25 @@ impl<'s> Files<'s> {
             return Ok(h.clone());
         }
         let h = self.storage.open_read(name).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => Error::corrupt(format!("data file {} is missing", self.storage.describe(name))),
+            ErrorKind::NotFound => Error::corrupt(format!(
+                "data file {} is missing",
+                self.storage.describe(name)
+            )),
             _ => e,
         })?;
         if let Some(&want) = self.expected_len.get(name) {
             if h.len() != want {
-                return Err(Error::corrupt(format!("data file {} has {} bytes but was written with {want} (truncated or replaced)", self.storage.describe(name), h.len())));
+                return Err(Error::corrupt(format!(
+                    "data file {} has {} bytes but was written with {want} (truncated or replaced)",
+                    self.storage.describe(name),
+                    h.len()
+                )));
             }
         }
-        self.open.lock().unwrap().insert(name.to_string(), h.clone());
+        self.open
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), h.clone());
         Ok(h)
     }
 
@@ -65,23 +81,48 @@ impl ItemSource for ItemSlice<'_> {
 }
 
 fn item_what(files: &Files, fqn: &str, info: &StorageInfo) -> String {
-    format!("key {fqn:?}: item at offset {} of {}", info.offset, files.describe(&info.relative_path))
+    format!(
+        "key {fqn:?}: item at offset {} of {}",
+        info.offset,
+        files.describe(&info.relative_path)
+    )
 }
 
 /// Reads the item of a non-tensor entry.
-pub fn read_object(files: &Files, fqn: &str, info: &StorageInfo) -> Result<crate::format::pyobj::ObjectValue> {
+pub fn read_object(
+    files: &Files,
+    fqn: &str,
+    info: &StorageInfo,
+) -> Result<crate::format::pyobj::ObjectValue> {
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
-    match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
+    match zipitem::read_item(
+        &ItemSlice {
+            file: file.as_ref(),
+            info,
+        },
+        info.length,
+        &what,
+    )? {
         ItemContent::Object(v) => Ok(v),
-        ItemContent::Tensor(_) => Err(Error::mismatch(format!("{what}: holds a tensor, but the metadata says it is an object"))),
+        ItemContent::Tensor(_) => Err(Error::mismatch(format!(
+            "{what}: holds a tensor, but the metadata says it is an object"
+        ))),
     }
 }
 
 fn check_item_bounds(file: &dyn ReadHandle, info: &StorageInfo, what: &str) -> Result<()> {
-    if info.offset.checked_add(info.length).is_none_or(|e| e > file.len()) {
-        return Err(Error::corrupt(format!("{what}: the item ({} bytes) runs past the end of the {}-byte file (truncated?)", info.length, file.len())));
+    if info
+        .offset
+        .checked_add(info.length)
+        .is_none_or(|e| e > file.len())
+    {
+        return Err(Error::corrupt(format!(
+            "{what}: the item ({} bytes) runs past the end of the {}-byte file (truncated?)",
+            info.length,
+            file.len()
+        )));
     }
     Ok(())
 }
@@ -103,13 +144,23 @@ enum Check<'b> {
 }
 
 /// Reads one saved chunk into its targets.
-pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fqn: &str, chunk: &Region, info: &StorageInfo, targets: &[Target], verify: bool) -> Result<()> {
+pub fn read_chunk(
+    files: &Files,
+    sidecar_blocks: Option<(&BlockRecord, u64)>,
+    fqn: &str,
+    chunk: &Region,
+    info: &StorageInfo,
+    targets: &[Target],
+    verify: bool,
+) -> Result<()> {
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
     for t in targets {
         if t.view.device() != Device::Cpu {
-            return Err(Error::unsupported(format!("key {fqn:?}: loading into CUDA tensors is not supported by this build")));
+            return Err(Error::unsupported(format!(
+                "key {fqn:?}: loading into CUDA tensors is not supported by this build"
+            )));
         }
     }
     let elem_expected = targets.first().map(|t| t.view.dtype());
@@ -128,9 +179,20 @@ pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fq
             };
             (b.payload_offset, rec)
         }
-        None => match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
+        None => match zipitem::read_item(
+            &ItemSlice {
+                file: file.as_ref(),
+                info,
+            },
+            info.length,
+            &what,
+        )? {
             ItemContent::Tensor(rec) => (info.offset + rec.data_offset, rec),
-            ItemContent::Object(_) => return Err(Error::mismatch(format!("{what}: holds an object, but the metadata says it is a tensor chunk"))),
+            ItemContent::Object(_) => {
+                return Err(Error::mismatch(format!(
+                    "{what}: holds an object, but the metadata says it is a tensor chunk"
+                )))
+            }
         },
     };
     if Some(rec.dtype) != elem_expected || rec.sizes != chunk.sizes {
@@ -154,8 +216,14 @@ pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fq
 
     // Fast path: the whole chunk into one dense registered buffer: read straight into it.
     if let [t] = targets {
-        if saved_dense && t.overlap == *chunk && t.region == chunk && t.view.is_contiguous() && rec.data_len == chunk.numel() * elem {
-            let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
+        if saved_dense
+            && t.overlap == *chunk
+            && t.region == chunk
+            && t.view.is_contiguous()
+            && rec.data_len == chunk.numel() * elem
+        {
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
             file.read_at(payload_abs, dst)?;
             return verify_bytes(&check, 0, dst, true, &what, payload_abs);
         }
@@ -167,11 +235,29 @@ pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fq
     for t in targets {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
-        let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
+        let a_base = (rec.storage_offset
+            + rel_saved
+                .iter()
+                .zip(&rec.strides)
+                .map(|(o, s)| o * s)
+                .sum::<u64>())
+            * elem;
         let dst_strides: Vec<u64> = t.view.strides().iter().map(|s| s * elem).collect();
-        let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
+        let b_base = rel_dst
+            .iter()
+            .zip(&dst_strides)
+            .map(|(o, s)| o * s)
+            .sum::<u64>();
         let ptr = t.view.as_ptr();
-        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr)));
+        BoxRuns::new(
+            &t.overlap.sizes,
+            &saved_strides,
+            &dst_strides,
+            a_base,
+            b_base,
+            elem,
+        )
+        .for_each(|r| runs.push((r, ptr)));
     }
     runs.sort_by_key(|(r, _)| r.a);
 
@@ -193,7 +279,11 @@ pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fq
     // Windows: ranges cut into pieces of at most WINDOW bytes at unit boundaries (unless the
     // unit is the whole record and the saved layout is strided: then it must be in memory at
     // once).
-    let max_window = if saved_dense { (WINDOW / unit).max(1) * unit } else { u64::MAX };
+    let max_window = if saved_dense {
+        (WINDOW / unit).max(1) * unit
+    } else {
+        u64::MAX
+    };
     let mut whole = crc32fast::Hasher::new();
     let mut next_run = 0usize;
     let mut buf = Vec::new();
@@ -230,7 +320,13 @@ pub fn read_chunk(files: &Files, sidecar_blocks: Option<(&BlockRecord, u64)>, fq
     if let Check::Whole(expected) = check {
         let got = whole.finalize();
         if got != expected {
-            return Err(checksum_error(&what, payload_abs, rec.data_len, got, expected));
+            return Err(checksum_error(
+                &what,
+                payload_abs,
+                rec.data_len,
+                got,
+                expected,
+            ));
         }
     }
     Ok(())
@@ -242,14 +338,27 @@ fn checksum_error(what: &str, at: u64, len: u64, got: u32, expected: u32) -> Err
 
 /// Verifies `data`, which holds payload bytes from `off`: whole-record CRC (only when `data` is
 /// the whole payload) or every block it contains.
-fn verify_bytes(check: &Check, off: u64, data: &[u8], is_whole: bool, what: &str, payload_abs: u64) -> Result<()> {
+fn verify_bytes(
+    check: &Check,
+    off: u64,
+    data: &[u8],
+    is_whole: bool,
+    what: &str,
+    payload_abs: u64,
+) -> Result<()> {
     match check {
         Check::None => Ok(()),
         Check::Whole(expected) => {
             debug_assert!(is_whole);
             let got = crc32fast::hash(data);
             if got != *expected {
-                return Err(checksum_error(what, payload_abs, data.len() as u64, got, *expected));
+                return Err(checksum_error(
+                    what,
+                    payload_abs,
+                    data.len() as u64,
+                    got,
+                    *expected,
+                ));
             }
             Ok(())
         }
@@ -257,10 +366,18 @@ fn verify_bytes(check: &Check, off: u64, data: &[u8], is_whole: bool, what: &str
             let first = off / bs;
             for (i, piece) in data.chunks(*bs as usize).enumerate() {
                 let block = first + i as u64;
-                let expected = *b.crcs.get(block as usize).ok_or_else(|| Error::corrupt(format!("{what}: block {block} has no recorded checksum")))?;
+                let expected = *b.crcs.get(block as usize).ok_or_else(|| {
+                    Error::corrupt(format!("{what}: block {block} has no recorded checksum"))
+                })?;
                 let got = crc32fast::hash(piece);
                 if got != expected {
-                    return Err(checksum_error(what, payload_abs + block * bs, piece.len() as u64, got, expected));
+                    return Err(checksum_error(
+                        what,
+                        payload_abs + block * bs,
+                        piece.len() as u64,
+                        got,
+                        expected,
+                    ));
                 }
             }
             Ok(())

@@ -38,7 +38,12 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { overwrite: false, threads: 4, direct_io: true, buffer_bytes: 8 << 20 }
+        SaveOptions {
+            overwrite: false,
+            threads: 4,
+            direct_io: true,
+            buffer_bytes: 8 << 20,
+        }
     }
 }
 
@@ -58,32 +63,62 @@ struct RankWrites {
 }
 
 /// Saves `state` to `location`. Collective: every rank of the context calls it.
-pub fn save(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
+pub fn save(
+    ctx: &Context,
+    state: &State,
+    location: &str,
+    opts: &SaveOptions,
+) -> Result<SaveReport> {
     let storage = storage::open(location)?;
     save_to(ctx, state, storage, location, opts)
 }
 
-pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
+pub fn save_to(
+    ctx: &Context,
+    state: &State,
+    storage: Arc<dyn Storage>,
+    location: &str,
+    opts: &SaveOptions,
+) -> Result<SaveReport> {
     let t0 = Instant::now();
     let comm = ctx.communicator();
     let rank = comm.rank();
     let (plan, plan_cached) = global_plan(ctx, state, opts)?;
 
-    let save_id = broadcast_result(comm, 0, if rank == 0 { prepare(storage.as_ref(), opts.overwrite) } else { Ok(String::new()) })?;
+    let save_id = broadcast_result(
+        comm,
+        0,
+        if rank == 0 {
+            prepare(storage.as_ref(), opts.overwrite)
+        } else {
+            Ok(String::new())
+        },
+    )?;
 
     let written = write_rank(state, &plan, rank, storage.as_ref(), opts, &save_id);
-    let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
+    let bytes_written = written
+        .as_ref()
+        .map(|w| w.files.iter().map(|f| f.len).sum())
+        .unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
         Some(all) => commit(storage.as_ref(), location, &plan, &save_id, all),
         None => Ok(()),
     };
     broadcast_result(comm, 0, commit)?;
-    Ok(SaveReport { bytes_written, plan_cached, seconds: t0.elapsed().as_secs_f64() })
+    Ok(SaveReport {
+        bytes_written,
+        plan_cached,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
-fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<GlobalPlan>, bool)> {
+fn global_plan(
+    ctx: &Context,
+    state: &State,
+    opts: &SaveOptions,
+) -> Result<(Arc<GlobalPlan>, bool)> {
     let comm = ctx.communicator();
     let local = LocalPlan::from_state(state);
     let encoded = local.encode();
@@ -100,7 +135,11 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
         }
     }
     let plans = comm.all_gather(&encoded)?;
-    let plans = plans.iter().enumerate().map(|(r, b)| LocalPlan::decode(b, r)).collect::<Result<Vec<_>>>()?;
+    let plans = plans
+        .iter()
+        .enumerate()
+        .map(|(r, b)| LocalPlan::decode(b, r))
+        .collect::<Result<Vec<_>>>()?;
     let plan = Arc::new(GlobalPlan::build(&plans)?);
     *cache = Some((all, plan.clone()));
     Ok((plan, false))
@@ -108,12 +147,18 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
 
 fn validate_local(state: &State, opts: &SaveOptions) -> Result<()> {
     if opts.threads == 0 || opts.threads > 1024 {
-        return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
+        return Err(Error::invalid(format!(
+            "writer threads must be 1..=1024, not {}",
+            opts.threads
+        )));
     }
     for e in state.entries() {
         if let EntryValue::Tensor(t) = &e.value {
             if t.view.device() != crate::tensor::Device::Cpu {
-                return Err(Error::unsupported(format!("key {:?}: CUDA tensors are not supported by this build", e.fqn)));
+                return Err(Error::unsupported(format!(
+                    "key {:?}: CUDA tensors are not supported by this build",
+                    e.fqn
+                )));
             }
         }
     }
@@ -135,7 +180,11 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
         storage.sync_dir()?;
     }
     for name in storage.list()? {
-        if is_data_file(&name) || name == sidecar::FILE_NAME || name == ".metadata.tmp" || name == ".libdcp.tmp" {
+        if is_data_file(&name)
+            || name == sidecar::FILE_NAME
+            || name == ".metadata.tmp"
+            || name == ".libdcp.tmp"
+        {
             storage.remove(&name)?;
         }
     }
@@ -148,7 +197,12 @@ pub fn is_data_file(name: &str) -> bool {
     name.strip_prefix("__")
         .and_then(|r| r.strip_suffix(".distcp"))
         .and_then(|r| r.split_once('_'))
-        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit()))
+        .is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
+        })
 }
 
 fn new_save_id() -> String {
@@ -157,18 +211,35 @@ fn new_save_id() -> String {
         use std::io::Read;
         let _ = f.read_exact(&mut bytes);
     }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     for (i, b) in t.to_le_bytes().iter().enumerate() {
         bytes[i] ^= b;
     }
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Step 3: this rank's items, in plan order, into one file.
-fn write_rank(state: &State, plan: &GlobalPlan, rank: usize, storage: &dyn Storage, opts: &SaveOptions, save_id: &str) -> Result<RankWrites> {
+fn write_rank(
+    state: &State,
+    plan: &GlobalPlan,
+    rank: usize,
+    storage: &dyn Storage,
+    opts: &SaveOptions,
+    save_id: &str,
+) -> Result<RankWrites> {
     let mut sources = Vec::new();
     for e in &plan.entries {
         let mine = match &e.kind {
@@ -178,23 +249,56 @@ fn write_rank(state: &State, plan: &GlobalPlan, rank: usize, storage: &dyn Stora
         if !mine {
             continue;
         }
-        let entry = state.get(&e.fqn).ok_or_else(|| Error::internal(format!("planned key {:?} is not registered on rank {rank}", e.fqn)))?;
+        let entry = state.get(&e.fqn).ok_or_else(|| {
+            Error::internal(format!(
+                "planned key {:?} is not registered on rank {rank}",
+                e.fqn
+            ))
+        })?;
         match &entry.value {
-            EntryValue::Tensor(t) => sources.push(ItemSource::Tensor { fqn: &entry.fqn, view: &t.view, offsets: t.region.offsets.clone() }),
-            EntryValue::Object(v) => sources.push(ItemSource::Object { fqn: &entry.fqn, value: v }),
+            EntryValue::Tensor(t) => sources.push(ItemSource::Tensor {
+                fqn: &entry.fqn,
+                view: &t.view,
+                offsets: t.region.offsets.clone(),
+            }),
+            EntryValue::Object(v) => sources.push(ItemSource::Object {
+                fqn: &entry.fqn,
+                value: v,
+            }),
         }
     }
     if sources.is_empty() {
-        return Ok(RankWrites { files: vec![], items: vec![] });
+        return Ok(RankWrites {
+            files: vec![],
+            items: vec![],
+        });
     }
     let name = format!("__{rank}_0.distcp");
-    let layout = layout_file(name.clone(), sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
+    let layout = layout_file(
+        name.clone(),
+        sources,
+        opts.threads,
+        stable_hash(save_id.as_bytes()) ^ rank as u64,
+    );
     let (len, items) = write_file(storage, &layout, opts.direct_io, opts.buffer_bytes)?;
-    Ok(RankWrites { files: vec![FileRecord { name, len, rank: rank as u32 }], items })
+    Ok(RankWrites {
+        files: vec![FileRecord {
+            name,
+            len,
+            rank: rank as u32,
+        }],
+        items,
+    })
 }
 
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
-fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>) -> Result<()> {
+fn commit(
+    storage: &dyn Storage,
+    location: &str,
+    plan: &GlobalPlan,
+    save_id: &str,
+    all: Vec<Vec<u8>>,
+) -> Result<()> {
     let mut files = Vec::new();
     let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
     for (r, bytes) in all.iter().enumerate() {
@@ -204,8 +308,17 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
             items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
         }
     }
-    let file_index: HashMap<&str, u32> = files.iter().enumerate().map(|(i, f)| (f.name.as_str(), i as u32)).collect();
-    let mut md = Metadata { checkpoint_id: Some(location.to_string()), save_id: Some(save_id.to_string()), version: Some("1.0.0".into()), ..Default::default() };
+    let file_index: HashMap<&str, u32> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name.as_str(), i as u32))
+        .collect();
+    let mut md = Metadata {
+        checkpoint_id: Some(location.to_string()),
+        save_id: Some(save_id.to_string()),
+        version: Some("1.0.0".into()),
+        ..Default::default()
+    };
     let mut blocks = Vec::new();
     let missing = |fqn: &str| Error::internal(format!("no rank reported writing key {fqn:?}"));
     for e in &plan.entries {
@@ -213,22 +326,57 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
         match &e.kind {
             GlobalKind::Object { .. } => {
                 md.entries.push((e.fqn.clone(), EntryMeta::Bytes));
-                let it = items.get(&(e.fqn.clone(), None)).ok_or_else(|| missing(&e.fqn))?;
-                md.storage.push((StorageIndex { fqn: e.fqn.clone(), offset: None, index: None }, StorageInfo { relative_path: it.file.clone(), offset: it.offset, length: it.length }));
+                let it = items
+                    .get(&(e.fqn.clone(), None))
+                    .ok_or_else(|| missing(&e.fqn))?;
+                md.storage.push((
+                    StorageIndex {
+                        fqn: e.fqn.clone(),
+                        offset: None,
+                        index: None,
+                    },
+                    StorageInfo {
+                        relative_path: it.file.clone(),
+                        offset: it.offset,
+                        length: it.length,
+                    },
+                ));
             }
-            GlobalKind::Tensor { dtype, global_shape, chunks } => {
+            GlobalKind::Tensor {
+                dtype,
+                global_shape,
+                chunks,
+            } => {
                 md.entries.push((
                     e.fqn.clone(),
-                    EntryMeta::Tensor(TensorMeta { dtype: Some(*dtype), dtype_name: dtype.torch_name().to_string(), size: global_shape.clone(), chunks: chunks.iter().map(|c| c.region.clone()).collect() }),
+                    EntryMeta::Tensor(TensorMeta {
+                        dtype: Some(*dtype),
+                        dtype_name: dtype.torch_name().to_string(),
+                        size: global_shape.clone(),
+                        chunks: chunks.iter().map(|c| c.region.clone()).collect(),
+                    }),
                 ));
                 for (ci, c) in chunks.iter().enumerate() {
-                    let it = items.get(&(e.fqn.clone(), Some(c.region.offsets.clone()))).ok_or_else(|| missing(&e.fqn))?;
+                    let it = items
+                        .get(&(e.fqn.clone(), Some(c.region.offsets.clone())))
+                        .ok_or_else(|| missing(&e.fqn))?;
                     md.storage.push((
-                        StorageIndex { fqn: e.fqn.clone(), offset: Some(c.region.offsets.clone()), index: Some(ci as u64) },
-                        StorageInfo { relative_path: it.file.clone(), offset: it.offset, length: it.length },
+                        StorageIndex {
+                            fqn: e.fqn.clone(),
+                            offset: Some(c.region.offsets.clone()),
+                            index: Some(ci as u64),
+                        },
+                        StorageInfo {
+                            relative_path: it.file.clone(),
+                            offset: it.offset,
+                            length: it.length,
+                        },
                     ));
                     if let Some(b) = &it.block {
-                        blocks.push(sidecar::BlockRecord { file: file_index[it.file.as_str()], ..b.clone() });
+                        blocks.push(sidecar::BlockRecord {
+                            file: file_index[it.file.as_str()],
+                            ..b.clone()
+                        });
                     }
                 }
             }

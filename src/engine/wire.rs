@@ -15,26 +15,45 @@ impl<T: Serialize + DeserializeOwned> Wire<T> {
     pub fn from_result(r: Result<T>) -> Self {
         match r {
             Ok(v) => Wire::Ok(v),
-            Err(e) => Wire::Err { code: e.kind().code(), message: e.message().to_string() },
+            Err(e) => Wire::Err {
+                code: e.kind().code(),
+                message: e.message().to_string(),
+            },
         }
     }
     pub fn into_result(self, rank: usize) -> Result<T> {
         match self {
             Wire::Ok(v) => Ok(v),
-            Wire::Err { code, message } => Err(Error::new(ErrorKind::from_code(code), if rank == usize::MAX { message } else { format!("rank {rank}: {message}") })),
+            Wire::Err { code, message } => Err(Error::new(
+                ErrorKind::from_code(code),
+                if rank == usize::MAX {
+                    message
+                } else {
+                    format!("rank {rank}: {message}")
+                },
+            )),
         }
     }
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_allocvec(self).expect("wire value serialises")
     }
     pub fn decode(bytes: &[u8], rank: usize) -> Result<Self> {
-        postcard::from_bytes(bytes).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable message: {e}")))
+        postcard::from_bytes(bytes)
+            .map_err(|e| Error::comm(format!("rank {rank} sent an unreadable message: {e}")))
     }
 }
 
 /// Broadcasts `root`'s outcome; every rank returns it (a failure on root fails everyone).
-pub fn broadcast_result<T: Serialize + DeserializeOwned>(comm: &dyn Communicator, root: usize, local: Result<T>) -> Result<T> {
-    let bytes = if comm.rank() == root { Wire::from_result(local).encode() } else { Vec::new() };
+pub fn broadcast_result<T: Serialize + DeserializeOwned>(
+    comm: &dyn Communicator,
+    root: usize,
+    local: Result<T>,
+) -> Result<T> {
+    let bytes = if comm.rank() == root {
+        Wire::from_result(local).encode()
+    } else {
+        Vec::new()
+    };
     let got = comm.broadcast(&bytes, root)?;
     Wire::<T>::decode(&got, root)?.into_result(usize::MAX)
 }

@@ -19,7 +19,10 @@ fn align_up(v: u64, a: u64) -> u64 {
 }
 
 pub enum ItemBody<'s, 'a> {
-    Tensor { view: &'s TensorView<'a>, layout: TensorItemLayout },
+    Tensor {
+        view: &'s TensorView<'a>,
+        layout: TensorItemLayout,
+    },
     Object(Vec<u8>),
 }
 
@@ -42,8 +45,15 @@ impl PlacedItem<'_, '_> {
 /// What a rank wants written: a tensor (its whole local view, as the chunk at `offsets`) or an
 /// object.
 pub enum ItemSource<'s, 'a> {
-    Tensor { fqn: &'s str, view: &'s TensorView<'a>, offsets: Vec<u64> },
-    Object { fqn: &'s str, value: &'s ObjectValue },
+    Tensor {
+        fqn: &'s str,
+        view: &'s TensorView<'a>,
+        offsets: Vec<u64>,
+    },
+    Object {
+        fqn: &'s str,
+        value: &'s ObjectValue,
+    },
 }
 
 pub struct FileLayout<'s, 'a> {
@@ -68,7 +78,12 @@ pub struct ItemWritten {
 
 /// Places items back to back (64-byte aligned; tensor payloads of 4 KiB or more 4096-aligned in
 /// the file) and cuts the sequence into at most `threads` segments of similar size.
-pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threads: usize, seed: u64) -> FileLayout<'s, 'a> {
+pub fn layout_file<'s, 'a>(
+    name: String,
+    sources: Vec<ItemSource<'s, 'a>>,
+    threads: usize,
+    seed: u64,
+) -> FileLayout<'s, 'a> {
     let total: u64 = sources
         .iter()
         .map(|s| match s {
@@ -94,11 +109,26 @@ pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threa
         let item = match src {
             ItemSource::Tensor { fqn, view, offsets } => {
                 let payload = view.numel() * view.dtype().size() as u64;
-                let align = if payload >= SEGMENT_ALIGN { SEGMENT_ALIGN } else { RECORD_ALIGN };
-                let layout = TensorItemLayout::new(view.dtype(), view.sizes(), offset, align, item_seed);
-                PlacedItem { fqn, chunk_offsets: Some(offsets), offset, body: ItemBody::Tensor { view, layout } }
+                let align = if payload >= SEGMENT_ALIGN {
+                    SEGMENT_ALIGN
+                } else {
+                    RECORD_ALIGN
+                };
+                let layout =
+                    TensorItemLayout::new(view.dtype(), view.sizes(), offset, align, item_seed);
+                PlacedItem {
+                    fqn,
+                    chunk_offsets: Some(offsets),
+                    offset,
+                    body: ItemBody::Tensor { view, layout },
+                }
             }
-            ItemSource::Object { fqn, value } => PlacedItem { fqn, chunk_offsets: None, offset, body: ItemBody::Object(zipitem::object_item(value, item_seed)) },
+            ItemSource::Object { fqn, value } => PlacedItem {
+                fqn,
+                chunk_offsets: None,
+                offset,
+                body: ItemBody::Object(zipitem::object_item(value, item_seed)),
+            },
         };
         pos = offset + item.len();
         seg_bytes += item.len();
@@ -107,7 +137,12 @@ pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threa
     if seg_start < items.len() || segments.is_empty() {
         segments.push(seg_start..items.len());
     }
-    FileLayout { name, items, segments, len: pos }
+    FileLayout {
+        name,
+        items,
+        segments,
+        len: pos,
+    }
 }
 
 /// A 4096-aligned heap buffer (O_DIRECT needs aligned memory).
@@ -120,10 +155,14 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     fn new(cap: usize) -> Result<AlignedBuf> {
-        let layout = Layout::from_size_align(cap, SEGMENT_ALIGN as usize).map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
+        let layout = Layout::from_size_align(cap, SEGMENT_ALIGN as usize)
+            .map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
-            return Err(Error::new(crate::error::ErrorKind::NoSpace, format!("cannot allocate a {cap}-byte write buffer")));
+            return Err(Error::new(
+                crate::error::ErrorKind::NoSpace,
+                format!("cannot allocate a {cap}-byte write buffer"),
+            ));
         }
         Ok(AlignedBuf { ptr, cap })
     }
@@ -134,7 +173,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        unsafe { std::alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.cap, SEGMENT_ALIGN as usize)) }
+        unsafe {
+            std::alloc::dealloc(
+                self.ptr,
+                Layout::from_size_align_unchecked(self.cap, SEGMENT_ALIGN as usize),
+            )
+        }
     }
 }
 
@@ -215,23 +259,41 @@ struct Gather<'v> {
 impl<'v> Gather<'v> {
     fn new(view: &'v TensorView<'_>) -> Result<Self> {
         if view.device() != Device::Cpu {
-            return Err(Error::unsupported("saving CUDA tensors needs the GPU data path, which this build does not have"));
+            return Err(Error::unsupported(
+                "saving CUDA tensors needs the GPU data path, which this build does not have",
+            ));
         }
         let elem = view.dtype().size() as u64;
         let contiguous = view.is_contiguous();
         let mut runs = Vec::new();
         if !contiguous {
-            let a = crate::tensor::byte_strides(view.strides(), elem as usize).into_iter().map(|s| s as u64).collect::<Vec<_>>();
+            let a = crate::tensor::byte_strides(view.strides(), elem as usize)
+                .into_iter()
+                .map(|s| s as u64)
+                .collect::<Vec<_>>();
             let b = dense_byte_strides(view.sizes(), elem);
             BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
         }
-        Ok(Gather { base: view.as_ptr(), elem, contiguous, runs, next: 0, _view: std::marker::PhantomData })
+        Ok(Gather {
+            base: view.as_ptr(),
+            elem,
+            contiguous,
+            runs,
+            next: 0,
+            _view: std::marker::PhantomData,
+        })
     }
 
     /// Fills `dst` with payload bytes starting at `off`; calls come in increasing `off`.
     fn fill(&mut self, off: u64, dst: &mut [u8]) {
         if self.contiguous {
-            unsafe { std::ptr::copy_nonoverlapping(self.base.add(off as usize), dst.as_mut_ptr(), dst.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.base.add(off as usize),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
             return;
         }
         let end = off + dst.len() as u64;
@@ -257,9 +319,17 @@ impl<'v> Gather<'v> {
 }
 
 /// Writes one file; returns its length and what each item became.
-pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer_bytes: usize) -> Result<(u64, Vec<ItemWritten>)> {
+pub fn write_file(
+    storage: &dyn Storage,
+    file: &FileLayout,
+    direct: bool,
+    buffer_bytes: usize,
+) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, direct)?;
-    let buffer_bytes = align_up(buffer_bytes.max(SEGMENT_ALIGN as usize) as u64, SEGMENT_ALIGN) as usize;
+    let buffer_bytes = align_up(
+        buffer_bytes.max(SEGMENT_ALIGN as usize) as u64,
+        SEGMENT_ALIGN,
+    ) as usize;
     let results: Vec<Result<Vec<ItemWritten>>> = std::thread::scope(|s| {
         let workers: Vec<_> = file
             .segments
@@ -270,7 +340,13 @@ pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer
                 s.spawn(move || write_segment(handle, items, &file.name, buffer_bytes))
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a writer thread panicked")))).collect()
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(Error::internal("a writer thread panicked")))
+            })
+            .collect()
     });
     let mut written = Vec::with_capacity(file.items.len());
     for r in results {
@@ -281,10 +357,22 @@ pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer
     Ok((file.len, written))
 }
 
-fn write_segment(handle: &dyn WriteHandle, items: &[PlacedItem], file: &str, buffer_bytes: usize) -> Result<Vec<ItemWritten>> {
-    let Some(first) = items.first() else { return Ok(vec![]) };
+fn write_segment(
+    handle: &dyn WriteHandle,
+    items: &[PlacedItem],
+    file: &str,
+    buffer_bytes: usize,
+) -> Result<Vec<ItemWritten>> {
+    let Some(first) = items.first() else {
+        return Ok(vec![]);
+    };
     let start = first.offset / SEGMENT_ALIGN * SEGMENT_ALIGN;
-    let mut w = SegmentWriter { handle, buf: AlignedBuf::new(buffer_bytes)?, start, filled: 0 };
+    let mut w = SegmentWriter {
+        handle,
+        buf: AlignedBuf::new(buffer_bytes)?,
+        start,
+        filled: 0,
+    };
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         w.zeros_to(item.offset)?;

@@ -1,1 +1,319 @@
+//! The C API: every `extern "C"` function and nothing else. Each body runs inside [`guard`]
+//! (panics become `DCP_ERROR_INTERNAL`), checks its pointers through the helpers below, converts
+//! enums from `int32_t` with `TryFrom`, and calls the safe core.
+#![allow(non_camel_case_types)]
+#![allow(clippy::missing_safety_doc)]
 
+// Declared in the order the header lists them.
+mod checkpoint;
+mod context;
+mod io;
+mod options;
+mod state;
+
+pub use checkpoint::*;
+pub use context::*;
+pub use io::*;
+pub use options::*;
+pub use state::*;
+
+use crate::error::{Error, ErrorKind};
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Status of every fallible call. The numbers are stable and never reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum dcp_status {
+    /// Success.
+    DCP_OK = 0,
+    /// A required pointer argument was NULL.
+    DCP_ERROR_NULL_ARGUMENT = 1,
+    /// An argument is out of range or inconsistent (unknown enum value, wrong size or shape).
+    DCP_ERROR_INVALID_ARGUMENT = 2,
+    /// An operating-system I/O call failed.
+    DCP_ERROR_IO = 3,
+    /// A checkpoint file is malformed or truncated.
+    DCP_ERROR_CORRUPT = 4,
+    /// Stored data does not match its CRC-32.
+    DCP_ERROR_CHECKSUM = 5,
+    /// A key, file or checkpoint does not exist.
+    DCP_ERROR_NOT_FOUND = 6,
+    /// Saved and registered state disagree (dtype, shape, kind).
+    DCP_ERROR_MISMATCH = 7,
+    /// A committed checkpoint exists at the destination and overwrite is off.
+    DCP_ERROR_ALREADY_EXISTS = 8,
+    /// A peer rank failed or the communicator broke.
+    DCP_ERROR_COMM = 9,
+    /// A collective did not complete within the timeout.
+    DCP_ERROR_TIMEOUT = 10,
+    /// Valid but not supported by this build or machine.
+    DCP_ERROR_UNSUPPORTED = 11,
+    /// A CUDA call failed.
+    DCP_ERROR_CUDA = 12,
+    /// A bug in libdcp (including a caught panic).
+    DCP_ERROR_INTERNAL = 13,
+    /// A caller buffer is too small; the length out-parameter holds the size needed.
+    DCP_ERROR_BUFFER_TOO_SMALL = 14,
+    /// The file system is full.
+    DCP_ERROR_NO_SPACE = 15,
+    /// Another operation (an async save) is in flight.
+    DCP_ERROR_BUSY = 16,
+}
+
+impl dcp_status {
+    fn from_kind(kind: ErrorKind) -> dcp_status {
+        use dcp_status::*;
+        match kind.code() {
+            2 => DCP_ERROR_INVALID_ARGUMENT,
+            3 => DCP_ERROR_IO,
+            4 => DCP_ERROR_CORRUPT,
+            5 => DCP_ERROR_CHECKSUM,
+            6 => DCP_ERROR_NOT_FOUND,
+            7 => DCP_ERROR_MISMATCH,
+            8 => DCP_ERROR_ALREADY_EXISTS,
+            9 => DCP_ERROR_COMM,
+            10 => DCP_ERROR_TIMEOUT,
+            11 => DCP_ERROR_UNSUPPORTED,
+            12 => DCP_ERROR_CUDA,
+            14 => DCP_ERROR_BUFFER_TOO_SMALL,
+            15 => DCP_ERROR_NO_SPACE,
+            16 => DCP_ERROR_BUSY,
+            _ => DCP_ERROR_INTERNAL,
+        }
+    }
+}
+
+/// Element types (`int32_t dtype` arguments take these values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub enum dcp_dtype {
+    DCP_FLOAT32 = 1,
+    DCP_FLOAT64 = 2,
+    DCP_FLOAT16 = 3,
+    DCP_BFLOAT16 = 4,
+    DCP_FLOAT8_E4M3FN = 5,
+    DCP_FLOAT8_E5M2 = 6,
+    DCP_INT64 = 7,
+    DCP_INT32 = 8,
+    DCP_INT16 = 9,
+    DCP_INT8 = 10,
+    DCP_UINT8 = 11,
+    DCP_BOOL = 12,
+    DCP_COMPLEX64 = 13,
+    DCP_COMPLEX128 = 14,
+    DCP_UINT16 = 15,
+    DCP_UINT32 = 16,
+    DCP_UINT64 = 17,
+}
+
+/// What a non-tensor value holds (`int32_t *kind` out-parameters take these values).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub enum dcp_value_kind {
+    /// A Python `bytes` object: the raw bytes.
+    DCP_VALUE_BYTES = 1,
+    /// A Python `int` that fits in int64.
+    DCP_VALUE_INT = 2,
+    /// A Python `float`.
+    DCP_VALUE_DOUBLE = 3,
+    /// Any other Python object; the bytes are its pickle (protocol 2, as torch.save writes).
+    DCP_VALUE_PICKLE = 4,
+}
+
+/// An error crossing the boundary.
+pub(crate) struct FfiError {
+    status: dcp_status,
+    message: String,
+}
+
+impl From<Error> for FfiError {
+    fn from(e: Error) -> Self {
+        FfiError {
+            status: dcp_status::from_kind(e.kind()),
+            message: e.message().to_string(),
+        }
+    }
+}
+
+pub(crate) type FfiResult<T = ()> = Result<T, FfiError>;
+
+pub(crate) fn null(name: &str) -> FfiError {
+    FfiError {
+        status: dcp_status::DCP_ERROR_NULL_ARGUMENT,
+        message: format!("argument `{name}` is NULL"),
+    }
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> FfiError {
+    FfiError {
+        status: dcp_status::DCP_ERROR_INVALID_ARGUMENT,
+        message: message.into(),
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(func: &str, message: &str) {
+    let text = format!("{func}: {message}").replace('\0', "\\0");
+    LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(text).unwrap_or_default());
+}
+
+/// Runs an exported function's body: converts errors to a status plus the thread's last-error
+/// message, and panics to `DCP_ERROR_INTERNAL`.
+pub(crate) fn guard(func: &str, body: impl FnOnce() -> FfiResult) -> dcp_status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => dcp_status::DCP_OK,
+        Ok(Err(e)) => {
+            set_last_error(func, &e.message);
+            e.status
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            set_last_error(func, &format!("internal error (panic): {what}"));
+            dcp_status::DCP_ERROR_INTERNAL
+        }
+    }
+}
+
+/// For functions that return nothing (the `_free`s): swallows panics.
+pub(crate) fn guard_void(body: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(body));
+}
+
+pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> FfiResult<&'a str> {
+    if p.is_null() {
+        return Err(null(name));
+    }
+    CStr::from_ptr(p)
+        .to_str()
+        .map_err(|_| invalid(format!("argument `{name}` is not valid UTF-8")))
+}
+
+pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, name: &str) -> FfiResult<&'a T> {
+    p.as_ref().ok_or_else(|| null(name))
+}
+
+pub(crate) unsafe fn mut_arg<'a, T>(p: *mut T, name: &str) -> FfiResult<&'a mut T> {
+    p.as_mut().ok_or_else(|| null(name))
+}
+
+/// `n` dimensions from a C array; NULL is allowed when `n` is 0; negative values are rejected.
+pub(crate) unsafe fn dims_arg(p: *const i64, n: i32, name: &str) -> FfiResult<Vec<u64>> {
+    if !(0..=64).contains(&n) {
+        return Err(invalid(format!("`ndim` must be 0..=64, not {n}")));
+    }
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    if p.is_null() {
+        return Err(null(name));
+    }
+    std::slice::from_raw_parts(p, n as usize)
+        .iter()
+        .map(|&v| {
+            u64::try_from(v).map_err(|_| invalid(format!("`{name}` has a negative value {v}")))
+        })
+        .collect()
+}
+
+/// `(NULL, 0)` is the empty slice.
+pub(crate) unsafe fn bytes_arg<'a>(p: *const u8, len: usize, name: &str) -> FfiResult<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(null(name));
+    }
+    Ok(std::slice::from_raw_parts(p, len))
+}
+
+/// Writes `data` to a caller buffer with a size query: `len` always receives the size; a
+/// buffer that is NULL or too small gives `DCP_ERROR_BUFFER_TOO_SMALL`.
+pub(crate) unsafe fn copy_out(data: &[u8], buf: *mut u8, cap: usize, len: *mut usize) -> FfiResult {
+    let len = mut_arg(len, "len")?;
+    *len = data.len();
+    if data.is_empty() {
+        return Ok(());
+    }
+    if buf.is_null() || cap < data.len() {
+        return Err(FfiError {
+            status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
+            message: format!(
+                "the value has {} bytes but the buffer holds {cap}; `len` holds the size needed",
+                data.len()
+            ),
+        });
+    }
+    std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len());
+    Ok(())
+}
+
+/// The message of the last failed call on this thread ("" if none). The pointer stays valid
+/// until the next failing libdcp call on the same thread. Never NULL. Thread safety: per thread.
+#[no_mangle]
+pub extern "C" fn dcp_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The library version, e.g. "0.1.0". A static string; never NULL.
+#[no_mangle]
+pub extern "C" fn dcp_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// A static name for a status value ("DCP_OK", "DCP_ERROR_IO", ...; "DCP_UNKNOWN_STATUS" for
+/// values this version does not define). Never NULL.
+#[no_mangle]
+pub extern "C" fn dcp_status_name(status: i32) -> *const c_char {
+    use dcp_status::*;
+    let all = [
+        DCP_OK,
+        DCP_ERROR_NULL_ARGUMENT,
+        DCP_ERROR_INVALID_ARGUMENT,
+        DCP_ERROR_IO,
+        DCP_ERROR_CORRUPT,
+        DCP_ERROR_CHECKSUM,
+        DCP_ERROR_NOT_FOUND,
+        DCP_ERROR_MISMATCH,
+        DCP_ERROR_ALREADY_EXISTS,
+        DCP_ERROR_COMM,
+        DCP_ERROR_TIMEOUT,
+        DCP_ERROR_UNSUPPORTED,
+        DCP_ERROR_CUDA,
+        DCP_ERROR_INTERNAL,
+        DCP_ERROR_BUFFER_TOO_SMALL,
+        DCP_ERROR_NO_SPACE,
+        DCP_ERROR_BUSY,
+    ];
+    let name: &'static str = match all.iter().find(|s| **s as i32 == status) {
+        Some(s) => match s {
+            DCP_OK => "DCP_OK\0",
+            DCP_ERROR_NULL_ARGUMENT => "DCP_ERROR_NULL_ARGUMENT\0",
+            DCP_ERROR_INVALID_ARGUMENT => "DCP_ERROR_INVALID_ARGUMENT\0",
+            DCP_ERROR_IO => "DCP_ERROR_IO\0",
+            DCP_ERROR_CORRUPT => "DCP_ERROR_CORRUPT\0",
+            DCP_ERROR_CHECKSUM => "DCP_ERROR_CHECKSUM\0",
+            DCP_ERROR_NOT_FOUND => "DCP_ERROR_NOT_FOUND\0",
+            DCP_ERROR_MISMATCH => "DCP_ERROR_MISMATCH\0",
+            DCP_ERROR_ALREADY_EXISTS => "DCP_ERROR_ALREADY_EXISTS\0",
+            DCP_ERROR_COMM => "DCP_ERROR_COMM\0",
+            DCP_ERROR_TIMEOUT => "DCP_ERROR_TIMEOUT\0",
+            DCP_ERROR_UNSUPPORTED => "DCP_ERROR_UNSUPPORTED\0",
+            DCP_ERROR_CUDA => "DCP_ERROR_CUDA\0",
+            DCP_ERROR_INTERNAL => "DCP_ERROR_INTERNAL\0",
+            DCP_ERROR_BUFFER_TOO_SMALL => "DCP_ERROR_BUFFER_TOO_SMALL\0",
+            DCP_ERROR_NO_SPACE => "DCP_ERROR_NO_SPACE\0",
+            DCP_ERROR_BUSY => "DCP_ERROR_BUSY\0",
+        },
+        None => "DCP_UNKNOWN_STATUS\0",
+    };
+    name.as_ptr() as *const c_char
+}

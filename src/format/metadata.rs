@@ -21,7 +21,13 @@ pub enum PathPart {
 /// Splits an fqn on '.', taking all-digit parts as list indices (`optimizer.param_groups.0.lr`).
 pub fn default_path(fqn: &str) -> Vec<PathPart> {
     fqn.split('.')
-        .map(|p| if !p.is_empty() && p.len() < 19 && p.bytes().all(|b| b.is_ascii_digit()) { PathPart::Index(p.parse().unwrap()) } else { PathPart::Key(p.to_string()) })
+        .map(|p| {
+            if !p.is_empty() && p.len() < 19 && p.bytes().all(|b| b.is_ascii_digit()) {
+                PathPart::Index(p.parse().unwrap())
+            } else {
+                PathPart::Key(p.to_string())
+            }
+        })
         .collect()
 }
 
@@ -101,8 +107,15 @@ impl MetadataLookup {
     pub fn entry<'m>(&self, md: &'m Metadata, fqn: &str) -> Option<&'m EntryMeta> {
         self.entries.get(fqn).map(|&i| &md.entries[i].1)
     }
-    pub fn storage<'m>(&self, md: &'m Metadata, fqn: &str, offset: Option<&[u64]>) -> Option<&'m StorageInfo> {
-        self.storage.get(&(fqn.to_string(), offset.map(|o| o.to_vec()))).map(|&i| &md.storage[i].1)
+    pub fn storage<'m>(
+        &self,
+        md: &'m Metadata,
+        fqn: &str,
+        offset: Option<&[u64]>,
+    ) -> Option<&'m StorageInfo> {
+        self.storage
+            .get(&(fqn.to_string(), offset.map(|o| o.to_vec())))
+            .map(|&i| &md.storage[i].1)
     }
 }
 
@@ -115,7 +128,12 @@ struct Encoder {
 
 impl Encoder {
     fn new() -> Self {
-        Encoder { w: PickleWriter::new(4), sizes: HashMap::new(), layout: None, mem_format: None }
+        Encoder {
+            w: PickleWriter::new(4),
+            sizes: HashMap::new(),
+            layout: None,
+            mem_format: None,
+        }
     }
 
     /// `torch.Size(values)`, shared through the memo when the same value repeats.
@@ -186,7 +204,9 @@ impl Encoder {
             self.w.setitems().build();
             self.new_object(FS_MODULE, "_StorageInfo");
             self.w.empty_dict().mark();
-            self.w.str_memo("relative_path").str_memo(&info.relative_path);
+            self.w
+                .str_memo("relative_path")
+                .str_memo(&info.relative_path);
             self.w.str_memo("offset").int(info.offset as i64);
             self.w.str_memo("length").int(info.length as i64);
             self.w.setitems().build();
@@ -276,12 +296,18 @@ struct Decoder<'g> {
 
 impl Decoder<'_> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::corrupt(format!("{}: not a torch DCP Metadata pickle: {msg}", self.what))
+        Error::corrupt(format!(
+            "{}: not a torch DCP Metadata pickle: {msg}",
+            self.what
+        ))
     }
 
     /// An object built by NEWOBJ (or REDUCE) of a class named `class`, returning its state.
     fn object_state(&self, id: NodeId, class: &str) -> Result<Option<NodeId>> {
-        let ((_, name), _, state) = self.g.as_call(id).ok_or_else(|| self.err(format!("expected a {class} object")))?;
+        let ((_, name), _, state) = self
+            .g
+            .as_call(id)
+            .ok_or_else(|| self.err(format!("expected a {class} object")))?;
         if name != class {
             return Err(self.err(format!("expected a {class} object, found {name}")));
         }
@@ -293,13 +319,19 @@ impl Decoder<'_> {
     }
 
     fn uint(&self, id: NodeId, what: &str) -> Result<u64> {
-        self.g.as_int(id).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| self.err(format!("{what} is not a non-negative int")))
+        self.g
+            .as_int(id)
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(|| self.err(format!("{what} is not a non-negative int")))
     }
 
     fn size(&self, id: NodeId, what: &str) -> Result<Vec<u64>> {
         let seq = match self.g.as_call(id) {
             Some(((_, "Size"), args, _)) => {
-                let a = self.g.as_seq(args).ok_or_else(|| self.err(format!("{what}: bad torch.Size")))?;
+                let a = self
+                    .g
+                    .as_seq(args)
+                    .ok_or_else(|| self.err(format!("{what}: bad torch.Size")))?;
                 match a.first() {
                     Some(&inner) => inner,
                     None => return Ok(vec![]),
@@ -307,23 +339,38 @@ impl Decoder<'_> {
             }
             _ => id,
         };
-        let items = self.g.as_seq(seq).ok_or_else(|| self.err(format!("{what} is not a size")))?;
+        let items = self
+            .g
+            .as_seq(seq)
+            .ok_or_else(|| self.err(format!("{what} is not a size")))?;
         items.iter().map(|&i| self.uint(i, what)).collect()
     }
 
     fn metadata(&self) -> Result<Metadata> {
         let state = self.object_state(self.g.root, "Metadata")?;
         let mut md = Metadata::default();
-        let sdm = self.field(state, "state_dict_metadata").ok_or_else(|| self.err("no state_dict_metadata"))?;
-        for &(k, v) in self.g.as_dict(sdm).ok_or_else(|| self.err("state_dict_metadata is not a dict"))? {
-            let fqn = self.g.as_str(k).ok_or_else(|| self.err("a key of state_dict_metadata is not a str"))?.to_string();
+        let sdm = self
+            .field(state, "state_dict_metadata")
+            .ok_or_else(|| self.err("no state_dict_metadata"))?;
+        for &(k, v) in self
+            .g
+            .as_dict(sdm)
+            .ok_or_else(|| self.err("state_dict_metadata is not a dict"))?
+        {
+            let fqn = self
+                .g
+                .as_str(k)
+                .ok_or_else(|| self.err("a key of state_dict_metadata is not a str"))?
+                .to_string();
             let entry = self.entry(v, &fqn)?;
             md.entries.push((fqn, entry));
         }
         if let Some(pd) = self.field(state, "planner_data") {
             if let Some(items) = self.g.as_dict(pd) {
                 for &(k, v) in items {
-                    let (Some(fqn), Some(parts)) = (self.g.as_str(k), self.g.as_seq(v)) else { continue };
+                    let (Some(fqn), Some(parts)) = (self.g.as_str(k), self.g.as_seq(v)) else {
+                        continue;
+                    };
                     let path = parts
                         .iter()
                         .filter_map(|&p| match self.g.as_str(p) {
@@ -337,46 +384,93 @@ impl Decoder<'_> {
         }
         if let Some(sd) = self.field(state, "storage_data") {
             if !self.g.is_none(sd) {
-                for &(k, v) in self.g.as_dict(sd).ok_or_else(|| self.err("storage_data is not a dict"))? {
-                    md.storage.push((self.storage_index(k)?, self.storage_info(v)?));
+                for &(k, v) in self
+                    .g
+                    .as_dict(sd)
+                    .ok_or_else(|| self.err("storage_data is not a dict"))?
+                {
+                    md.storage
+                        .push((self.storage_index(k)?, self.storage_info(v)?));
                 }
             }
         }
         if let Some(sm) = self.field(state, "storage_meta") {
             if !self.g.is_none(sm) {
                 let st = self.object_state(sm, "StorageMeta")?;
-                md.checkpoint_id = self.field(st, "checkpoint_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
-                md.save_id = self.field(st, "save_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
+                md.checkpoint_id = self
+                    .field(st, "checkpoint_id")
+                    .and_then(|i| self.g.as_str(i))
+                    .map(str::to_string);
+                md.save_id = self
+                    .field(st, "save_id")
+                    .and_then(|i| self.g.as_str(i))
+                    .map(str::to_string);
             }
         }
-        md.version = self.field(state, "version").and_then(|i| self.g.as_str(i)).map(str::to_string);
+        md.version = self
+            .field(state, "version")
+            .and_then(|i| self.g.as_str(i))
+            .map(str::to_string);
         Ok(md)
     }
 
     fn entry(&self, id: NodeId, fqn: &str) -> Result<EntryMeta> {
-        let ((_, class), _, state) = self.g.as_call(id).ok_or_else(|| self.err(format!("entry {fqn:?} is not an object")))?;
+        let ((_, class), _, state) = self
+            .g
+            .as_call(id)
+            .ok_or_else(|| self.err(format!("entry {fqn:?} is not an object")))?;
         match class {
             "BytesStorageMetadata" => Ok(EntryMeta::Bytes),
             "TensorStorageMetadata" => {
-                let props = self.field(state, "properties").ok_or_else(|| self.err(format!("{fqn}: no properties")))?;
+                let props = self
+                    .field(state, "properties")
+                    .ok_or_else(|| self.err(format!("{fqn}: no properties")))?;
                 let dtype_node = self.dtype_node(props, fqn)?;
-                let (module, name) = self.g.as_global(dtype_node).ok_or_else(|| self.err(format!("{fqn}: dtype is not a torch global")))?;
+                let (module, name) = self
+                    .g
+                    .as_global(dtype_node)
+                    .ok_or_else(|| self.err(format!("{fqn}: dtype is not a torch global")))?;
                 if module != "torch" {
-                    return Err(self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype")));
+                    return Err(
+                        self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype"))
+                    );
                 }
-                let size = self.size(self.field(state, "size").ok_or_else(|| self.err(format!("{fqn}: no size")))?, "size")?;
-                let chunks_node = self.field(state, "chunks").ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
+                let size = self.size(
+                    self.field(state, "size")
+                        .ok_or_else(|| self.err(format!("{fqn}: no size")))?,
+                    "size",
+                )?;
+                let chunks_node = self
+                    .field(state, "chunks")
+                    .ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
                 let mut chunks = Vec::new();
-                for &c in self.g.as_seq(chunks_node).ok_or_else(|| self.err(format!("{fqn}: chunks is not a list")))? {
+                for &c in self
+                    .g
+                    .as_seq(chunks_node)
+                    .ok_or_else(|| self.err(format!("{fqn}: chunks is not a list")))?
+                {
                     let cs = self.object_state(c, "ChunkStorageMetadata")?;
-                    let offsets = self.size(self.field(cs, "offsets").ok_or_else(|| self.err(format!("{fqn}: chunk without offsets")))?, "offsets")?;
-                    let sizes = self.size(self.field(cs, "sizes").ok_or_else(|| self.err(format!("{fqn}: chunk without sizes")))?, "sizes")?;
+                    let offsets = self.size(
+                        self.field(cs, "offsets")
+                            .ok_or_else(|| self.err(format!("{fqn}: chunk without offsets")))?,
+                        "offsets",
+                    )?;
+                    let sizes = self.size(
+                        self.field(cs, "sizes")
+                            .ok_or_else(|| self.err(format!("{fqn}: chunk without sizes")))?,
+                        "sizes",
+                    )?;
                     if offsets.len() != size.len() || sizes.len() != size.len() {
                         return Err(self.err(format!("{fqn}: chunk rank differs from tensor rank")));
                     }
                     chunks.push(Region { offsets, sizes });
                 }
-                Ok(EntryMeta::Tensor(TensorMeta { dtype: DType::from_torch_name(name), dtype_name: name.to_string(), size, chunks }))
+                Ok(EntryMeta::Tensor(TensorMeta {
+                    dtype: DType::from_torch_name(name),
+                    dtype_name: name.to_string(),
+                    size,
+                    chunks,
+                }))
             }
             other => Err(self.err(format!("entry {fqn:?} has unknown storage class {other}"))),
         }
@@ -385,33 +479,68 @@ impl Decoder<'_> {
     /// TensorProperties' state is a tuple (dtype, layout, requires_grad, memory_format,
     /// pin_memory) in torch >= 2.1 and a dict in older versions.
     fn dtype_node(&self, props: NodeId, fqn: &str) -> Result<NodeId> {
-        let state = self.object_state(props, "TensorProperties")?.ok_or_else(|| self.err(format!("{fqn}: TensorProperties without state")))?;
+        let state = self
+            .object_state(props, "TensorProperties")?
+            .ok_or_else(|| self.err(format!("{fqn}: TensorProperties without state")))?;
         if let Some(items) = self.g.as_seq(state) {
-            return items.first().copied().ok_or_else(|| self.err(format!("{fqn}: empty TensorProperties")));
+            return items
+                .first()
+                .copied()
+                .ok_or_else(|| self.err(format!("{fqn}: empty TensorProperties")));
         }
-        self.g.dict_get(state, "dtype").ok_or_else(|| self.err(format!("{fqn}: TensorProperties without dtype")))
+        self.g
+            .dict_get(state, "dtype")
+            .ok_or_else(|| self.err(format!("{fqn}: TensorProperties without dtype")))
     }
 
     fn storage_index(&self, id: NodeId) -> Result<StorageIndex> {
         let st = self.object_state(id, "MetadataIndex")?;
-        let fqn = self.field(st, "fqn").and_then(|i| self.g.as_str(i)).ok_or_else(|| self.err("MetadataIndex without fqn"))?.to_string();
+        let fqn = self
+            .field(st, "fqn")
+            .and_then(|i| self.g.as_str(i))
+            .ok_or_else(|| self.err("MetadataIndex without fqn"))?
+            .to_string();
         let offset = match self.field(st, "offset") {
             Some(o) if !self.g.is_none(o) => Some(self.size(o, "MetadataIndex.offset")?),
             _ => None,
         };
-        let index = self.field(st, "index").and_then(|i| self.g.as_int(i)).and_then(|v| u64::try_from(v).ok());
+        let index = self
+            .field(st, "index")
+            .and_then(|i| self.g.as_int(i))
+            .and_then(|v| u64::try_from(v).ok());
         Ok(StorageIndex { fqn, offset, index })
     }
 
     fn storage_info(&self, id: NodeId) -> Result<StorageInfo> {
         let st = self.object_state(id, "_StorageInfo")?;
-        let relative_path = self.field(st, "relative_path").and_then(|i| self.g.as_str(i)).ok_or_else(|| self.err("_StorageInfo without relative_path"))?;
-        if relative_path.is_empty() || relative_path.contains(['/', '\\', '\0']) || relative_path == "." || relative_path == ".." {
-            return Err(self.err(format!("storage path {relative_path:?} is not a plain file name")));
+        let relative_path = self
+            .field(st, "relative_path")
+            .and_then(|i| self.g.as_str(i))
+            .ok_or_else(|| self.err("_StorageInfo without relative_path"))?;
+        if relative_path.is_empty()
+            || relative_path.contains(['/', '\\', '\0'])
+            || relative_path == "."
+            || relative_path == ".."
+        {
+            return Err(self.err(format!(
+                "storage path {relative_path:?} is not a plain file name"
+            )));
         }
-        let offset = self.uint(self.field(st, "offset").ok_or_else(|| self.err("_StorageInfo without offset"))?, "offset")?;
-        let length = self.uint(self.field(st, "length").ok_or_else(|| self.err("_StorageInfo without length"))?, "length")?;
-        Ok(StorageInfo { relative_path: relative_path.to_string(), offset, length })
+        let offset = self.uint(
+            self.field(st, "offset")
+                .ok_or_else(|| self.err("_StorageInfo without offset"))?,
+            "offset",
+        )?;
+        let length = self.uint(
+            self.field(st, "length")
+                .ok_or_else(|| self.err("_StorageInfo without length"))?,
+            "length",
+        )?;
+        Ok(StorageInfo {
+            relative_path: relative_path.to_string(),
+            offset,
+            length,
+        })
     }
 }
 
@@ -427,24 +556,90 @@ mod tests {
                 dtype: Some(DType::F32),
                 dtype_name: "float32".into(),
                 size: vec![4, 3],
-                chunks: vec![Region { offsets: vec![0, 0], sizes: vec![2, 3] }, Region { offsets: vec![2, 0], sizes: vec![2, 3] }],
+                chunks: vec![
+                    Region {
+                        offsets: vec![0, 0],
+                        sizes: vec![2, 3],
+                    },
+                    Region {
+                        offsets: vec![2, 0],
+                        sizes: vec![2, 3],
+                    },
+                ],
             }),
         ));
         md.entries.push((
             "step".into(),
-            EntryMeta::Tensor(TensorMeta { dtype: Some(DType::I64), dtype_name: "int64".into(), size: vec![], chunks: vec![Region::full(&[])] }),
+            EntryMeta::Tensor(TensorMeta {
+                dtype: Some(DType::I64),
+                dtype_name: "int64".into(),
+                size: vec![],
+                chunks: vec![Region::full(&[])],
+            }),
         ));
         md.entries.push(("lr".into(), EntryMeta::Bytes));
         md.planner_data = vec![
             ("model.w".into(), default_path("model.w")),
             ("step".into(), default_path("step")),
-            ("lr".into(), vec![PathPart::Key("optimizer".into()), PathPart::Key("param_groups".into()), PathPart::Index(0), PathPart::Key("lr".into())]),
+            (
+                "lr".into(),
+                vec![
+                    PathPart::Key("optimizer".into()),
+                    PathPart::Key("param_groups".into()),
+                    PathPart::Index(0),
+                    PathPart::Key("lr".into()),
+                ],
+            ),
         ];
         md.storage = vec![
-            (StorageIndex { fqn: "model.w".into(), offset: Some(vec![0, 0]), index: Some(0) }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 0, length: 100 }),
-            (StorageIndex { fqn: "model.w".into(), offset: Some(vec![2, 0]), index: Some(1) }, StorageInfo { relative_path: "__1_0.distcp".into(), offset: 0, length: 100 }),
-            (StorageIndex { fqn: "step".into(), offset: Some(vec![]), index: Some(0) }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 128, length: 1 << 33 }),
-            (StorageIndex { fqn: "lr".into(), offset: None, index: None }, StorageInfo { relative_path: "__0_0.distcp".into(), offset: 4096, length: 10 }),
+            (
+                StorageIndex {
+                    fqn: "model.w".into(),
+                    offset: Some(vec![0, 0]),
+                    index: Some(0),
+                },
+                StorageInfo {
+                    relative_path: "__0_0.distcp".into(),
+                    offset: 0,
+                    length: 100,
+                },
+            ),
+            (
+                StorageIndex {
+                    fqn: "model.w".into(),
+                    offset: Some(vec![2, 0]),
+                    index: Some(1),
+                },
+                StorageInfo {
+                    relative_path: "__1_0.distcp".into(),
+                    offset: 0,
+                    length: 100,
+                },
+            ),
+            (
+                StorageIndex {
+                    fqn: "step".into(),
+                    offset: Some(vec![]),
+                    index: Some(0),
+                },
+                StorageInfo {
+                    relative_path: "__0_0.distcp".into(),
+                    offset: 128,
+                    length: 1 << 33,
+                },
+            ),
+            (
+                StorageIndex {
+                    fqn: "lr".into(),
+                    offset: None,
+                    index: None,
+                },
+                StorageInfo {
+                    relative_path: "__0_0.distcp".into(),
+                    offset: 4096,
+                    length: 10,
+                },
+            ),
         ];
         md.checkpoint_id = Some("/tmp/x".into());
         md.save_id = Some("abc".into());
@@ -459,7 +654,12 @@ mod tests {
         let back = Metadata::decode(&bytes, ".metadata").unwrap();
         assert_eq!(back, md);
         let lk = back.index();
-        assert_eq!(lk.storage(&back, "model.w", Some(&[2, 0])).unwrap().relative_path, "__1_0.distcp");
+        assert_eq!(
+            lk.storage(&back, "model.w", Some(&[2, 0]))
+                .unwrap()
+                .relative_path,
+            "__1_0.distcp"
+        );
         assert!(lk.storage(&back, "lr", None).is_some());
         assert!(lk.entry(&back, "nope").is_none());
     }
@@ -482,7 +682,12 @@ mod tests {
     fn default_paths() {
         assert_eq!(
             default_path("optimizer.param_groups.0.lr"),
-            vec![PathPart::Key("optimizer".into()), PathPart::Key("param_groups".into()), PathPart::Index(0), PathPart::Key("lr".into())]
+            vec![
+                PathPart::Key("optimizer".into()),
+                PathPart::Key("param_groups".into()),
+                PathPart::Index(0),
+                PathPart::Key("lr".into())
+            ]
         );
     }
 }

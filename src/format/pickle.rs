@@ -89,7 +89,13 @@ pub struct PickleWriter {
 
 impl PickleWriter {
     pub fn new(protocol: u8) -> Self {
-        let mut w = PickleWriter { out: Vec::new(), protocol, memo_len: 0, globals: HashMap::new(), strings: HashMap::new() };
+        let mut w = PickleWriter {
+            out: Vec::new(),
+            protocol,
+            memo_len: 0,
+            globals: HashMap::new(),
+            strings: HashMap::new(),
+        };
         w.out.extend_from_slice(&[op::PROTO, protocol]);
         w
     }
@@ -147,7 +153,8 @@ impl PickleWriter {
         if self.protocol >= 2 {
             self.op(if v { op::NEWTRUE } else { op::NEWFALSE })
         } else {
-            self.out.extend_from_slice(if v { b"I01\n" } else { b"I00\n" });
+            self.out
+                .extend_from_slice(if v { b"I01\n" } else { b"I00\n" });
             self
         }
     }
@@ -190,7 +197,8 @@ impl PickleWriter {
     pub fn str(&mut self, s: &str) -> &mut Self {
         let b = s.as_bytes();
         if b.len() < 256 && self.protocol >= 4 {
-            self.out.extend_from_slice(&[op::SHORT_BINUNICODE, b.len() as u8]);
+            self.out
+                .extend_from_slice(&[op::SHORT_BINUNICODE, b.len() as u8]);
         } else if b.len() <= u32::MAX as usize {
             self.out.push(op::BINUNICODE);
             self.out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -218,7 +226,8 @@ impl PickleWriter {
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
         if self.protocol >= 3 {
             if b.len() < 256 {
-                self.out.extend_from_slice(&[op::SHORT_BINBYTES, b.len() as u8]);
+                self.out
+                    .extend_from_slice(&[op::SHORT_BINBYTES, b.len() as u8]);
             } else if b.len() <= u32::MAX as usize {
                 self.out.push(op::BINBYTES);
                 self.out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -346,10 +355,18 @@ pub enum Node {
     List(Vec<NodeId>),
     Dict(Vec<(NodeId, NodeId)>),
     Set(Vec<NodeId>),
-    Global { module: String, name: String },
+    Global {
+        module: String,
+        name: String,
+    },
     /// `callable(*args)` (REDUCE) or `cls.__new__(cls, *args)` (NEWOBJ), with the state given by
     /// a later BUILD.
-    Call { callable: NodeId, args: NodeId, newobj: bool, state: Option<NodeId> },
+    Call {
+        callable: NodeId,
+        args: NodeId,
+        newobj: bool,
+        state: Option<NodeId>,
+    },
     /// A persistent id (torch.save's storage references).
     PersId(NodeId),
 }
@@ -373,20 +390,43 @@ struct Vm<'a> {
 
 /// Runs a pickle. `what` names the source (a file, a key) in error messages.
 pub fn parse(data: &[u8], what: &str) -> Result<Graph> {
-    let mut vm = Vm { data, pos: 0, what, nodes: Vec::new(), stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
+    let mut vm = Vm {
+        data,
+        pos: 0,
+        what,
+        nodes: Vec::new(),
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    };
     let root = vm.run()?;
-    Ok(Graph { nodes: vm.nodes, root })
+    Ok(Graph {
+        nodes: vm.nodes,
+        root,
+    })
 }
 
 impl<'a> Vm<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::corrupt(format!("{}: invalid pickle at byte {}: {msg}", self.what, self.pos))
+        Error::corrupt(format!(
+            "{}: invalid pickle at byte {}: {msg}",
+            self.what, self.pos
+        ))
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
-            Error::corrupt(format!("{}: pickle truncated: needs {n} bytes at byte {} of {}", self.what, self.pos, self.data.len()))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "{}: pickle truncated: needs {n} bytes at byte {} of {}",
+                    self.what,
+                    self.pos,
+                    self.data.len()
+                ))
+            })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -409,7 +449,10 @@ impl<'a> Vm<'a> {
     }
     fn line(&mut self) -> Result<&'a [u8]> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or_else(|| self.err("unterminated text argument"))?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| self.err("unterminated text argument"))?;
         let s = &rest[..n];
         self.pos += n + 1;
         Ok(s)
@@ -429,10 +472,16 @@ impl<'a> Vm<'a> {
         self.stack.pop().ok_or_else(|| self.err("stack underflow"))
     }
     fn top(&self) -> Result<NodeId> {
-        self.stack.last().copied().ok_or_else(|| self.err("stack underflow"))
+        self.stack
+            .last()
+            .copied()
+            .ok_or_else(|| self.err("stack underflow"))
     }
     fn pop_mark(&mut self) -> Result<Vec<NodeId>> {
-        let m = self.marks.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| self.err("no MARK on the stack"))?;
         if m > self.stack.len() {
             return Err(self.err("MARK beyond stack"));
         }
@@ -444,7 +493,10 @@ impl<'a> Vm<'a> {
         Ok(())
     }
     fn memo_get(&mut self, idx: u32) -> Result<()> {
-        let id = *self.memo.get(&idx).ok_or_else(|| self.err(format!("memo index {idx} is not set")))?;
+        let id = *self
+            .memo
+            .get(&idx)
+            .ok_or_else(|| self.err(format!("memo index {idx} is not set")))?;
         self.stack.push(id);
         Ok(())
     }
@@ -511,13 +563,20 @@ impl<'a> Vm<'a> {
                     let node = match l {
                         b"00" => Node::Bool(false),
                         b"01" => Node::Bool(true),
-                        _ => Node::Int(std::str::from_utf8(l).ok().and_then(|s| s.parse().ok()).ok_or_else(|| self.err("bad INT"))?),
+                        _ => Node::Int(
+                            std::str::from_utf8(l)
+                                .ok()
+                                .and_then(|s| s.parse().ok())
+                                .ok_or_else(|| self.err("bad INT"))?,
+                        ),
                     };
                     self.push(node)
                 }
                 op::LONG => {
                     let l = self.line()?;
-                    let s = std::str::from_utf8(l).map_err(|_| self.err("bad LONG"))?.trim_end_matches('L');
+                    let s = std::str::from_utf8(l)
+                        .map_err(|_| self.err("bad LONG"))?
+                        .trim_end_matches('L');
                     let v: i64 = s.parse().map_err(|_| self.err("LONG out of range"))?;
                     self.push(Node::Int(v))
                 }
@@ -527,7 +586,10 @@ impl<'a> Vm<'a> {
                 }
                 op::FLOAT => {
                     let l = self.line()?;
-                    let v: f64 = std::str::from_utf8(l).ok().and_then(|s| s.parse().ok()).ok_or_else(|| self.err("bad FLOAT"))?;
+                    let v: f64 = std::str::from_utf8(l)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| self.err("bad FLOAT"))?;
                     self.push(Node::Float(v))
                 }
                 op::SHORT_BINUNICODE => {
@@ -580,7 +642,10 @@ impl<'a> Vm<'a> {
                 }
                 op::STRING => {
                     let l = self.line()?;
-                    let t = l.strip_prefix(b"'").and_then(|x| x.strip_suffix(b"'")).unwrap_or(l);
+                    let t = l
+                        .strip_prefix(b"'")
+                        .and_then(|x| x.strip_suffix(b"'"))
+                        .unwrap_or(l);
                     self.push(Node::Bytes(t.to_vec()))
                 }
                 op::EMPTY_TUPLE => self.push(Node::Tuple(vec![])),
@@ -643,7 +708,9 @@ impl<'a> Vm<'a> {
                     }
                     let d = self.top()?;
                     match &mut self.nodes[d] {
-                        Node::Dict(existing) => existing.extend(items.chunks(2).map(|c| (c[0], c[1]))),
+                        Node::Dict(existing) => {
+                            existing.extend(items.chunks(2).map(|c| (c[0], c[1])))
+                        }
                         _ => return Err(self.err("SETITEMS on a non-dict")),
                     }
                 }
@@ -670,27 +737,47 @@ impl<'a> Vm<'a> {
                 op::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Node::Str(module), Node::Str(name)) = (&self.nodes[module], &self.nodes[name]) else {
+                    let (Node::Str(module), Node::Str(name)) =
+                        (&self.nodes[module], &self.nodes[name])
+                    else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let g = Node::Global { module: module.clone(), name: name.clone() };
+                    let g = Node::Global {
+                        module: module.clone(),
+                        name: name.clone(),
+                    };
                     self.push(g)
                 }
                 op::REDUCE => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.push(Node::Call { callable, args, newobj: false, state: None })
+                    self.push(Node::Call {
+                        callable,
+                        args,
+                        newobj: false,
+                        state: None,
+                    })
                 }
                 op::NEWOBJ => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.push(Node::Call { callable, args, newobj: true, state: None })
+                    self.push(Node::Call {
+                        callable,
+                        args,
+                        newobj: true,
+                        state: None,
+                    })
                 }
                 op::NEWOBJ_EX => {
                     let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.push(Node::Call { callable, args, newobj: true, state: None })
+                    self.push(Node::Call {
+                        callable,
+                        args,
+                        newobj: true,
+                        state: None,
+                    })
                 }
                 op::BUILD => {
                     let st = self.pop()?;
@@ -725,7 +812,10 @@ impl<'a> Vm<'a> {
                 }
                 op::PUT => {
                     let l = self.line()?;
-                    let i: u32 = std::str::from_utf8(l).ok().and_then(|s| s.parse().ok()).ok_or_else(|| self.err("bad PUT"))?;
+                    let i: u32 = std::str::from_utf8(l)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| self.err("bad PUT"))?;
                     self.memo_put(i)?
                 }
                 op::BINGET => {
@@ -738,7 +828,10 @@ impl<'a> Vm<'a> {
                 }
                 op::GET => {
                     let l = self.line()?;
-                    let i: u32 = std::str::from_utf8(l).ok().and_then(|s| s.parse().ok()).ok_or_else(|| self.err("bad GET"))?;
+                    let i: u32 = std::str::from_utf8(l)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| self.err("bad GET"))?;
                     self.memo_get(i)?
                 }
                 other => {
@@ -806,13 +899,21 @@ impl Graph {
     /// For a REDUCE/NEWOBJ node: the global called, its args node, and the BUILD state.
     pub fn as_call(&self, id: NodeId) -> Option<((&str, &str), NodeId, Option<NodeId>)> {
         match &self.nodes[id] {
-            Node::Call { callable, args, state, .. } => Some((self.as_global(*callable)?, *args, *state)),
+            Node::Call {
+                callable,
+                args,
+                state,
+                ..
+            } => Some((self.as_global(*callable)?, *args, *state)),
             _ => None,
         }
     }
     /// Looks up a str key in a dict node.
     pub fn dict_get(&self, dict: NodeId, key: &str) -> Option<NodeId> {
-        self.as_dict(dict)?.iter().find(|(k, _)| self.as_str(*k) == Some(key)).map(|(_, v)| *v)
+        self.as_dict(dict)?
+            .iter()
+            .find(|(k, _)| self.as_str(*k) == Some(key))
+            .map(|(_, v)| *v)
     }
 }
 
@@ -822,7 +923,22 @@ mod tests {
 
     #[test]
     fn ints_roundtrip() {
-        for v in [0i64, 1, 255, 256, 65535, 65536, -1, -129, i32::MAX as i64, i32::MIN as i64, 1 << 40, -(1 << 40), i64::MAX, i64::MIN] {
+        for v in [
+            0i64,
+            1,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            -129,
+            i32::MAX as i64,
+            i32::MIN as i64,
+            1 << 40,
+            -(1 << 40),
+            i64::MAX,
+            i64::MIN,
+        ] {
             let mut w = PickleWriter::new(2);
             w.int(v);
             let g = parse(&w.finish(), "test").unwrap();
@@ -833,7 +949,11 @@ mod tests {
     #[test]
     fn bytes_proto2_and_proto4() {
         for proto in [2u8, 4] {
-            for b in [vec![], vec![0u8, 1, 0x80, 0xff, b'a'], (0..=255u8).collect::<Vec<_>>()] {
+            for b in [
+                vec![],
+                vec![0u8, 1, 0x80, 0xff, b'a'],
+                (0..=255u8).collect::<Vec<_>>(),
+            ] {
                 let mut w = PickleWriter::new(proto);
                 w.bytes(&b);
                 let out = w.finish();
@@ -843,7 +963,9 @@ mod tests {
                     Node::Call { .. } => {
                         // protocol 2 form: interpreted by pyobj; here check the shape.
                         let ((m, n), _, _) = g.as_call(g.root).unwrap();
-                        assert!((m, n) == ("_codecs", "encode") || (m, n) == ("__builtin__", "bytes"));
+                        assert!(
+                            (m, n) == ("_codecs", "encode") || (m, n) == ("__builtin__", "bytes")
+                        );
                     }
                     other => panic!("unexpected {other:?}"),
                 }
@@ -854,7 +976,9 @@ mod tests {
     #[test]
     fn memo_shares_containers() {
         // outer = [inner] with inner memoized; then inner is fetched again and 7 appended to it.
-        let data = [0x80, 2, b']', b']', b'q', 0, b'a', b'h', 0, b'K', 7, b'a', b'0', b'.'];
+        let data = [
+            0x80, 2, b']', b']', b'q', 0, b'a', b'h', 0, b'K', 7, b'a', b'0', b'.',
+        ];
         let g = parse(&data, "t").unwrap();
         let outer = g.as_seq(g.root).unwrap();
         assert_eq!(outer.len(), 1);
@@ -864,7 +988,16 @@ mod tests {
 
     #[test]
     fn rejects_garbage_without_panicking() {
-        for data in [&b""[..], b"\x80", b"\x80\x02K", b"\x80\x02a.", b"\x80\x02h\x05.", b"\xff", b"\x80\x02(t", b"\x80\x02X\xff\xff\xff\xff"] {
+        for data in [
+            &b""[..],
+            b"\x80",
+            b"\x80\x02K",
+            b"\x80\x02a.",
+            b"\x80\x02h\x05.",
+            b"\xff",
+            b"\x80\x02(t",
+            b"\x80\x02X\xff\xff\xff\xff",
+        ] {
             assert!(parse(data, "t").is_err(), "{data:?}");
         }
     }
@@ -879,7 +1012,12 @@ mod tests {
         let ((m, n), args, _) = g.as_call(g.root).unwrap();
         assert_eq!((m, n), ("torch", "Size"));
         let inner = g.as_seq(args).unwrap();
-        let dims: Vec<i64> = g.as_seq(inner[0]).unwrap().iter().map(|&i| g.as_int(i).unwrap()).collect();
+        let dims: Vec<i64> = g
+            .as_seq(inner[0])
+            .unwrap()
+            .iter()
+            .map(|&i| g.as_int(i).unwrap())
+            .collect();
         assert_eq!(dims, vec![2, 3]);
     }
 }

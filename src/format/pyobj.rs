@@ -103,9 +103,18 @@ impl PyValue {
             Node::Float(v) => PyValue::Float(*v),
             Node::Str(s) => PyValue::Str(s.clone()),
             Node::Bytes(b) => PyValue::Bytes(b.clone()),
-            Node::Tuple(items) => PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
-            Node::List(items) => PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
-            Node::Dict(items) => PyValue::Dict(items.iter().map(|&(k, v)| Some((rec(k)?, rec(v)?))).collect::<Option<_>>()?),
+            Node::Tuple(items) => {
+                PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?)
+            }
+            Node::List(items) => {
+                PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?)
+            }
+            Node::Dict(items) => PyValue::Dict(
+                items
+                    .iter()
+                    .map(|&(k, v)| Some((rec(k)?, rec(v)?)))
+                    .collect::<Option<_>>()?,
+            ),
             Node::Call { .. } => {
                 let ((module, name), args, state) = g.as_call(id)?;
                 if state.is_some() {
@@ -118,14 +127,17 @@ impl PyValue {
                         if g.as_str(args[1])? != "latin1" {
                             return None;
                         }
-                        let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+                        let bytes: Option<Vec<u8>> =
+                            text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
                         PyValue::Bytes(bytes?)
                     }
                     ("__builtin__" | "builtins", "bytes", 0) => PyValue::Bytes(vec![]),
-                    ("__builtin__" | "builtins", "bytearray", 1) => PyValue::Bytes(match g.node(args[0]) {
-                        Node::Bytes(b) => b.clone(),
-                        _ => return None,
-                    }),
+                    ("__builtin__" | "builtins", "bytearray", 1) => {
+                        PyValue::Bytes(match g.node(args[0]) {
+                            Node::Bytes(b) => b.clone(),
+                            _ => return None,
+                        })
+                    }
                     _ => return None,
                 }
             }
@@ -136,7 +148,11 @@ impl PyValue {
     /// Parses Python literal syntax: `None`, `True`, `3`, `-1.5e3`, `inf`, `'text'`, `b'\x00'`,
     /// `[..]`, `(..)`, `{k: v}`.
     pub fn parse_literal(text: &str) -> Result<PyValue> {
-        let mut p = LiteralParser { s: text.as_bytes(), pos: 0, text };
+        let mut p = LiteralParser {
+            s: text.as_bytes(),
+            pos: 0,
+            text,
+        };
         let v = p.value(0)?;
         p.ws();
         if p.pos != p.s.len() {
@@ -235,7 +251,10 @@ struct LiteralParser<'a> {
 
 impl LiteralParser<'_> {
     fn err(&self, msg: &str) -> Error {
-        Error::invalid(format!("Python literal {:?}: {msg} at character {}", self.text, self.pos))
+        Error::invalid(format!(
+            "Python literal {:?}: {msg} at character {}",
+            self.text, self.pos
+        ))
     }
     fn ws(&mut self) {
         while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
@@ -306,7 +325,9 @@ impl LiteralParser<'_> {
                 }
                 Ok(PyValue::Dict(items))
             }
-            b'\'' | b'"' => Ok(PyValue::Str(String::from_utf8(self.quoted(false)?).map_err(|_| self.err("invalid UTF-8"))?)),
+            b'\'' | b'"' => Ok(PyValue::Str(
+                String::from_utf8(self.quoted(false)?).map_err(|_| self.err("invalid UTF-8"))?,
+            )),
             b'b' if matches!(self.s.get(self.pos + 1), Some(b'\'') | Some(b'"')) => {
                 self.pos += 1;
                 Ok(PyValue::Bytes(self.quoted(true)?))
@@ -368,8 +389,12 @@ impl LiteralParser<'_> {
                 b'0' => out.push(0),
                 b'\\' | b'\'' | b'"' => out.push(e),
                 b'x' => {
-                    let h = self.s.get(self.pos..self.pos + 2).ok_or_else(|| self.err("short \\x escape"))?;
-                    let v = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16).map_err(|_| self.err("bad \\x escape"))?;
+                    let h = self
+                        .s
+                        .get(self.pos..self.pos + 2)
+                        .ok_or_else(|| self.err("short \\x escape"))?;
+                    let v = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16)
+                        .map_err(|_| self.err("bad \\x escape"))?;
                     self.pos += 2;
                     if bytes || v < 0x80 {
                         out.push(v);
@@ -390,26 +415,37 @@ impl LiteralParser<'_> {
         }
         if self.word("inf") {
             let neg = self.s[start] == b'-';
-            return Ok(PyValue::Float(if neg { f64::NEG_INFINITY } else { f64::INFINITY }));
+            return Ok(PyValue::Float(if neg {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            }));
         }
         if self.word("nan") {
             return Ok(PyValue::Float(f64::NAN));
         }
-        while self.peek().is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'+' | b'-' | b'_')) {
+        while self
+            .peek()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'+' | b'-' | b'_'))
+        {
             let c = self.s[self.pos];
             if (c == b'+' || c == b'-') && !matches!(self.s[self.pos - 1], b'e' | b'E') {
                 break;
             }
             self.pos += 1;
         }
-        let tok = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("").replace('_', "");
+        let tok = std::str::from_utf8(&self.s[start..self.pos])
+            .unwrap_or("")
+            .replace('_', "");
         if tok.is_empty() || tok == "-" || tok == "+" {
             return Err(self.err("expected a value"));
         }
         if let Ok(v) = tok.parse::<i64>() {
             return Ok(PyValue::Int(v));
         }
-        tok.parse::<f64>().map(PyValue::Float).map_err(|_| self.err("not a number"))
+        tok.parse::<f64>()
+            .map(PyValue::Float)
+            .map_err(|_| self.err("not a number"))
     }
 }
 
@@ -421,14 +457,23 @@ mod tests {
     fn pickle_roundtrip() {
         let v = PyValue::Dict(vec![
             (PyValue::Str("lr".into()), PyValue::Float(0.1)),
-            (PyValue::Str("betas".into()), PyValue::Tuple(vec![PyValue::Float(0.9), PyValue::Float(0.999)])),
-            (PyValue::Str("params".into()), PyValue::List(vec![PyValue::Str("net1.weight".into()), PyValue::Int(3)])),
+            (
+                PyValue::Str("betas".into()),
+                PyValue::Tuple(vec![PyValue::Float(0.9), PyValue::Float(0.999)]),
+            ),
+            (
+                PyValue::Str("params".into()),
+                PyValue::List(vec![PyValue::Str("net1.weight".into()), PyValue::Int(3)]),
+            ),
             (PyValue::Str("blob".into()), PyValue::Bytes(vec![0, 200, 7])),
             (PyValue::Str("empty".into()), PyValue::Bytes(vec![])),
             (PyValue::Str("none".into()), PyValue::None),
             (PyValue::Str("flag".into()), PyValue::Bool(true)),
             (PyValue::Str("big".into()), PyValue::Int(-(1 << 50))),
-            (PyValue::Str("t4".into()), PyValue::Tuple((0..5).map(PyValue::Int).collect())),
+            (
+                PyValue::Str("t4".into()),
+                PyValue::Tuple((0..5).map(PyValue::Int).collect()),
+            ),
         ]);
         let p = v.to_pickle();
         assert_eq!(PyValue::from_pickle(&p, "t").unwrap(), Some(v));
@@ -436,13 +481,27 @@ mod tests {
 
     #[test]
     fn literal_roundtrip() {
-        for text in ["None", "True", "[1, 2.5, 'a\\'b']", "(0.9, 0.999)", "(1,)", "{'a': b'\\x00\\xff', 'b': []}", "-3", "1e-08", "inf", "()"] {
+        for text in [
+            "None",
+            "True",
+            "[1, 2.5, 'a\\'b']",
+            "(0.9, 0.999)",
+            "(1,)",
+            "{'a': b'\\x00\\xff', 'b': []}",
+            "-3",
+            "1e-08",
+            "inf",
+            "()",
+        ] {
             let v = PyValue::parse_literal(text).unwrap();
             let again = PyValue::parse_literal(&v.to_string()).unwrap();
             assert_eq!(v, again, "{text} -> {v}");
         }
         assert_eq!(PyValue::parse_literal("(5)").unwrap(), PyValue::Int(5));
-        assert_eq!(PyValue::parse_literal("1e-08").unwrap(), PyValue::Float(1e-8));
+        assert_eq!(
+            PyValue::parse_literal("1e-08").unwrap(),
+            PyValue::Float(1e-8)
+        );
         assert!(PyValue::parse_literal("[1, 2").is_err());
         assert!(PyValue::parse_literal("foo").is_err());
         assert!(PyValue::parse_literal("1 2").is_err());
@@ -451,7 +510,9 @@ mod tests {
     #[test]
     fn objects_are_not_plain_values() {
         let mut w = PickleWriter::new(2);
-        w.global("collections", "OrderedDict").empty_tuple().reduce();
+        w.global("collections", "OrderedDict")
+            .empty_tuple()
+            .reduce();
         assert_eq!(PyValue::from_pickle(&w.finish(), "t").unwrap(), None);
     }
 }

@@ -72,21 +72,51 @@ impl Sidecar {
         ensure!(data.len() >= 24, bad("too short"));
         ensure!(&data[..8] == MAGIC, bad("wrong magic"));
         let env = u32::from_le_bytes(data[8..12].try_into().unwrap());
-        ensure!(env == ENVELOPE_VERSION, Error::new(ErrorKind::Unsupported, format!("{what}: sidecar envelope version {env} is not supported")));
+        ensure!(
+            env == ENVELOPE_VERSION,
+            Error::new(
+                ErrorKind::Unsupported,
+                format!("{what}: sidecar envelope version {env} is not supported")
+            )
+        );
         let n = u64::from_le_bytes(data[12..20].try_into().unwrap());
-        ensure!(n == data.len() as u64 - 24, bad(&format!("payload length {n} does not match the file ({} bytes)", data.len())));
+        ensure!(
+            n == data.len() as u64 - 24,
+            bad(&format!(
+                "payload length {n} does not match the file ({} bytes)",
+                data.len()
+            ))
+        );
         let payload = &data[20..data.len() - 4];
         let crc = u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap());
-        ensure!(crc32fast::hash(payload) == crc, Error::new(ErrorKind::Checksum, format!("{what}: sidecar CRC-32 mismatch")));
+        ensure!(
+            crc32fast::hash(payload) == crc,
+            Error::new(
+                ErrorKind::Checksum,
+                format!("{what}: sidecar CRC-32 mismatch")
+            )
+        );
         let s: Sidecar = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
         ensure!(
             s.format_version == FORMAT_VERSION,
-            Error::new(ErrorKind::Unsupported, format!("{what}: sidecar format version {} is not supported", s.format_version))
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{what}: sidecar format version {} is not supported",
+                    s.format_version
+                )
+            )
         );
         ensure!(s.block_size > 0, bad("zero block size"));
         for b in &s.blocks {
-            ensure!((b.file as usize) < s.files.len(), bad("block record names a missing file"));
-            ensure!(b.crcs.len() as u64 == b.payload_len.div_ceil(s.block_size), bad("block count does not match payload length"));
+            ensure!(
+                (b.file as usize) < s.files.len(),
+                bad("block record names a missing file")
+            );
+            ensure!(
+                b.crcs.len() as u64 == b.payload_len.div_ceil(s.block_size),
+                bad("block count does not match payload length")
+            );
         }
         Ok(s)
     }
@@ -111,8 +141,19 @@ mod tests {
             metadata_crc32: 7,
             plan_hash: 99,
             block_size: BLOCK_SIZE,
-            files: vec![FileRecord { name: "__0_0.distcp".into(), len: 1 << 30, rank: 0 }],
-            blocks: vec![BlockRecord { fqn: "w".into(), chunk_offsets: vec![0, 0], file: 0, payload_offset: 4096, payload_len: BLOCK_SIZE + 1, crcs: vec![1, 2] }],
+            files: vec![FileRecord {
+                name: "__0_0.distcp".into(),
+                len: 1 << 30,
+                rank: 0,
+            }],
+            blocks: vec![BlockRecord {
+                fqn: "w".into(),
+                chunk_offsets: vec![0, 0],
+                file: 0,
+                payload_offset: 4096,
+                payload_len: BLOCK_SIZE + 1,
+                crcs: vec![1, 2],
+            }],
         }
     }
 
@@ -128,7 +169,10 @@ mod tests {
         for i in 0..enc.len() {
             let mut m = enc.clone();
             m[i] ^= 0x01;
-            assert!(Sidecar::decode(&m, "t").is_err(), "flip at {i} not detected");
+            assert!(
+                Sidecar::decode(&m, "t").is_err(),
+                "flip at {i} not detected"
+            );
         }
         for cut in 0..enc.len() {
             assert!(Sidecar::decode(&enc[..cut], "t").is_err());
@@ -139,6 +183,9 @@ mod tests {
     fn newer_version_is_unsupported() {
         let mut s = sample();
         s.format_version = 99;
-        assert_eq!(Sidecar::decode(&s.encode(), "t").unwrap_err().kind(), ErrorKind::Unsupported);
+        assert_eq!(
+            Sidecar::decode(&s.encode(), "t").unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
     }
 }

@@ -50,7 +50,12 @@ fn put64(out: &mut Vec<u8>, v: u64) {
 
 impl ZipBuilder {
     fn new(base: u64) -> Self {
-        ZipBuilder { base, pos: 0, out: Vec::new(), entries: Vec::new() }
+        ZipBuilder {
+            base,
+            pos: 0,
+            out: Vec::new(),
+            entries: Vec::new(),
+        }
     }
 
     fn emit(&mut self, bytes: &[u8]) {
@@ -108,7 +113,12 @@ impl ZipBuilder {
         self.emit(data);
         let crc = crc32fast::hash(data);
         self.descriptor(crc, data.len() as u64);
-        self.entries.push(CdEntry { name: name.to_string(), header_offset, size: data.len() as u64, crc });
+        self.entries.push(CdEntry {
+            name: name.to_string(),
+            header_offset,
+            size: data.len() as u64,
+            crc,
+        });
     }
 
     /// Central directory and end records; returns where the named entry's CRC was written.
@@ -143,7 +153,11 @@ impl ZipBuilder {
                 crc_at = Some(self.out.len() + cd.len());
             }
             put32(&mut cd, e.crc);
-            let sz = if big_size { U32_MAX as u32 } else { e.size as u32 };
+            let sz = if big_size {
+                U32_MAX as u32
+            } else {
+                e.size as u32
+            };
             put32(&mut cd, sz);
             put32(&mut cd, sz);
             put16(&mut cd, e.name.len() as u16);
@@ -152,7 +166,14 @@ impl ZipBuilder {
             put16(&mut cd, 0); // disk
             put16(&mut cd, 0); // internal attributes
             put32(&mut cd, 0); // external attributes
-            put32(&mut cd, if big_offset { U32_MAX as u32 } else { e.header_offset as u32 });
+            put32(
+                &mut cd,
+                if big_offset {
+                    U32_MAX as u32
+                } else {
+                    e.header_offset as u32
+                },
+            );
             cd.extend_from_slice(e.name.as_bytes());
             cd.extend_from_slice(&extra);
         }
@@ -214,7 +235,14 @@ pub fn tensor_pickle(dtype: DType, sizes: &[u64]) -> Vec<u8> {
     let strides = contiguous_strides(sizes);
     let mut w = PickleWriter::new(2);
     let v3 = dtype.storage_name().is_none();
-    w.global("torch._utils", if v3 { "_rebuild_tensor_v3" } else { "_rebuild_tensor_v2" });
+    w.global(
+        "torch._utils",
+        if v3 {
+            "_rebuild_tensor_v3"
+        } else {
+            "_rebuild_tensor_v2"
+        },
+    );
     w.mark();
     w.mark();
     w.str("storage");
@@ -227,7 +255,11 @@ pub fn tensor_pickle(dtype: DType, sizes: &[u64]) -> Vec<u8> {
     w.memoize();
     w.str("cpu");
     w.memoize();
-    w.int(if v3 { (numel * dtype.size() as u64) as i64 } else { numel as i64 });
+    w.int(if v3 {
+        (numel * dtype.size() as u64) as i64
+    } else {
+        numel as i64
+    });
     w.tuple(5); // ('storage', type, key, location, numel)
     w.memoize();
     w.binpersid();
@@ -263,7 +295,13 @@ pub struct TensorItemLayout {
 impl TensorItemLayout {
     /// `item_start` is the item's offset in its file; the payload starts on a multiple of
     /// `payload_align` in the file.
-    pub fn new(dtype: DType, sizes: &[u64], item_start: u64, payload_align: u64, seed: u64) -> Self {
+    pub fn new(
+        dtype: DType,
+        sizes: &[u64],
+        item_start: u64,
+        payload_align: u64,
+        seed: u64,
+    ) -> Self {
         let payload_len = sizes.iter().product::<u64>() * dtype.size() as u64;
         let mut z = ZipBuilder::new(item_start);
         z.small_record(&rec("data.pkl"), &tensor_pickle(dtype, sizes));
@@ -275,11 +313,26 @@ impl TensorItemLayout {
         let prefix = std::mem::take(&mut z.out);
         z.pos += payload_len;
         let crc_desc = z.descriptor(0, payload_len);
-        z.entries.push(CdEntry { name: rec("data/0"), header_offset, size: payload_len, crc: 0 });
+        z.entries.push(CdEntry {
+            name: rec("data/0"),
+            header_offset,
+            size: payload_len,
+            crc: 0,
+        });
         z.small_record(&rec("version"), b"3\n");
-        z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
-        let crc_cd = z.finish(Some(&rec("data/0"))).expect("data/0 is in the directory");
-        TensorItemLayout { prefix, payload_len, trailer: z.out, crc_at: [crc_desc, crc_cd] }
+        z.small_record(
+            &rec(".data/serialization_id"),
+            serialization_id(seed).as_bytes(),
+        );
+        let crc_cd = z
+            .finish(Some(&rec("data/0")))
+            .expect("data/0 is in the directory");
+        TensorItemLayout {
+            prefix,
+            payload_len,
+            trailer: z.out,
+            crc_at: [crc_desc, crc_cd],
+        }
     }
 
     pub fn payload_offset(&self) -> u64 {
@@ -309,7 +362,10 @@ pub fn object_item(value: &ObjectValue, seed: u64) -> Vec<u8> {
     z.small_record(&rec(".storage_alignment"), b"64");
     z.small_record(&rec("byteorder"), b"little");
     z.small_record(&rec("version"), b"3\n");
-    z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
+    z.small_record(
+        &rec(".data/serialization_id"),
+        serialization_id(seed).as_bytes(),
+    );
     z.finish(None);
     z.out
 }
@@ -350,7 +406,10 @@ pub struct CdLocation {
 /// Finds the end records in `tail` (the last bytes of an archive of `len` bytes).
 pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdLocation> {
     let bad = |m: &str| Error::corrupt(format!("{what}: not a valid torch.save archive: {m}"));
-    ensure!(tail.len() >= 22 && tail.len() as u64 <= len, bad("too short for a zip end record"));
+    ensure!(
+        tail.len() >= 22 && tail.len() as u64 <= len,
+        bad("too short for a zip end record")
+    );
     let tail_start = len - tail.len() as u64;
     // The end record is 22 bytes plus a comment of at most 65535 bytes.
     let lowest = tail.len().saturating_sub(22 + 0xffff);
@@ -367,30 +426,60 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
         i -= 1;
     }
     let e = at.ok_or_else(|| bad("no end-of-central-directory record"))?;
-    let mut loc = CdLocation { offset: le32(tail, e + 16) as u64, size: le32(tail, e + 12) as u64, count: le16(tail, e + 10) as u64 };
+    let mut loc = CdLocation {
+        offset: le32(tail, e + 16) as u64,
+        size: le32(tail, e + 12) as u64,
+        count: le16(tail, e + 10) as u64,
+    };
     if e >= 20 && le32(tail, e - 20) == EOCD64_LOCATOR_SIG {
         let eocd64 = le64(tail, e - 20 + 8);
-        ensure!(eocd64 >= tail_start && eocd64 + 56 <= len, bad("zip64 end record outside the archive tail"));
+        ensure!(
+            eocd64 >= tail_start && eocd64 + 56 <= len,
+            bad("zip64 end record outside the archive tail")
+        );
         let r = (eocd64 - tail_start) as usize;
-        ensure!(r + 56 <= tail.len() && le32(tail, r) == EOCD64_SIG, bad("bad zip64 end record"));
-        loc = CdLocation { count: le64(tail, r + 32), size: le64(tail, r + 40), offset: le64(tail, r + 48) };
+        ensure!(
+            r + 56 <= tail.len() && le32(tail, r) == EOCD64_SIG,
+            bad("bad zip64 end record")
+        );
+        loc = CdLocation {
+            count: le64(tail, r + 32),
+            size: le64(tail, r + 40),
+            offset: le64(tail, r + 48),
+        };
     }
     ensure!(
-        loc.offset.checked_add(loc.size).is_some_and(|end| end <= len),
-        bad(&format!("central directory at {} (+{}) lies outside the {len}-byte archive", loc.offset, loc.size))
+        loc.offset
+            .checked_add(loc.size)
+            .is_some_and(|end| end <= len),
+        bad(&format!(
+            "central directory at {} (+{}) lies outside the {len}-byte archive",
+            loc.offset, loc.size
+        ))
     );
-    ensure!(loc.count <= loc.size / 46, bad("central directory entry count exceeds its size"));
+    ensure!(
+        loc.count <= loc.size / 46,
+        bad("central directory entry count exceeds its size")
+    );
     Ok(loc)
 }
 
 /// Parses the central directory bytes.
-pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str) -> Result<Vec<ZipEntry>> {
+pub fn parse_central_directory(
+    cd: &[u8],
+    loc: CdLocation,
+    len: u64,
+    what: &str,
+) -> Result<Vec<ZipEntry>> {
     let bad = |m: String| Error::corrupt(format!("{what}: bad zip central directory: {m}"));
     let mut entries = Vec::with_capacity(loc.count as usize);
     let mut p = 0usize;
     for i in 0..loc.count {
         if p + 46 > cd.len() || le32(cd, p) != CENTRAL_SIG {
-            return Err(bad(format!("entry {i} at {} has no signature", loc.offset + p as u64)));
+            return Err(bad(format!(
+                "entry {i} at {} has no signature",
+                loc.offset + p as u64
+            )));
         }
         let method = le16(cd, p + 10);
         let crc = le32(cd, p + 16);
@@ -404,7 +493,8 @@ pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str)
         if end > cd.len() {
             return Err(bad(format!("entry {i} overruns the directory")));
         }
-        let name = String::from_utf8(cd[p + 46..p + 46 + nlen].to_vec()).map_err(|_| bad(format!("entry {i} name is not UTF-8")))?;
+        let name = String::from_utf8(cd[p + 46..p + 46 + nlen].to_vec())
+            .map_err(|_| bad(format!("entry {i} name is not UTF-8")))?;
         // zip64 extended information replaces fields that are 0xffffffff, in this order.
         let mut x = p + 46 + nlen;
         let xend = x + elen;
@@ -432,7 +522,14 @@ pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str)
         if hoff.checked_add(LOCAL_HEADER_LEN).is_none_or(|e| e > len) || csize > len {
             return Err(bad(format!("entry {name} points outside the archive")));
         }
-        entries.push(ZipEntry { name, header_offset: hoff, size: usize_, compressed_size: csize, method, crc });
+        entries.push(ZipEntry {
+            name,
+            header_offset: hoff,
+            size: usize_,
+            compressed_size: csize,
+            method,
+            crc,
+        });
         p = end;
     }
     Ok(entries)
@@ -442,9 +539,17 @@ pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str)
 /// bytes).
 pub fn local_data_offset(header: &[u8], entry: &ZipEntry, len: u64, what: &str) -> Result<u64> {
     let bad = |m: &str| Error::corrupt(format!("{what}: record {}: {m}", entry.name));
-    ensure!(header.len() >= 30 && le32(header, 0) == LOCAL_SIG, bad("no local header signature"));
-    let off = entry.header_offset + LOCAL_HEADER_LEN + le16(header, 26) as u64 + le16(header, 28) as u64;
-    ensure!(off.checked_add(entry.compressed_size).is_some_and(|e| e <= len), bad("data runs past the end of the item"));
+    ensure!(
+        header.len() >= 30 && le32(header, 0) == LOCAL_SIG,
+        bad("no local header signature")
+    );
+    let off =
+        entry.header_offset + LOCAL_HEADER_LEN + le16(header, 26) as u64 + le16(header, 28) as u64;
+    ensure!(
+        off.checked_add(entry.compressed_size)
+            .is_some_and(|e| e <= len),
+        bad("data runs past the end of the item")
+    );
     Ok(off)
 }
 
@@ -492,7 +597,12 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     let tail_start = len - tail.len() as u64;
     // Serves a range from the cached head or tail, else from the source.
     let fetch = |off: u64, n: u64| -> Result<Vec<u8>> {
-        ensure!(off.checked_add(n).is_some_and(|e| e <= len), Error::corrupt(format!("{what}: range {off}+{n} outside the {len}-byte item")));
+        ensure!(
+            off.checked_add(n).is_some_and(|e| e <= len),
+            Error::corrupt(format!(
+                "{what}: range {off}+{n} outside the {len}-byte item"
+            ))
+        );
         if off + n <= head.len() as u64 {
             return Ok(head[off as usize..(off + n) as usize].to_vec());
         }
@@ -510,9 +620,18 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         .find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl")
         .ok_or_else(|| Error::corrupt(format!("{what}: archive has no data.pkl")))?;
     let archive = pkl.name.strip_suffix("data.pkl").unwrap_or("").to_string();
-    ensure!(pkl.method == 0, Error::unsupported(format!("{what}: compressed records are not supported")));
-    ensure!(pkl.size <= 1 << 30, Error::corrupt(format!("{what}: data.pkl of {} bytes", pkl.size)));
-    let lh = fetch(pkl.header_offset, LOCAL_HEADER_LEN.min(len - pkl.header_offset))?;
+    ensure!(
+        pkl.method == 0,
+        Error::unsupported(format!("{what}: compressed records are not supported"))
+    );
+    ensure!(
+        pkl.size <= 1 << 30,
+        Error::corrupt(format!("{what}: data.pkl of {} bytes", pkl.size))
+    );
+    let lh = fetch(
+        pkl.header_offset,
+        LOCAL_HEADER_LEN.min(len - pkl.header_offset),
+    )?;
     let pkl_off = local_data_offset(&lh, pkl, len, what)?;
     let pkl_bytes = fetch(pkl_off, pkl.size)?;
     let crc = crc32fast::hash(&pkl_bytes);
@@ -525,49 +644,111 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     );
     let graph = pickle::parse(&pkl_bytes, what)?;
     let Some(((module, func), args, _)) = graph.as_call(graph.root) else {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
+        return Ok(ItemContent::Object(ObjectValue::from_pickle(
+            &pkl_bytes, what,
+        )?));
     };
     if module != "torch._utils" || !func.starts_with("_rebuild_tensor") {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
+        return Ok(ItemContent::Object(ObjectValue::from_pickle(
+            &pkl_bytes, what,
+        )?));
     }
     let bad = |m: &str| Error::corrupt(format!("{what}: tensor pickle: {m}"));
-    let args = graph.as_seq(args).ok_or_else(|| bad("arguments are not a tuple"))?;
+    let args = graph
+        .as_seq(args)
+        .ok_or_else(|| bad("arguments are not a tuple"))?;
     ensure!(args.len() >= 4, bad("too few arguments"));
     let pid = match graph.node(args[0]) {
         pickle::Node::PersId(p) => *p,
         _ => return Err(bad("first argument is not a storage reference")),
     };
-    let pid = graph.as_seq(pid).ok_or_else(|| bad("storage reference is not a tuple"))?;
+    let pid = graph
+        .as_seq(pid)
+        .ok_or_else(|| bad("storage reference is not a tuple"))?;
     ensure!(pid.len() >= 5, bad("short storage reference"));
-    let (_, storage_class) = graph.as_global(pid[1]).ok_or_else(|| bad("storage type is not a global"))?;
-    let key = graph.as_str(pid[2]).ok_or_else(|| bad("storage key is not a str"))?;
-    let uint = |id: usize, m: &str| graph.as_int(id).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| bad(m));
+    let (_, storage_class) = graph
+        .as_global(pid[1])
+        .ok_or_else(|| bad("storage type is not a global"))?;
+    let key = graph
+        .as_str(pid[2])
+        .ok_or_else(|| bad("storage key is not a str"))?;
+    let uint = |id: usize, m: &str| {
+        graph
+            .as_int(id)
+            .and_then(|v| u64::try_from(v).ok())
+            .ok_or_else(|| bad(m))
+    };
     let seq = |id: usize, m: &str| -> Result<Vec<u64>> {
-        graph.as_seq(id).ok_or_else(|| bad(m))?.iter().map(|&i| uint(i, m)).collect()
+        graph
+            .as_seq(id)
+            .ok_or_else(|| bad(m))?
+            .iter()
+            .map(|&i| uint(i, m))
+            .collect()
     };
     let storage_offset = uint(args[1], "storage offset")?;
     let sizes = seq(args[2], "sizes")?;
     let strides = seq(args[3], "strides")?;
-    ensure!(sizes.len() == strides.len(), bad("sizes and strides differ in rank"));
+    ensure!(
+        sizes.len() == strides.len(),
+        bad("sizes and strides differ in rank")
+    );
     let dtype = if func == "_rebuild_tensor_v3" {
-        let d = args.get(6).ok_or_else(|| bad("_rebuild_tensor_v3 without a dtype"))?;
-        let (_, name) = graph.as_global(*d).ok_or_else(|| bad("dtype is not a global"))?;
-        DType::from_torch_name(name).ok_or_else(|| Error::unsupported(format!("{what}: dtype torch.{name} is not supported")))?
+        let d = args
+            .get(6)
+            .ok_or_else(|| bad("_rebuild_tensor_v3 without a dtype"))?;
+        let (_, name) = graph
+            .as_global(*d)
+            .ok_or_else(|| bad("dtype is not a global"))?;
+        DType::from_torch_name(name).ok_or_else(|| {
+            Error::unsupported(format!("{what}: dtype torch.{name} is not supported"))
+        })?
     } else {
-        DType::from_storage_name(storage_class).ok_or_else(|| Error::unsupported(format!("{what}: storage type torch.{storage_class} is not supported")))?
+        DType::from_storage_name(storage_class).ok_or_else(|| {
+            Error::unsupported(format!(
+                "{what}: storage type torch.{storage_class} is not supported"
+            ))
+        })?
     };
     let storage_name = format!("{archive}data/{key}");
-    let st = entries.iter().find(|e| e.name == storage_name).ok_or_else(|| bad(&format!("no record {storage_name}")))?;
-    ensure!(st.method == 0, Error::unsupported(format!("{what}: compressed tensor storage is not supported")));
-    let lh = fetch(st.header_offset, LOCAL_HEADER_LEN.min(len - st.header_offset))?;
+    let st = entries
+        .iter()
+        .find(|e| e.name == storage_name)
+        .ok_or_else(|| bad(&format!("no record {storage_name}")))?;
+    ensure!(
+        st.method == 0,
+        Error::unsupported(format!(
+            "{what}: compressed tensor storage is not supported"
+        ))
+    );
+    let lh = fetch(
+        st.header_offset,
+        LOCAL_HEADER_LEN.min(len - st.header_offset),
+    )?;
     let data_offset = local_data_offset(&lh, st, len, what)?;
     let extent = crate::tensor::strided_extent_bytes(&sizes, &strides, dtype.size())?;
-    let offset_bytes = storage_offset.checked_mul(dtype.size() as u64).ok_or_else(|| bad("storage offset overflows"))?;
+    let offset_bytes = storage_offset
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| bad("storage offset overflows"))?;
     ensure!(
-        extent == 0 || offset_bytes.checked_add(extent).is_some_and(|e| e <= st.size),
-        bad(&format!("view of {extent} bytes at offset {offset_bytes} exceeds the {}-byte storage", st.size))
+        extent == 0
+            || offset_bytes
+                .checked_add(extent)
+                .is_some_and(|e| e <= st.size),
+        bad(&format!(
+            "view of {extent} bytes at offset {offset_bytes} exceeds the {}-byte storage",
+            st.size
+        ))
     );
-    Ok(ItemContent::Tensor(TensorRecord { dtype, sizes, strides, storage_offset, data_offset, data_len: st.size, crc: st.crc }))
+    Ok(ItemContent::Tensor(TensorRecord {
+        dtype,
+        sizes,
+        strides,
+        storage_offset,
+        data_offset,
+        data_len: st.size,
+        crc: st.crc,
+    }))
 }
 
 #[cfg(test)]
@@ -593,7 +774,13 @@ mod tests {
 
     #[test]
     fn tensor_item_roundtrip() {
-        for (dtype, sizes) in [(DType::F32, vec![2u64, 3]), (DType::F8E4M3FN, vec![5]), (DType::I64, vec![]), (DType::BF16, vec![0, 4]), (DType::U16, vec![1, 1, 2, 2, 1])] {
+        for (dtype, sizes) in [
+            (DType::F32, vec![2u64, 3]),
+            (DType::F8E4M3FN, vec![5]),
+            (DType::I64, vec![]),
+            (DType::BF16, vec![0, 4]),
+            (DType::U16, vec![1, 1, 2, 2, 1]),
+        ] {
             let n = sizes.iter().product::<u64>() as usize * dtype.size();
             let payload: Vec<u8> = (0..n).map(|i| i as u8).collect();
             let item = build_tensor(dtype, &sizes, 1234 * 64, &payload);
@@ -602,7 +789,10 @@ mod tests {
                     assert_eq!(t.dtype, dtype);
                     assert_eq!(t.sizes, sizes);
                     assert_eq!(t.data_len as usize, n);
-                    assert_eq!(&item[t.data_offset as usize..t.data_offset as usize + n], &payload[..]);
+                    assert_eq!(
+                        &item[t.data_offset as usize..t.data_offset as usize + n],
+                        &payload[..]
+                    );
                     assert_eq!(t.crc, crc32fast::hash(&payload));
                 }
                 other => panic!("{other:?}"),
@@ -612,9 +802,17 @@ mod tests {
 
     #[test]
     fn object_item_roundtrip() {
-        for v in [ObjectValue::Bytes(vec![1, 2, 0, 255]), ObjectValue::Int(-5), ObjectValue::Float(0.25), ObjectValue::Bytes(vec![])] {
+        for v in [
+            ObjectValue::Bytes(vec![1, 2, 0, 255]),
+            ObjectValue::Int(-5),
+            ObjectValue::Float(0.25),
+            ObjectValue::Bytes(vec![]),
+        ] {
             let item = object_item(&v, 1);
-            assert_eq!(read_item(&Mem(item.clone()), item.len() as u64, "t").unwrap(), ItemContent::Object(v));
+            assert_eq!(
+                read_item(&Mem(item.clone()), item.len() as u64, "t").unwrap(),
+                ItemContent::Object(v)
+            );
         }
     }
 
@@ -640,12 +838,16 @@ mod tests {
         let len = l.len();
         let tail_start = len - trailer.len() as u64;
         let loc = locate_central_directory(&trailer, len, "t").unwrap();
-        let cd = &trailer[(loc.offset - tail_start) as usize..(loc.offset - tail_start + loc.size) as usize];
+        let cd = &trailer
+            [(loc.offset - tail_start) as usize..(loc.offset - tail_start + loc.size) as usize];
         let entries = parse_central_directory(cd, loc, len, "t").unwrap();
         let data = entries.iter().find(|e| e.name == "archive/data/0").unwrap();
         assert_eq!(data.size, 5 << 30);
         assert_eq!(data.crc, 0xdeadbeef);
-        let version = entries.iter().find(|e| e.name == "archive/version").unwrap();
+        let version = entries
+            .iter()
+            .find(|e| e.name == "archive/version")
+            .unwrap();
         assert!(version.header_offset > 5 << 30);
     }
 }

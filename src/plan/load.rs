@@ -36,18 +36,32 @@ impl LoadPlan {
         self.chunks
             .iter()
             .map(|c| match lookup.entry(md, &c.fqn) {
-                Some(EntryMeta::Tensor(t)) => c.targets.iter().map(|(_, r)| r.numel()).sum::<u64>() * t.dtype.map_or(1, |d| d.size() as u64),
+                Some(EntryMeta::Tensor(t)) => {
+                    c.targets.iter().map(|(_, r)| r.numel()).sum::<u64>()
+                        * t.dtype.map_or(1, |d| d.size() as u64)
+                }
                 _ => 0,
             })
             .sum()
     }
 }
 
-pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: bool) -> Result<LoadPlan> {
+pub fn plan_load(
+    state: &State,
+    md: &Metadata,
+    lookup: &MetadataLookup,
+    strict: bool,
+) -> Result<LoadPlan> {
     let mut plan = LoadPlan::default();
     for (ei, e) in state.entries().iter().enumerate() {
         let Some(meta) = lookup.entry(md, &e.fqn) else {
-            ensure!(!strict, Error::not_found(format!("key {:?} is not in the checkpoint (strict load)", e.fqn)));
+            ensure!(
+                !strict,
+                Error::not_found(format!(
+                    "key {:?} is not in the checkpoint (strict load)",
+                    e.fqn
+                ))
+            );
             plan.missing.push(e.fqn.clone());
             continue;
         };
@@ -56,10 +70,19 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 let storage = lookup
                     .storage(md, &e.fqn, None)
                     .ok_or_else(|| Error::corrupt(format!("key {:?}: the checkpoint metadata lists it but has no storage entry for it", e.fqn)))?;
-                plan.objects.push(ObjectRead { entry: ei, fqn: e.fqn.clone(), storage: storage.clone() });
+                plan.objects.push(ObjectRead {
+                    entry: ei,
+                    fqn: e.fqn.clone(),
+                    storage: storage.clone(),
+                });
             }
             (EntryValue::Tensor(t), EntryMeta::Tensor(tm)) => {
-                let saved_dtype = tm.dtype.ok_or_else(|| Error::unsupported(format!("key {:?}: the checkpoint's dtype torch.{} is not supported", e.fqn, tm.dtype_name)))?;
+                let saved_dtype = tm.dtype.ok_or_else(|| {
+                    Error::unsupported(format!(
+                        "key {:?}: the checkpoint's dtype torch.{} is not supported",
+                        e.fqn, tm.dtype_name
+                    ))
+                })?;
                 ensure!(
                     saved_dtype == t.view.dtype() && tm.size == t.global_shape,
                     Error::mismatch(format!(
@@ -73,12 +96,24 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 );
                 let mut covered = 0u64;
                 for chunk in &tm.chunks {
-                    let Some(overlap) = chunk.intersect(&t.region) else { continue };
+                    let Some(overlap) = chunk.intersect(&t.region) else {
+                        continue;
+                    };
                     covered += overlap.numel();
-                    let storage = lookup.storage(md, &e.fqn, Some(&chunk.offsets)).ok_or_else(|| {
-                        Error::corrupt(format!("key {:?}: no storage entry for the chunk at offsets {:?}", e.fqn, chunk.offsets))
-                    })?;
-                    plan.chunks.push(ChunkRead { fqn: e.fqn.clone(), chunk: chunk.clone(), storage: storage.clone(), targets: vec![(ei, overlap)] });
+                    let storage = lookup
+                        .storage(md, &e.fqn, Some(&chunk.offsets))
+                        .ok_or_else(|| {
+                            Error::corrupt(format!(
+                                "key {:?}: no storage entry for the chunk at offsets {:?}",
+                                e.fqn, chunk.offsets
+                            ))
+                        })?;
+                    plan.chunks.push(ChunkRead {
+                        fqn: e.fqn.clone(),
+                        chunk: chunk.clone(),
+                        storage: storage.clone(),
+                        targets: vec![(ei, overlap)],
+                    });
                 }
                 ensure!(
                     covered == t.region.numel(),
@@ -92,14 +127,23 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 );
             }
             (EntryValue::Tensor(_), EntryMeta::Bytes) => {
-                return Err(Error::mismatch(format!("key {:?} is a tensor here but a non-tensor object in the checkpoint", e.fqn)));
+                return Err(Error::mismatch(format!(
+                    "key {:?} is a tensor here but a non-tensor object in the checkpoint",
+                    e.fqn
+                )));
             }
             (EntryValue::Object(_), EntryMeta::Tensor(_)) => {
-                return Err(Error::mismatch(format!("key {:?} is a non-tensor object here but a tensor in the checkpoint", e.fqn)));
+                return Err(Error::mismatch(format!(
+                    "key {:?} is a non-tensor object here but a tensor in the checkpoint",
+                    e.fqn
+                )));
             }
         }
     }
     // Read in file order: fewer seeks, and neighbouring items share read-ahead.
-    plan.chunks.sort_by(|a, b| (&a.storage.relative_path, a.storage.offset).cmp(&(&b.storage.relative_path, b.storage.offset)));
+    plan.chunks.sort_by(|a, b| {
+        (&a.storage.relative_path, a.storage.offset)
+            .cmp(&(&b.storage.relative_path, b.storage.offset))
+    });
     Ok(plan)
 }

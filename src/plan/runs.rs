@@ -33,16 +33,29 @@ impl Run {
     /// Splits the run so that the first part's elements start before `bound` on side a
     /// (`on_a`) or side b; returns (before, after).
     pub fn split(self, bound: u64, on_a: bool) -> (Option<Run>, Option<Run>) {
-        let (start, step) = if on_a { (self.a, self.a_step) } else { (self.b, self.b_step) };
+        let (start, step) = if on_a {
+            (self.a, self.a_step)
+        } else {
+            (self.b, self.b_step)
+        };
         if bound <= start {
             return (None, Some(self));
         }
-        let n = if step == 0 { self.count } else { ((bound - start).div_ceil(step)).min(self.count) };
+        let n = if step == 0 {
+            self.count
+        } else {
+            ((bound - start).div_ceil(step)).min(self.count)
+        };
         if n >= self.count {
             return (Some(self), None);
         }
         let first = Run { count: n, ..self };
-        let rest = Run { a: self.a + n * self.a_step, b: self.b + n * self.b_step, count: self.count - n, ..self };
+        let rest = Run {
+            a: self.a + n * self.a_step,
+            b: self.b + n * self.b_step,
+            count: self.count - n,
+            ..self
+        };
         (Some(first), Some(rest))
     }
 
@@ -51,14 +64,25 @@ impl Run {
     /// # Safety
     /// Every element addressed from `a_base`/`b_base` by the run must be valid memory and the
     /// two sides must not overlap.
-    pub unsafe fn copy(&self, a_base: *const u8, b_base: *mut u8, elem: u64, a_origin: u64, b_origin: u64) {
+    pub unsafe fn copy(
+        &self,
+        a_base: *const u8,
+        b_base: *mut u8,
+        elem: u64,
+        a_origin: u64,
+        b_origin: u64,
+    ) {
         let src = a_base.add((self.a - a_origin) as usize);
         let dst = b_base.add((self.b - b_origin) as usize);
         if self.a_step == elem && self.b_step == elem {
             std::ptr::copy_nonoverlapping(src, dst, (self.count * elem) as usize);
         } else {
             for i in 0..self.count as usize {
-                std::ptr::copy_nonoverlapping(src.add(i * self.a_step as usize), dst.add(i * self.b_step as usize), elem as usize);
+                std::ptr::copy_nonoverlapping(
+                    src.add(i * self.a_step as usize),
+                    dst.add(i * self.b_step as usize),
+                    elem as usize,
+                );
             }
         }
     }
@@ -74,9 +98,22 @@ pub struct BoxRuns {
 
 impl BoxRuns {
     /// `sizes` of the box; byte strides on each side; byte offsets of the box's first element.
-    pub fn new(sizes: &[u64], a_strides: &[u64], b_strides: &[u64], a_base: u64, b_base: u64, elem: u64) -> BoxRuns {
+    pub fn new(
+        sizes: &[u64],
+        a_strides: &[u64],
+        b_strides: &[u64],
+        a_base: u64,
+        b_base: u64,
+        elem: u64,
+    ) -> BoxRuns {
         let empty = sizes.iter().any(|&s| s == 0);
-        let mut dims: Vec<(u64, u64, u64)> = sizes.iter().zip(a_strides).zip(b_strides).filter(|((&n, _), _)| n != 1).map(|((&n, &a), &b)| (n, a, b)).collect();
+        let mut dims: Vec<(u64, u64, u64)> = sizes
+            .iter()
+            .zip(a_strides)
+            .zip(b_strides)
+            .filter(|((&n, _), _)| n != 1)
+            .map(|((&n, &a), &b)| (n, a, b))
+            .collect();
         // Fuse inner dims while both sides are dense.
         let mut run = 1u64;
         while let Some(&(n, a, b)) = dims.last() {
@@ -88,13 +125,32 @@ impl BoxRuns {
             }
         }
         let inner = if run > 1 || dims.is_empty() {
-            Run { a: a_base, b: b_base, count: run, a_step: elem, b_step: elem }
+            Run {
+                a: a_base,
+                b: b_base,
+                count: run,
+                a_step: elem,
+                b_step: elem,
+            }
         } else {
             let (n, a, b) = dims.pop().unwrap();
-            Run { a: a_base, b: b_base, count: n, a_step: a, b_step: b }
+            Run {
+                a: a_base,
+                b: b_base,
+                count: n,
+                a_step: a,
+                b_step: b,
+            }
         };
-        let inner = if empty { Run { count: 0, ..inner } } else { inner };
-        BoxRuns { outer: if empty { vec![] } else { dims }, inner }
+        let inner = if empty {
+            Run { count: 0, ..inner }
+        } else {
+            inner
+        };
+        BoxRuns {
+            outer: if empty { vec![] } else { dims },
+            inner,
+        }
     }
 
     pub fn num_runs(&self) -> u64 {
@@ -137,7 +193,10 @@ impl BoxRuns {
 
 /// Row-major byte strides of a dense array of `sizes`.
 pub fn dense_byte_strides(sizes: &[u64], elem: u64) -> Vec<u64> {
-    crate::tensor::contiguous_strides(sizes).into_iter().map(|s| s * elem).collect()
+    crate::tensor::contiguous_strides(sizes)
+        .into_iter()
+        .map(|s| s * elem)
+        .collect()
 }
 
 #[cfg(test)]
@@ -154,7 +213,16 @@ mod tests {
     fn dense_box_is_one_run() {
         let s = dense_byte_strides(&[4, 5], 4);
         let r = BoxRuns::new(&[4, 5], &s, &s, 0, 0, 4);
-        assert_eq!(collect(&r), vec![Run { a: 0, b: 0, count: 20, a_step: 4, b_step: 4 }]);
+        assert_eq!(
+            collect(&r),
+            vec![Run {
+                a: 0,
+                b: 0,
+                count: 20,
+                a_step: 4,
+                b_step: 4
+            }]
+        );
     }
 
     #[test]
@@ -165,7 +233,16 @@ mod tests {
         let r = BoxRuns::new(&[3, 2], &a, &b, 1, 0, 1);
         let runs = collect(&r);
         assert_eq!(runs.len(), 3);
-        assert_eq!(runs[2], Run { a: 9, b: 4, count: 2, a_step: 1, b_step: 1 });
+        assert_eq!(
+            runs[2],
+            Run {
+                a: 9,
+                b: 4,
+                count: 2,
+                a_step: 1,
+                b_step: 1
+            }
+        );
     }
 
     #[test]
@@ -180,7 +257,13 @@ mod tests {
 
     #[test]
     fn split_runs() {
-        let run = Run { a: 100, b: 0, count: 10, a_step: 4, b_step: 4 };
+        let run = Run {
+            a: 100,
+            b: 0,
+            count: 10,
+            a_step: 4,
+            b_step: 4,
+        };
         let (x, y) = run.split(110, true);
         assert_eq!(x.unwrap().count, 3);
         assert_eq!(y.unwrap().a, 112);
@@ -190,8 +273,20 @@ mod tests {
 
     #[test]
     fn empty_and_scalar() {
-        assert_eq!(BoxRuns::new(&[0, 3], &[3, 1], &[3, 1], 0, 0, 4).num_runs(), 0);
+        assert_eq!(
+            BoxRuns::new(&[0, 3], &[3, 1], &[3, 1], 0, 0, 4).num_runs(),
+            0
+        );
         let r = BoxRuns::new(&[], &[], &[], 8, 16, 8);
-        assert_eq!(collect(&r), vec![Run { a: 8, b: 16, count: 1, a_step: 8, b_step: 8 }]);
+        assert_eq!(
+            collect(&r),
+            vec![Run {
+                a: 8,
+                b: 16,
+                count: 1,
+                a_step: 8,
+                b_step: 8
+            }]
+        );
     }
 }

@@ -12,7 +12,11 @@ use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LocalKind {
-    Tensor { dtype: i32, global_shape: Vec<u64>, region: Region },
+    Tensor {
+        dtype: i32,
+        global_shape: Vec<u64>,
+        region: Region,
+    },
     Object,
 }
 
@@ -38,7 +42,11 @@ impl LocalPlan {
                 fqn: e.fqn.clone(),
                 path: e.path.clone().unwrap_or_else(|| default_path(&e.fqn)),
                 kind: match &e.value {
-                    EntryValue::Tensor(t) => LocalKind::Tensor { dtype: t.view.dtype() as i32, global_shape: t.global_shape.clone(), region: t.region.clone() },
+                    EntryValue::Tensor(t) => LocalKind::Tensor {
+                        dtype: t.view.dtype() as i32,
+                        global_shape: t.global_shape.clone(),
+                        region: t.region.clone(),
+                    },
                     EntryValue::Object(_) => LocalKind::Object,
                 },
             })
@@ -52,7 +60,8 @@ impl LocalPlan {
     }
 
     pub fn decode(data: &[u8], rank: usize) -> Result<LocalPlan> {
-        postcard::from_bytes(data).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
+        postcard::from_bytes(data)
+            .map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
     }
 }
 
@@ -65,8 +74,14 @@ pub struct PlannedChunk {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GlobalKind {
-    Tensor { dtype: DType, global_shape: Vec<u64>, chunks: Vec<PlannedChunk> },
-    Object { writer: u32 },
+    Tensor {
+        dtype: DType,
+        global_shape: Vec<u64>,
+        chunks: Vec<PlannedChunk>,
+    },
+    Object {
+        writer: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,7 +105,10 @@ impl GlobalPlan {
         let mut by_key: BTreeMap<&str, Vec<(u32, &LocalItem)>> = BTreeMap::new();
         for (rank, p) in plans.iter().enumerate() {
             for it in &p.items {
-                by_key.entry(it.fqn.as_str()).or_default().push((rank as u32, it));
+                by_key
+                    .entry(it.fqn.as_str())
+                    .or_default()
+                    .push((rank as u32, it));
             }
         }
         let mut entries = Vec::with_capacity(by_key.len());
@@ -107,13 +125,31 @@ impl GlobalPlan {
                             Error::mismatch(format!("key {fqn:?} is an object on rank {first_rank} but a tensor on rank {r}"))
                         );
                     }
-                    work.push((0, entry_idx, usize::MAX, holders.iter().map(|h| h.0).collect()));
-                    entries.push(GlobalEntry { fqn: fqn.to_string(), path: first.path.clone(), kind: GlobalKind::Object { writer: first_rank } });
+                    work.push((
+                        0,
+                        entry_idx,
+                        usize::MAX,
+                        holders.iter().map(|h| h.0).collect(),
+                    ));
+                    entries.push(GlobalEntry {
+                        fqn: fqn.to_string(),
+                        path: first.path.clone(),
+                        kind: GlobalKind::Object { writer: first_rank },
+                    });
                 }
-                LocalKind::Tensor { dtype, global_shape, .. } => {
+                LocalKind::Tensor {
+                    dtype,
+                    global_shape,
+                    ..
+                } => {
                     let mut regions: BTreeMap<&Region, Vec<u32>> = BTreeMap::new();
                     for (r, it) in &holders {
-                        let LocalKind::Tensor { dtype: d, global_shape: g, region } = &it.kind else {
+                        let LocalKind::Tensor {
+                            dtype: d,
+                            global_shape: g,
+                            region,
+                        } = &it.kind
+                        else {
                             return Err(Error::mismatch(format!("key {fqn:?} is a tensor on rank {first_rank} but an object on rank {r}")));
                         };
                         ensure!(
@@ -128,19 +164,38 @@ impl GlobalPlan {
                     }
                     let dtype = DType::try_from(*dtype)?;
                     let all_empty = regions.keys().all(|r| r.is_empty());
-                    let mut chunks: Vec<(Region, Vec<u32>)> = regions.into_iter().filter(|(r, _)| all_empty || !r.is_empty()).map(|(r, h)| (r.clone(), h)).collect();
+                    let mut chunks: Vec<(Region, Vec<u32>)> = regions
+                        .into_iter()
+                        .filter(|(r, _)| all_empty || !r.is_empty())
+                        .map(|(r, h)| (r.clone(), h))
+                        .collect();
                     if all_empty {
                         chunks.truncate(1);
                     }
                     check_tiling(fqn, global_shape, &chunks)?;
                     for (ci, (region, holders)) in chunks.iter().enumerate() {
-                        work.push((region.numel() * dtype.size() as u64, entry_idx, ci, holders.clone()));
+                        work.push((
+                            region.numel() * dtype.size() as u64,
+                            entry_idx,
+                            ci,
+                            holders.clone(),
+                        ));
                     }
-                    let planned = chunks.into_iter().map(|(region, h)| PlannedChunk { region, writer: h[0] }).collect();
+                    let planned = chunks
+                        .into_iter()
+                        .map(|(region, h)| PlannedChunk {
+                            region,
+                            writer: h[0],
+                        })
+                        .collect();
                     entries.push(GlobalEntry {
                         fqn: fqn.to_string(),
                         path: first.path.clone(),
-                        kind: GlobalKind::Tensor { dtype, global_shape: global_shape.clone(), chunks: planned },
+                        kind: GlobalKind::Tensor {
+                            dtype,
+                            global_shape: global_shape.clone(),
+                            chunks: planned,
+                        },
                     });
                 }
             }
@@ -149,14 +204,20 @@ impl GlobalPlan {
         work.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let mut load = vec![0u64; plans.len()];
         for (bytes, ei, ci, holders) in work {
-            let w = *holders.iter().min_by_key(|&&r| (load[r as usize], r)).expect("a chunk has a holder");
+            let w = *holders
+                .iter()
+                .min_by_key(|&&r| (load[r as usize], r))
+                .expect("a chunk has a holder");
             load[w as usize] += bytes.max(1);
             match &mut entries[ei].kind {
                 GlobalKind::Tensor { chunks, .. } => chunks[ci].writer = w,
                 GlobalKind::Object { writer } => *writer = w,
             }
         }
-        Ok(GlobalPlan { world_size: plans.len() as u32, entries })
+        Ok(GlobalPlan {
+            world_size: plans.len() as u32,
+            entries,
+        })
     }
 
     pub fn hash(&self) -> u64 {
@@ -178,7 +239,9 @@ impl GlobalPlan {
 }
 
 fn dtype_name(v: i32) -> String {
-    DType::try_from(v).map(|d| d.to_string()).unwrap_or_else(|_| format!("dtype#{v}"))
+    DType::try_from(v)
+        .map(|d| d.to_string())
+        .unwrap_or_else(|_| format!("dtype#{v}"))
 }
 
 /// The distinct chunks of a tensor must not overlap and must cover it exactly.
@@ -186,7 +249,8 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
     let total: u64 = shape.iter().product();
     let mut covered: u64 = 0;
     for (r, holders) in chunks {
-        r.check_within(shape).map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
+        r.check_within(shape)
+            .map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
         covered += r.numel();
     }
     // Sweep along dim 0: only chunks whose dim-0 ranges overlap can overlap.
@@ -214,7 +278,9 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
             active.push(i);
         }
     } else if chunks.len() > 1 {
-        return Err(Error::invalid(format!("key {fqn:?}: a 0-d tensor registered as several pieces")));
+        return Err(Error::invalid(format!(
+            "key {fqn:?}: a 0-d tensor registered as several pieces"
+        )));
     }
     ensure!(
         covered == total,
@@ -231,14 +297,23 @@ mod tests {
         LocalItem {
             fqn: fqn.into(),
             path: default_path(fqn),
-            kind: LocalKind::Tensor { dtype: DType::F32 as i32, global_shape: shape.to_vec(), region: Region { offsets: off.to_vec(), sizes: sizes.to_vec() } },
+            kind: LocalKind::Tensor {
+                dtype: DType::F32 as i32,
+                global_shape: shape.to_vec(),
+                region: Region {
+                    offsets: off.to_vec(),
+                    sizes: sizes.to_vec(),
+                },
+            },
         }
     }
 
     #[test]
     fn replicated_written_once_and_balanced() {
         // Two ranks each hold two whole tensors (DDP): each tensor is written once.
-        let p = LocalPlan { items: vec![item("a", &[4], &[0], &[4]), item("b", &[4], &[0], &[4])] };
+        let p = LocalPlan {
+            items: vec![item("a", &[4], &[0], &[4]), item("b", &[4], &[0], &[4])],
+        };
         let g = GlobalPlan::build(&[p.clone(), p]).unwrap();
         let writers: Vec<u32> = g
             .entries
@@ -257,27 +332,44 @@ mod tests {
 
     #[test]
     fn gaps_and_overlaps_are_rejected() {
-        let a = LocalPlan { items: vec![item("w", &[4], &[0], &[2])] };
+        let a = LocalPlan {
+            items: vec![item("w", &[4], &[0], &[2])],
+        };
         let e = GlobalPlan::build(&[a.clone()]).unwrap_err();
         assert!(e.message().contains("cover 2 of the 4"), "{e}");
-        let b = LocalPlan { items: vec![item("w", &[4], &[1], &[3])] };
+        let b = LocalPlan {
+            items: vec![item("w", &[4], &[1], &[3])],
+        };
         let e = GlobalPlan::build(&[a, b]).unwrap_err();
         assert!(e.message().contains("overlaps"), "{e}");
     }
 
     #[test]
     fn dtype_disagreement_names_ranks() {
-        let a = LocalPlan { items: vec![item("w", &[4], &[0], &[2])] };
+        let a = LocalPlan {
+            items: vec![item("w", &[4], &[0], &[2])],
+        };
         let mut bi = item("w", &[4], &[2], &[2]);
-        bi.kind = LocalKind::Tensor { dtype: DType::BF16 as i32, global_shape: vec![4], region: Region { offsets: vec![2], sizes: vec![2] } };
+        bi.kind = LocalKind::Tensor {
+            dtype: DType::BF16 as i32,
+            global_shape: vec![4],
+            region: Region {
+                offsets: vec![2],
+                sizes: vec![2],
+            },
+        };
         let e = GlobalPlan::build(&[a, LocalPlan { items: vec![bi] }]).unwrap_err();
         assert!(e.message().contains("rank 1 registered bfloat16"), "{e}");
     }
 
     #[test]
     fn empty_shards_are_dropped() {
-        let a = LocalPlan { items: vec![item("w", &[2], &[0], &[2])] };
-        let b = LocalPlan { items: vec![item("w", &[2], &[2], &[0])] };
+        let a = LocalPlan {
+            items: vec![item("w", &[2], &[0], &[2])],
+        };
+        let b = LocalPlan {
+            items: vec![item("w", &[2], &[2], &[0])],
+        };
         let g = GlobalPlan::build(&[a, b]).unwrap();
         match &g.entries[0].kind {
             GlobalKind::Tensor { chunks, .. } => assert_eq!(chunks.len(), 1),

@@ -28,9 +28,17 @@ impl ReadHandle for MemFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let d = self.data.lock().unwrap();
         let start = offset as usize;
-        let end = start.checked_add(buf.len()).filter(|&e| e <= d.len()).ok_or_else(|| {
-            Error::corrupt(format!("mem://{}: needs bytes {offset}..{} but the file has {} bytes", self.name, offset + buf.len() as u64, d.len()))
-        })?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&e| e <= d.len())
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "mem://{}: needs bytes {offset}..{} but the file has {} bytes",
+                    self.name,
+                    offset + buf.len() as u64,
+                    d.len()
+                ))
+            })?;
         buf.copy_from_slice(&d[start..end]);
         Ok(())
     }
@@ -69,16 +77,34 @@ impl Storage for MemStorage {
         Ok(self.files.lock().unwrap().contains_key(name))
     }
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
-        let data = self.files.lock().unwrap().get(name).cloned().ok_or_else(|| Error::not_found(format!("mem://{name} does not exist")))?;
-        Ok(Arc::new(MemFile { name: name.to_string(), data }))
+        let data = self
+            .files
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("mem://{name} does not exist")))?;
+        Ok(Arc::new(MemFile {
+            name: name.to_string(),
+            data,
+        }))
     }
     fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
         let data = Arc::new(Mutex::new(Vec::new()));
-        self.files.lock().unwrap().insert(name.to_string(), data.clone());
-        Ok(Arc::new(MemFile { name: name.to_string(), data }))
+        self.files
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), data.clone());
+        Ok(Arc::new(MemFile {
+            name: name.to_string(),
+            data,
+        }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.files.lock().unwrap().insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
+        self.files
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
         Ok(())
     }
     fn remove(&self, name: &str) -> Result<()> {

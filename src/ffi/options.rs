@@ -1,0 +1,137 @@
+use super::{dcp_status, guard, guard_void, invalid, mut_arg};
+use crate::engine::{LoadOptions, SaveOptions};
+
+/// Options of `dcp_save`. Defaults: overwrite off, 4 writer threads, O_DIRECT on where the file
+/// system allows it. Thread safety: not shared; one thread at a time.
+pub struct dcp_save_options {
+    pub(crate) inner: SaveOptions,
+}
+
+/// Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads.
+pub struct dcp_load_options {
+    pub(crate) inner: LoadOptions,
+}
+
+/// Creates save options with the defaults. `*out` is owned by the caller; free it with
+/// `dcp_save_options_free`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_new(out: *mut *mut dcp_save_options) -> dcp_status {
+    guard("dcp_save_options_new", || {
+        *mut_arg(out, "out")? = Box::into_raw(Box::new(dcp_save_options {
+            inner: SaveOptions::default(),
+        }));
+        Ok(())
+    })
+}
+
+/// Frees save options. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_free(opts: *mut dcp_save_options) {
+    guard_void(|| {
+        if !opts.is_null() {
+            drop(Box::from_raw(opts));
+        }
+    })
+}
+
+/// Replace a committed checkpoint at the destination. Off (the default), saving where a
+/// checkpoint exists fails with `DCP_ERROR_ALREADY_EXISTS` ("checkpoint already exists").
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_overwrite(
+    opts: *mut dcp_save_options,
+    overwrite: bool,
+) -> dcp_status {
+    guard("dcp_save_options_set_overwrite", || {
+        mut_arg(opts, "opts")?.inner.overwrite = overwrite;
+        Ok(())
+    })
+}
+
+/// Writer threads per rank, 1..=1024.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_threads(
+    opts: *mut dcp_save_options,
+    threads: u32,
+) -> dcp_status {
+    guard("dcp_save_options_set_threads", || {
+        if !(1..=1024).contains(&threads) {
+            return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
+        }
+        mut_arg(opts, "opts")?.inner.threads = threads as usize;
+        Ok(())
+    })
+}
+
+/// Use O_DIRECT for data files where the file system supports it (default on).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_direct_io(
+    opts: *mut dcp_save_options,
+    direct_io: bool,
+) -> dcp_status {
+    guard("dcp_save_options_set_direct_io", || {
+        mut_arg(opts, "opts")?.inner.direct_io = direct_io;
+        Ok(())
+    })
+}
+
+/// Creates load options with the defaults. Free with `dcp_load_options_free`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -> dcp_status {
+    guard("dcp_load_options_new", || {
+        *mut_arg(out, "out")? = Box::into_raw(Box::new(dcp_load_options {
+            inner: LoadOptions::default(),
+        }));
+        Ok(())
+    })
+}
+
+/// Frees load options. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_free(opts: *mut dcp_load_options) {
+    guard_void(|| {
+        if !opts.is_null() {
+            drop(Box::from_raw(opts));
+        }
+    })
+}
+
+/// Strict (default): every registered key must be in the checkpoint with the same dtype and
+/// global shape. Partial: keys the checkpoint lacks are skipped and listed by
+/// `dcp_state_missing_key` (dtype and shape must still match for keys that exist).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_set_strict(
+    opts: *mut dcp_load_options,
+    strict: bool,
+) -> dcp_status {
+    guard("dcp_load_options_set_strict", || {
+        mut_arg(opts, "opts")?.inner.strict = strict;
+        Ok(())
+    })
+}
+
+/// Verify the CRC-32 of everything read (default on).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_set_verify(
+    opts: *mut dcp_load_options,
+    verify: bool,
+) -> dcp_status {
+    guard("dcp_load_options_set_verify", || {
+        mut_arg(opts, "opts")?.inner.verify = verify;
+        Ok(())
+    })
+}
+
+/// Reader threads per rank, 1..=1024.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_set_threads(
+    opts: *mut dcp_load_options,
+    threads: u32,
+) -> dcp_status {
+    guard("dcp_load_options_set_threads", || {
+        if !(1..=1024).contains(&threads) {
+            return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
+        }
+        mut_arg(opts, "opts")?.inner.threads = threads as usize;
+        Ok(())
+    })
+}

@@ -1,0 +1,206 @@
+"""ctypes bindings to libdcp's C API, for the interop tests: Python drives libdcp.so exactly as a
+C program would (same functions, same arguments), and torch checks the results."""
+import ctypes
+import os
+
+import torch
+
+_lib = None
+
+DTYPES = {
+    torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4,
+    torch.float8_e4m3fn: 5, torch.float8_e5m2: 6, torch.int64: 7, torch.int32: 8,
+    torch.int16: 9, torch.int8: 10, torch.uint8: 11, torch.bool: 12,
+    torch.complex64: 13, torch.complex128: 14, torch.uint16: 15, torch.uint32: 16, torch.uint64: 17,
+}
+VALUE_BYTES, VALUE_INT, VALUE_DOUBLE, VALUE_PICKLE = 1, 2, 3, 4
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        path = os.environ.get("LIBDCP_SO") or os.path.join(os.path.dirname(__file__), "../../target/release/libdcp.so")
+        _lib = ctypes.CDLL(path)
+        _lib.dcp_last_error.restype = ctypes.c_char_p
+        _lib.dcp_version.restype = ctypes.c_char_p
+    return _lib
+
+
+class DcpError(Exception):
+    def __init__(self, status, message):
+        super().__init__(f"status {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def check(status):
+    if status != 0:
+        raise DcpError(status, lib().dcp_last_error().decode())
+
+
+def _dims(values):
+    arr = (ctypes.c_int64 * max(len(values), 1))(*values)
+    return arr
+
+
+class Context:
+    def __init__(self, handle=None):
+        self.h = ctypes.c_void_p()
+        if handle is None:
+            check(lib().dcp_context_new_local(ctypes.byref(self.h)))
+        else:
+            self.h = handle
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib().dcp_context_free(self.h)
+
+
+class State:
+    """Registers torch tensors (their memory, kept alive here) and values."""
+
+    def __init__(self):
+        self.h = ctypes.c_void_p()
+        check(lib().dcp_state_new(ctypes.byref(self.h)))
+        self._keep = []
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib().dcp_state_free(self.h)
+
+    def add_tensor(self, fqn, t, global_shape=None, offsets=None):
+        assert t.device.type == "cpu"
+        self._keep.append(t)
+        sizes = _dims(list(t.shape))
+        strides = _dims(list(t.stride()))
+        # The buffer spans from the view's first element to its furthest one.
+        elem = t.element_size()
+        extent = 0 if t.numel() == 0 else (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * elem
+        ptr = ctypes.c_void_p(t.data_ptr())
+        if global_shape is None:
+            check(lib().dcp_state_add_tensor(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), sizes, strides, ptr, ctypes.c_uint64(extent)))
+        else:
+            check(lib().dcp_state_add_tensor_chunk(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), sizes, strides, ptr,
+                                                   ctypes.c_uint64(extent), _dims(list(global_shape)), _dims(list(offsets))))
+
+    def add_bytes(self, fqn, b):
+        check(lib().dcp_state_add_bytes(self.h, fqn.encode(), b, ctypes.c_size_t(len(b))))
+
+    def add_int(self, fqn, v):
+        check(lib().dcp_state_add_int(self.h, fqn.encode(), ctypes.c_int64(v)))
+
+    def add_double(self, fqn, v):
+        check(lib().dcp_state_add_double(self.h, fqn.encode(), ctypes.c_double(v)))
+
+    def add_literal(self, fqn, text):
+        check(lib().dcp_state_add_literal(self.h, fqn.encode(), text.encode()))
+
+    def add_pickle(self, fqn, data):
+        check(lib().dcp_state_add_pickle(self.h, fqn.encode(), data, ctypes.c_size_t(len(data))))
+
+    def set_path(self, fqn, parts):
+        n = len(parts)
+        arr = (ctypes.c_char_p * n)(*[str(p).encode() for p in parts])
+        flags = (ctypes.c_uint8 * n)(*[1 if isinstance(p, int) else 0 for p in parts])
+        check(lib().dcp_state_set_path(self.h, fqn.encode(), ctypes.c_size_t(n), arr, flags))
+
+    def get_bytes(self, fqn):
+        n = ctypes.c_size_t()
+        kind = ctypes.c_int32()
+        st = lib().dcp_state_get_bytes(self.h, fqn.encode(), None, ctypes.c_size_t(0), ctypes.byref(n), ctypes.byref(kind))
+        if st not in (0, 14):
+            check(st)
+        buf = ctypes.create_string_buffer(max(n.value, 1))
+        check(lib().dcp_state_get_bytes(self.h, fqn.encode(), buf, ctypes.c_size_t(n.value), ctypes.byref(n), ctypes.byref(kind)))
+        return kind.value, buf.raw[: n.value]
+
+    def get_int(self, fqn):
+        v = ctypes.c_int64()
+        check(lib().dcp_state_get_int(self.h, fqn.encode(), ctypes.byref(v)))
+        return v.value
+
+    def get_double(self, fqn):
+        v = ctypes.c_double()
+        check(lib().dcp_state_get_double(self.h, fqn.encode(), ctypes.byref(v)))
+        return v.value
+
+    def get_literal(self, fqn):
+        n = ctypes.c_size_t()
+        lib().dcp_state_get_literal(self.h, fqn.encode(), None, ctypes.c_size_t(0), ctypes.byref(n))
+        buf = ctypes.create_string_buffer(n.value + 1)
+        check(lib().dcp_state_get_literal(self.h, fqn.encode(), buf, ctypes.c_size_t(n.value + 1), ctypes.byref(n)))
+        return buf.value.decode()
+
+    def missing(self):
+        n = ctypes.c_size_t()
+        check(lib().dcp_state_num_missing(self.h, ctypes.byref(n)))
+        out = []
+        for i in range(n.value):
+            p = ctypes.c_char_p()
+            check(lib().dcp_state_missing_key(self.h, ctypes.c_size_t(i), ctypes.byref(p)))
+            out.append(p.value.decode())
+        return out
+
+
+def save(ctx, state, path, overwrite=False, threads=None):
+    opts = ctypes.c_void_p()
+    check(lib().dcp_save_options_new(ctypes.byref(opts)))
+    try:
+        check(lib().dcp_save_options_set_overwrite(opts, ctypes.c_bool(overwrite)))
+        if threads:
+            check(lib().dcp_save_options_set_threads(opts, ctypes.c_uint32(threads)))
+        check(lib().dcp_save(ctx.h, state.h, str(path).encode(), opts))
+    finally:
+        lib().dcp_save_options_free(opts)
+
+
+def load(ctx, state, path, strict=True, verify=True):
+    opts = ctypes.c_void_p()
+    check(lib().dcp_load_options_new(ctypes.byref(opts)))
+    try:
+        check(lib().dcp_load_options_set_strict(opts, ctypes.c_bool(strict)))
+        check(lib().dcp_load_options_set_verify(opts, ctypes.c_bool(verify)))
+        check(lib().dcp_load(ctx.h, state.h, str(path).encode(), opts))
+    finally:
+        lib().dcp_load_options_free(opts)
+
+
+class KeyInfo(ctypes.Structure):
+    _fields_ = [("fqn", ctypes.c_char_p), ("kind", ctypes.c_int32), ("dtype", ctypes.c_int32),
+                ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)), ("num_chunks", ctypes.c_size_t)]
+
+
+class Checkpoint:
+    def __init__(self, path):
+        self.h = ctypes.c_void_p()
+        check(lib().dcp_checkpoint_open(str(path).encode(), ctypes.byref(self.h)))
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib().dcp_checkpoint_free(self.h)
+
+    def keys(self):
+        n = ctypes.c_size_t()
+        check(lib().dcp_checkpoint_num_keys(self.h, ctypes.byref(n)))
+        out = {}
+        for i in range(n.value):
+            info = KeyInfo()
+            check(lib().dcp_checkpoint_key(self.h, ctypes.c_size_t(i), ctypes.byref(info)))
+            out[info.fqn.decode()] = (info.kind, info.dtype, [info.shape[j] for j in range(info.ndim)], info.num_chunks)
+        return out
+
+    def read_tensor(self, fqn, like, offsets=None):
+        """Reads into a fresh tensor shaped like `like` (dtype and box sizes); offsets default 0."""
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        offs = offsets or [0] * out.dim()
+        check(lib().dcp_checkpoint_read_tensor(self.h, fqn.encode(), out.dim(), _dims(offs), _dims(list(out.shape)), None,
+                                               ctypes.c_void_p(out.data_ptr()), ctypes.c_uint64(out.numel() * out.element_size())))
+        return out
+
+    def read_bytes(self, fqn):
+        n = ctypes.c_size_t()
+        kind = ctypes.c_int32()
+        lib().dcp_checkpoint_read_bytes(self.h, fqn.encode(), None, ctypes.c_size_t(0), ctypes.byref(n), ctypes.byref(kind))
+        buf = ctypes.create_string_buffer(max(n.value, 1))
+        check(lib().dcp_checkpoint_read_bytes(self.h, fqn.encode(), buf, ctypes.c_size_t(n.value), ctypes.byref(n), ctypes.byref(kind)))
+        return kind.value, buf.raw[: n.value]

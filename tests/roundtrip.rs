@@ -1,0 +1,272 @@
+//! Save/load through the safe Rust API on one process: every dtype, strides, boxes, objects,
+//! overwrite rules, and damaged checkpoints.
+
+use dcp::{
+    load, save, Checkpoint, Context, DType, ErrorKind, LoadOptions, ObjectValue, SaveOptions,
+    State, TensorView,
+};
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("libdcp-rt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn every_dtype_roundtrips_bit_exact() {
+    let dir = tmp("dtypes");
+    let ctx = Context::local();
+    let dtypes = dcp::tensor::ALL_DTYPES;
+    let mut saved: Vec<Vec<u8>> = dtypes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| pattern(3 * 5 * d.size(), i as u8))
+        .collect();
+    {
+        let mut st = State::new();
+        for (d, buf) in dtypes.iter().zip(saved.iter_mut()) {
+            st.add_tensor(
+                &format!("t.{}", d.torch_name()),
+                TensorView::from_bytes(buf, *d, &[3, 5]).unwrap(),
+            )
+            .unwrap();
+        }
+        st.add_bytes("blob", b"ab\0c\xff").unwrap();
+        st.add_int("step", -7).unwrap();
+        st.add_float("lr", 0.125).unwrap();
+        st.add_literal("betas", "(0.9, 0.999)").unwrap();
+        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    }
+    let mut loaded: Vec<Vec<u8>> = saved.iter().map(|b| vec![0xAA; b.len()]).collect();
+    let mut st = State::new();
+    for (d, buf) in dtypes.iter().zip(loaded.iter_mut()) {
+        st.add_tensor(
+            &format!("t.{}", d.torch_name()),
+            TensorView::from_bytes(buf, *d, &[3, 5]).unwrap(),
+        )
+        .unwrap();
+    }
+    st.add_bytes("blob", b"").unwrap();
+    st.add_int("step", 0).unwrap();
+    st.add_float("lr", 0.0).unwrap();
+    st.add_int("betas", 0).unwrap();
+    load(
+        &ctx,
+        &mut st,
+        dir.to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        st.object("blob").unwrap(),
+        &ObjectValue::Bytes(b"ab\0c\xff".to_vec())
+    );
+    assert_eq!(st.object("step").unwrap(), &ObjectValue::Int(-7));
+    assert_eq!(st.object("lr").unwrap(), &ObjectValue::Float(0.125));
+    assert_eq!(
+        st.object("betas").unwrap(),
+        &ObjectValue::Py(dcp::PyValue::Tuple(vec![
+            dcp::PyValue::Float(0.9),
+            dcp::PyValue::Float(0.999)
+        ]))
+    );
+    drop(st);
+    assert_eq!(loaded, saved);
+}
+
+#[test]
+fn strided_views_and_boxes() {
+    let dir = tmp("strided");
+    let ctx = Context::local();
+    // A 4x6 f32 matrix saved through its transposed view (sizes 6x4, strides 1,6).
+    let mut base: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    {
+        let mut st = State::new();
+        let v = unsafe {
+            TensorView::from_raw(
+                base.as_mut_ptr() as *mut u8,
+                96,
+                DType::F32,
+                &[6, 4],
+                Some(&[1, 6]),
+                dcp::Device::Cpu,
+            )
+            .unwrap()
+        };
+        st.add_tensor("wt", v).unwrap();
+        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    }
+    let expect = |i: usize, j: usize| base[j * 6 + i];
+    let ck = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let (dtype, shape, bytes) = ck.read_tensor("wt").unwrap();
+    assert_eq!((dtype, shape.clone()), (DType::F32, vec![6, 4]));
+    let full: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for i in 0..6 {
+        for j in 0..4 {
+            assert_eq!(full[i * 4 + j], expect(i, j));
+        }
+    }
+    // A box [1..4, 1..3] into a transposed destination.
+    let mut dst = vec![0f32; 6];
+    let v = unsafe {
+        TensorView::from_raw(
+            dst.as_mut_ptr() as *mut u8,
+            24,
+            DType::F32,
+            &[3, 2],
+            Some(&[1, 3]),
+            dcp::Device::Cpu,
+        )
+        .unwrap()
+    };
+    ck.read_tensor_into("wt", &[1, 1], v, true).unwrap();
+    for i in 0..3 {
+        for j in 0..2 {
+            assert_eq!(dst[j * 3 + i], expect(1 + i, 1 + j));
+        }
+    }
+}
+
+#[test]
+fn overwrite_rules_and_missing_keys() {
+    let dir = tmp("overwrite");
+    let ctx = Context::local();
+    let mut a = vec![1u8; 8];
+    let mut st = State::new();
+    st.add_tensor(
+        "a",
+        TensorView::from_bytes(&mut a, DType::U8, &[8]).unwrap(),
+    )
+    .unwrap();
+    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    let e = save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    assert!(
+        e.message().contains("checkpoint already exists")
+            && e.message().contains(dir.to_str().unwrap()),
+        "{e}"
+    );
+    save(
+        &ctx,
+        &st,
+        dir.to_str().unwrap(),
+        &SaveOptions {
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(st);
+
+    let mut b = vec![0u8; 8];
+    let mut c = vec![9u8; 2];
+    let mut st = State::new();
+    st.add_tensor(
+        "a",
+        TensorView::from_bytes(&mut b, DType::U8, &[8]).unwrap(),
+    )
+    .unwrap();
+    st.add_tensor(
+        "not_there",
+        TensorView::from_bytes(&mut c, DType::U8, &[2]).unwrap(),
+    )
+    .unwrap();
+    let e = load(
+        &ctx,
+        &mut st,
+        dir.to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.message().contains("not_there"), "{e}");
+    let r = load(
+        &ctx,
+        &mut st,
+        dir.to_str().unwrap(),
+        &LoadOptions {
+            strict: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.missing, vec!["not_there".to_string()]);
+    assert_eq!(st.missing(), ["not_there".to_string()]);
+    drop(st);
+    assert_eq!(b, vec![1u8; 8]);
+    assert_eq!(c, vec![9u8; 2]);
+}
+
+#[test]
+fn damaged_checkpoints_are_refused() {
+    let dir = tmp("damage");
+    let ctx = Context::local();
+    let mut data = pattern(1 << 16, 3);
+    let mut st = State::new();
+    st.add_tensor(
+        "w",
+        TensorView::from_bytes(&mut data, DType::U8, &[256, 256]).unwrap(),
+    )
+    .unwrap();
+    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    drop(st);
+    let data_file = dir.join("__0_0.distcp");
+    let pristine = std::fs::read(&data_file).unwrap();
+    let try_load = || {
+        let mut out = vec![0u8; 1 << 16];
+        let mut st = State::new();
+        st.add_tensor(
+            "w",
+            TensorView::from_bytes(&mut out, DType::U8, &[256, 256]).unwrap(),
+        )
+        .unwrap();
+        load(
+            &ctx,
+            &mut st,
+            dir.to_str().unwrap(),
+            &LoadOptions::default(),
+        )
+    };
+    try_load().unwrap();
+    // A flipped byte in the payload.
+    let mut m = pristine.clone();
+    m[4096 + 1000] ^= 0x10;
+    std::fs::write(&data_file, &m).unwrap();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
+    assert!(
+        e.message().contains("\"w\"") && e.message().contains("__0_0.distcp"),
+        "{e}"
+    );
+    // A truncated data file.
+    std::fs::write(&data_file, &pristine[..pristine.len() / 2]).unwrap();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    std::fs::write(&data_file, &pristine).unwrap();
+    // A garbled .metadata.
+    let md = dir.join(".metadata");
+    let md_bytes = std::fs::read(&md).unwrap();
+    let mut g = md_bytes.clone();
+    g[md_bytes.len() / 2] ^= 0xff;
+    std::fs::write(&md, &g).unwrap();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
+    // Without the sidecar, the pickle itself is garbled.
+    std::fs::remove_file(dir.join(".libdcp")).unwrap();
+    let _ = try_load().unwrap_err();
+    // No .metadata: not a committed checkpoint.
+    std::fs::remove_file(&md).unwrap();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.message().contains("not a committed checkpoint"), "{e}");
+}
