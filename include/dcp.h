@@ -22,6 +22,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/** Placement values for dcp_state_add_tensor_sharded, one per mesh dimension. */
+#define DCP_REPLICATE (-1)
+/** Shard tensor dim `d` over the mesh dimension (torch.chunk-style, uneven and empty shards allowed). */
+#define DCP_SHARD(d) ((int32_t)(d))
+/** Shard tensor dim `d` after the plain shards of later mesh dims (FSDP over TP; torch's _StridedShard). */
+#define DCP_STRIDED_SHARD(d) ((int32_t)(-2 - (d)))
+
+
 /**
  * Status of every fallible call. The numbers are stable and never reused.
  */
@@ -170,6 +178,12 @@ typedef struct dcp_context dcp_context;
 typedef struct dcp_load_options dcp_load_options;
 
 /**
+ * A device mesh: an n-D array of global ranks, optionally with dim names, bound to this
+ * process's rank in a context. Immutable; thread-safe to share.
+ */
+typedef struct dcp_mesh dcp_mesh;
+
+/**
  * Options of `dcp_save`. Defaults: overwrite off, 4 writer threads, O_DIRECT on where the file
  * system allows it. Thread safety: not shared; one thread at a time.
  */
@@ -211,6 +225,30 @@ typedef struct {
    */
   size_t num_chunks;
 } dcp_key_info;
+
+/**
+ * Host all-gather: every rank contributes `len` bytes from `send`; `recv` receives
+ * `world_size * len` bytes in rank order. Return 0 on success, anything else on failure.
+ */
+typedef int32_t (*dcp_allgather_fn)(void *user_data,
+                                    const void *send,
+                                    void *recv,
+                                    size_t len,
+                                    uint64_t timeout_ms);
+
+/**
+ * Host broadcast: the `len` bytes of `buf` on rank `root` are copied into `buf` on every rank.
+ */
+typedef int32_t (*dcp_broadcast_fn)(void *user_data,
+                                    void *buf,
+                                    size_t len,
+                                    int32_t root,
+                                    uint64_t timeout_ms);
+
+/**
+ * Host barrier.
+ */
+typedef int32_t (*dcp_barrier_fn)(void *user_data, uint64_t timeout_ms);
 
 #ifdef __cplusplus
 extern "C" {
@@ -323,14 +361,77 @@ dcp_status dcp_checkpoint_read_literal(const dcp_checkpoint *ckpt,
 dcp_status dcp_context_new_local(dcp_context **out);
 
 /**
+ * Joins a job through libdcp's built-in TCP rendezvous: rank 0 listens on `port` (all
+ * interfaces) and the other ranks connect to `master_addr:port`. Collective: every rank calls
+ * it; it returns once all `world_size` ranks are connected, or fails with
+ * `DCP_ERROR_TIMEOUT` naming the missing ranks after `timeout_ms`. Every later collective is
+ * bounded by `timeout_ms` too. Only control messages cross this connection, never tensor data.
+ */
+dcp_status dcp_context_new_tcp(int32_t rank,
+                               int32_t world_size,
+                               const char *master_addr,
+                               uint16_t port,
+                               uint64_t timeout_ms,
+                               dcp_context **out);
+
+/**
+ * Like `dcp_context_new_tcp` with torchrun's environment: `RANK`, `WORLD_SIZE`,
+ * `MASTER_ADDR` (default 127.0.0.1) and the port `DCP_MASTER_PORT`, or else `MASTER_PORT` + 1
+ * (under torchrun, `MASTER_PORT` itself is taken by torch's store). With neither `RANK` nor
+ * `WORLD_SIZE` set it makes a single-process context.
+ */
+dcp_status dcp_context_new_from_env(uint64_t timeout_ms, dcp_context **out);
+
+/**
+ * Makes a context that communicates through the host's own collectives (a c10d ProcessGroup,
+ * an MPI communicator): `allgather` and `broadcast` are required, `barrier` may be NULL (an
+ * all-gather is used). libdcp calls them only from the thread that called `dcp_save` /
+ * `dcp_load`, in the same order on every rank, with `user_data` and the call's timeout, which
+ * they should honour (libdcp cannot interrupt them). Not collective itself. `user_data` must
+ * outlive the context.
+ */
+dcp_status dcp_context_new_callbacks(int32_t rank,
+                                     int32_t world_size,
+                                     dcp_allgather_fn allgather,
+                                     dcp_broadcast_fn broadcast,
+                                     dcp_barrier_fn barrier,
+                                     void *user_data,
+                                     uint64_t timeout_ms,
+                                     dcp_context **out);
+
+/**
  * This process's rank and the job's world size. Either out-pointer may be NULL.
  */
 dcp_status dcp_context_rank(const dcp_context *ctx, int32_t *rank, int32_t *world_size);
 
 /**
+ * Waits until every rank of the job calls it. Collective.
+ */
+dcp_status dcp_context_barrier(dcp_context *ctx);
+
+/**
  * Frees a context. NULL is a no-op. No save or load may be running on it.
  */
 void dcp_context_free(dcp_context *ctx);
+
+/**
+ * Makes a mesh of `ndim` dimensions of sizes `shape`, over the global ranks `ranks` in
+ * row-major order (NULL: 0, 1, 2, ...), with optional dim names (NULL, or `ndim` strings).
+ * A sub-mesh (the "tp" dim of a 2-D mesh, a pipeline stage's group) is just a mesh over those
+ * ranks. The mesh records `ctx`'s rank, which need not be in it (registering a tensor on a mesh
+ * the rank is not part of is an error). Not collective. Free with `dcp_mesh_free`.
+ */
+dcp_status dcp_mesh_new(const dcp_context *ctx,
+                        int32_t ndim,
+                        const int64_t *shape,
+                        const int32_t *ranks,
+                        const char *const *dim_names,
+                        dcp_mesh **out);
+
+/**
+ * Frees a mesh. NULL is a no-op. States that registered tensors with it keep their own copy.
+ */
+void dcp_mesh_free(dcp_mesh *mesh);
 
 /**
  * Saves the registered state to the checkpoint directory `path`.
@@ -457,6 +558,29 @@ dcp_status dcp_state_add_tensor_chunk(dcp_state *state,
                                       uint64_t nbytes,
                                       const int64_t *global_shape,
                                       const int64_t *offsets);
+
+/**
+ * Registers this rank's shard of a tensor laid out over `mesh` by `placements`: one int32 per
+ * mesh dimension, `DCP_REPLICATE`, `DCP_SHARD(d)` (tensor dim `d` split like `torch.chunk`;
+ * shards of one dim on several mesh dims nest left to right, as in DTensor) or
+ * `DCP_STRIDED_SHARD(d)` (applied after the plain shards of later mesh dims: FSDP over tensor
+ * parallelism, torch's `_StridedShard`). The library computes the box this rank holds; the
+ * local tensor (described as in `dcp_state_add_tensor`) must have exactly that shape, else
+ * `DCP_ERROR_INVALID_ARGUMENT` with both shapes in the message. Uneven and empty shards are
+ * fine. Registering the same key with the same mesh and placements on every rank of the mesh
+ * lets saves skip exchanging plans.
+ */
+dcp_status dcp_state_add_tensor_sharded(dcp_state *state,
+                                        const char *fqn,
+                                        int32_t dtype,
+                                        int32_t ndim,
+                                        const int64_t *sizes,
+                                        const int64_t *strides,
+                                        void *data,
+                                        uint64_t nbytes,
+                                        const int64_t *global_shape,
+                                        const dcp_mesh *mesh,
+                                        const int32_t *placements);
 
 /**
  * Registers opaque bytes (saved as a Python `bytes` object). `data` is copied; `(NULL, 0)`

@@ -9,18 +9,17 @@ pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod format;
+pub mod mesh;
 pub mod plan;
 pub mod region;
 pub mod state;
 pub mod storage;
 pub mod tensor;
 
-pub use engine::{
-    load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions,
-    SaveReport,
-};
+pub use engine::{load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions, SaveReport};
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};
+pub use mesh::{DeviceMesh, Placement};
 pub use region::Region;
 pub use state::State;
 pub use tensor::{DType, Device, TensorView};

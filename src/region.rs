@@ -2,9 +2,7 @@
 
 use crate::error::{ensure, Error, Result};
 
-#[derive(
-    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Region {
     pub offsets: Vec<u64>,
     pub sizes: Vec<u64>,
@@ -14,9 +12,7 @@ impl Region {
     pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<Self> {
         ensure!(
             offsets.len() == sizes.len(),
-            Error::invalid(format!(
-                "offsets {offsets:?} and sizes {sizes:?} have different ranks"
-            ))
+            Error::invalid(format!("offsets {offsets:?} and sizes {sizes:?} have different ranks"))
         );
         Ok(Region { offsets, sizes })
     }
@@ -45,11 +41,7 @@ impl Region {
     pub fn check_within(&self, shape: &[u64]) -> Result<()> {
         ensure!(
             self.ndim() == shape.len(),
-            Error::invalid(format!(
-                "box of rank {} for a tensor of rank {}",
-                self.ndim(),
-                shape.len()
-            ))
+            Error::invalid(format!("box of rank {} for a tensor of rank {}", self.ndim(), shape.len()))
         );
         for d in 0..shape.len() {
             let end = self.offsets[d].checked_add(self.sizes[d]);
@@ -85,11 +77,7 @@ impl Region {
 
     /// The same box expressed relative to the origin of `outer` (which must contain it).
     pub fn relative_to(&self, outer: &Region) -> Vec<u64> {
-        self.offsets
-            .iter()
-            .zip(&outer.offsets)
-            .map(|(a, b)| a - b)
-            .collect()
+        self.offsets.iter().zip(&outer.offsets).map(|(a, b)| a - b).collect()
     }
 }
 

@@ -4,9 +4,11 @@
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::PathPart;
 use crate::format::pyobj::{ObjectValue, PyValue};
+use crate::mesh::{region_of, DeviceMesh, Placement};
 use crate::region::Region;
 use crate::tensor::TensorView;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A registered tensor: the caller's local piece and its box in the global tensor.
 #[derive(Debug)]
@@ -14,6 +16,15 @@ pub struct TensorEntry<'a> {
     pub view: TensorView<'a>,
     pub global_shape: Vec<u64>,
     pub region: Region,
+    /// The mesh and placements the region was computed from, when registered that way (every
+    /// rank can then compute every other rank's box, which lets a save skip the plan exchange).
+    pub sharding: Option<Arc<Sharding>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Sharding {
+    pub mesh: DeviceMesh,
+    pub placements: Vec<Placement>,
 }
 
 #[derive(Debug)]
@@ -44,10 +55,7 @@ pub struct State<'a> {
 
 fn check_fqn(fqn: &str) -> Result<()> {
     ensure!(!fqn.is_empty(), Error::invalid("key is empty"));
-    ensure!(
-        !fqn.contains('\0'),
-        Error::invalid(format!("key {fqn:?} contains a NUL byte"))
-    );
+    ensure!(!fqn.contains('\0'), Error::invalid(format!("key {fqn:?} contains a NUL byte")));
     Ok(())
 }
 
@@ -80,41 +88,58 @@ impl<'a> State<'a> {
 
     /// Registers a local piece of a larger tensor: the piece is `view`, it sits at `offsets` of
     /// a global tensor of `global_shape`.
-    pub fn add_tensor_chunk(
-        &mut self,
-        fqn: &str,
-        view: TensorView<'a>,
-        global_shape: &[u64],
-        offsets: &[u64],
-    ) -> Result<()> {
-        let region = Region::new(offsets.to_vec(), view.sizes().to_vec())
-            .map_err(|e| e.context(format!("key {fqn:?}")))?;
+    pub fn add_tensor_chunk(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], offsets: &[u64]) -> Result<()> {
+        let region = Region::new(offsets.to_vec(), view.sizes().to_vec()).map_err(|e| e.context(format!("key {fqn:?}")))?;
         ensure!(
             region.ndim() == global_shape.len(),
-            Error::invalid(format!("key {fqn:?}: local tensor has {} dims but the global shape {global_shape:?} has {}", region.ndim(), global_shape.len()))
+            Error::invalid(format!(
+                "key {fqn:?}: local tensor has {} dims but the global shape {global_shape:?} has {}",
+                region.ndim(),
+                global_shape.len()
+            ))
         );
-        region
-            .check_within(global_shape)
-            .map_err(|e| e.context(format!("key {fqn:?}")))?;
+        region.check_within(global_shape).map_err(|e| e.context(format!("key {fqn:?}")))?;
         self.insert(
             fqn,
             EntryValue::Tensor(TensorEntry {
                 view,
                 global_shape: global_shape.to_vec(),
                 region,
+                sharding: None,
             }),
         )
     }
 
-    /// Registers a tensor whose local piece must have the box `region` (computed from a mesh and
-    /// placements); a view of another shape is rejected with both shapes in the message.
-    pub fn add_tensor_region(
+    /// Registers this rank's shard of a tensor laid out over `mesh` by `placements` (one per mesh
+    /// dimension). The library computes the shard's box for `rank`; a view of another shape is
+    /// rejected with both shapes in the message.
+    pub fn add_tensor_sharded(
         &mut self,
         fqn: &str,
         view: TensorView<'a>,
         global_shape: &[u64],
-        region: Region,
+        mesh: &DeviceMesh,
+        rank: u32,
+        placements: &[Placement],
     ) -> Result<()> {
+        let region = region_of(global_shape, mesh, rank, placements).map_err(|e| e.context(format!("key {fqn:?}")))?;
+        self.add_tensor_region(fqn, view, global_shape, region)?;
+        if let Some(Entry {
+            value: EntryValue::Tensor(t),
+            ..
+        }) = self.entries.last_mut()
+        {
+            t.sharding = Some(Arc::new(Sharding {
+                mesh: mesh.clone(),
+                placements: placements.to_vec(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Registers a tensor whose local piece must have the box `region` (computed from a mesh and
+    /// placements); a view of another shape is rejected with both shapes in the message.
+    pub fn add_tensor_region(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], region: Region) -> Result<()> {
         ensure!(
             view.sizes() == region.sizes.as_slice(),
             Error::invalid(format!(
@@ -156,19 +181,14 @@ impl<'a> State<'a> {
     pub fn add_pickle(&mut self, fqn: &str, pickle: &[u8]) -> Result<()> {
         ensure!(
             pickle.len() >= 2 && pickle.last() == Some(&b'.'),
-            Error::invalid(format!(
-                "key {fqn:?}: not a pickle (must end with the STOP opcode '.')"
-            ))
+            Error::invalid(format!("key {fqn:?}: not a pickle (must end with the STOP opcode '.')"))
         );
         self.add_object(fqn, ObjectValue::Pickle(pickle.to_vec()))
     }
 
     /// Sets the key's path in the nested state dict, for torch's `planner_data`.
     pub fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
-        ensure!(
-            !path.is_empty(),
-            Error::invalid(format!("key {fqn:?}: empty path"))
-        );
+        ensure!(!path.is_empty(), Error::invalid(format!("key {fqn:?}: empty path")));
         let i = *self
             .index
             .get(fqn)
@@ -195,9 +215,7 @@ impl<'a> State<'a> {
     pub fn object(&self, fqn: &str) -> Result<&ObjectValue> {
         match self.get(fqn).map(|e| &e.value) {
             Some(EntryValue::Object(v)) => Ok(v),
-            Some(EntryValue::Tensor(_)) => Err(Error::mismatch(format!(
-                "key {fqn:?} is a tensor, not an object"
-            ))),
+            Some(EntryValue::Tensor(_)) => Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object"))),
             None => Err(Error::not_found(format!("key {fqn:?} is not registered"))),
         }
     }
@@ -219,11 +237,7 @@ mod tests {
     fn duplicate_and_bad_keys() {
         let mut s = State::new();
         s.add_int("a", 1).unwrap();
-        assert!(s
-            .add_int("a", 2)
-            .unwrap_err()
-            .message()
-            .contains("already registered"));
+        assert!(s.add_int("a", 2).unwrap_err().message().contains("already registered"));
         assert!(s.add_int("", 2).is_err());
         assert!(s.add_pickle("p", b"xx").is_err());
     }
@@ -253,9 +267,6 @@ mod tests {
                 },
             )
             .unwrap_err();
-        assert!(
-            e.message().contains("[2, 2]") && e.message().contains("[2, 4]"),
-            "{e}"
-        );
+        assert!(e.message().contains("[2, 2]") && e.message().contains("[2, 4]"), "{e}");
     }
 }

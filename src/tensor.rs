@@ -132,10 +132,7 @@ impl DType {
     }
 
     pub fn from_storage_name(name: &str) -> Option<DType> {
-        ALL_DTYPES
-            .iter()
-            .copied()
-            .find(|d| d.storage_name() == Some(name))
+        ALL_DTYPES.iter().copied().find(|d| d.storage_name() == Some(name))
     }
 
     pub fn is_floating_point(self) -> bool {
@@ -228,16 +225,7 @@ impl<'a> TensorView<'a> {
     /// A contiguous CPU tensor over a mutable byte slice.
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
         let strides = contiguous_strides(sizes);
-        unsafe {
-            Self::from_raw(
-                data.as_mut_ptr(),
-                data.len(),
-                dtype,
-                sizes,
-                Some(&strides),
-                Device::Cpu,
-            )
-        }
+        unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, Some(&strides), Device::Cpu) }
     }
 
     /// A contiguous CPU tensor over a typed slice (`f32`, `i64`, ...); the dtype must have the
@@ -274,11 +262,7 @@ impl<'a> TensorView<'a> {
             Some(s) => {
                 ensure!(
                     s.len() == sizes.len(),
-                    Error::invalid(format!(
-                        "{} strides given for {} dimensions",
-                        s.len(),
-                        sizes.len()
-                    ))
+                    Error::invalid(format!("{} strides given for {} dimensions", s.len(), sizes.len()))
                 );
                 s.to_vec()
             }
@@ -351,14 +335,7 @@ pub fn is_contiguous(sizes: &[u64], strides: &[u64]) -> bool {
 /// # Safety
 /// Every element addressed through `src`/`dst` with the given sizes and strides must be in bounds
 /// of valid memory, and the two regions must not overlap.
-pub unsafe fn copy_strided(
-    src: *const u8,
-    src_strides: &[usize],
-    dst: *mut u8,
-    dst_strides: &[usize],
-    sizes: &[usize],
-    elem: usize,
-) {
+pub unsafe fn copy_strided(src: *const u8, src_strides: &[usize], dst: *mut u8, dst_strides: &[usize], sizes: &[usize], elem: usize) {
     if sizes.iter().any(|&s| s == 0) {
         return;
     }

@@ -1,10 +1,7 @@
 //! Save/load through the safe Rust API on one process: every dtype, strides, boxes, objects,
 //! overwrite rules, and damaged checkpoints.
 
-use dcp::{
-    load, save, Checkpoint, Context, DType, ErrorKind, LoadOptions, ObjectValue, SaveOptions,
-    State, TensorView,
-};
+use dcp::{load, save, Checkpoint, Context, DType, ErrorKind, LoadOptions, ObjectValue, SaveOptions, State, TensorView};
 use std::path::PathBuf;
 
 fn tmp(name: &str) -> PathBuf {
@@ -14,9 +11,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
 #[test]
@@ -24,19 +19,12 @@ fn every_dtype_roundtrips_bit_exact() {
     let dir = tmp("dtypes");
     let ctx = Context::local();
     let dtypes = dcp::tensor::ALL_DTYPES;
-    let mut saved: Vec<Vec<u8>> = dtypes
-        .iter()
-        .enumerate()
-        .map(|(i, d)| pattern(3 * 5 * d.size(), i as u8))
-        .collect();
+    let mut saved: Vec<Vec<u8>> = dtypes.iter().enumerate().map(|(i, d)| pattern(3 * 5 * d.size(), i as u8)).collect();
     {
         let mut st = State::new();
         for (d, buf) in dtypes.iter().zip(saved.iter_mut()) {
-            st.add_tensor(
-                &format!("t.{}", d.torch_name()),
-                TensorView::from_bytes(buf, *d, &[3, 5]).unwrap(),
-            )
-            .unwrap();
+            st.add_tensor(&format!("t.{}", d.torch_name()), TensorView::from_bytes(buf, *d, &[3, 5]).unwrap())
+                .unwrap();
         }
         st.add_bytes("blob", b"ab\0c\xff").unwrap();
         st.add_int("step", -7).unwrap();
@@ -47,35 +35,20 @@ fn every_dtype_roundtrips_bit_exact() {
     let mut loaded: Vec<Vec<u8>> = saved.iter().map(|b| vec![0xAA; b.len()]).collect();
     let mut st = State::new();
     for (d, buf) in dtypes.iter().zip(loaded.iter_mut()) {
-        st.add_tensor(
-            &format!("t.{}", d.torch_name()),
-            TensorView::from_bytes(buf, *d, &[3, 5]).unwrap(),
-        )
-        .unwrap();
+        st.add_tensor(&format!("t.{}", d.torch_name()), TensorView::from_bytes(buf, *d, &[3, 5]).unwrap())
+            .unwrap();
     }
     st.add_bytes("blob", b"").unwrap();
     st.add_int("step", 0).unwrap();
     st.add_float("lr", 0.0).unwrap();
     st.add_int("betas", 0).unwrap();
-    load(
-        &ctx,
-        &mut st,
-        dir.to_str().unwrap(),
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    assert_eq!(
-        st.object("blob").unwrap(),
-        &ObjectValue::Bytes(b"ab\0c\xff".to_vec())
-    );
+    load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(st.object("blob").unwrap(), &ObjectValue::Bytes(b"ab\0c\xff".to_vec()));
     assert_eq!(st.object("step").unwrap(), &ObjectValue::Int(-7));
     assert_eq!(st.object("lr").unwrap(), &ObjectValue::Float(0.125));
     assert_eq!(
         st.object("betas").unwrap(),
-        &ObjectValue::Py(dcp::PyValue::Tuple(vec![
-            dcp::PyValue::Float(0.9),
-            dcp::PyValue::Float(0.999)
-        ]))
+        &ObjectValue::Py(dcp::PyValue::Tuple(vec![dcp::PyValue::Float(0.9), dcp::PyValue::Float(0.999)]))
     );
     drop(st);
     assert_eq!(loaded, saved);
@@ -107,10 +80,7 @@ fn strided_views_and_boxes() {
     let ck = Checkpoint::open(dir.to_str().unwrap()).unwrap();
     let (dtype, shape, bytes) = ck.read_tensor("wt").unwrap();
     assert_eq!((dtype, shape.clone()), (DType::F32, vec![6, 4]));
-    let full: Vec<f32> = bytes
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let full: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     for i in 0..6 {
         for j in 0..4 {
             assert_eq!(full[i * 4 + j], expect(i, j));
@@ -143,17 +113,13 @@ fn overwrite_rules_and_missing_keys() {
     let ctx = Context::local();
     let mut a = vec![1u8; 8];
     let mut st = State::new();
-    st.add_tensor(
-        "a",
-        TensorView::from_bytes(&mut a, DType::U8, &[8]).unwrap(),
-    )
-    .unwrap();
+    st.add_tensor("a", TensorView::from_bytes(&mut a, DType::U8, &[8]).unwrap())
+        .unwrap();
     save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
     let e = save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
     assert!(
-        e.message().contains("checkpoint already exists")
-            && e.message().contains(dir.to_str().unwrap()),
+        e.message().contains("checkpoint already exists") && e.message().contains(dir.to_str().unwrap()),
         "{e}"
     );
     save(
@@ -171,23 +137,11 @@ fn overwrite_rules_and_missing_keys() {
     let mut b = vec![0u8; 8];
     let mut c = vec![9u8; 2];
     let mut st = State::new();
-    st.add_tensor(
-        "a",
-        TensorView::from_bytes(&mut b, DType::U8, &[8]).unwrap(),
-    )
-    .unwrap();
-    st.add_tensor(
-        "not_there",
-        TensorView::from_bytes(&mut c, DType::U8, &[2]).unwrap(),
-    )
-    .unwrap();
-    let e = load(
-        &ctx,
-        &mut st,
-        dir.to_str().unwrap(),
-        &LoadOptions::default(),
-    )
-    .unwrap_err();
+    st.add_tensor("a", TensorView::from_bytes(&mut b, DType::U8, &[8]).unwrap())
+        .unwrap();
+    st.add_tensor("not_there", TensorView::from_bytes(&mut c, DType::U8, &[2]).unwrap())
+        .unwrap();
+    let e = load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.message().contains("not_there"), "{e}");
     let r = load(
@@ -213,11 +167,8 @@ fn damaged_checkpoints_are_refused() {
     let ctx = Context::local();
     let mut data = pattern(1 << 16, 3);
     let mut st = State::new();
-    st.add_tensor(
-        "w",
-        TensorView::from_bytes(&mut data, DType::U8, &[256, 256]).unwrap(),
-    )
-    .unwrap();
+    st.add_tensor("w", TensorView::from_bytes(&mut data, DType::U8, &[256, 256]).unwrap())
+        .unwrap();
     save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
     drop(st);
     let data_file = dir.join("__0_0.distcp");
@@ -225,17 +176,9 @@ fn damaged_checkpoints_are_refused() {
     let try_load = || {
         let mut out = vec![0u8; 1 << 16];
         let mut st = State::new();
-        st.add_tensor(
-            "w",
-            TensorView::from_bytes(&mut out, DType::U8, &[256, 256]).unwrap(),
-        )
-        .unwrap();
-        load(
-            &ctx,
-            &mut st,
-            dir.to_str().unwrap(),
-            &LoadOptions::default(),
-        )
+        st.add_tensor("w", TensorView::from_bytes(&mut out, DType::U8, &[256, 256]).unwrap())
+            .unwrap();
+        load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default())
     };
     try_load().unwrap();
     // A flipped byte in the payload.
@@ -244,10 +187,7 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(&data_file, &m).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
-    assert!(
-        e.message().contains("\"w\"") && e.message().contains("__0_0.distcp"),
-        "{e}"
-    );
+    assert!(e.message().contains("\"w\"") && e.message().contains("__0_0.distcp"), "{e}");
     // A truncated data file.
     std::fs::write(&data_file, &pristine[..pristine.len() / 2]).unwrap();
     let e = try_load().unwrap_err();

@@ -2,7 +2,9 @@
 //! byte strings. Every implementation bounds every call by a timeout, so a rank that never
 //! arrives turns into an error on the others, not a hang.
 
+pub mod callbacks;
 pub mod local;
+pub mod tcp;
 
 use crate::error::Result;
 

@@ -99,38 +99,22 @@ impl Checkpoint {
     }
 
     pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
-        let i = self
-            .opened
-            .metadata
-            .entries
-            .iter()
-            .position(|(k, _)| k == fqn)?;
+        let i = self.opened.metadata.entries.iter().position(|(k, _)| k == fqn)?;
         self.key(i)
     }
 
     fn tensor_key(&self, fqn: &str) -> Result<KeyInfo<'_>> {
-        let k = self.find(fqn).ok_or_else(|| {
-            Error::not_found(format!(
-                "key {fqn:?} is not in the checkpoint at {}",
-                self.location
-            ))
-        })?;
+        let k = self
+            .find(fqn)
+            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
         if k.kind != KeyKind::Tensor {
-            return Err(Error::mismatch(format!(
-                "key {fqn:?} is an object, not a tensor"
-            )));
+            return Err(Error::mismatch(format!("key {fqn:?} is an object, not a tensor")));
         }
         Ok(k)
     }
 
     /// Reads the box of `fqn` at `offsets` with the view's sizes into `view` (any strides).
-    pub fn read_tensor_into(
-        &self,
-        fqn: &str,
-        offsets: &[u64],
-        view: TensorView<'_>,
-        verify: bool,
-    ) -> Result<()> {
+    pub fn read_tensor_into(&self, fqn: &str, offsets: &[u64], view: TensorView<'_>, verify: bool) -> Result<()> {
         let k = self.tensor_key(fqn)?;
         let shape = k.shape.to_vec();
         let mut state = State::new();
@@ -151,12 +135,9 @@ impl Checkpoint {
     /// Reads a whole tensor into a new buffer of its dtype's bytes.
     pub fn read_tensor(&self, fqn: &str) -> Result<(DType, Vec<u64>, Vec<u8>)> {
         let k = self.tensor_key(fqn)?;
-        let dtype = k.dtype.ok_or_else(|| {
-            Error::unsupported(format!(
-                "key {fqn:?}: dtype torch.{} is not supported",
-                k.dtype_name
-            ))
-        })?;
+        let dtype = k
+            .dtype
+            .ok_or_else(|| Error::unsupported(format!("key {fqn:?}: dtype torch.{} is not supported", k.dtype_name)))?;
         let shape = k.shape.to_vec();
         let n = crate::tensor::numel(&shape)? as usize * dtype.size();
         let mut buf = vec![0u8; n];
@@ -166,16 +147,11 @@ impl Checkpoint {
     }
 
     pub fn read_object(&self, fqn: &str) -> Result<ObjectValue> {
-        let k = self.find(fqn).ok_or_else(|| {
-            Error::not_found(format!(
-                "key {fqn:?} is not in the checkpoint at {}",
-                self.location
-            ))
-        })?;
+        let k = self
+            .find(fqn)
+            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
         if k.kind != KeyKind::Object {
-            return Err(Error::mismatch(format!(
-                "key {fqn:?} is a tensor, not an object"
-            )));
+            return Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object")));
         }
         let info = self
             .opened

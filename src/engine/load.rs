@@ -62,7 +62,10 @@ fn read_raw(storage: &dyn Storage) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
                 .map(|l| l.iter().any(|n| super::save::is_data_file(n)))
                 .unwrap_or(false);
             return Err(Error::not_found(if has_data {
-                format!("{} is not a committed checkpoint: it has data files but no .metadata (the save did not finish)", storage.describe(""))
+                format!(
+                    "{} is not a committed checkpoint: it has data files but no .metadata (the save did not finish)",
+                    storage.describe("")
+                )
             } else {
                 format!(
                     "no checkpoint at {}: {} does not exist",
@@ -109,11 +112,7 @@ pub fn decode_opened(storage: &dyn Storage, md: &[u8], sc: Option<&[u8]>) -> Res
     }
     let metadata = Metadata::decode(md, &md_what)?;
     let lookup = metadata.index();
-    Ok(Opened {
-        metadata,
-        lookup,
-        sidecar,
-    })
+    Ok(Opened { metadata, lookup, sidecar })
 }
 
 /// Opens a checkpoint on one process (no collective).
@@ -123,22 +122,12 @@ pub fn open_local(storage: &dyn Storage) -> Result<Opened> {
 }
 
 /// Loads `location` into `state`. Collective: every rank of the context calls it.
-pub fn load(
-    ctx: &Context,
-    state: &mut State,
-    location: &str,
-    opts: &LoadOptions,
-) -> Result<LoadReport> {
+pub fn load(ctx: &Context, state: &mut State, location: &str, opts: &LoadOptions) -> Result<LoadReport> {
     let storage = storage::open(location)?;
     load_from(ctx, state, storage, opts)
 }
 
-pub fn load_from(
-    ctx: &Context,
-    state: &mut State,
-    storage: Arc<dyn Storage>,
-    opts: &LoadOptions,
-) -> Result<LoadReport> {
+pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, opts: &LoadOptions) -> Result<LoadReport> {
     let comm = ctx.communicator();
     let raw = broadcast_result(
         comm,
@@ -149,26 +138,18 @@ pub fn load_from(
             Ok((vec![], None))
         },
     )?;
-    let local = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref())
-        .and_then(|opened| execute(storage.as_ref(), &opened, state, opts));
+    let local =
+        decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|opened| execute(storage.as_ref(), &opened, state, opts));
     let report = local.as_ref().ok().cloned();
     agree(comm, local.map(|_| ()))?;
     Ok(report.unwrap_or_default())
 }
 
 /// Runs a load on this rank alone.
-pub fn execute(
-    storage: &dyn Storage,
-    opened: &Opened,
-    state: &mut State,
-    opts: &LoadOptions,
-) -> Result<LoadReport> {
+pub fn execute(storage: &dyn Storage, opened: &Opened, state: &mut State, opts: &LoadOptions) -> Result<LoadReport> {
     let t0 = Instant::now();
     if opts.threads == 0 || opts.threads > 1024 {
-        return Err(Error::invalid(format!(
-            "reader threads must be 1..=1024, not {}",
-            opts.threads
-        )));
+        return Err(Error::invalid(format!("reader threads must be 1..=1024, not {}", opts.threads)));
     }
     let md = &opened.metadata;
     let plan = plan_load(state, md, &opened.lookup, opts.strict)?;
@@ -180,11 +161,7 @@ pub fn execute(
         .flat_map(|s| s.blocks.iter())
         .map(|b| ((b.fqn.as_str(), b.chunk_offsets.as_slice()), b))
         .collect();
-    let block_size = opened
-        .sidecar
-        .as_ref()
-        .map(|s| s.block_size)
-        .unwrap_or(sidecar::BLOCK_SIZE);
+    let block_size = opened.sidecar.as_ref().map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE);
 
     let mut objects = Vec::with_capacity(plan.objects.len());
     for o in &plan.objects {
@@ -217,23 +194,11 @@ pub fn execute(
                                         region: &t.region,
                                         overlap: overlap.clone(),
                                     }),
-                                    EntryValue::Object(_) => Err(Error::internal(
-                                        "tensor read planned into an object entry",
-                                    )),
+                                    EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
                                 })
                                 .collect::<Result<_>>()?;
-                            let b = blocks
-                                .get(&(c.fqn.as_str(), c.chunk.offsets.as_slice()))
-                                .map(|b| (*b, block_size));
-                            if let Err(e) = read_chunk(
-                                &files,
-                                b,
-                                &c.fqn,
-                                &c.chunk,
-                                &c.storage,
-                                &targets,
-                                opts.verify,
-                            ) {
+                            let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
+                            if let Err(e) = read_chunk(&files, b, &c.fqn, &c.chunk, &c.storage, &targets, opts.verify) {
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(e);
                             }
@@ -243,10 +208,7 @@ pub fn execute(
                 .collect();
             workers
                 .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(Error::internal("a reader thread panicked")))
-                })
+                .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a reader thread panicked"))))
                 .collect()
         });
         for r in results {
@@ -255,15 +217,10 @@ pub fn execute(
     }
 
     let missing = plan.missing.clone();
-    let loaded: std::collections::HashSet<usize> = plan
-        .chunks
-        .iter()
-        .flat_map(|c| c.targets.iter().map(|t| t.0))
-        .collect();
+    let loaded: std::collections::HashSet<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
     let entries = state.entries_mut();
     for (i, e) in entries.iter_mut().enumerate() {
-        e.loaded = loaded.contains(&i)
-            || matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn));
+        e.loaded = loaded.contains(&i) || matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn));
     }
     for (ei, v) in objects {
         entries[ei].value = EntryValue::Object(v);

@@ -41,10 +41,7 @@ impl<'s> Files<'s> {
             return Ok(h.clone());
         }
         let h = self.storage.open_read(name).map_err(|e| match e.kind() {
-            ErrorKind::NotFound => Error::corrupt(format!(
-                "data file {} is missing",
-                self.storage.describe(name)
-            )),
+            ErrorKind::NotFound => Error::corrupt(format!("data file {} is missing", self.storage.describe(name))),
             _ => e,
         })?;
         if let Some(&want) = self.expected_len.get(name) {
@@ -56,10 +53,7 @@ impl<'s> Files<'s> {
                 )));
             }
         }
-        self.open
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), h.clone());
+        self.open.lock().unwrap().insert(name.to_string(), h.clone());
         Ok(h)
     }
 
@@ -89,22 +83,11 @@ fn item_what(files: &Files, fqn: &str, info: &StorageInfo) -> String {
 }
 
 /// Reads the item of a non-tensor entry.
-pub fn read_object(
-    files: &Files,
-    fqn: &str,
-    info: &StorageInfo,
-) -> Result<crate::format::pyobj::ObjectValue> {
+pub fn read_object(files: &Files, fqn: &str, info: &StorageInfo) -> Result<crate::format::pyobj::ObjectValue> {
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
-    match zipitem::read_item(
-        &ItemSlice {
-            file: file.as_ref(),
-            info,
-        },
-        info.length,
-        &what,
-    )? {
+    match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
         ItemContent::Object(v) => Ok(v),
         ItemContent::Tensor(_) => Err(Error::mismatch(format!(
             "{what}: holds a tensor, but the metadata says it is an object"
@@ -113,11 +96,7 @@ pub fn read_object(
 }
 
 fn check_item_bounds(file: &dyn ReadHandle, info: &StorageInfo, what: &str) -> Result<()> {
-    if info
-        .offset
-        .checked_add(info.length)
-        .is_none_or(|e| e > file.len())
-    {
+    if info.offset.checked_add(info.length).is_none_or(|e| e > file.len()) {
         return Err(Error::corrupt(format!(
             "{what}: the item ({} bytes) runs past the end of the {}-byte file (truncated?)",
             info.length,
@@ -179,14 +158,7 @@ pub fn read_chunk(
             };
             (b.payload_offset, rec)
         }
-        None => match zipitem::read_item(
-            &ItemSlice {
-                file: file.as_ref(),
-                info,
-            },
-            info.length,
-            &what,
-        )? {
+        None => match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
             ItemContent::Tensor(rec) => (info.offset + rec.data_offset, rec),
             ItemContent::Object(_) => {
                 return Err(Error::mismatch(format!(
@@ -216,14 +188,8 @@ pub fn read_chunk(
 
     // Fast path: the whole chunk into one dense registered buffer: read straight into it.
     if let [t] = targets {
-        if saved_dense
-            && t.overlap == *chunk
-            && t.region == chunk
-            && t.view.is_contiguous()
-            && rec.data_len == chunk.numel() * elem
-        {
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
+        if saved_dense && t.overlap == *chunk && t.region == chunk && t.view.is_contiguous() && rec.data_len == chunk.numel() * elem {
+            let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
             file.read_at(payload_abs, dst)?;
             return verify_bytes(&check, 0, dst, true, &what, payload_abs);
         }
@@ -235,29 +201,11 @@ pub fn read_chunk(
     for t in targets {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
-        let a_base = (rec.storage_offset
-            + rel_saved
-                .iter()
-                .zip(&rec.strides)
-                .map(|(o, s)| o * s)
-                .sum::<u64>())
-            * elem;
+        let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
         let dst_strides: Vec<u64> = t.view.strides().iter().map(|s| s * elem).collect();
-        let b_base = rel_dst
-            .iter()
-            .zip(&dst_strides)
-            .map(|(o, s)| o * s)
-            .sum::<u64>();
+        let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
         let ptr = t.view.as_ptr();
-        BoxRuns::new(
-            &t.overlap.sizes,
-            &saved_strides,
-            &dst_strides,
-            a_base,
-            b_base,
-            elem,
-        )
-        .for_each(|r| runs.push((r, ptr)));
+        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr)));
     }
     runs.sort_by_key(|(r, _)| r.a);
 
@@ -279,11 +227,7 @@ pub fn read_chunk(
     // Windows: ranges cut into pieces of at most WINDOW bytes at unit boundaries (unless the
     // unit is the whole record and the saved layout is strided: then it must be in memory at
     // once).
-    let max_window = if saved_dense {
-        (WINDOW / unit).max(1) * unit
-    } else {
-        u64::MAX
-    };
+    let max_window = if saved_dense { (WINDOW / unit).max(1) * unit } else { u64::MAX };
     let mut whole = crc32fast::Hasher::new();
     let mut next_run = 0usize;
     let mut buf = Vec::new();
@@ -320,45 +264,32 @@ pub fn read_chunk(
     if let Check::Whole(expected) = check {
         let got = whole.finalize();
         if got != expected {
-            return Err(checksum_error(
-                &what,
-                payload_abs,
-                rec.data_len,
-                got,
-                expected,
-            ));
+            return Err(checksum_error(&what, payload_abs, rec.data_len, got, expected));
         }
     }
     Ok(())
 }
 
 fn checksum_error(what: &str, at: u64, len: u64, got: u32, expected: u32) -> Error {
-    Error::new(ErrorKind::Checksum, format!("{what}: checksum mismatch in bytes {at}..{} of the file: CRC-32 is {got:08x}, expected {expected:08x}", at + len))
+    Error::new(
+        ErrorKind::Checksum,
+        format!(
+            "{what}: checksum mismatch in bytes {at}..{} of the file: CRC-32 is {got:08x}, expected {expected:08x}",
+            at + len
+        ),
+    )
 }
 
 /// Verifies `data`, which holds payload bytes from `off`: whole-record CRC (only when `data` is
 /// the whole payload) or every block it contains.
-fn verify_bytes(
-    check: &Check,
-    off: u64,
-    data: &[u8],
-    is_whole: bool,
-    what: &str,
-    payload_abs: u64,
-) -> Result<()> {
+fn verify_bytes(check: &Check, off: u64, data: &[u8], is_whole: bool, what: &str, payload_abs: u64) -> Result<()> {
     match check {
         Check::None => Ok(()),
         Check::Whole(expected) => {
             debug_assert!(is_whole);
             let got = crc32fast::hash(data);
             if got != *expected {
-                return Err(checksum_error(
-                    what,
-                    payload_abs,
-                    data.len() as u64,
-                    got,
-                    *expected,
-                ));
+                return Err(checksum_error(what, payload_abs, data.len() as u64, got, *expected));
             }
             Ok(())
         }
@@ -366,18 +297,13 @@ fn verify_bytes(
             let first = off / bs;
             for (i, piece) in data.chunks(*bs as usize).enumerate() {
                 let block = first + i as u64;
-                let expected = *b.crcs.get(block as usize).ok_or_else(|| {
-                    Error::corrupt(format!("{what}: block {block} has no recorded checksum"))
-                })?;
+                let expected = *b
+                    .crcs
+                    .get(block as usize)
+                    .ok_or_else(|| Error::corrupt(format!("{what}: block {block} has no recorded checksum")))?;
                 let got = crc32fast::hash(piece);
                 if got != expected {
-                    return Err(checksum_error(
-                        what,
-                        payload_abs + block * bs,
-                        piece.len() as u64,
-                        got,
-                        expected,
-                    ));
+                    return Err(checksum_error(what, payload_abs + block * bs, piece.len() as u64, got, expected));
                 }
             }
             Ok(())

@@ -13,7 +13,7 @@ use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
-use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan};
+use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
 use crate::storage::{self, Storage};
@@ -63,23 +63,12 @@ struct RankWrites {
 }
 
 /// Saves `state` to `location`. Collective: every rank of the context calls it.
-pub fn save(
-    ctx: &Context,
-    state: &State,
-    location: &str,
-    opts: &SaveOptions,
-) -> Result<SaveReport> {
+pub fn save(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
     let storage = storage::open(location)?;
     save_to(ctx, state, storage, location, opts)
 }
 
-pub fn save_to(
-    ctx: &Context,
-    state: &State,
-    storage: Arc<dyn Storage>,
-    location: &str,
-    opts: &SaveOptions,
-) -> Result<SaveReport> {
+pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
     let t0 = Instant::now();
     let comm = ctx.communicator();
     let rank = comm.rank();
@@ -96,10 +85,7 @@ pub fn save_to(
     )?;
 
     let written = write_rank(state, &plan, rank, storage.as_ref(), opts, &save_id);
-    let bytes_written = written
-        .as_ref()
-        .map(|w| w.files.iter().map(|f| f.len).sum())
-        .unwrap_or(0);
+    let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
         Some(all) => commit(storage.as_ref(), location, &plan, &save_id, all),
@@ -114,11 +100,7 @@ pub fn save_to(
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
-fn global_plan(
-    ctx: &Context,
-    state: &State,
-    opts: &SaveOptions,
-) -> Result<(Arc<GlobalPlan>, bool)> {
+fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<GlobalPlan>, bool)> {
     let comm = ctx.communicator();
     let local = LocalPlan::from_state(state);
     let encoded = local.encode();
@@ -134,23 +116,26 @@ fn global_plan(
             return Ok((plan.clone(), true));
         }
     }
-    let plans = comm.all_gather(&encoded)?;
-    let plans = plans
-        .iter()
-        .enumerate()
-        .map(|(r, b)| LocalPlan::decode(b, r))
-        .collect::<Result<Vec<_>>>()?;
-    let plan = Arc::new(GlobalPlan::build(&plans)?);
+    // Every rank holds the same description: each builds the plan from its own, no exchange.
+    let plan = if all.iter().all(|h| *h == all[0]) {
+        GlobalPlan::build(Plans::Uniform(&local, all.len() as u32))?
+    } else {
+        let plans = comm.all_gather(&encoded)?;
+        let plans = plans
+            .iter()
+            .enumerate()
+            .map(|(r, b)| LocalPlan::decode(b, r))
+            .collect::<Result<Vec<_>>>()?;
+        GlobalPlan::build(Plans::PerRank(&plans))?
+    };
+    let plan = Arc::new(plan);
     *cache = Some((all, plan.clone()));
     Ok((plan, false))
 }
 
 fn validate_local(state: &State, opts: &SaveOptions) -> Result<()> {
     if opts.threads == 0 || opts.threads > 1024 {
-        return Err(Error::invalid(format!(
-            "writer threads must be 1..=1024, not {}",
-            opts.threads
-        )));
+        return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
     }
     for e in state.entries() {
         if let EntryValue::Tensor(t) = &e.value {
@@ -172,7 +157,10 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
         if !overwrite {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
-                format!("checkpoint already exists at {} (it has a committed .metadata; save with overwrite to replace it)", storage.describe("")),
+                format!(
+                    "checkpoint already exists at {} (it has a committed .metadata; save with overwrite to replace it)",
+                    storage.describe("")
+                ),
             ));
         }
         // Uncommit first: from here on the directory is not a checkpoint until the new commit.
@@ -180,11 +168,7 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
         storage.sync_dir()?;
     }
     for name in storage.list()? {
-        if is_data_file(&name)
-            || name == sidecar::FILE_NAME
-            || name == ".metadata.tmp"
-            || name == ".libdcp.tmp"
-        {
+        if is_data_file(&name) || name == sidecar::FILE_NAME || name == ".metadata.tmp" || name == ".libdcp.tmp" {
             storage.remove(&name)?;
         }
     }
@@ -198,10 +182,7 @@ pub fn is_data_file(name: &str) -> bool {
         .and_then(|r| r.strip_suffix(".distcp"))
         .and_then(|r| r.split_once('_'))
         .is_some_and(|(a, b)| {
-            !a.is_empty()
-                && !b.is_empty()
-                && a.bytes().all(|c| c.is_ascii_digit())
-                && b.bytes().all(|c| c.is_ascii_digit())
+            !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
         })
 }
 
@@ -221,14 +202,7 @@ fn new_save_id() -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// Step 3: this rank's items, in plan order, into one file.
@@ -243,28 +217,22 @@ fn write_rank(
     let mut sources = Vec::new();
     for e in &plan.entries {
         let mine = match &e.kind {
-            GlobalKind::Tensor { chunks, .. } => chunks.iter().any(|c| c.writer as usize == rank),
             GlobalKind::Object { writer } => *writer as usize == rank,
+            _ => !plan.chunks_written_by(e, rank as u32).is_empty(),
         };
         if !mine {
             continue;
         }
-        let entry = state.get(&e.fqn).ok_or_else(|| {
-            Error::internal(format!(
-                "planned key {:?} is not registered on rank {rank}",
-                e.fqn
-            ))
-        })?;
+        let entry = state
+            .get(&e.fqn)
+            .ok_or_else(|| Error::internal(format!("planned key {:?} is not registered on rank {rank}", e.fqn)))?;
         match &entry.value {
             EntryValue::Tensor(t) => sources.push(ItemSource::Tensor {
                 fqn: &entry.fqn,
                 view: &t.view,
                 offsets: t.region.offsets.clone(),
             }),
-            EntryValue::Object(v) => sources.push(ItemSource::Object {
-                fqn: &entry.fqn,
-                value: v,
-            }),
+            EntryValue::Object(v) => sources.push(ItemSource::Object { fqn: &entry.fqn, value: v }),
         }
     }
     if sources.is_empty() {
@@ -274,12 +242,7 @@ fn write_rank(
         });
     }
     let name = format!("__{rank}_0.distcp");
-    let layout = layout_file(
-        name.clone(),
-        sources,
-        opts.threads,
-        stable_hash(save_id.as_bytes()) ^ rank as u64,
-    );
+    let layout = layout_file(name.clone(), sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
     let (len, items) = write_file(storage, &layout, opts.direct_io, opts.buffer_bytes)?;
     Ok(RankWrites {
         files: vec![FileRecord {
@@ -292,13 +255,7 @@ fn write_rank(
 }
 
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
-fn commit(
-    storage: &dyn Storage,
-    location: &str,
-    plan: &GlobalPlan,
-    save_id: &str,
-    all: Vec<Vec<u8>>,
-) -> Result<()> {
+fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>) -> Result<()> {
     let mut files = Vec::new();
     let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
     for (r, bytes) in all.iter().enumerate() {
@@ -308,11 +265,7 @@ fn commit(
             items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
         }
     }
-    let file_index: HashMap<&str, u32> = files
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.name.as_str(), i as u32))
-        .collect();
+    let file_index: HashMap<&str, u32> = files.iter().enumerate().map(|(i, f)| (f.name.as_str(), i as u32)).collect();
     let mut md = Metadata {
         checkpoint_id: Some(location.to_string()),
         save_id: Some(save_id.to_string()),
@@ -326,9 +279,7 @@ fn commit(
         match &e.kind {
             GlobalKind::Object { .. } => {
                 md.entries.push((e.fqn.clone(), EntryMeta::Bytes));
-                let it = items
-                    .get(&(e.fqn.clone(), None))
-                    .ok_or_else(|| missing(&e.fqn))?;
+                let it = items.get(&(e.fqn.clone(), None)).ok_or_else(|| missing(&e.fqn))?;
                 md.storage.push((
                     StorageIndex {
                         fqn: e.fqn.clone(),
@@ -342,11 +293,8 @@ fn commit(
                     },
                 ));
             }
-            GlobalKind::Tensor {
-                dtype,
-                global_shape,
-                chunks,
-            } => {
+            GlobalKind::Tensor { dtype, global_shape, .. } | GlobalKind::Sharded { dtype, global_shape, .. } => {
+                let chunks = plan.chunks_of(e);
                 md.entries.push((
                     e.fqn.clone(),
                     EntryMeta::Tensor(TensorMeta {

@@ -38,17 +38,12 @@ impl<T: Serialize + DeserializeOwned> Wire<T> {
         postcard::to_allocvec(self).expect("wire value serialises")
     }
     pub fn decode(bytes: &[u8], rank: usize) -> Result<Self> {
-        postcard::from_bytes(bytes)
-            .map_err(|e| Error::comm(format!("rank {rank} sent an unreadable message: {e}")))
+        postcard::from_bytes(bytes).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable message: {e}")))
     }
 }
 
 /// Broadcasts `root`'s outcome; every rank returns it (a failure on root fails everyone).
-pub fn broadcast_result<T: Serialize + DeserializeOwned>(
-    comm: &dyn Communicator,
-    root: usize,
-    local: Result<T>,
-) -> Result<T> {
+pub fn broadcast_result<T: Serialize + DeserializeOwned>(comm: &dyn Communicator, root: usize, local: Result<T>) -> Result<T> {
     let bytes = if comm.rank() == root {
         Wire::from_result(local).encode()
     } else {

@@ -78,12 +78,7 @@ pub struct ItemWritten {
 
 /// Places items back to back (64-byte aligned; tensor payloads of 4 KiB or more 4096-aligned in
 /// the file) and cuts the sequence into at most `threads` segments of similar size.
-pub fn layout_file<'s, 'a>(
-    name: String,
-    sources: Vec<ItemSource<'s, 'a>>,
-    threads: usize,
-    seed: u64,
-) -> FileLayout<'s, 'a> {
+pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threads: usize, seed: u64) -> FileLayout<'s, 'a> {
     let total: u64 = sources
         .iter()
         .map(|s| match s {
@@ -109,13 +104,8 @@ pub fn layout_file<'s, 'a>(
         let item = match src {
             ItemSource::Tensor { fqn, view, offsets } => {
                 let payload = view.numel() * view.dtype().size() as u64;
-                let align = if payload >= SEGMENT_ALIGN {
-                    SEGMENT_ALIGN
-                } else {
-                    RECORD_ALIGN
-                };
-                let layout =
-                    TensorItemLayout::new(view.dtype(), view.sizes(), offset, align, item_seed);
+                let align = if payload >= SEGMENT_ALIGN { SEGMENT_ALIGN } else { RECORD_ALIGN };
+                let layout = TensorItemLayout::new(view.dtype(), view.sizes(), offset, align, item_seed);
                 PlacedItem {
                     fqn,
                     chunk_offsets: Some(offsets),
@@ -155,8 +145,7 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     fn new(cap: usize) -> Result<AlignedBuf> {
-        let layout = Layout::from_size_align(cap, SEGMENT_ALIGN as usize)
-            .map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
+        let layout = Layout::from_size_align(cap, SEGMENT_ALIGN as usize).map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             return Err(Error::new(
@@ -173,12 +162,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        unsafe {
-            std::alloc::dealloc(
-                self.ptr,
-                Layout::from_size_align_unchecked(self.cap, SEGMENT_ALIGN as usize),
-            )
-        }
+        unsafe { std::alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.cap, SEGMENT_ALIGN as usize)) }
     }
 }
 
@@ -287,13 +271,7 @@ impl<'v> Gather<'v> {
     /// Fills `dst` with payload bytes starting at `off`; calls come in increasing `off`.
     fn fill(&mut self, off: u64, dst: &mut [u8]) {
         if self.contiguous {
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.base.add(off as usize),
-                    dst.as_mut_ptr(),
-                    dst.len(),
-                )
-            };
+            unsafe { std::ptr::copy_nonoverlapping(self.base.add(off as usize), dst.as_mut_ptr(), dst.len()) };
             return;
         }
         let end = off + dst.len() as u64;
@@ -319,17 +297,9 @@ impl<'v> Gather<'v> {
 }
 
 /// Writes one file; returns its length and what each item became.
-pub fn write_file(
-    storage: &dyn Storage,
-    file: &FileLayout,
-    direct: bool,
-    buffer_bytes: usize,
-) -> Result<(u64, Vec<ItemWritten>)> {
+pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer_bytes: usize) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, direct)?;
-    let buffer_bytes = align_up(
-        buffer_bytes.max(SEGMENT_ALIGN as usize) as u64,
-        SEGMENT_ALIGN,
-    ) as usize;
+    let buffer_bytes = align_up(buffer_bytes.max(SEGMENT_ALIGN as usize) as u64, SEGMENT_ALIGN) as usize;
     let results: Vec<Result<Vec<ItemWritten>>> = std::thread::scope(|s| {
         let workers: Vec<_> = file
             .segments
@@ -342,10 +312,7 @@ pub fn write_file(
             .collect();
         workers
             .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(Error::internal("a writer thread panicked")))
-            })
+            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a writer thread panicked"))))
             .collect()
     });
     let mut written = Vec::with_capacity(file.items.len());
@@ -357,12 +324,7 @@ pub fn write_file(
     Ok((file.len, written))
 }
 
-fn write_segment(
-    handle: &dyn WriteHandle,
-    items: &[PlacedItem],
-    file: &str,
-    buffer_bytes: usize,
-) -> Result<Vec<ItemWritten>> {
+fn write_segment(handle: &dyn WriteHandle, items: &[PlacedItem], file: &str, buffer_bytes: usize) -> Result<Vec<ItemWritten>> {
     let Some(first) = items.first() else {
         return Ok(vec![]);
     };

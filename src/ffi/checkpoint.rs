@@ -1,8 +1,5 @@
 use super::state::{copy_literal, literal_of, object_as_double, object_as_int, object_bytes};
-use super::{
-    copy_out, dcp_status, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg,
-    FfiResult,
-};
+use super::{copy_out, dcp_status, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::engine::{Checkpoint, KeyKind};
 use crate::tensor::{numel, Device, TensorView};
 use std::ffi::{c_char, c_void, CString};
@@ -48,10 +45,7 @@ pub struct dcp_key_info {
 /// sidecar). Not collective. `*out` is owned by the caller; free it with
 /// `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_open(
-    path: *const c_char,
-    out: *mut *mut dcp_checkpoint,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_open(path: *const c_char, out: *mut *mut dcp_checkpoint) -> dcp_status {
     guard("dcp_checkpoint_open", || {
         let path = str_arg(path, "path")?;
         let out = mut_arg(out, "out")?;
@@ -60,10 +54,7 @@ pub unsafe extern "C" fn dcp_checkpoint_open(
         let mut shapes = Vec::with_capacity(inner.len());
         let mut chunks = Vec::with_capacity(inner.len());
         for k in inner.keys() {
-            names.push(
-                CString::new(k.fqn)
-                    .map_err(|_| invalid(format!("key {:?} contains a NUL byte", k.fqn)))?,
-            );
+            names.push(CString::new(k.fqn).map_err(|_| invalid(format!("key {:?} contains a NUL byte", k.fqn)))?);
             shapes.push(k.shape.iter().map(|&v| v as i64).collect());
             chunks.push(
                 k.chunks
@@ -99,10 +90,7 @@ pub unsafe extern "C" fn dcp_checkpoint_free(ckpt: *mut dcp_checkpoint) {
 
 /// Number of keys.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_num_keys(
-    ckpt: *const dcp_checkpoint,
-    n: *mut usize,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_num_keys(ckpt: *const dcp_checkpoint, n: *mut usize) -> dcp_status {
     guard("dcp_checkpoint_num_keys", || {
         *mut_arg(n, "n")? = ref_arg(ckpt, "ckpt")?.names.len();
         Ok(())
@@ -111,20 +99,14 @@ pub unsafe extern "C" fn dcp_checkpoint_num_keys(
 
 /// Describes key number `index` (0-based, in the checkpoint's order).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_key(
-    ckpt: *const dcp_checkpoint,
-    index: usize,
-    info: *mut dcp_key_info,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_key(ckpt: *const dcp_checkpoint, index: usize, info: *mut dcp_key_info) -> dcp_status {
     guard("dcp_checkpoint_key", || {
         let c = ref_arg(ckpt, "ckpt")?;
         let info = mut_arg(info, "info")?;
-        let k = c.inner.key(index).ok_or_else(|| {
-            invalid(format!(
-                "index {index} is out of range ({} keys)",
-                c.names.len()
-            ))
-        })?;
+        let k = c
+            .inner
+            .key(index)
+            .ok_or_else(|| invalid(format!("index {index} is out of range ({} keys)", c.names.len())))?;
         *info = dcp_key_info {
             fqn: c.names[index].as_ptr(),
             kind: match k.kind {
@@ -142,11 +124,7 @@ pub unsafe extern "C" fn dcp_checkpoint_key(
 
 /// Finds a key's index. A key that is not there gives `DCP_ERROR_NOT_FOUND`.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_find(
-    ckpt: *const dcp_checkpoint,
-    fqn: *const c_char,
-    index: *mut usize,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_find(ckpt: *const dcp_checkpoint, fqn: *const c_char, index: *mut usize) -> dcp_status {
     guard("dcp_checkpoint_find", || {
         let c = ref_arg(ckpt, "ckpt")?;
         let fqn = str_arg(fqn, "fqn")?;
@@ -154,9 +132,7 @@ pub unsafe extern "C" fn dcp_checkpoint_find(
             .names
             .iter()
             .position(|n| n.as_bytes() == fqn.as_bytes())
-            .ok_or_else(|| {
-                crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint"))
-            })?;
+            .ok_or_else(|| crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint")))?;
         *mut_arg(index, "index")? = i;
         Ok(())
     })
@@ -174,18 +150,13 @@ pub unsafe extern "C" fn dcp_checkpoint_chunk(
 ) -> dcp_status {
     guard("dcp_checkpoint_chunk", || {
         let c = ref_arg(ckpt, "ckpt")?;
-        let chunks = c.chunks.get(key).ok_or_else(|| {
-            invalid(format!(
-                "key index {key} is out of range ({} keys)",
-                c.names.len()
-            ))
-        })?;
-        let (o, s) = chunks.get(chunk).ok_or_else(|| {
-            invalid(format!(
-                "chunk index {chunk} is out of range ({} chunks)",
-                chunks.len()
-            ))
-        })?;
+        let chunks = c
+            .chunks
+            .get(key)
+            .ok_or_else(|| invalid(format!("key index {key} is out of range ({} keys)", c.names.len())))?;
+        let (o, s) = chunks
+            .get(chunk)
+            .ok_or_else(|| invalid(format!("chunk index {chunk} is out of range ({} chunks)", chunks.len())))?;
         *mut_arg(offsets, "offsets")? = o.as_ptr();
         *mut_arg(sizes, "sizes")? = s.as_ptr();
         Ok(())
@@ -210,34 +181,23 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
     guard("dcp_checkpoint_read_tensor", || {
         let c = ref_arg(ckpt, "ckpt")?;
         let fqn = str_arg(fqn, "fqn")?;
-        let k = c.inner.find(fqn).ok_or_else(|| {
-            crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint"))
-        })?;
+        let k = c
+            .inner
+            .find(fqn)
+            .ok_or_else(|| crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint")))?;
         if k.kind != KeyKind::Tensor {
-            return Err(crate::Error::mismatch(format!(
-                "key {fqn:?} is an object; read it with dcp_checkpoint_read_bytes"
-            ))
-            .into());
+            return Err(crate::Error::mismatch(format!("key {fqn:?} is an object; read it with dcp_checkpoint_read_bytes")).into());
         }
-        let dtype = k.dtype.ok_or_else(|| {
-            crate::Error::unsupported(format!(
-                "key {fqn:?}: dtype torch.{} is not supported",
-                k.dtype_name
-            ))
-        })?;
+        let dtype = k
+            .dtype
+            .ok_or_else(|| crate::Error::unsupported(format!("key {fqn:?}: dtype torch.{} is not supported", k.dtype_name)))?;
         if ndim as usize != k.shape.len() {
-            return Err(invalid(format!(
-                "key {fqn:?} has {} dimensions, not {ndim}",
-                k.shape.len()
-            )));
+            return Err(invalid(format!("key {fqn:?} has {} dimensions, not {ndim}", k.shape.len())));
         }
         let (offsets, sizes) = if offsets.is_null() && sizes.is_null() {
             (vec![0; k.shape.len()], k.shape.to_vec())
         } else {
-            (
-                dims_arg(offsets, ndim, "offsets")?,
-                dims_arg(sizes, ndim, "sizes")?,
-            )
+            (dims_arg(offsets, ndim, "offsets")?, dims_arg(sizes, ndim, "sizes")?)
         };
         let strides = if strides.is_null() {
             None
@@ -245,16 +205,8 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
             Some(dims_arg(strides, ndim, "strides")?)
         };
         numel(&sizes)?;
-        let nbytes = usize::try_from(dst_nbytes)
-            .map_err(|_| invalid("dst_nbytes does not fit in memory"))?;
-        let view = TensorView::from_raw(
-            dst as *mut u8,
-            nbytes,
-            dtype,
-            &sizes,
-            strides.as_deref(),
-            Device::Cpu,
-        )?;
+        let nbytes = usize::try_from(dst_nbytes).map_err(|_| invalid("dst_nbytes does not fit in memory"))?;
+        let view = TensorView::from_raw(dst as *mut u8, nbytes, dtype, &sizes, strides.as_deref(), Device::Cpu)?;
         c.inner.read_tensor_into(fqn, &offsets, view, true)?;
         Ok(())
     })
@@ -288,11 +240,7 @@ pub unsafe extern "C" fn dcp_checkpoint_read_bytes(
 
 /// Reads an int value (a float with an integral value converts).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_read_int(
-    ckpt: *const dcp_checkpoint,
-    fqn: *const c_char,
-    value: *mut i64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_read_int(ckpt: *const dcp_checkpoint, fqn: *const c_char, value: *mut i64) -> dcp_status {
     guard("dcp_checkpoint_read_int", || {
         let fqn = str_arg(fqn, "fqn")?;
         let v = object(ref_arg(ckpt, "ckpt")?, fqn)?;
@@ -303,11 +251,7 @@ pub unsafe extern "C" fn dcp_checkpoint_read_int(
 
 /// Reads a float value (an int converts).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_checkpoint_read_double(
-    ckpt: *const dcp_checkpoint,
-    fqn: *const c_char,
-    value: *mut f64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_checkpoint_read_double(ckpt: *const dcp_checkpoint, fqn: *const c_char, value: *mut f64) -> dcp_status {
     guard("dcp_checkpoint_read_double", || {
         let fqn = str_arg(fqn, "fqn")?;
         let v = object(ref_arg(ckpt, "ckpt")?, fqn)?;

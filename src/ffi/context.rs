@@ -1,5 +1,10 @@
-use super::{dcp_status, guard, guard_void, mut_arg, ref_arg};
+use super::{dcp_status, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
+use crate::comm::callbacks::{CallbackComm, HostCallbacks};
+use crate::comm::tcp::{env_settings, TcpComm};
 use crate::engine::Context;
+use crate::mesh::DeviceMesh;
+use std::ffi::{c_char, c_void};
+use std::time::Duration;
 
 /// A libdcp context: the job's communicator and caches. One per process (per job).
 /// Thread safety: calls on one context must not run concurrently (collectives are ordered).
@@ -7,26 +12,124 @@ pub struct dcp_context {
     pub(crate) inner: Context,
 }
 
+fn new_context(out: *mut *mut dcp_context, comm: Box<dyn crate::comm::Communicator>) -> FfiResult {
+    let out = unsafe { mut_arg(out, "out")? };
+    *out = Box::into_raw(Box::new(dcp_context {
+        inner: Context::with_communicator(comm),
+    }));
+    Ok(())
+}
+
+fn timeout_arg(timeout_ms: u64) -> FfiResult<Duration> {
+    if timeout_ms == 0 {
+        return Err(invalid("timeout_ms must be positive"));
+    }
+    Ok(Duration::from_millis(timeout_ms))
+}
+
 /// Creates a context for a job of one process (rank 0 of 1); no communication.
 /// On success `*out` owns a new context; free it with `dcp_context_free`. Not collective.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_context_new_local(out: *mut *mut dcp_context) -> dcp_status {
     guard("dcp_context_new_local", || {
-        let out = mut_arg(out, "out")?;
-        *out = Box::into_raw(Box::new(dcp_context {
-            inner: Context::local(),
-        }));
-        Ok(())
+        new_context(out, Box::new(crate::comm::local::LocalComm))
+    })
+}
+
+/// Joins a job through libdcp's built-in TCP rendezvous: rank 0 listens on `port` (all
+/// interfaces) and the other ranks connect to `master_addr:port`. Collective: every rank calls
+/// it; it returns once all `world_size` ranks are connected, or fails with
+/// `DCP_ERROR_TIMEOUT` naming the missing ranks after `timeout_ms`. Every later collective is
+/// bounded by `timeout_ms` too. Only control messages cross this connection, never tensor data.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_new_tcp(
+    rank: i32,
+    world_size: i32,
+    master_addr: *const c_char,
+    port: u16,
+    timeout_ms: u64,
+    out: *mut *mut dcp_context,
+) -> dcp_status {
+    guard("dcp_context_new_tcp", || {
+        let addr = str_arg(master_addr, "master_addr")?;
+        mut_arg(out, "out")?;
+        if rank < 0 || world_size < 1 || rank >= world_size {
+            return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
+        }
+        let comm = TcpComm::connect(rank as usize, world_size as usize, addr, port, timeout_arg(timeout_ms)?)?;
+        new_context(out, Box::new(comm))
+    })
+}
+
+/// Like `dcp_context_new_tcp` with torchrun's environment: `RANK`, `WORLD_SIZE`,
+/// `MASTER_ADDR` (default 127.0.0.1) and the port `DCP_MASTER_PORT`, or else `MASTER_PORT` + 1
+/// (under torchrun, `MASTER_PORT` itself is taken by torch's store). With neither `RANK` nor
+/// `WORLD_SIZE` set it makes a single-process context.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_new_from_env(timeout_ms: u64, out: *mut *mut dcp_context) -> dcp_status {
+    guard("dcp_context_new_from_env", || {
+        mut_arg(out, "out")?;
+        let timeout = timeout_arg(timeout_ms)?;
+        match env_settings()? {
+            None => new_context(out, Box::new(crate::comm::local::LocalComm)),
+            Some((rank, world, addr, port)) => new_context(out, Box::new(TcpComm::connect(rank, world, &addr, port, timeout)?)),
+        }
+    })
+}
+
+/// Host all-gather: every rank contributes `len` bytes from `send`; `recv` receives
+/// `world_size * len` bytes in rank order. Return 0 on success, anything else on failure.
+pub type dcp_allgather_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, send: *const c_void, recv: *mut c_void, len: usize, timeout_ms: u64) -> i32>;
+/// Host broadcast: the `len` bytes of `buf` on rank `root` are copied into `buf` on every rank.
+pub type dcp_broadcast_fn =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, buf: *mut c_void, len: usize, root: i32, timeout_ms: u64) -> i32>;
+/// Host barrier.
+pub type dcp_barrier_fn = Option<unsafe extern "C" fn(user_data: *mut c_void, timeout_ms: u64) -> i32>;
+
+/// Makes a context that communicates through the host's own collectives (a c10d ProcessGroup,
+/// an MPI communicator): `allgather` and `broadcast` are required, `barrier` may be NULL (an
+/// all-gather is used). libdcp calls them only from the thread that called `dcp_save` /
+/// `dcp_load`, in the same order on every rank, with `user_data` and the call's timeout, which
+/// they should honour (libdcp cannot interrupt them). Not collective itself. `user_data` must
+/// outlive the context.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_new_callbacks(
+    rank: i32,
+    world_size: i32,
+    allgather: dcp_allgather_fn,
+    broadcast: dcp_broadcast_fn,
+    barrier: dcp_barrier_fn,
+    user_data: *mut c_void,
+    timeout_ms: u64,
+    out: *mut *mut dcp_context,
+) -> dcp_status {
+    guard("dcp_context_new_callbacks", || {
+        mut_arg(out, "out")?;
+        let all_gather = allgather.ok_or_else(|| super::null("allgather"))?;
+        let broadcast = broadcast.ok_or_else(|| super::null("broadcast"))?;
+        timeout_arg(timeout_ms)?;
+        if rank < 0 || world_size < 1 || rank >= world_size {
+            return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
+        }
+        let comm = CallbackComm::new(
+            rank as usize,
+            world_size as usize,
+            timeout_ms,
+            HostCallbacks {
+                all_gather,
+                broadcast,
+                barrier,
+                user_data,
+            },
+        )?;
+        new_context(out, Box::new(comm))
     })
 }
 
 /// This process's rank and the job's world size. Either out-pointer may be NULL.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_context_rank(
-    ctx: *const dcp_context,
-    rank: *mut i32,
-    world_size: *mut i32,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_context_rank(ctx: *const dcp_context, rank: *mut i32, world_size: *mut i32) -> dcp_status {
     guard("dcp_context_rank", || {
         let ctx = ref_arg(ctx, "ctx")?;
         if let Some(r) = rank.as_mut() {
@@ -39,12 +142,95 @@ pub unsafe extern "C" fn dcp_context_rank(
     })
 }
 
+/// Waits until every rank of the job calls it. Collective.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_barrier(ctx: *mut dcp_context) -> dcp_status {
+    guard("dcp_context_barrier", || {
+        ref_arg(ctx, "ctx")?.inner.communicator().barrier()?;
+        Ok(())
+    })
+}
+
 /// Frees a context. NULL is a no-op. No save or load may be running on it.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_context_free(ctx: *mut dcp_context) {
     guard_void(|| {
         if !ctx.is_null() {
             drop(Box::from_raw(ctx));
+        }
+    })
+}
+
+/// A device mesh: an n-D array of global ranks, optionally with dim names, bound to this
+/// process's rank in a context. Immutable; thread-safe to share.
+pub struct dcp_mesh {
+    pub(crate) mesh: DeviceMesh,
+    pub(crate) rank: u32,
+}
+
+/// Makes a mesh of `ndim` dimensions of sizes `shape`, over the global ranks `ranks` in
+/// row-major order (NULL: 0, 1, 2, ...), with optional dim names (NULL, or `ndim` strings).
+/// A sub-mesh (the "tp" dim of a 2-D mesh, a pipeline stage's group) is just a mesh over those
+/// ranks. The mesh records `ctx`'s rank, which need not be in it (registering a tensor on a mesh
+/// the rank is not part of is an error). Not collective. Free with `dcp_mesh_free`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_mesh_new(
+    ctx: *const dcp_context,
+    ndim: i32,
+    shape: *const i64,
+    ranks: *const i32,
+    dim_names: *const *const c_char,
+    out: *mut *mut dcp_mesh,
+) -> dcp_status {
+    guard("dcp_mesh_new", || {
+        let ctx = ref_arg(ctx, "ctx")?;
+        let out = mut_arg(out, "out")?;
+        if !(1..=16).contains(&ndim) {
+            return Err(invalid(format!("a mesh needs 1..=16 dimensions, not {ndim}")));
+        }
+        let shape = dims_arg(shape, ndim, "shape")?;
+        let shape: Vec<u32> = shape
+            .iter()
+            .map(|&s| u32::try_from(s).map_err(|_| invalid(format!("mesh size {s} is too large"))))
+            .collect::<FfiResult<_>>()?;
+        let n: usize = shape.iter().map(|&s| s as usize).product();
+        let ranks = if ranks.is_null() {
+            None
+        } else {
+            if n > 1 << 24 {
+                return Err(invalid("mesh is too large"));
+            }
+            Some(
+                std::slice::from_raw_parts(ranks, n)
+                    .iter()
+                    .map(|&r| u32::try_from(r).map_err(|_| invalid(format!("negative rank {r} in the mesh"))))
+                    .collect::<FfiResult<Vec<u32>>>()?,
+            )
+        };
+        let names = if dim_names.is_null() {
+            None
+        } else {
+            Some(
+                (0..ndim as usize)
+                    .map(|i| str_arg(*dim_names.add(i), "dim_names[i]").map(str::to_string))
+                    .collect::<FfiResult<Vec<String>>>()?,
+            )
+        };
+        let mesh = DeviceMesh::new(&shape, ranks.as_deref(), names.as_deref())?;
+        *out = Box::into_raw(Box::new(dcp_mesh {
+            mesh,
+            rank: ctx.inner.rank() as u32,
+        }));
+        Ok(())
+    })
+}
+
+/// Frees a mesh. NULL is a no-op. States that registered tensors with it keep their own copy.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_mesh_free(mesh: *mut dcp_mesh) {
+    guard_void(|| {
+        if !mesh.is_null() {
+            drop(Box::from_raw(mesh));
         }
     })
 }

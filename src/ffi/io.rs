@@ -1,7 +1,4 @@
-use super::{
-    dcp_context, dcp_load_options, dcp_save_options, dcp_state, dcp_status, guard, mut_arg,
-    ref_arg, str_arg,
-};
+use super::{dcp_context, dcp_load_options, dcp_save_options, dcp_state, dcp_status, guard, mut_arg, ref_arg, str_arg};
 use crate::engine::{LoadOptions, SaveOptions};
 
 /// Saves the registered state to the checkpoint directory `path`.

@@ -218,9 +218,7 @@ pub(crate) unsafe fn dims_arg(p: *const i64, n: i32, name: &str) -> FfiResult<Ve
     }
     std::slice::from_raw_parts(p, n as usize)
         .iter()
-        .map(|&v| {
-            u64::try_from(v).map_err(|_| invalid(format!("`{name}` has a negative value {v}")))
-        })
+        .map(|&v| u64::try_from(v).map_err(|_| invalid(format!("`{name}` has a negative value {v}"))))
         .collect()
 }
 

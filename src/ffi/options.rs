@@ -37,10 +37,7 @@ pub unsafe extern "C" fn dcp_save_options_free(opts: *mut dcp_save_options) {
 /// Replace a committed checkpoint at the destination. Off (the default), saving where a
 /// checkpoint exists fails with `DCP_ERROR_ALREADY_EXISTS` ("checkpoint already exists").
 #[no_mangle]
-pub unsafe extern "C" fn dcp_save_options_set_overwrite(
-    opts: *mut dcp_save_options,
-    overwrite: bool,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_save_options_set_overwrite(opts: *mut dcp_save_options, overwrite: bool) -> dcp_status {
     guard("dcp_save_options_set_overwrite", || {
         mut_arg(opts, "opts")?.inner.overwrite = overwrite;
         Ok(())
@@ -49,10 +46,7 @@ pub unsafe extern "C" fn dcp_save_options_set_overwrite(
 
 /// Writer threads per rank, 1..=1024.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_save_options_set_threads(
-    opts: *mut dcp_save_options,
-    threads: u32,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_save_options_set_threads(opts: *mut dcp_save_options, threads: u32) -> dcp_status {
     guard("dcp_save_options_set_threads", || {
         if !(1..=1024).contains(&threads) {
             return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
@@ -64,10 +58,7 @@ pub unsafe extern "C" fn dcp_save_options_set_threads(
 
 /// Use O_DIRECT for data files where the file system supports it (default on).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_save_options_set_direct_io(
-    opts: *mut dcp_save_options,
-    direct_io: bool,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_save_options_set_direct_io(opts: *mut dcp_save_options, direct_io: bool) -> dcp_status {
     guard("dcp_save_options_set_direct_io", || {
         mut_arg(opts, "opts")?.inner.direct_io = direct_io;
         Ok(())
@@ -99,10 +90,7 @@ pub unsafe extern "C" fn dcp_load_options_free(opts: *mut dcp_load_options) {
 /// global shape. Partial: keys the checkpoint lacks are skipped and listed by
 /// `dcp_state_missing_key` (dtype and shape must still match for keys that exist).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_load_options_set_strict(
-    opts: *mut dcp_load_options,
-    strict: bool,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_load_options_set_strict(opts: *mut dcp_load_options, strict: bool) -> dcp_status {
     guard("dcp_load_options_set_strict", || {
         mut_arg(opts, "opts")?.inner.strict = strict;
         Ok(())
@@ -111,10 +99,7 @@ pub unsafe extern "C" fn dcp_load_options_set_strict(
 
 /// Verify the CRC-32 of everything read (default on).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_load_options_set_verify(
-    opts: *mut dcp_load_options,
-    verify: bool,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_load_options_set_verify(opts: *mut dcp_load_options, verify: bool) -> dcp_status {
     guard("dcp_load_options_set_verify", || {
         mut_arg(opts, "opts")?.inner.verify = verify;
         Ok(())
@@ -123,10 +108,7 @@ pub unsafe extern "C" fn dcp_load_options_set_verify(
 
 /// Reader threads per rank, 1..=1024.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_load_options_set_threads(
-    opts: *mut dcp_load_options,
-    threads: u32,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_load_options_set_threads(opts: *mut dcp_load_options, threads: u32) -> dcp_status {
     guard("dcp_load_options_set_threads", || {
         if !(1..=1024).contains(&threads) {
             return Err(invalid(format!("threads must be 1..=1024, not {threads}")));

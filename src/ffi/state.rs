@@ -1,9 +1,7 @@
-use super::{
-    bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, guard, guard_void, invalid, mut_arg,
-    ref_arg, str_arg, FfiResult,
-};
+use super::{bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::format::metadata::PathPart;
 use crate::format::pyobj::ObjectValue;
+use crate::mesh::Placement;
 use crate::state::State;
 use crate::tensor::{DType, Device, TensorView};
 use std::ffi::{c_char, c_void, CString};
@@ -132,32 +130,71 @@ pub unsafe extern "C" fn dcp_state_add_tensor_chunk(
     })
 }
 
+/// Registers this rank's shard of a tensor laid out over `mesh` by `placements`: one int32 per
+/// mesh dimension, `DCP_REPLICATE`, `DCP_SHARD(d)` (tensor dim `d` split like `torch.chunk`;
+/// shards of one dim on several mesh dims nest left to right, as in DTensor) or
+/// `DCP_STRIDED_SHARD(d)` (applied after the plain shards of later mesh dims: FSDP over tensor
+/// parallelism, torch's `_StridedShard`). The library computes the box this rank holds; the
+/// local tensor (described as in `dcp_state_add_tensor`) must have exactly that shape, else
+/// `DCP_ERROR_INVALID_ARGUMENT` with both shapes in the message. Uneven and empty shards are
+/// fine. Registering the same key with the same mesh and placements on every rank of the mesh
+/// lets saves skip exchanging plans.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_state_add_tensor_sharded(
+    state: *mut dcp_state,
+    fqn: *const c_char,
+    dtype: i32,
+    ndim: i32,
+    sizes: *const i64,
+    strides: *const i64,
+    data: *mut c_void,
+    nbytes: u64,
+    global_shape: *const i64,
+    mesh: *const super::dcp_mesh,
+    placements: *const i32,
+) -> dcp_status {
+    guard("dcp_state_add_tensor_sharded", || {
+        let state = mut_arg(state, "state")?;
+        let fqn = str_arg(fqn, "fqn")?;
+        let mesh = ref_arg(mesh, "mesh")?;
+        if placements.is_null() {
+            return Err(super::null("placements"));
+        }
+        let view = view_arg(dtype, ndim, sizes, strides, data, nbytes)?;
+        let shape = dims_arg(global_shape, ndim, "global_shape")?;
+        let placements: Vec<Placement> = std::slice::from_raw_parts(placements, mesh.mesh.ndim())
+            .iter()
+            .map(|&p| match p {
+                -1 => Ok(Placement::Replicate),
+                d if d >= 0 => Ok(Placement::Shard(d as usize)),
+                d if d <= -2 && d > -(2 + 64) => Ok(Placement::StridedShard((-2 - d) as usize)),
+                other => Err(invalid(format!(
+                    "placement value {other} is not DCP_REPLICATE, DCP_SHARD(d) or DCP_STRIDED_SHARD(d)"
+                ))),
+            })
+            .collect::<FfiResult<_>>()?;
+        state
+            .inner
+            .add_tensor_sharded(fqn, view, &shape, &mesh.mesh, mesh.rank, &placements)?;
+        Ok(())
+    })
+}
+
 /// Registers opaque bytes (saved as a Python `bytes` object). `data` is copied; `(NULL, 0)`
 /// is the empty value.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_add_bytes(
-    state: *mut dcp_state,
-    fqn: *const c_char,
-    data: *const c_void,
-    len: usize,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_add_bytes(state: *mut dcp_state, fqn: *const c_char, data: *const c_void, len: usize) -> dcp_status {
     guard("dcp_state_add_bytes", || {
         let state = mut_arg(state, "state")?;
         let fqn = str_arg(fqn, "fqn")?;
-        state
-            .inner
-            .add_bytes(fqn, bytes_arg(data as *const u8, len, "data")?)?;
+        state.inner.add_bytes(fqn, bytes_arg(data as *const u8, len, "data")?)?;
         Ok(())
     })
 }
 
 /// Registers an integer (saved as a Python `int`).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_add_int(
-    state: *mut dcp_state,
-    fqn: *const c_char,
-    value: i64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_add_int(state: *mut dcp_state, fqn: *const c_char, value: i64) -> dcp_status {
     guard("dcp_state_add_int", || {
         let state = mut_arg(state, "state")?;
         state.inner.add_int(str_arg(fqn, "fqn")?, value)?;
@@ -167,11 +204,7 @@ pub unsafe extern "C" fn dcp_state_add_int(
 
 /// Registers a double (saved as a Python `float`).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_add_double(
-    state: *mut dcp_state,
-    fqn: *const c_char,
-    value: f64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_add_double(state: *mut dcp_state, fqn: *const c_char, value: f64) -> dcp_status {
     guard("dcp_state_add_double", || {
         let state = mut_arg(state, "state")?;
         state.inner.add_float(str_arg(fqn, "fqn")?, value)?;
@@ -182,16 +215,10 @@ pub unsafe extern "C" fn dcp_state_add_double(
 /// Registers a plain Python value written in Python literal syntax, e.g. "(0.9, 0.999)",
 /// "None", "['net1.weight', 'net1.bias']", "{'a': 1}". Saved as that Python object.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_add_literal(
-    state: *mut dcp_state,
-    fqn: *const c_char,
-    literal: *const c_char,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_add_literal(state: *mut dcp_state, fqn: *const c_char, literal: *const c_char) -> dcp_status {
     guard("dcp_state_add_literal", || {
         let state = mut_arg(state, "state")?;
-        state
-            .inner
-            .add_literal(str_arg(fqn, "fqn")?, str_arg(literal, "literal")?)?;
+        state.inner.add_literal(str_arg(fqn, "fqn")?, str_arg(literal, "literal")?)?;
         Ok(())
     })
 }
@@ -199,18 +226,11 @@ pub unsafe extern "C" fn dcp_state_add_literal(
 /// Registers a pickle (any Python object, pickled by the caller) stored as-is. `pickle` is
 /// copied.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_add_pickle(
-    state: *mut dcp_state,
-    fqn: *const c_char,
-    pickle: *const c_void,
-    len: usize,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_add_pickle(state: *mut dcp_state, fqn: *const c_char, pickle: *const c_void, len: usize) -> dcp_status {
     guard("dcp_state_add_pickle", || {
         let state = mut_arg(state, "state")?;
         let fqn = str_arg(fqn, "fqn")?;
-        state
-            .inner
-            .add_pickle(fqn, bytes_arg(pickle as *const u8, len, "pickle")?)?;
+        state.inner.add_pickle(fqn, bytes_arg(pickle as *const u8, len, "pickle")?)?;
         Ok(())
     })
 }
@@ -241,7 +261,11 @@ pub unsafe extern "C" fn dcp_state_set_path(
         for i in 0..nparts {
             let p = str_arg(*parts.add(i), "parts[i]")?;
             if !is_index.is_null() && *is_index.add(i) != 0 {
-                let v: u64 = p.parse().map_err(|_| invalid(format!("path part {i} ({p:?}) is marked as an index but is not a non-negative integer")))?;
+                let v: u64 = p.parse().map_err(|_| {
+                    invalid(format!(
+                        "path part {i} ({p:?}) is marked as an index but is not a non-negative integer"
+                    ))
+                })?;
                 path.push(PathPart::Index(v));
             } else {
                 path.push(PathPart::Key(p.to_string()));
@@ -264,15 +288,9 @@ pub(crate) fn value_kind(v: &ObjectValue) -> i32 {
 /// The kind (`dcp_value_kind`) of a non-tensor entry: what was registered, or after a load,
 /// what the checkpoint holds.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_value_kind(
-    state: *const dcp_state,
-    fqn: *const c_char,
-    kind: *mut i32,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_value_kind(state: *const dcp_state, fqn: *const c_char, kind: *mut i32) -> dcp_status {
     guard("dcp_state_value_kind", || {
-        let v = ref_arg(state, "state")?
-            .inner
-            .object(str_arg(fqn, "fqn")?)?;
+        let v = ref_arg(state, "state")?.inner.object(str_arg(fqn, "fqn")?)?;
         *mut_arg(kind, "kind")? = value_kind(v);
         Ok(())
     })
@@ -281,11 +299,7 @@ pub unsafe extern "C" fn dcp_state_value_kind(
 /// Reads an integer entry. A float entry with an integral value converts; other kinds give
 /// `DCP_ERROR_MISMATCH`.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_get_int(
-    state: *const dcp_state,
-    fqn: *const c_char,
-    value: *mut i64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_get_int(state: *const dcp_state, fqn: *const c_char, value: *mut i64) -> dcp_status {
     guard("dcp_state_get_int", || {
         let fqn = str_arg(fqn, "fqn")?;
         let v = ref_arg(state, "state")?.inner.object(fqn)?;
@@ -298,11 +312,7 @@ pub(crate) fn object_as_int(fqn: &str, v: &ObjectValue) -> FfiResult<i64> {
     match v {
         ObjectValue::Int(i) => Ok(*i),
         ObjectValue::Float(f) if f.fract() == 0.0 && f.abs() < 9.2e18 => Ok(*f as i64),
-        other => Err(crate::Error::mismatch(format!(
-            "key {fqn:?} holds a {}, not an int",
-            other.kind_name()
-        ))
-        .into()),
+        other => Err(crate::Error::mismatch(format!("key {fqn:?} holds a {}, not an int", other.kind_name())).into()),
     }
 }
 
@@ -310,11 +320,7 @@ pub(crate) fn object_as_double(fqn: &str, v: &ObjectValue) -> FfiResult<f64> {
     match v {
         ObjectValue::Float(f) => Ok(*f),
         ObjectValue::Int(i) => Ok(*i as f64),
-        other => Err(crate::Error::mismatch(format!(
-            "key {fqn:?} holds a {}, not a float",
-            other.kind_name()
-        ))
-        .into()),
+        other => Err(crate::Error::mismatch(format!("key {fqn:?} holds a {}, not a float", other.kind_name())).into()),
     }
 }
 
@@ -329,11 +335,7 @@ pub(crate) fn object_bytes(v: &ObjectValue) -> std::borrow::Cow<'_, [u8]> {
 
 /// Reads a double entry (an int entry converts).
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_get_double(
-    state: *const dcp_state,
-    fqn: *const c_char,
-    value: *mut f64,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_get_double(state: *const dcp_state, fqn: *const c_char, value: *mut f64) -> dcp_status {
     guard("dcp_state_get_double", || {
         let fqn = str_arg(fqn, "fqn")?;
         let v = ref_arg(state, "state")?.inner.object(fqn)?;
@@ -356,9 +358,7 @@ pub unsafe extern "C" fn dcp_state_get_bytes(
     kind: *mut i32,
 ) -> dcp_status {
     guard("dcp_state_get_bytes", || {
-        let v = ref_arg(state, "state")?
-            .inner
-            .object(str_arg(fqn, "fqn")?)?;
+        let v = ref_arg(state, "state")?.inner.object(str_arg(fqn, "fqn")?)?;
         if let Some(k) = kind.as_mut() {
             *k = value_kind(v);
         }
@@ -392,20 +392,12 @@ pub(crate) fn literal_of(fqn: &str, v: &ObjectValue) -> FfiResult<String> {
         ObjectValue::Float(f) => PyValue::Float(*f).to_string(),
         ObjectValue::Py(p) => p.to_string(),
         ObjectValue::Pickle(_) => {
-            return Err(crate::Error::unsupported(format!(
-                "key {fqn:?} holds a pickled object that has no literal form"
-            ))
-            .into())
+            return Err(crate::Error::unsupported(format!("key {fqn:?} holds a pickled object that has no literal form")).into())
         }
     })
 }
 
-pub(crate) unsafe fn copy_literal(
-    text: &str,
-    buf: *mut c_char,
-    cap: usize,
-    len: *mut usize,
-) -> FfiResult {
+pub(crate) unsafe fn copy_literal(text: &str, buf: *mut c_char, cap: usize, len: *mut usize) -> FfiResult {
     let mut with_nul = text.as_bytes().to_vec();
     with_nul.push(0);
     let r = copy_out(&with_nul, buf as *mut u8, cap, len);
@@ -417,11 +409,7 @@ pub(crate) unsafe fn copy_literal(
 
 /// Whether the last load filled this entry.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_loaded(
-    state: *const dcp_state,
-    fqn: *const c_char,
-    loaded: *mut bool,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_loaded(state: *const dcp_state, fqn: *const c_char, loaded: *mut bool) -> dcp_status {
     guard("dcp_state_loaded", || {
         let fqn = str_arg(fqn, "fqn")?;
         let e = ref_arg(state, "state")?
@@ -435,10 +423,7 @@ pub unsafe extern "C" fn dcp_state_loaded(
 
 /// Number of registered keys the last (partial) load did not find in the checkpoint.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_num_missing(
-    state: *const dcp_state,
-    n: *mut usize,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_num_missing(state: *const dcp_state, n: *mut usize) -> dcp_status {
     guard("dcp_state_num_missing", || {
         *mut_arg(n, "n")? = ref_arg(state, "state")?.missing_c.len();
         Ok(())
@@ -448,19 +433,13 @@ pub unsafe extern "C" fn dcp_state_num_missing(
 /// The `index`-th missing key. `*key` points into the state and stays valid until the next
 /// load on this state or `dcp_state_free`.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_state_missing_key(
-    state: *const dcp_state,
-    index: usize,
-    key: *mut *const c_char,
-) -> dcp_status {
+pub unsafe extern "C" fn dcp_state_missing_key(state: *const dcp_state, index: usize, key: *mut *const c_char) -> dcp_status {
     guard("dcp_state_missing_key", || {
         let s = ref_arg(state, "state")?;
-        let k = s.missing_c.get(index).ok_or_else(|| {
-            invalid(format!(
-                "index {index} is out of range ({} missing keys)",
-                s.missing_c.len()
-            ))
-        })?;
+        let k = s
+            .missing_c
+            .get(index)
+            .ok_or_else(|| invalid(format!("index {index} is out of range ({} missing keys)", s.missing_c.len())))?;
         *mut_arg(key, "key")? = k.as_ptr();
         Ok(())
     })

@@ -107,12 +107,7 @@ impl MetadataLookup {
     pub fn entry<'m>(&self, md: &'m Metadata, fqn: &str) -> Option<&'m EntryMeta> {
         self.entries.get(fqn).map(|&i| &md.entries[i].1)
     }
-    pub fn storage<'m>(
-        &self,
-        md: &'m Metadata,
-        fqn: &str,
-        offset: Option<&[u64]>,
-    ) -> Option<&'m StorageInfo> {
+    pub fn storage<'m>(&self, md: &'m Metadata, fqn: &str, offset: Option<&[u64]>) -> Option<&'m StorageInfo> {
         self.storage
             .get(&(fqn.to_string(), offset.map(|o| o.to_vec())))
             .map(|&i| &md.storage[i].1)
@@ -204,9 +199,7 @@ impl Encoder {
             self.w.setitems().build();
             self.new_object(FS_MODULE, "_StorageInfo");
             self.w.empty_dict().mark();
-            self.w
-                .str_memo("relative_path")
-                .str_memo(&info.relative_path);
+            self.w.str_memo("relative_path").str_memo(&info.relative_path);
             self.w.str_memo("offset").int(info.offset as i64);
             self.w.str_memo("length").int(info.length as i64);
             self.w.setitems().build();
@@ -296,18 +289,12 @@ struct Decoder<'g> {
 
 impl Decoder<'_> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::corrupt(format!(
-            "{}: not a torch DCP Metadata pickle: {msg}",
-            self.what
-        ))
+        Error::corrupt(format!("{}: not a torch DCP Metadata pickle: {msg}", self.what))
     }
 
     /// An object built by NEWOBJ (or REDUCE) of a class named `class`, returning its state.
     fn object_state(&self, id: NodeId, class: &str) -> Result<Option<NodeId>> {
-        let ((_, name), _, state) = self
-            .g
-            .as_call(id)
-            .ok_or_else(|| self.err(format!("expected a {class} object")))?;
+        let ((_, name), _, state) = self.g.as_call(id).ok_or_else(|| self.err(format!("expected a {class} object")))?;
         if name != class {
             return Err(self.err(format!("expected a {class} object, found {name}")));
         }
@@ -328,10 +315,7 @@ impl Decoder<'_> {
     fn size(&self, id: NodeId, what: &str) -> Result<Vec<u64>> {
         let seq = match self.g.as_call(id) {
             Some(((_, "Size"), args, _)) => {
-                let a = self
-                    .g
-                    .as_seq(args)
-                    .ok_or_else(|| self.err(format!("{what}: bad torch.Size")))?;
+                let a = self.g.as_seq(args).ok_or_else(|| self.err(format!("{what}: bad torch.Size")))?;
                 match a.first() {
                     Some(&inner) => inner,
                     None => return Ok(vec![]),
@@ -339,10 +323,7 @@ impl Decoder<'_> {
             }
             _ => id,
         };
-        let items = self
-            .g
-            .as_seq(seq)
-            .ok_or_else(|| self.err(format!("{what} is not a size")))?;
+        let items = self.g.as_seq(seq).ok_or_else(|| self.err(format!("{what} is not a size")))?;
         items.iter().map(|&i| self.uint(i, what)).collect()
     }
 
@@ -352,11 +333,7 @@ impl Decoder<'_> {
         let sdm = self
             .field(state, "state_dict_metadata")
             .ok_or_else(|| self.err("no state_dict_metadata"))?;
-        for &(k, v) in self
-            .g
-            .as_dict(sdm)
-            .ok_or_else(|| self.err("state_dict_metadata is not a dict"))?
-        {
+        for &(k, v) in self.g.as_dict(sdm).ok_or_else(|| self.err("state_dict_metadata is not a dict"))? {
             let fqn = self
                 .g
                 .as_str(k)
@@ -384,33 +361,19 @@ impl Decoder<'_> {
         }
         if let Some(sd) = self.field(state, "storage_data") {
             if !self.g.is_none(sd) {
-                for &(k, v) in self
-                    .g
-                    .as_dict(sd)
-                    .ok_or_else(|| self.err("storage_data is not a dict"))?
-                {
-                    md.storage
-                        .push((self.storage_index(k)?, self.storage_info(v)?));
+                for &(k, v) in self.g.as_dict(sd).ok_or_else(|| self.err("storage_data is not a dict"))? {
+                    md.storage.push((self.storage_index(k)?, self.storage_info(v)?));
                 }
             }
         }
         if let Some(sm) = self.field(state, "storage_meta") {
             if !self.g.is_none(sm) {
                 let st = self.object_state(sm, "StorageMeta")?;
-                md.checkpoint_id = self
-                    .field(st, "checkpoint_id")
-                    .and_then(|i| self.g.as_str(i))
-                    .map(str::to_string);
-                md.save_id = self
-                    .field(st, "save_id")
-                    .and_then(|i| self.g.as_str(i))
-                    .map(str::to_string);
+                md.checkpoint_id = self.field(st, "checkpoint_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
+                md.save_id = self.field(st, "save_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
             }
         }
-        md.version = self
-            .field(state, "version")
-            .and_then(|i| self.g.as_str(i))
-            .map(str::to_string);
+        md.version = self.field(state, "version").and_then(|i| self.g.as_str(i)).map(str::to_string);
         Ok(md)
     }
 
@@ -431,18 +394,13 @@ impl Decoder<'_> {
                     .as_global(dtype_node)
                     .ok_or_else(|| self.err(format!("{fqn}: dtype is not a torch global")))?;
                 if module != "torch" {
-                    return Err(
-                        self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype"))
-                    );
+                    return Err(self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype")));
                 }
                 let size = self.size(
-                    self.field(state, "size")
-                        .ok_or_else(|| self.err(format!("{fqn}: no size")))?,
+                    self.field(state, "size").ok_or_else(|| self.err(format!("{fqn}: no size")))?,
                     "size",
                 )?;
-                let chunks_node = self
-                    .field(state, "chunks")
-                    .ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
+                let chunks_node = self.field(state, "chunks").ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
                 let mut chunks = Vec::new();
                 for &c in self
                     .g
@@ -517,23 +475,15 @@ impl Decoder<'_> {
             .field(st, "relative_path")
             .and_then(|i| self.g.as_str(i))
             .ok_or_else(|| self.err("_StorageInfo without relative_path"))?;
-        if relative_path.is_empty()
-            || relative_path.contains(['/', '\\', '\0'])
-            || relative_path == "."
-            || relative_path == ".."
-        {
-            return Err(self.err(format!(
-                "storage path {relative_path:?} is not a plain file name"
-            )));
+        if relative_path.is_empty() || relative_path.contains(['/', '\\', '\0']) || relative_path == "." || relative_path == ".." {
+            return Err(self.err(format!("storage path {relative_path:?} is not a plain file name")));
         }
         let offset = self.uint(
-            self.field(st, "offset")
-                .ok_or_else(|| self.err("_StorageInfo without offset"))?,
+            self.field(st, "offset").ok_or_else(|| self.err("_StorageInfo without offset"))?,
             "offset",
         )?;
         let length = self.uint(
-            self.field(st, "length")
-                .ok_or_else(|| self.err("_StorageInfo without length"))?,
+            self.field(st, "length").ok_or_else(|| self.err("_StorageInfo without length"))?,
             "length",
         )?;
         Ok(StorageInfo {
@@ -654,12 +604,7 @@ mod tests {
         let back = Metadata::decode(&bytes, ".metadata").unwrap();
         assert_eq!(back, md);
         let lk = back.index();
-        assert_eq!(
-            lk.storage(&back, "model.w", Some(&[2, 0]))
-                .unwrap()
-                .relative_path,
-            "__1_0.distcp"
-        );
+        assert_eq!(lk.storage(&back, "model.w", Some(&[2, 0])).unwrap().relative_path, "__1_0.distcp");
         assert!(lk.storage(&back, "lr", None).is_some());
         assert!(lk.entry(&back, "nope").is_none());
     }

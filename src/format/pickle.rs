@@ -153,8 +153,7 @@ impl PickleWriter {
         if self.protocol >= 2 {
             self.op(if v { op::NEWTRUE } else { op::NEWFALSE })
         } else {
-            self.out
-                .extend_from_slice(if v { b"I01\n" } else { b"I00\n" });
+            self.out.extend_from_slice(if v { b"I01\n" } else { b"I00\n" });
             self
         }
     }
@@ -197,8 +196,7 @@ impl PickleWriter {
     pub fn str(&mut self, s: &str) -> &mut Self {
         let b = s.as_bytes();
         if b.len() < 256 && self.protocol >= 4 {
-            self.out
-                .extend_from_slice(&[op::SHORT_BINUNICODE, b.len() as u8]);
+            self.out.extend_from_slice(&[op::SHORT_BINUNICODE, b.len() as u8]);
         } else if b.len() <= u32::MAX as usize {
             self.out.push(op::BINUNICODE);
             self.out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -226,8 +224,7 @@ impl PickleWriter {
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
         if self.protocol >= 3 {
             if b.len() < 256 {
-                self.out
-                    .extend_from_slice(&[op::SHORT_BINBYTES, b.len() as u8]);
+                self.out.extend_from_slice(&[op::SHORT_BINBYTES, b.len() as u8]);
             } else if b.len() <= u32::MAX as usize {
                 self.out.push(op::BINBYTES);
                 self.out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -400,33 +397,23 @@ pub fn parse(data: &[u8], what: &str) -> Result<Graph> {
         memo: HashMap::new(),
     };
     let root = vm.run()?;
-    Ok(Graph {
-        nodes: vm.nodes,
-        root,
-    })
+    Ok(Graph { nodes: vm.nodes, root })
 }
 
 impl<'a> Vm<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::corrupt(format!(
-            "{}: invalid pickle at byte {}: {msg}",
-            self.what, self.pos
-        ))
+        Error::corrupt(format!("{}: invalid pickle at byte {}: {msg}", self.what, self.pos))
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| {
-                Error::corrupt(format!(
-                    "{}: pickle truncated: needs {n} bytes at byte {} of {}",
-                    self.what,
-                    self.pos,
-                    self.data.len()
-                ))
-            })?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
+            Error::corrupt(format!(
+                "{}: pickle truncated: needs {n} bytes at byte {} of {}",
+                self.what,
+                self.pos,
+                self.data.len()
+            ))
+        })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -472,16 +459,10 @@ impl<'a> Vm<'a> {
         self.stack.pop().ok_or_else(|| self.err("stack underflow"))
     }
     fn top(&self) -> Result<NodeId> {
-        self.stack
-            .last()
-            .copied()
-            .ok_or_else(|| self.err("stack underflow"))
+        self.stack.last().copied().ok_or_else(|| self.err("stack underflow"))
     }
     fn pop_mark(&mut self) -> Result<Vec<NodeId>> {
-        let m = self
-            .marks
-            .pop()
-            .ok_or_else(|| self.err("no MARK on the stack"))?;
+        let m = self.marks.pop().ok_or_else(|| self.err("no MARK on the stack"))?;
         if m > self.stack.len() {
             return Err(self.err("MARK beyond stack"));
         }
@@ -574,9 +555,7 @@ impl<'a> Vm<'a> {
                 }
                 op::LONG => {
                     let l = self.line()?;
-                    let s = std::str::from_utf8(l)
-                        .map_err(|_| self.err("bad LONG"))?
-                        .trim_end_matches('L');
+                    let s = std::str::from_utf8(l).map_err(|_| self.err("bad LONG"))?.trim_end_matches('L');
                     let v: i64 = s.parse().map_err(|_| self.err("LONG out of range"))?;
                     self.push(Node::Int(v))
                 }
@@ -642,10 +621,7 @@ impl<'a> Vm<'a> {
                 }
                 op::STRING => {
                     let l = self.line()?;
-                    let t = l
-                        .strip_prefix(b"'")
-                        .and_then(|x| x.strip_suffix(b"'"))
-                        .unwrap_or(l);
+                    let t = l.strip_prefix(b"'").and_then(|x| x.strip_suffix(b"'")).unwrap_or(l);
                     self.push(Node::Bytes(t.to_vec()))
                 }
                 op::EMPTY_TUPLE => self.push(Node::Tuple(vec![])),
@@ -708,9 +684,7 @@ impl<'a> Vm<'a> {
                     }
                     let d = self.top()?;
                     match &mut self.nodes[d] {
-                        Node::Dict(existing) => {
-                            existing.extend(items.chunks(2).map(|c| (c[0], c[1])))
-                        }
+                        Node::Dict(existing) => existing.extend(items.chunks(2).map(|c| (c[0], c[1]))),
                         _ => return Err(self.err("SETITEMS on a non-dict")),
                     }
                 }
@@ -737,9 +711,7 @@ impl<'a> Vm<'a> {
                 op::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Node::Str(module), Node::Str(name)) =
-                        (&self.nodes[module], &self.nodes[name])
-                    else {
+                    let (Node::Str(module), Node::Str(name)) = (&self.nodes[module], &self.nodes[name]) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
                     let g = Node::Global {
@@ -899,12 +871,7 @@ impl Graph {
     /// For a REDUCE/NEWOBJ node: the global called, its args node, and the BUILD state.
     pub fn as_call(&self, id: NodeId) -> Option<((&str, &str), NodeId, Option<NodeId>)> {
         match &self.nodes[id] {
-            Node::Call {
-                callable,
-                args,
-                state,
-                ..
-            } => Some((self.as_global(*callable)?, *args, *state)),
+            Node::Call { callable, args, state, .. } => Some((self.as_global(*callable)?, *args, *state)),
             _ => None,
         }
     }
@@ -949,11 +916,7 @@ mod tests {
     #[test]
     fn bytes_proto2_and_proto4() {
         for proto in [2u8, 4] {
-            for b in [
-                vec![],
-                vec![0u8, 1, 0x80, 0xff, b'a'],
-                (0..=255u8).collect::<Vec<_>>(),
-            ] {
+            for b in [vec![], vec![0u8, 1, 0x80, 0xff, b'a'], (0..=255u8).collect::<Vec<_>>()] {
                 let mut w = PickleWriter::new(proto);
                 w.bytes(&b);
                 let out = w.finish();
@@ -963,9 +926,7 @@ mod tests {
                     Node::Call { .. } => {
                         // protocol 2 form: interpreted by pyobj; here check the shape.
                         let ((m, n), _, _) = g.as_call(g.root).unwrap();
-                        assert!(
-                            (m, n) == ("_codecs", "encode") || (m, n) == ("__builtin__", "bytes")
-                        );
+                        assert!((m, n) == ("_codecs", "encode") || (m, n) == ("__builtin__", "bytes"));
                     }
                     other => panic!("unexpected {other:?}"),
                 }
@@ -976,9 +937,7 @@ mod tests {
     #[test]
     fn memo_shares_containers() {
         // outer = [inner] with inner memoized; then inner is fetched again and 7 appended to it.
-        let data = [
-            0x80, 2, b']', b']', b'q', 0, b'a', b'h', 0, b'K', 7, b'a', b'0', b'.',
-        ];
+        let data = [0x80, 2, b']', b']', b'q', 0, b'a', b'h', 0, b'K', 7, b'a', b'0', b'.'];
         let g = parse(&data, "t").unwrap();
         let outer = g.as_seq(g.root).unwrap();
         assert_eq!(outer.len(), 1);
@@ -1012,12 +971,7 @@ mod tests {
         let ((m, n), args, _) = g.as_call(g.root).unwrap();
         assert_eq!((m, n), ("torch", "Size"));
         let inner = g.as_seq(args).unwrap();
-        let dims: Vec<i64> = g
-            .as_seq(inner[0])
-            .unwrap()
-            .iter()
-            .map(|&i| g.as_int(i).unwrap())
-            .collect();
+        let dims: Vec<i64> = g.as_seq(inner[0]).unwrap().iter().map(|&i| g.as_int(i).unwrap()).collect();
         assert_eq!(dims, vec![2, 3]);
     }
 }

@@ -103,18 +103,9 @@ impl PyValue {
             Node::Float(v) => PyValue::Float(*v),
             Node::Str(s) => PyValue::Str(s.clone()),
             Node::Bytes(b) => PyValue::Bytes(b.clone()),
-            Node::Tuple(items) => {
-                PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?)
-            }
-            Node::List(items) => {
-                PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?)
-            }
-            Node::Dict(items) => PyValue::Dict(
-                items
-                    .iter()
-                    .map(|&(k, v)| Some((rec(k)?, rec(v)?)))
-                    .collect::<Option<_>>()?,
-            ),
+            Node::Tuple(items) => PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
+            Node::List(items) => PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
+            Node::Dict(items) => PyValue::Dict(items.iter().map(|&(k, v)| Some((rec(k)?, rec(v)?))).collect::<Option<_>>()?),
             Node::Call { .. } => {
                 let ((module, name), args, state) = g.as_call(id)?;
                 if state.is_some() {
@@ -127,17 +118,14 @@ impl PyValue {
                         if g.as_str(args[1])? != "latin1" {
                             return None;
                         }
-                        let bytes: Option<Vec<u8>> =
-                            text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
+                        let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
                         PyValue::Bytes(bytes?)
                     }
                     ("__builtin__" | "builtins", "bytes", 0) => PyValue::Bytes(vec![]),
-                    ("__builtin__" | "builtins", "bytearray", 1) => {
-                        PyValue::Bytes(match g.node(args[0]) {
-                            Node::Bytes(b) => b.clone(),
-                            _ => return None,
-                        })
-                    }
+                    ("__builtin__" | "builtins", "bytearray", 1) => PyValue::Bytes(match g.node(args[0]) {
+                        Node::Bytes(b) => b.clone(),
+                        _ => return None,
+                    }),
                     _ => return None,
                 }
             }
@@ -251,10 +239,7 @@ struct LiteralParser<'a> {
 
 impl LiteralParser<'_> {
     fn err(&self, msg: &str) -> Error {
-        Error::invalid(format!(
-            "Python literal {:?}: {msg} at character {}",
-            self.text, self.pos
-        ))
+        Error::invalid(format!("Python literal {:?}: {msg} at character {}", self.text, self.pos))
     }
     fn ws(&mut self) {
         while self.pos < self.s.len() && self.s[self.pos].is_ascii_whitespace() {
@@ -389,12 +374,8 @@ impl LiteralParser<'_> {
                 b'0' => out.push(0),
                 b'\\' | b'\'' | b'"' => out.push(e),
                 b'x' => {
-                    let h = self
-                        .s
-                        .get(self.pos..self.pos + 2)
-                        .ok_or_else(|| self.err("short \\x escape"))?;
-                    let v = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16)
-                        .map_err(|_| self.err("bad \\x escape"))?;
+                    let h = self.s.get(self.pos..self.pos + 2).ok_or_else(|| self.err("short \\x escape"))?;
+                    let v = u8::from_str_radix(std::str::from_utf8(h).unwrap_or("zz"), 16).map_err(|_| self.err("bad \\x escape"))?;
                     self.pos += 2;
                     if bytes || v < 0x80 {
                         out.push(v);
@@ -415,11 +396,7 @@ impl LiteralParser<'_> {
         }
         if self.word("inf") {
             let neg = self.s[start] == b'-';
-            return Ok(PyValue::Float(if neg {
-                f64::NEG_INFINITY
-            } else {
-                f64::INFINITY
-            }));
+            return Ok(PyValue::Float(if neg { f64::NEG_INFINITY } else { f64::INFINITY }));
         }
         if self.word("nan") {
             return Ok(PyValue::Float(f64::NAN));
@@ -434,18 +411,14 @@ impl LiteralParser<'_> {
             }
             self.pos += 1;
         }
-        let tok = std::str::from_utf8(&self.s[start..self.pos])
-            .unwrap_or("")
-            .replace('_', "");
+        let tok = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("").replace('_', "");
         if tok.is_empty() || tok == "-" || tok == "+" {
             return Err(self.err("expected a value"));
         }
         if let Ok(v) = tok.parse::<i64>() {
             return Ok(PyValue::Int(v));
         }
-        tok.parse::<f64>()
-            .map(PyValue::Float)
-            .map_err(|_| self.err("not a number"))
+        tok.parse::<f64>().map(PyValue::Float).map_err(|_| self.err("not a number"))
     }
 }
 
@@ -470,10 +443,7 @@ mod tests {
             (PyValue::Str("none".into()), PyValue::None),
             (PyValue::Str("flag".into()), PyValue::Bool(true)),
             (PyValue::Str("big".into()), PyValue::Int(-(1 << 50))),
-            (
-                PyValue::Str("t4".into()),
-                PyValue::Tuple((0..5).map(PyValue::Int).collect()),
-            ),
+            (PyValue::Str("t4".into()), PyValue::Tuple((0..5).map(PyValue::Int).collect())),
         ]);
         let p = v.to_pickle();
         assert_eq!(PyValue::from_pickle(&p, "t").unwrap(), Some(v));
@@ -498,10 +468,7 @@ mod tests {
             assert_eq!(v, again, "{text} -> {v}");
         }
         assert_eq!(PyValue::parse_literal("(5)").unwrap(), PyValue::Int(5));
-        assert_eq!(
-            PyValue::parse_literal("1e-08").unwrap(),
-            PyValue::Float(1e-8)
-        );
+        assert_eq!(PyValue::parse_literal("1e-08").unwrap(), PyValue::Float(1e-8));
         assert!(PyValue::parse_literal("[1, 2").is_err());
         assert!(PyValue::parse_literal("foo").is_err());
         assert!(PyValue::parse_literal("1 2").is_err());
@@ -510,9 +477,7 @@ mod tests {
     #[test]
     fn objects_are_not_plain_values() {
         let mut w = PickleWriter::new(2);
-        w.global("collections", "OrderedDict")
-            .empty_tuple()
-            .reduce();
+        w.global("collections", "OrderedDict").empty_tuple().reduce();
         assert_eq!(PyValue::from_pickle(&w.finish(), "t").unwrap(), None);
     }
 }

@@ -82,37 +82,25 @@ impl Sidecar {
         let n = u64::from_le_bytes(data[12..20].try_into().unwrap());
         ensure!(
             n == data.len() as u64 - 24,
-            bad(&format!(
-                "payload length {n} does not match the file ({} bytes)",
-                data.len()
-            ))
+            bad(&format!("payload length {n} does not match the file ({} bytes)", data.len()))
         );
         let payload = &data[20..data.len() - 4];
         let crc = u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap());
         ensure!(
             crc32fast::hash(payload) == crc,
-            Error::new(
-                ErrorKind::Checksum,
-                format!("{what}: sidecar CRC-32 mismatch")
-            )
+            Error::new(ErrorKind::Checksum, format!("{what}: sidecar CRC-32 mismatch"))
         );
         let s: Sidecar = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
         ensure!(
             s.format_version == FORMAT_VERSION,
             Error::new(
                 ErrorKind::Unsupported,
-                format!(
-                    "{what}: sidecar format version {} is not supported",
-                    s.format_version
-                )
+                format!("{what}: sidecar format version {} is not supported", s.format_version)
             )
         );
         ensure!(s.block_size > 0, bad("zero block size"));
         for b in &s.blocks {
-            ensure!(
-                (b.file as usize) < s.files.len(),
-                bad("block record names a missing file")
-            );
+            ensure!((b.file as usize) < s.files.len(), bad("block record names a missing file"));
             ensure!(
                 b.crcs.len() as u64 == b.payload_len.div_ceil(s.block_size),
                 bad("block count does not match payload length")
@@ -169,10 +157,7 @@ mod tests {
         for i in 0..enc.len() {
             let mut m = enc.clone();
             m[i] ^= 0x01;
-            assert!(
-                Sidecar::decode(&m, "t").is_err(),
-                "flip at {i} not detected"
-            );
+            assert!(Sidecar::decode(&m, "t").is_err(), "flip at {i} not detected");
         }
         for cut in 0..enc.len() {
             assert!(Sidecar::decode(&enc[..cut], "t").is_err());
@@ -183,9 +168,6 @@ mod tests {
     fn newer_version_is_unsupported() {
         let mut s = sample();
         s.format_version = 99;
-        assert_eq!(
-            Sidecar::decode(&s.encode(), "t").unwrap_err().kind(),
-            ErrorKind::Unsupported
-        );
+        assert_eq!(Sidecar::decode(&s.encode(), "t").unwrap_err().kind(), ErrorKind::Unsupported);
     }
 }

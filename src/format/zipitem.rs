@@ -153,11 +153,7 @@ impl ZipBuilder {
                 crc_at = Some(self.out.len() + cd.len());
             }
             put32(&mut cd, e.crc);
-            let sz = if big_size {
-                U32_MAX as u32
-            } else {
-                e.size as u32
-            };
+            let sz = if big_size { U32_MAX as u32 } else { e.size as u32 };
             put32(&mut cd, sz);
             put32(&mut cd, sz);
             put16(&mut cd, e.name.len() as u16);
@@ -166,14 +162,7 @@ impl ZipBuilder {
             put16(&mut cd, 0); // disk
             put16(&mut cd, 0); // internal attributes
             put32(&mut cd, 0); // external attributes
-            put32(
-                &mut cd,
-                if big_offset {
-                    U32_MAX as u32
-                } else {
-                    e.header_offset as u32
-                },
-            );
+            put32(&mut cd, if big_offset { U32_MAX as u32 } else { e.header_offset as u32 });
             cd.extend_from_slice(e.name.as_bytes());
             cd.extend_from_slice(&extra);
         }
@@ -235,14 +224,7 @@ pub fn tensor_pickle(dtype: DType, sizes: &[u64]) -> Vec<u8> {
     let strides = contiguous_strides(sizes);
     let mut w = PickleWriter::new(2);
     let v3 = dtype.storage_name().is_none();
-    w.global(
-        "torch._utils",
-        if v3 {
-            "_rebuild_tensor_v3"
-        } else {
-            "_rebuild_tensor_v2"
-        },
-    );
+    w.global("torch._utils", if v3 { "_rebuild_tensor_v3" } else { "_rebuild_tensor_v2" });
     w.mark();
     w.mark();
     w.str("storage");
@@ -255,11 +237,7 @@ pub fn tensor_pickle(dtype: DType, sizes: &[u64]) -> Vec<u8> {
     w.memoize();
     w.str("cpu");
     w.memoize();
-    w.int(if v3 {
-        (numel * dtype.size() as u64) as i64
-    } else {
-        numel as i64
-    });
+    w.int(if v3 { (numel * dtype.size() as u64) as i64 } else { numel as i64 });
     w.tuple(5); // ('storage', type, key, location, numel)
     w.memoize();
     w.binpersid();
@@ -295,13 +273,7 @@ pub struct TensorItemLayout {
 impl TensorItemLayout {
     /// `item_start` is the item's offset in its file; the payload starts on a multiple of
     /// `payload_align` in the file.
-    pub fn new(
-        dtype: DType,
-        sizes: &[u64],
-        item_start: u64,
-        payload_align: u64,
-        seed: u64,
-    ) -> Self {
+    pub fn new(dtype: DType, sizes: &[u64], item_start: u64, payload_align: u64, seed: u64) -> Self {
         let payload_len = sizes.iter().product::<u64>() * dtype.size() as u64;
         let mut z = ZipBuilder::new(item_start);
         z.small_record(&rec("data.pkl"), &tensor_pickle(dtype, sizes));
@@ -320,13 +292,8 @@ impl TensorItemLayout {
             crc: 0,
         });
         z.small_record(&rec("version"), b"3\n");
-        z.small_record(
-            &rec(".data/serialization_id"),
-            serialization_id(seed).as_bytes(),
-        );
-        let crc_cd = z
-            .finish(Some(&rec("data/0")))
-            .expect("data/0 is in the directory");
+        z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
+        let crc_cd = z.finish(Some(&rec("data/0"))).expect("data/0 is in the directory");
         TensorItemLayout {
             prefix,
             payload_len,
@@ -362,10 +329,7 @@ pub fn object_item(value: &ObjectValue, seed: u64) -> Vec<u8> {
     z.small_record(&rec(".storage_alignment"), b"64");
     z.small_record(&rec("byteorder"), b"little");
     z.small_record(&rec("version"), b"3\n");
-    z.small_record(
-        &rec(".data/serialization_id"),
-        serialization_id(seed).as_bytes(),
-    );
+    z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
     z.finish(None);
     z.out
 }
@@ -406,10 +370,7 @@ pub struct CdLocation {
 /// Finds the end records in `tail` (the last bytes of an archive of `len` bytes).
 pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdLocation> {
     let bad = |m: &str| Error::corrupt(format!("{what}: not a valid torch.save archive: {m}"));
-    ensure!(
-        tail.len() >= 22 && tail.len() as u64 <= len,
-        bad("too short for a zip end record")
-    );
+    ensure!(tail.len() >= 22 && tail.len() as u64 <= len, bad("too short for a zip end record"));
     let tail_start = len - tail.len() as u64;
     // The end record is 22 bytes plus a comment of at most 65535 bytes.
     let lowest = tail.len().saturating_sub(22 + 0xffff);
@@ -438,10 +399,7 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
             bad("zip64 end record outside the archive tail")
         );
         let r = (eocd64 - tail_start) as usize;
-        ensure!(
-            r + 56 <= tail.len() && le32(tail, r) == EOCD64_SIG,
-            bad("bad zip64 end record")
-        );
+        ensure!(r + 56 <= tail.len() && le32(tail, r) == EOCD64_SIG, bad("bad zip64 end record"));
         loc = CdLocation {
             count: le64(tail, r + 32),
             size: le64(tail, r + 40),
@@ -449,37 +407,24 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
         };
     }
     ensure!(
-        loc.offset
-            .checked_add(loc.size)
-            .is_some_and(|end| end <= len),
+        loc.offset.checked_add(loc.size).is_some_and(|end| end <= len),
         bad(&format!(
             "central directory at {} (+{}) lies outside the {len}-byte archive",
             loc.offset, loc.size
         ))
     );
-    ensure!(
-        loc.count <= loc.size / 46,
-        bad("central directory entry count exceeds its size")
-    );
+    ensure!(loc.count <= loc.size / 46, bad("central directory entry count exceeds its size"));
     Ok(loc)
 }
 
 /// Parses the central directory bytes.
-pub fn parse_central_directory(
-    cd: &[u8],
-    loc: CdLocation,
-    len: u64,
-    what: &str,
-) -> Result<Vec<ZipEntry>> {
+pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str) -> Result<Vec<ZipEntry>> {
     let bad = |m: String| Error::corrupt(format!("{what}: bad zip central directory: {m}"));
     let mut entries = Vec::with_capacity(loc.count as usize);
     let mut p = 0usize;
     for i in 0..loc.count {
         if p + 46 > cd.len() || le32(cd, p) != CENTRAL_SIG {
-            return Err(bad(format!(
-                "entry {i} at {} has no signature",
-                loc.offset + p as u64
-            )));
+            return Err(bad(format!("entry {i} at {} has no signature", loc.offset + p as u64)));
         }
         let method = le16(cd, p + 10);
         let crc = le32(cd, p + 16);
@@ -493,8 +438,7 @@ pub fn parse_central_directory(
         if end > cd.len() {
             return Err(bad(format!("entry {i} overruns the directory")));
         }
-        let name = String::from_utf8(cd[p + 46..p + 46 + nlen].to_vec())
-            .map_err(|_| bad(format!("entry {i} name is not UTF-8")))?;
+        let name = String::from_utf8(cd[p + 46..p + 46 + nlen].to_vec()).map_err(|_| bad(format!("entry {i} name is not UTF-8")))?;
         // zip64 extended information replaces fields that are 0xffffffff, in this order.
         let mut x = p + 46 + nlen;
         let xend = x + elen;
@@ -539,15 +483,10 @@ pub fn parse_central_directory(
 /// bytes).
 pub fn local_data_offset(header: &[u8], entry: &ZipEntry, len: u64, what: &str) -> Result<u64> {
     let bad = |m: &str| Error::corrupt(format!("{what}: record {}: {m}", entry.name));
+    ensure!(header.len() >= 30 && le32(header, 0) == LOCAL_SIG, bad("no local header signature"));
+    let off = entry.header_offset + LOCAL_HEADER_LEN + le16(header, 26) as u64 + le16(header, 28) as u64;
     ensure!(
-        header.len() >= 30 && le32(header, 0) == LOCAL_SIG,
-        bad("no local header signature")
-    );
-    let off =
-        entry.header_offset + LOCAL_HEADER_LEN + le16(header, 26) as u64 + le16(header, 28) as u64;
-    ensure!(
-        off.checked_add(entry.compressed_size)
-            .is_some_and(|e| e <= len),
+        off.checked_add(entry.compressed_size).is_some_and(|e| e <= len),
         bad("data runs past the end of the item")
     );
     Ok(off)
@@ -599,9 +538,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     let fetch = |off: u64, n: u64| -> Result<Vec<u8>> {
         ensure!(
             off.checked_add(n).is_some_and(|e| e <= len),
-            Error::corrupt(format!(
-                "{what}: range {off}+{n} outside the {len}-byte item"
-            ))
+            Error::corrupt(format!("{what}: range {off}+{n} outside the {len}-byte item"))
         );
         if off + n <= head.len() as u64 {
             return Ok(head[off as usize..(off + n) as usize].to_vec());
@@ -628,10 +565,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         pkl.size <= 1 << 30,
         Error::corrupt(format!("{what}: data.pkl of {} bytes", pkl.size))
     );
-    let lh = fetch(
-        pkl.header_offset,
-        LOCAL_HEADER_LEN.min(len - pkl.header_offset),
-    )?;
+    let lh = fetch(pkl.header_offset, LOCAL_HEADER_LEN.min(len - pkl.header_offset))?;
     let pkl_off = local_data_offset(&lh, pkl, len, what)?;
     let pkl_bytes = fetch(pkl_off, pkl.size)?;
     let crc = crc32fast::hash(&pkl_bytes);
@@ -639,76 +573,43 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         crc == pkl.crc,
         Error::new(
             crate::error::ErrorKind::Checksum,
-            format!("{what}: data.pkl at item offset {pkl_off}: CRC-32 {crc:08x} does not match the recorded {:08x}", pkl.crc)
+            format!(
+                "{what}: data.pkl at item offset {pkl_off}: CRC-32 {crc:08x} does not match the recorded {:08x}",
+                pkl.crc
+            )
         )
     );
     let graph = pickle::parse(&pkl_bytes, what)?;
     let Some(((module, func), args, _)) = graph.as_call(graph.root) else {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(
-            &pkl_bytes, what,
-        )?));
+        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
     };
     if module != "torch._utils" || !func.starts_with("_rebuild_tensor") {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(
-            &pkl_bytes, what,
-        )?));
+        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
     }
     let bad = |m: &str| Error::corrupt(format!("{what}: tensor pickle: {m}"));
-    let args = graph
-        .as_seq(args)
-        .ok_or_else(|| bad("arguments are not a tuple"))?;
+    let args = graph.as_seq(args).ok_or_else(|| bad("arguments are not a tuple"))?;
     ensure!(args.len() >= 4, bad("too few arguments"));
     let pid = match graph.node(args[0]) {
         pickle::Node::PersId(p) => *p,
         _ => return Err(bad("first argument is not a storage reference")),
     };
-    let pid = graph
-        .as_seq(pid)
-        .ok_or_else(|| bad("storage reference is not a tuple"))?;
+    let pid = graph.as_seq(pid).ok_or_else(|| bad("storage reference is not a tuple"))?;
     ensure!(pid.len() >= 5, bad("short storage reference"));
-    let (_, storage_class) = graph
-        .as_global(pid[1])
-        .ok_or_else(|| bad("storage type is not a global"))?;
-    let key = graph
-        .as_str(pid[2])
-        .ok_or_else(|| bad("storage key is not a str"))?;
-    let uint = |id: usize, m: &str| {
-        graph
-            .as_int(id)
-            .and_then(|v| u64::try_from(v).ok())
-            .ok_or_else(|| bad(m))
-    };
-    let seq = |id: usize, m: &str| -> Result<Vec<u64>> {
-        graph
-            .as_seq(id)
-            .ok_or_else(|| bad(m))?
-            .iter()
-            .map(|&i| uint(i, m))
-            .collect()
-    };
+    let (_, storage_class) = graph.as_global(pid[1]).ok_or_else(|| bad("storage type is not a global"))?;
+    let key = graph.as_str(pid[2]).ok_or_else(|| bad("storage key is not a str"))?;
+    let uint = |id: usize, m: &str| graph.as_int(id).and_then(|v| u64::try_from(v).ok()).ok_or_else(|| bad(m));
+    let seq = |id: usize, m: &str| -> Result<Vec<u64>> { graph.as_seq(id).ok_or_else(|| bad(m))?.iter().map(|&i| uint(i, m)).collect() };
     let storage_offset = uint(args[1], "storage offset")?;
     let sizes = seq(args[2], "sizes")?;
     let strides = seq(args[3], "strides")?;
-    ensure!(
-        sizes.len() == strides.len(),
-        bad("sizes and strides differ in rank")
-    );
+    ensure!(sizes.len() == strides.len(), bad("sizes and strides differ in rank"));
     let dtype = if func == "_rebuild_tensor_v3" {
-        let d = args
-            .get(6)
-            .ok_or_else(|| bad("_rebuild_tensor_v3 without a dtype"))?;
-        let (_, name) = graph
-            .as_global(*d)
-            .ok_or_else(|| bad("dtype is not a global"))?;
-        DType::from_torch_name(name).ok_or_else(|| {
-            Error::unsupported(format!("{what}: dtype torch.{name} is not supported"))
-        })?
+        let d = args.get(6).ok_or_else(|| bad("_rebuild_tensor_v3 without a dtype"))?;
+        let (_, name) = graph.as_global(*d).ok_or_else(|| bad("dtype is not a global"))?;
+        DType::from_torch_name(name).ok_or_else(|| Error::unsupported(format!("{what}: dtype torch.{name} is not supported")))?
     } else {
-        DType::from_storage_name(storage_class).ok_or_else(|| {
-            Error::unsupported(format!(
-                "{what}: storage type torch.{storage_class} is not supported"
-            ))
-        })?
+        DType::from_storage_name(storage_class)
+            .ok_or_else(|| Error::unsupported(format!("{what}: storage type torch.{storage_class} is not supported")))?
     };
     let storage_name = format!("{archive}data/{key}");
     let st = entries
@@ -717,24 +618,16 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         .ok_or_else(|| bad(&format!("no record {storage_name}")))?;
     ensure!(
         st.method == 0,
-        Error::unsupported(format!(
-            "{what}: compressed tensor storage is not supported"
-        ))
+        Error::unsupported(format!("{what}: compressed tensor storage is not supported"))
     );
-    let lh = fetch(
-        st.header_offset,
-        LOCAL_HEADER_LEN.min(len - st.header_offset),
-    )?;
+    let lh = fetch(st.header_offset, LOCAL_HEADER_LEN.min(len - st.header_offset))?;
     let data_offset = local_data_offset(&lh, st, len, what)?;
     let extent = crate::tensor::strided_extent_bytes(&sizes, &strides, dtype.size())?;
     let offset_bytes = storage_offset
         .checked_mul(dtype.size() as u64)
         .ok_or_else(|| bad("storage offset overflows"))?;
     ensure!(
-        extent == 0
-            || offset_bytes
-                .checked_add(extent)
-                .is_some_and(|e| e <= st.size),
+        extent == 0 || offset_bytes.checked_add(extent).is_some_and(|e| e <= st.size),
         bad(&format!(
             "view of {extent} bytes at offset {offset_bytes} exceeds the {}-byte storage",
             st.size
@@ -789,10 +682,7 @@ mod tests {
                     assert_eq!(t.dtype, dtype);
                     assert_eq!(t.sizes, sizes);
                     assert_eq!(t.data_len as usize, n);
-                    assert_eq!(
-                        &item[t.data_offset as usize..t.data_offset as usize + n],
-                        &payload[..]
-                    );
+                    assert_eq!(&item[t.data_offset as usize..t.data_offset as usize + n], &payload[..]);
                     assert_eq!(t.crc, crc32fast::hash(&payload));
                 }
                 other => panic!("{other:?}"),
@@ -838,16 +728,12 @@ mod tests {
         let len = l.len();
         let tail_start = len - trailer.len() as u64;
         let loc = locate_central_directory(&trailer, len, "t").unwrap();
-        let cd = &trailer
-            [(loc.offset - tail_start) as usize..(loc.offset - tail_start + loc.size) as usize];
+        let cd = &trailer[(loc.offset - tail_start) as usize..(loc.offset - tail_start + loc.size) as usize];
         let entries = parse_central_directory(cd, loc, len, "t").unwrap();
         let data = entries.iter().find(|e| e.name == "archive/data/0").unwrap();
         assert_eq!(data.size, 5 << 30);
         assert_eq!(data.crc, 0xdeadbeef);
-        let version = entries
-            .iter()
-            .find(|e| e.name == "archive/version")
-            .unwrap();
+        let version = entries.iter().find(|e| e.name == "archive/version").unwrap();
         assert!(version.header_offset > 5 << 30);
     }
 }

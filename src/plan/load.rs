@@ -37,8 +37,7 @@ impl LoadPlan {
             .iter()
             .map(|c| match lookup.entry(md, &c.fqn) {
                 Some(EntryMeta::Tensor(t)) => {
-                    c.targets.iter().map(|(_, r)| r.numel()).sum::<u64>()
-                        * t.dtype.map_or(1, |d| d.size() as u64)
+                    c.targets.iter().map(|(_, r)| r.numel()).sum::<u64>() * t.dtype.map_or(1, |d| d.size() as u64)
                 }
                 _ => 0,
             })
@@ -46,30 +45,25 @@ impl LoadPlan {
     }
 }
 
-pub fn plan_load(
-    state: &State,
-    md: &Metadata,
-    lookup: &MetadataLookup,
-    strict: bool,
-) -> Result<LoadPlan> {
+pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: bool) -> Result<LoadPlan> {
     let mut plan = LoadPlan::default();
     for (ei, e) in state.entries().iter().enumerate() {
         let Some(meta) = lookup.entry(md, &e.fqn) else {
             ensure!(
                 !strict,
-                Error::not_found(format!(
-                    "key {:?} is not in the checkpoint (strict load)",
-                    e.fqn
-                ))
+                Error::not_found(format!("key {:?} is not in the checkpoint (strict load)", e.fqn))
             );
             plan.missing.push(e.fqn.clone());
             continue;
         };
         match (&e.value, meta) {
             (EntryValue::Object(_), EntryMeta::Bytes) => {
-                let storage = lookup
-                    .storage(md, &e.fqn, None)
-                    .ok_or_else(|| Error::corrupt(format!("key {:?}: the checkpoint metadata lists it but has no storage entry for it", e.fqn)))?;
+                let storage = lookup.storage(md, &e.fqn, None).ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "key {:?}: the checkpoint metadata lists it but has no storage entry for it",
+                        e.fqn
+                    ))
+                })?;
                 plan.objects.push(ObjectRead {
                     entry: ei,
                     fqn: e.fqn.clone(),
@@ -100,14 +94,12 @@ pub fn plan_load(
                         continue;
                     };
                     covered += overlap.numel();
-                    let storage = lookup
-                        .storage(md, &e.fqn, Some(&chunk.offsets))
-                        .ok_or_else(|| {
-                            Error::corrupt(format!(
-                                "key {:?}: no storage entry for the chunk at offsets {:?}",
-                                e.fqn, chunk.offsets
-                            ))
-                        })?;
+                    let storage = lookup.storage(md, &e.fqn, Some(&chunk.offsets)).ok_or_else(|| {
+                        Error::corrupt(format!(
+                            "key {:?}: no storage entry for the chunk at offsets {:?}",
+                            e.fqn, chunk.offsets
+                        ))
+                    })?;
                     plan.chunks.push(ChunkRead {
                         fqn: e.fqn.clone(),
                         chunk: chunk.clone(),
@@ -141,9 +133,7 @@ pub fn plan_load(
         }
     }
     // Read in file order: fewer seeks, and neighbouring items share read-ahead.
-    plan.chunks.sort_by(|a, b| {
-        (&a.storage.relative_path, a.storage.offset)
-            .cmp(&(&b.storage.relative_path, b.storage.offset))
-    });
+    plan.chunks
+        .sort_by(|a, b| (&a.storage.relative_path, a.storage.offset).cmp(&(&b.storage.relative_path, b.storage.offset)));
     Ok(plan)
 }

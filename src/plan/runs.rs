@@ -33,11 +33,7 @@ impl Run {
     /// Splits the run so that the first part's elements start before `bound` on side a
     /// (`on_a`) or side b; returns (before, after).
     pub fn split(self, bound: u64, on_a: bool) -> (Option<Run>, Option<Run>) {
-        let (start, step) = if on_a {
-            (self.a, self.a_step)
-        } else {
-            (self.b, self.b_step)
-        };
+        let (start, step) = if on_a { (self.a, self.a_step) } else { (self.b, self.b_step) };
         if bound <= start {
             return (None, Some(self));
         }
@@ -64,25 +60,14 @@ impl Run {
     /// # Safety
     /// Every element addressed from `a_base`/`b_base` by the run must be valid memory and the
     /// two sides must not overlap.
-    pub unsafe fn copy(
-        &self,
-        a_base: *const u8,
-        b_base: *mut u8,
-        elem: u64,
-        a_origin: u64,
-        b_origin: u64,
-    ) {
+    pub unsafe fn copy(&self, a_base: *const u8, b_base: *mut u8, elem: u64, a_origin: u64, b_origin: u64) {
         let src = a_base.add((self.a - a_origin) as usize);
         let dst = b_base.add((self.b - b_origin) as usize);
         if self.a_step == elem && self.b_step == elem {
             std::ptr::copy_nonoverlapping(src, dst, (self.count * elem) as usize);
         } else {
             for i in 0..self.count as usize {
-                std::ptr::copy_nonoverlapping(
-                    src.add(i * self.a_step as usize),
-                    dst.add(i * self.b_step as usize),
-                    elem as usize,
-                );
+                std::ptr::copy_nonoverlapping(src.add(i * self.a_step as usize), dst.add(i * self.b_step as usize), elem as usize);
             }
         }
     }
@@ -98,14 +83,7 @@ pub struct BoxRuns {
 
 impl BoxRuns {
     /// `sizes` of the box; byte strides on each side; byte offsets of the box's first element.
-    pub fn new(
-        sizes: &[u64],
-        a_strides: &[u64],
-        b_strides: &[u64],
-        a_base: u64,
-        b_base: u64,
-        elem: u64,
-    ) -> BoxRuns {
+    pub fn new(sizes: &[u64], a_strides: &[u64], b_strides: &[u64], a_base: u64, b_base: u64, elem: u64) -> BoxRuns {
         let empty = sizes.iter().any(|&s| s == 0);
         let mut dims: Vec<(u64, u64, u64)> = sizes
             .iter()
@@ -142,11 +120,7 @@ impl BoxRuns {
                 b_step: b,
             }
         };
-        let inner = if empty {
-            Run { count: 0, ..inner }
-        } else {
-            inner
-        };
+        let inner = if empty { Run { count: 0, ..inner } } else { inner };
         BoxRuns {
             outer: if empty { vec![] } else { dims },
             inner,
@@ -193,10 +167,7 @@ impl BoxRuns {
 
 /// Row-major byte strides of a dense array of `sizes`.
 pub fn dense_byte_strides(sizes: &[u64], elem: u64) -> Vec<u64> {
-    crate::tensor::contiguous_strides(sizes)
-        .into_iter()
-        .map(|s| s * elem)
-        .collect()
+    crate::tensor::contiguous_strides(sizes).into_iter().map(|s| s * elem).collect()
 }
 
 #[cfg(test)]
@@ -273,10 +244,7 @@ mod tests {
 
     #[test]
     fn empty_and_scalar() {
-        assert_eq!(
-            BoxRuns::new(&[0, 3], &[3, 1], &[3, 1], 0, 0, 4).num_runs(),
-            0
-        );
+        assert_eq!(BoxRuns::new(&[0, 3], &[3, 1], &[3, 1], 0, 0, 4).num_runs(), 0);
         let r = BoxRuns::new(&[], &[], &[], 8, 16, 8);
         assert_eq!(
             collect(&r),

@@ -1,21 +1,38 @@
-//! Save planning. Each rank describes what it holds (a [`LocalPlan`]); the plans are exchanged
-//! once; every rank computes the same [`GlobalPlan`] from them: replicated chunks are written
-//! once, by the holder with the fewest bytes assigned so far, so writes balance across ranks.
+//! Save planning. Each rank describes what it holds (a [`LocalPlan`]); every rank computes the
+//! same [`GlobalPlan`]: replicated chunks are written once, by one of their holders, so that
+//! writes balance across ranks.
+//!
+//! Two ways to the global plan:
+//! - Uniform: every rank's local plan is the same (SPMD layouts registered with meshes and
+//!   placements, replicated tensors, objects everywhere). Each rank builds the plan from its own
+//!   local plan in O(keys); nothing but a hash is exchanged. Writers of sharded tensors follow a
+//!   rotation over each replica group, so no rank needs every chunk.
+//! - Per rank: otherwise the local plans are all-gathered and merged; chunks held by several
+//!   ranks go to the holder with the fewest bytes so far (largest chunks first).
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
+use crate::mesh::{region_at, DeviceMesh, Placement};
 use crate::region::Region;
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LocalKind {
+    /// A box given explicitly (or a whole tensor).
     Tensor {
-        dtype: i32,
+        dtype: DType,
         global_shape: Vec<u64>,
         region: Region,
+    },
+    /// A shard given by a mesh (index into [`LocalPlan::meshes`]) and placements.
+    Sharded {
+        dtype: DType,
+        global_shape: Vec<u64>,
+        mesh: u32,
+        placements: Vec<Placement>,
     },
     Object,
 }
@@ -27,32 +44,55 @@ pub struct LocalItem {
     pub kind: LocalKind,
 }
 
-/// What one rank holds, sorted by key.
+/// What one rank holds, sorted by key; meshes are listed once.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LocalPlan {
+    pub meshes: Vec<DeviceMesh>,
     pub items: Vec<LocalItem>,
 }
 
 impl LocalPlan {
     pub fn from_state(state: &State) -> LocalPlan {
-        let mut items: Vec<LocalItem> = state
-            .entries()
-            .iter()
-            .map(|e| LocalItem {
-                fqn: e.fqn.clone(),
-                path: e.path.clone().unwrap_or_else(|| default_path(&e.fqn)),
-                kind: match &e.value {
-                    EntryValue::Tensor(t) => LocalKind::Tensor {
-                        dtype: t.view.dtype() as i32,
+        let mut meshes: Vec<DeviceMesh> = Vec::new();
+        let mut mesh_index: HashMap<*const DeviceMesh, u32> = HashMap::new();
+        let mut items: Vec<LocalItem> = Vec::with_capacity(state.len());
+        for e in state.entries() {
+            let kind = match &e.value {
+                EntryValue::Tensor(t) => match &t.sharding {
+                    Some(sh) => {
+                        let key: *const DeviceMesh = &sh.mesh;
+                        let idx = *mesh_index
+                            .entry(key)
+                            .or_insert_with(|| match meshes.iter().position(|m| *m == sh.mesh) {
+                                Some(i) => i as u32,
+                                None => {
+                                    meshes.push(sh.mesh.clone());
+                                    meshes.len() as u32 - 1
+                                }
+                            });
+                        LocalKind::Sharded {
+                            dtype: t.view.dtype(),
+                            global_shape: t.global_shape.clone(),
+                            mesh: idx,
+                            placements: sh.placements.clone(),
+                        }
+                    }
+                    None => LocalKind::Tensor {
+                        dtype: t.view.dtype(),
                         global_shape: t.global_shape.clone(),
                         region: t.region.clone(),
                     },
-                    EntryValue::Object(_) => LocalKind::Object,
                 },
-            })
-            .collect();
+                EntryValue::Object(_) => LocalKind::Object,
+            };
+            items.push(LocalItem {
+                fqn: e.fqn.clone(),
+                path: e.path.clone().unwrap_or_else(|| default_path(&e.fqn)),
+                kind,
+            });
+        }
         items.sort_by(|a, b| a.fqn.cmp(&b.fqn));
-        LocalPlan { items }
+        LocalPlan { meshes, items }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -60,8 +100,7 @@ impl LocalPlan {
     }
 
     pub fn decode(data: &[u8], rank: usize) -> Result<LocalPlan> {
-        postcard::from_bytes(data)
-            .map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
+        postcard::from_bytes(data).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
     }
 }
 
@@ -72,12 +111,27 @@ pub struct PlannedChunk {
     pub writer: u32,
 }
 
+/// A tensor sharded over a mesh, held by every rank of the mesh: chunks and writers follow from
+/// the placements.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardedTensor {
+    pub mesh: u32,
+    pub placements: Vec<Placement>,
+    /// Rotates which replica writes, so replicated shards spread over the replica group.
+    pub rotation: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GlobalKind {
     Tensor {
         dtype: DType,
         global_shape: Vec<u64>,
         chunks: Vec<PlannedChunk>,
+    },
+    Sharded {
+        dtype: DType,
+        global_shape: Vec<u64>,
+        spec: ShardedTensor,
     },
     Object {
         writer: u32,
@@ -95,29 +149,191 @@ pub struct GlobalEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GlobalPlan {
     pub world_size: u32,
+    pub meshes: Vec<DeviceMesh>,
     /// Sorted by key.
     pub entries: Vec<GlobalEntry>,
 }
 
+/// What a rank contributes to the plan: its own plan when all are the same, or all of them.
+pub enum Plans<'p> {
+    Uniform(&'p LocalPlan, u32),
+    PerRank(&'p [LocalPlan]),
+}
+
+/// Dims of the mesh that shard (the rest replicate).
+fn shard_dims(placements: &[Placement]) -> Vec<bool> {
+    placements.iter().map(|p| !matches!(p, Placement::Replicate)).collect()
+}
+
+impl ShardedTensor {
+    /// (linear index over the sharding dims, linear index over the replicating dims, replica
+    /// count) of a mesh coordinate.
+    fn split_coord(&self, mesh: &DeviceMesh, coord: &[u32]) -> (u64, u64, u64) {
+        let shards = shard_dims(&self.placements);
+        let (mut s, mut r, mut n) = (0u64, 0u64, 1u64);
+        for (d, &c) in coord.iter().enumerate() {
+            let size = mesh.shape()[d] as u64;
+            if shards[d] {
+                s = s * size + c as u64;
+            } else {
+                r = r * size + c as u64;
+                n *= size;
+            }
+        }
+        (s, r, n)
+    }
+
+    /// Whether the rank at `coord` writes its shard.
+    pub fn writes(&self, mesh: &DeviceMesh, coord: &[u32], global_shape: &[u64]) -> bool {
+        let region = region_at(global_shape, mesh.shape(), coord, &self.placements);
+        let (s, r, n) = self.split_coord(mesh, coord);
+        let keep = !region.is_empty() || (global_shape.iter().product::<u64>() == 0 && s == 0);
+        keep && r == (s + self.rotation) % n
+    }
+
+    /// Every distinct non-empty chunk with its writer, in shard order.
+    pub fn chunks(&self, mesh: &DeviceMesh, global_shape: &[u64]) -> Vec<PlannedChunk> {
+        let shards = shard_dims(&self.placements);
+        let shard_shape: Vec<u32> = mesh.shape().iter().zip(&shards).map(|(&s, &sh)| if sh { s } else { 1 }).collect();
+        let repl_shape: Vec<u32> = mesh.shape().iter().zip(&shards).map(|(&s, &sh)| if sh { 1 } else { s }).collect();
+        let n_shards: u64 = shard_shape.iter().map(|&s| s as u64).product();
+        let n_repl: u64 = repl_shape.iter().map(|&s| s as u64).product();
+        let all_empty = global_shape.iter().product::<u64>() == 0;
+        let mut out = Vec::new();
+        for s in 0..n_shards {
+            let mut coord = unravel(s, &shard_shape);
+            let region = region_at(global_shape, mesh.shape(), &coord, &self.placements);
+            if region.is_empty() && !(all_empty && s == 0) {
+                continue;
+            }
+            let r = unravel((s + self.rotation) % n_repl, &repl_shape);
+            for d in 0..coord.len() {
+                if !shards[d] {
+                    coord[d] = r[d];
+                }
+            }
+            out.push(PlannedChunk {
+                region,
+                writer: mesh.rank_at(&coord),
+            });
+        }
+        out
+    }
+}
+
+fn unravel(mut i: u64, shape: &[u32]) -> Vec<u32> {
+    let mut c = vec![0u32; shape.len()];
+    for d in (0..shape.len()).rev() {
+        c[d] = (i % shape[d] as u64) as u32;
+        i /= shape[d] as u64;
+    }
+    c
+}
+
 impl GlobalPlan {
-    /// Builds the global plan from every rank's local plan (index = rank).
-    pub fn build(plans: &[LocalPlan]) -> Result<GlobalPlan> {
+    pub fn build(plans: Plans) -> Result<GlobalPlan> {
+        match plans {
+            Plans::Uniform(p, world) => Self::build_uniform(p, world),
+            Plans::PerRank(ps) => Self::build_per_rank(ps),
+        }
+    }
+
+    fn build_uniform(p: &LocalPlan, world: u32) -> Result<GlobalPlan> {
+        let all: Vec<u32> = (0..world).collect();
+        let mut entries = Vec::with_capacity(p.items.len());
+        let mut work = Vec::new();
+        for (i, it) in p.items.iter().enumerate() {
+            let kind = match &it.kind {
+                LocalKind::Object => {
+                    work.push(Work {
+                        bytes: 0,
+                        entry: i,
+                        chunk: usize::MAX,
+                        holders: all.clone(),
+                    });
+                    GlobalKind::Object { writer: 0 }
+                }
+                LocalKind::Tensor {
+                    dtype,
+                    global_shape,
+                    region,
+                } => {
+                    let chunk = (region.clone(), all.clone());
+                    check_tiling(&it.fqn, global_shape, std::slice::from_ref(&chunk))?;
+                    work.push(Work {
+                        bytes: region.numel() * dtype.size() as u64,
+                        entry: i,
+                        chunk: 0,
+                        holders: all.clone(),
+                    });
+                    GlobalKind::Tensor {
+                        dtype: *dtype,
+                        global_shape: global_shape.clone(),
+                        chunks: vec![PlannedChunk {
+                            region: region.clone(),
+                            writer: 0,
+                        }],
+                    }
+                }
+                LocalKind::Sharded {
+                    dtype,
+                    global_shape,
+                    mesh,
+                    placements,
+                } => {
+                    let m = p
+                        .meshes
+                        .get(*mesh as usize)
+                        .ok_or_else(|| Error::internal("plan refers to a missing mesh"))?;
+                    ensure!(
+                        m.size() as u32 == world && m.ranks().iter().all(|&r| r < world),
+                        Error::invalid(format!(
+                            "key {:?}: its mesh has ranks {:?} but the job has ranks 0..{world}",
+                            it.fqn,
+                            m.ranks()
+                        ))
+                    );
+                    GlobalKind::Sharded {
+                        dtype: *dtype,
+                        global_shape: global_shape.clone(),
+                        spec: ShardedTensor {
+                            mesh: *mesh,
+                            placements: placements.clone(),
+                            rotation: i as u64,
+                        },
+                    }
+                }
+            };
+            entries.push(GlobalEntry {
+                fqn: it.fqn.clone(),
+                path: it.path.clone(),
+                kind,
+            });
+        }
+        let mut plan = GlobalPlan {
+            world_size: world,
+            meshes: p.meshes.clone(),
+            entries,
+        };
+        plan.assign(work, &[]);
+        Ok(plan)
+    }
+
+    fn build_per_rank(plans: &[LocalPlan]) -> Result<GlobalPlan> {
+        let world = plans.len() as u32;
         let mut by_key: BTreeMap<&str, Vec<(u32, &LocalItem)>> = BTreeMap::new();
         for (rank, p) in plans.iter().enumerate() {
             for it in &p.items {
-                by_key
-                    .entry(it.fqn.as_str())
-                    .or_default()
-                    .push((rank as u32, it));
+                by_key.entry(it.fqn.as_str()).or_default().push((rank as u32, it));
             }
         }
+        let mut meshes: Vec<DeviceMesh> = Vec::new();
         let mut entries = Vec::with_capacity(by_key.len());
-        // (bytes, entry index, chunk index or usize::MAX for objects, holders)
-        let mut work: Vec<(u64, usize, usize, Vec<u32>)> = Vec::new();
+        let mut work = Vec::new();
         for (fqn, holders) in by_key {
             let (first_rank, first) = holders[0];
-            let entry_idx = entries.len();
-            match &first.kind {
+            let entry = entries.len();
+            let kind = match &first.kind {
                 LocalKind::Object => {
                     for (r, it) in &holders {
                         ensure!(
@@ -125,123 +341,232 @@ impl GlobalPlan {
                             Error::mismatch(format!("key {fqn:?} is an object on rank {first_rank} but a tensor on rank {r}"))
                         );
                     }
-                    work.push((
-                        0,
-                        entry_idx,
-                        usize::MAX,
-                        holders.iter().map(|h| h.0).collect(),
-                    ));
-                    entries.push(GlobalEntry {
-                        fqn: fqn.to_string(),
-                        path: first.path.clone(),
-                        kind: GlobalKind::Object { writer: first_rank },
+                    work.push(Work {
+                        bytes: 0,
+                        entry,
+                        chunk: usize::MAX,
+                        holders: holders.iter().map(|h| h.0).collect(),
                     });
+                    GlobalKind::Object { writer: first_rank }
                 }
-                LocalKind::Tensor {
-                    dtype,
-                    global_shape,
-                    ..
-                } => {
-                    let mut regions: BTreeMap<&Region, Vec<u32>> = BTreeMap::new();
+                _ => {
+                    let (dtype, shape) = tensor_meta(&first.kind);
+                    let mut specs = Vec::with_capacity(holders.len());
                     for (r, it) in &holders {
-                        let LocalKind::Tensor {
-                            dtype: d,
-                            global_shape: g,
-                            region,
-                        } = &it.kind
-                        else {
-                            return Err(Error::mismatch(format!("key {fqn:?} is a tensor on rank {first_rank} but an object on rank {r}")));
-                        };
                         ensure!(
-                            d == dtype && g == global_shape,
+                            !matches!(it.kind, LocalKind::Object),
+                            Error::mismatch(format!("key {fqn:?} is a tensor on rank {first_rank} but an object on rank {r}"))
+                        );
+                        let (d, g) = tensor_meta(&it.kind);
+                        ensure!(
+                            d == dtype && g == shape,
                             Error::mismatch(format!(
-                                "key {fqn:?}: rank {first_rank} registered {} {global_shape:?} but rank {r} registered {} {g:?}",
-                                dtype_name(*dtype),
-                                dtype_name(*d)
+                                "key {fqn:?}: rank {first_rank} registered {dtype} {shape:?} but rank {r} registered {d} {g:?}"
                             ))
                         );
-                        regions.entry(region).or_default().push(*r);
+                        specs.push((*r, sharding_of(&it.kind, &plans[*r as usize])));
                     }
-                    let dtype = DType::try_from(*dtype)?;
+                    // All of a mesh's ranks with the same mesh and placements: keep it analytic.
+                    if let Some((mesh, placements)) = uniform_sharding(&specs) {
+                        let mut ranks: Vec<u32> = holders.iter().map(|h| h.0).collect();
+                        let mut mesh_ranks = mesh.ranks().to_vec();
+                        ranks.sort_unstable();
+                        mesh_ranks.sort_unstable();
+                        if ranks == mesh_ranks {
+                            let idx = match meshes.iter().position(|m| m == mesh) {
+                                Some(i) => i as u32,
+                                None => {
+                                    meshes.push(mesh.clone());
+                                    meshes.len() as u32 - 1
+                                }
+                            };
+                            let spec = ShardedTensor {
+                                mesh: idx,
+                                placements: placements.to_vec(),
+                                rotation: entry as u64,
+                            };
+                            entries.push(GlobalEntry {
+                                fqn: fqn.to_string(),
+                                path: first.path.clone(),
+                                kind: GlobalKind::Sharded {
+                                    dtype,
+                                    global_shape: shape.to_vec(),
+                                    spec,
+                                },
+                            });
+                            continue;
+                        }
+                    }
+                    let mut regions: BTreeMap<Region, Vec<u32>> = BTreeMap::new();
+                    for ((r, it), _) in holders.iter().zip(&specs) {
+                        regions
+                            .entry(region_of_item(&it.kind, &plans[*r as usize], *r)?)
+                            .or_default()
+                            .push(*r);
+                    }
                     let all_empty = regions.keys().all(|r| r.is_empty());
-                    let mut chunks: Vec<(Region, Vec<u32>)> = regions
-                        .into_iter()
-                        .filter(|(r, _)| all_empty || !r.is_empty())
-                        .map(|(r, h)| (r.clone(), h))
-                        .collect();
+                    let mut chunks: Vec<(Region, Vec<u32>)> = regions.into_iter().filter(|(r, _)| all_empty || !r.is_empty()).collect();
                     if all_empty {
                         chunks.truncate(1);
                     }
-                    check_tiling(fqn, global_shape, &chunks)?;
-                    for (ci, (region, holders)) in chunks.iter().enumerate() {
-                        work.push((
-                            region.numel() * dtype.size() as u64,
-                            entry_idx,
-                            ci,
-                            holders.clone(),
-                        ));
+                    check_tiling(fqn, shape, &chunks)?;
+                    for (ci, (region, h)) in chunks.iter().enumerate() {
+                        work.push(Work {
+                            bytes: region.numel() * dtype.size() as u64,
+                            entry,
+                            chunk: ci,
+                            holders: h.clone(),
+                        });
                     }
-                    let planned = chunks
-                        .into_iter()
-                        .map(|(region, h)| PlannedChunk {
-                            region,
-                            writer: h[0],
-                        })
-                        .collect();
-                    entries.push(GlobalEntry {
-                        fqn: fqn.to_string(),
-                        path: first.path.clone(),
-                        kind: GlobalKind::Tensor {
-                            dtype,
-                            global_shape: global_shape.clone(),
-                            chunks: planned,
-                        },
-                    });
+                    GlobalKind::Tensor {
+                        dtype,
+                        global_shape: shape.to_vec(),
+                        chunks: chunks
+                            .into_iter()
+                            .map(|(region, h)| PlannedChunk { region, writer: h[0] })
+                            .collect(),
+                    }
+                }
+            };
+            entries.push(GlobalEntry {
+                fqn: fqn.to_string(),
+                path: first.path.clone(),
+                kind,
+            });
+        }
+        let mut plan = GlobalPlan {
+            world_size: world,
+            meshes,
+            entries,
+        };
+        // Ranks already write their analytic shards: count those bytes before balancing the rest.
+        let mut preload = vec![0u64; world as usize];
+        for e in &plan.entries {
+            if let GlobalKind::Sharded { dtype, .. } = &e.kind {
+                for c in plan.chunks_of(e) {
+                    preload[c.writer as usize] += c.region.numel() * dtype.size() as u64;
                 }
             }
         }
-        // Largest first, each to the least-loaded holder: balances bytes across writers.
-        work.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let mut load = vec![0u64; plans.len()];
-        for (bytes, ei, ci, holders) in work {
-            let w = *holders
+        plan.assign(work, &preload);
+        Ok(plan)
+    }
+
+    /// Largest first, each to the least-loaded holder: balances bytes across writers.
+    fn assign(&mut self, mut work: Vec<Work>, preload: &[u64]) {
+        work.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.entry.cmp(&b.entry)).then(a.chunk.cmp(&b.chunk)));
+        let mut load = vec![0u64; self.world_size as usize];
+        for (l, p) in load.iter_mut().zip(preload) {
+            *l = *p;
+        }
+        for w in work {
+            let writer = *w
+                .holders
                 .iter()
                 .min_by_key(|&&r| (load[r as usize], r))
                 .expect("a chunk has a holder");
-            load[w as usize] += bytes.max(1);
-            match &mut entries[ei].kind {
-                GlobalKind::Tensor { chunks, .. } => chunks[ci].writer = w,
-                GlobalKind::Object { writer } => *writer = w,
+            load[writer as usize] += w.bytes.max(1);
+            match &mut self.entries[w.entry].kind {
+                GlobalKind::Tensor { chunks, .. } => chunks[w.chunk].writer = writer,
+                GlobalKind::Object { writer: wr } => *wr = writer,
+                GlobalKind::Sharded { .. } => {}
             }
         }
-        Ok(GlobalPlan {
-            world_size: plans.len() as u32,
-            entries,
-        })
     }
 
     pub fn hash(&self) -> u64 {
         super::stable_hash(&postcard::to_allocvec(self).expect("plan serialises"))
     }
 
+    pub fn mesh(&self, spec: &ShardedTensor) -> &DeviceMesh {
+        &self.meshes[spec.mesh as usize]
+    }
+
+    /// The chunks `rank` writes for an entry (region list), in plan order.
+    pub fn chunks_written_by(&self, e: &GlobalEntry, rank: u32) -> Vec<Region> {
+        match &e.kind {
+            GlobalKind::Tensor { chunks, .. } => chunks.iter().filter(|c| c.writer == rank).map(|c| c.region.clone()).collect(),
+            GlobalKind::Sharded { global_shape, spec, .. } => {
+                let mesh = self.mesh(spec);
+                match mesh.coordinate_of(rank) {
+                    Some(coord) if spec.writes(mesh, &coord, global_shape) => {
+                        vec![region_at(global_shape, mesh.shape(), &coord, &spec.placements)]
+                    }
+                    _ => vec![],
+                }
+            }
+            GlobalKind::Object { .. } => vec![],
+        }
+    }
+
+    /// All chunks of a tensor entry with their writers (expands sharded entries).
+    pub fn chunks_of(&self, e: &GlobalEntry) -> Vec<PlannedChunk> {
+        match &e.kind {
+            GlobalKind::Tensor { chunks, .. } => chunks.clone(),
+            GlobalKind::Sharded { global_shape, spec, .. } => spec.chunks(self.mesh(spec), global_shape),
+            GlobalKind::Object { .. } => vec![],
+        }
+    }
+
     /// Bytes of tensor data each rank writes.
     pub fn bytes_per_rank(&self) -> Vec<u64> {
         let mut out = vec![0u64; self.world_size as usize];
         for e in &self.entries {
-            if let GlobalKind::Tensor { dtype, chunks, .. } = &e.kind {
-                for c in chunks {
-                    out[c.writer as usize] += c.region.numel() * dtype.size() as u64;
-                }
+            let elem = match &e.kind {
+                GlobalKind::Tensor { dtype, .. } | GlobalKind::Sharded { dtype, .. } => dtype.size() as u64,
+                GlobalKind::Object { .. } => continue,
+            };
+            for c in self.chunks_of(e) {
+                out[c.writer as usize] += c.region.numel() * elem;
             }
         }
         out
     }
 }
 
-fn dtype_name(v: i32) -> String {
-    DType::try_from(v)
-        .map(|d| d.to_string())
-        .unwrap_or_else(|_| format!("dtype#{v}"))
+struct Work {
+    bytes: u64,
+    entry: usize,
+    chunk: usize,
+    holders: Vec<u32>,
+}
+
+fn tensor_meta(k: &LocalKind) -> (DType, &[u64]) {
+    match k {
+        LocalKind::Tensor { dtype, global_shape, .. } | LocalKind::Sharded { dtype, global_shape, .. } => (*dtype, global_shape),
+        LocalKind::Object => unreachable!("objects are handled apart"),
+    }
+}
+
+fn sharding_of<'p>(k: &'p LocalKind, plan: &'p LocalPlan) -> Option<(&'p DeviceMesh, &'p [Placement])> {
+    match k {
+        LocalKind::Sharded { mesh, placements, .. } => plan.meshes.get(*mesh as usize).map(|m| (m, placements.as_slice())),
+        _ => None,
+    }
+}
+
+fn uniform_sharding<'p>(specs: &[(u32, Option<(&'p DeviceMesh, &'p [Placement])>)]) -> Option<(&'p DeviceMesh, &'p [Placement])> {
+    let first = specs.first()?.1?;
+    specs.iter().all(|(_, s)| *s == Some(first)).then_some(first)
+}
+
+fn region_of_item(k: &LocalKind, plan: &LocalPlan, rank: u32) -> Result<Region> {
+    match k {
+        LocalKind::Tensor { region, .. } => Ok(region.clone()),
+        LocalKind::Sharded {
+            global_shape,
+            mesh,
+            placements,
+            ..
+        } => {
+            let m = plan
+                .meshes
+                .get(*mesh as usize)
+                .ok_or_else(|| Error::internal("plan refers to a missing mesh"))?;
+            crate::mesh::region_of(global_shape, m, rank, placements)
+        }
+        LocalKind::Object => Err(Error::internal("object has no region")),
+    }
 }
 
 /// The distinct chunks of a tensor must not overlap and must cover it exactly.
@@ -278,13 +603,13 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
             active.push(i);
         }
     } else if chunks.len() > 1 {
-        return Err(Error::invalid(format!(
-            "key {fqn:?}: a 0-d tensor registered as several pieces"
-        )));
+        return Err(Error::invalid(format!("key {fqn:?}: a 0-d tensor registered as several pieces")));
     }
     ensure!(
         covered == total,
-        Error::invalid(format!("key {fqn:?}: the registered pieces cover {covered} of the {total} elements of the global shape {shape:?}"))
+        Error::invalid(format!(
+            "key {fqn:?}: the registered pieces cover {covered} of the {total} elements of the global shape {shape:?}"
+        ))
     );
     Ok(())
 }
@@ -298,7 +623,7 @@ mod tests {
             fqn: fqn.into(),
             path: default_path(fqn),
             kind: LocalKind::Tensor {
-                dtype: DType::F32 as i32,
+                dtype: DType::F32,
                 global_shape: shape.to_vec(),
                 region: Region {
                     offsets: off.to_vec(),
@@ -308,72 +633,128 @@ mod tests {
         }
     }
 
+    fn plan(items: Vec<LocalItem>) -> LocalPlan {
+        LocalPlan { meshes: vec![], items }
+    }
+
     #[test]
     fn replicated_written_once_and_balanced() {
         // Two ranks each hold two whole tensors (DDP): each tensor is written once.
-        let p = LocalPlan {
-            items: vec![item("a", &[4], &[0], &[4]), item("b", &[4], &[0], &[4])],
-        };
-        let g = GlobalPlan::build(&[p.clone(), p]).unwrap();
-        let writers: Vec<u32> = g
-            .entries
-            .iter()
-            .map(|e| match &e.kind {
-                GlobalKind::Tensor { chunks, .. } => {
-                    assert_eq!(chunks.len(), 1);
-                    chunks[0].writer
-                }
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(writers, vec![0, 1]);
-        assert_eq!(g.bytes_per_rank(), vec![16, 16]);
+        let p = plan(vec![item("a", &[4], &[0], &[4]), item("b", &[4], &[0], &[4])]);
+        for g in [
+            GlobalPlan::build(Plans::PerRank(&[p.clone(), p.clone()])).unwrap(),
+            GlobalPlan::build(Plans::Uniform(&p, 2)).unwrap(),
+        ] {
+            let writers: Vec<u32> = g.entries.iter().map(|e| g.chunks_of(e)[0].writer).collect();
+            assert_eq!(writers, vec![0, 1]);
+            assert_eq!(g.bytes_per_rank(), vec![16, 16]);
+        }
     }
 
     #[test]
     fn gaps_and_overlaps_are_rejected() {
-        let a = LocalPlan {
-            items: vec![item("w", &[4], &[0], &[2])],
-        };
-        let e = GlobalPlan::build(&[a.clone()]).unwrap_err();
+        let a = plan(vec![item("w", &[4], &[0], &[2])]);
+        let e = GlobalPlan::build(Plans::PerRank(std::slice::from_ref(&a))).unwrap_err();
         assert!(e.message().contains("cover 2 of the 4"), "{e}");
-        let b = LocalPlan {
-            items: vec![item("w", &[4], &[1], &[3])],
-        };
-        let e = GlobalPlan::build(&[a, b]).unwrap_err();
+        let b = plan(vec![item("w", &[4], &[1], &[3])]);
+        let e = GlobalPlan::build(Plans::PerRank(&[a, b])).unwrap_err();
         assert!(e.message().contains("overlaps"), "{e}");
     }
 
     #[test]
     fn dtype_disagreement_names_ranks() {
-        let a = LocalPlan {
-            items: vec![item("w", &[4], &[0], &[2])],
-        };
+        let a = plan(vec![item("w", &[4], &[0], &[2])]);
         let mut bi = item("w", &[4], &[2], &[2]);
         bi.kind = LocalKind::Tensor {
-            dtype: DType::BF16 as i32,
+            dtype: DType::BF16,
             global_shape: vec![4],
             region: Region {
                 offsets: vec![2],
                 sizes: vec![2],
             },
         };
-        let e = GlobalPlan::build(&[a, LocalPlan { items: vec![bi] }]).unwrap_err();
+        let e = GlobalPlan::build(Plans::PerRank(&[a, plan(vec![bi])])).unwrap_err();
         assert!(e.message().contains("rank 1 registered bfloat16"), "{e}");
     }
 
     #[test]
     fn empty_shards_are_dropped() {
-        let a = LocalPlan {
-            items: vec![item("w", &[2], &[0], &[2])],
-        };
-        let b = LocalPlan {
-            items: vec![item("w", &[2], &[2], &[0])],
-        };
-        let g = GlobalPlan::build(&[a, b]).unwrap();
-        match &g.entries[0].kind {
-            GlobalKind::Tensor { chunks, .. } => assert_eq!(chunks.len(), 1),
-            _ => unreachable!(),
+        let a = plan(vec![item("w", &[2], &[0], &[2])]);
+        let b = plan(vec![item("w", &[2], &[2], &[0])]);
+        let g = GlobalPlan::build(Plans::PerRank(&[a, b])).unwrap();
+        assert_eq!(g.chunks_of(&g.entries[0]).len(), 1);
+    }
+
+    fn sharded(fqn: &str, shape: &[u64], placements: Vec<Placement>) -> LocalItem {
+        LocalItem {
+            fqn: fqn.into(),
+            path: default_path(fqn),
+            kind: LocalKind::Sharded {
+                dtype: DType::F32,
+                global_shape: shape.to_vec(),
+                mesh: 0,
+                placements,
+            },
         }
+    }
+
+    #[test]
+    fn hsdp_sharded_writes_each_shard_once() {
+        // Mesh 2x2, Replicate on dim 0, Shard(0) on dim 1: two distinct shards, each written once,
+        // by a member of its replica group; the same chunks whichever way the plan is built.
+        let mesh = DeviceMesh::new(&[2, 2], None, None).unwrap();
+        let p = LocalPlan {
+            meshes: vec![mesh.clone()],
+            items: vec![sharded("w", &[6, 3], vec![Placement::Replicate, Placement::Shard(0)])],
+        };
+        let uni = GlobalPlan::build(Plans::Uniform(&p, 4)).unwrap();
+        let per = GlobalPlan::build(Plans::PerRank(&[p.clone(), p.clone(), p.clone(), p.clone()])).unwrap();
+        for g in [&uni, &per] {
+            let chunks = g.chunks_of(&g.entries[0]);
+            assert_eq!(chunks.len(), 2);
+            let mut written: Vec<Region> = (0..4).flat_map(|r| g.chunks_written_by(&g.entries[0], r)).collect();
+            written.sort();
+            let mut expect: Vec<Region> = chunks.iter().map(|c| c.region.clone()).collect();
+            expect.sort();
+            assert_eq!(written, expect);
+            for c in &chunks {
+                assert_eq!(g.chunks_written_by(&g.entries[0], c.writer), vec![c.region.clone()]);
+            }
+        }
+    }
+
+    #[test]
+    fn fsdp_with_empty_shards() {
+        // Dim of 2 over 4 ranks: two ranks hold nothing; two chunks are written.
+        let mesh = DeviceMesh::new(&[4], None, None).unwrap();
+        let p = LocalPlan {
+            meshes: vec![mesh],
+            items: vec![sharded("w", &[2, 5], vec![Placement::Shard(0)])],
+        };
+        let g = GlobalPlan::build(Plans::Uniform(&p, 4)).unwrap();
+        assert_eq!(g.chunks_of(&g.entries[0]).len(), 2);
+        assert_eq!((0..4).map(|r| g.chunks_written_by(&g.entries[0], r).len()).sum::<usize>(), 2);
+        // A tensor with no elements still gets one (empty) chunk.
+        let p = LocalPlan {
+            meshes: p.meshes.clone(),
+            items: vec![sharded("e", &[0, 5], vec![Placement::Shard(0)])],
+        };
+        let g = GlobalPlan::build(Plans::Uniform(&p, 4)).unwrap();
+        assert_eq!(g.chunks_of(&g.entries[0]).len(), 1);
+        assert_eq!((0..4).map(|r| g.chunks_written_by(&g.entries[0], r).len()).sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn partial_mesh_registration_falls_back_to_regions() {
+        // Only rank 0 and 1 of a 2-rank mesh, but rank 1 registers it explicitly: regions path.
+        let mesh = DeviceMesh::new(&[2], None, None).unwrap();
+        let a = LocalPlan {
+            meshes: vec![mesh],
+            items: vec![sharded("w", &[4], vec![Placement::Shard(0)])],
+        };
+        let b = plan(vec![item("w", &[4], &[2], &[2])]);
+        let g = GlobalPlan::build(Plans::PerRank(&[a, b])).unwrap();
+        assert!(matches!(g.entries[0].kind, GlobalKind::Tensor { .. }));
+        assert_eq!(g.chunks_of(&g.entries[0]).len(), 2);
     }
 }

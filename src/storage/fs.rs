@@ -46,13 +46,9 @@ impl ReadHandle for FsRead {
                 self.len
             )));
         }
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            Error::io(
-                &format!("reading {} bytes at offset {offset} of", buf.len()),
-                &self.path,
-                e,
-            )
-        })
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(&format!("reading {} bytes at offset {offset} of", buf.len()), &self.path, e))
     }
 }
 
@@ -64,13 +60,9 @@ struct FsWrite {
 
 impl WriteHandle for FsWrite {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, offset).map_err(|e| {
-            Error::io(
-                &format!("writing {} bytes at offset {offset} of", data.len()),
-                &self.path,
-                e,
-            )
-        })
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(&format!("writing {} bytes at offset {offset} of", data.len()), &self.path, e))
     }
     fn direct_alignment(&self) -> Option<usize> {
         self.direct.then_some(DIRECT_ALIGN)
@@ -81,9 +73,7 @@ impl WriteHandle for FsWrite {
             .map_err(|e| Error::io("setting the length of", &self.path, e))
     }
     fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fdatasync of", &self.path, e))
+        self.file.sync_data().map_err(|e| Error::io("fdatasync of", &self.path, e))
     }
 }
 
@@ -92,8 +82,7 @@ impl Storage for FsStorage {
         self.path(name).display().to_string()
     }
     fn prepare(&self) -> Result<()> {
-        std::fs::create_dir_all(&self.root)
-            .map_err(|e| Error::io("creating directory", &self.root, e))
+        std::fs::create_dir_all(&self.root).map_err(|e| Error::io("creating directory", &self.root, e))
     }
     fn exists(&self, name: &str) -> Result<bool> {
         match std::fs::metadata(self.path(name)) {
@@ -105,10 +94,7 @@ impl Storage for FsStorage {
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
         let path = self.path(name);
         let file = File::open(&path).map_err(|e| Error::io("opening", &path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("reading the size of", &path, e))?
-            .len();
+        let len = file.metadata().map_err(|e| Error::io("reading the size of", &path, e))?.len();
         Ok(Arc::new(FsRead { file, len, path }))
     }
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>> {
@@ -123,36 +109,20 @@ impl Storage for FsStorage {
         };
         if direct {
             match open(libc::O_DIRECT) {
-                Ok(file) => {
-                    return Ok(Arc::new(FsWrite {
-                        file,
-                        direct: true,
-                        path,
-                    }))
-                }
+                Ok(file) => return Ok(Arc::new(FsWrite { file, direct: true, path })),
                 // tmpfs and some FUSE file systems refuse O_DIRECT: fall back to buffered I/O.
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINVAL)
-                        || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                 Err(e) => return Err(Error::io("creating", &path, e)),
             }
         }
         let file = open(0).map_err(|e| Error::io("creating", &path, e))?;
-        Ok(Arc::new(FsWrite {
-            file,
-            direct: false,
-            path,
-        }))
+        Ok(Arc::new(FsWrite { file, direct: false, path }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         let tmp = self.path(&format!("{name}.tmp"));
         let dst = self.path(name);
         let write = || -> std::io::Result<()> {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
             f.write_all_at(data, 0)?;
             f.sync_all()
         };
@@ -170,10 +140,8 @@ impl Storage for FsStorage {
         }
     }
     fn sync_dir(&self) -> Result<()> {
-        let d =
-            File::open(&self.root).map_err(|e| Error::io("opening directory", &self.root, e))?;
-        d.sync_all()
-            .map_err(|e| Error::io("fsync of directory", &self.root, e))
+        let d = File::open(&self.root).map_err(|e| Error::io("opening directory", &self.root, e))?;
+        d.sync_all().map_err(|e| Error::io("fsync of directory", &self.root, e))
     }
     fn list(&self) -> Result<Vec<String>> {
         let rd = std::fs::read_dir(&self.root).map_err(|e| Error::io("listing", &self.root, e))?;

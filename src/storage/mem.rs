@@ -28,17 +28,14 @@ impl ReadHandle for MemFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let d = self.data.lock().unwrap();
         let start = offset as usize;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&e| e <= d.len())
-            .ok_or_else(|| {
-                Error::corrupt(format!(
-                    "mem://{}: needs bytes {offset}..{} but the file has {} bytes",
-                    self.name,
-                    offset + buf.len() as u64,
-                    d.len()
-                ))
-            })?;
+        let end = start.checked_add(buf.len()).filter(|&e| e <= d.len()).ok_or_else(|| {
+            Error::corrupt(format!(
+                "mem://{}: needs bytes {offset}..{} but the file has {} bytes",
+                self.name,
+                offset + buf.len() as u64,
+                d.len()
+            ))
+        })?;
         buf.copy_from_slice(&d[start..end]);
         Ok(())
     }
@@ -91,10 +88,7 @@ impl Storage for MemStorage {
     }
     fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
         let data = Arc::new(Mutex::new(Vec::new()));
-        self.files
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), data.clone());
+        self.files.lock().unwrap().insert(name.to_string(), data.clone());
         Ok(Arc::new(MemFile {
             name: name.to_string(),
             data,

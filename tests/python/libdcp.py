@@ -51,9 +51,66 @@ class Context:
         else:
             self.h = handle
 
+    @classmethod
+    def tcp(cls, rank, world, port, addr="127.0.0.1", timeout_s=60):
+        h = ctypes.c_void_p()
+        check(lib().dcp_context_new_tcp(ctypes.c_int32(rank), ctypes.c_int32(world), addr.encode(), ctypes.c_uint16(port),
+                                        ctypes.c_uint64(int(timeout_s * 1000)), ctypes.byref(h)))
+        return cls(h)
+
+    @classmethod
+    def from_env(cls, timeout_s=60):
+        h = ctypes.c_void_p()
+        check(lib().dcp_context_new_from_env(ctypes.c_uint64(int(timeout_s * 1000)), ctypes.byref(h)))
+        return cls(h)
+
+    def rank(self):
+        r, w = ctypes.c_int32(), ctypes.c_int32()
+        check(lib().dcp_context_rank(self.h, ctypes.byref(r), ctypes.byref(w)))
+        return r.value, w.value
+
+    def barrier(self):
+        check(lib().dcp_context_barrier(self.h))
+
     def __del__(self):
         if getattr(self, "h", None):
             lib().dcp_context_free(self.h)
+
+
+REPLICATE = ("R",)
+
+
+def Shard(d):
+    return ("S", d)
+
+
+def StridedShard(d):
+    return ("SS", d)
+
+
+def _placement_code(p):
+    if p[0] == "R":
+        return -1
+    return p[1] if p[0] == "S" else -2 - p[1]
+
+
+class Mesh:
+    """A device mesh bound to a context's rank (dcp_mesh_new)."""
+
+    def __init__(self, ctx, shape, ranks=None, names=None):
+        self.shape = list(shape)
+        n = 1
+        for s in shape:
+            n *= s
+        self.ranks = list(ranks) if ranks is not None else list(range(n))
+        self.h = ctypes.c_void_p()
+        r = (ctypes.c_int32 * n)(*self.ranks)
+        nm = (ctypes.c_char_p * len(shape))(*[x.encode() for x in names]) if names else None
+        check(lib().dcp_mesh_new(ctx.h, len(shape), _dims(self.shape), r, nm, ctypes.byref(self.h)))
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib().dcp_mesh_free(self.h)
 
 
 class State:
@@ -82,6 +139,16 @@ class State:
         else:
             check(lib().dcp_state_add_tensor_chunk(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), sizes, strides, ptr,
                                                    ctypes.c_uint64(extent), _dims(list(global_shape)), _dims(list(offsets))))
+
+    def add_tensor_sharded(self, fqn, t, global_shape, mesh, placements):
+        assert t.device.type == "cpu"
+        self._keep.append(t)
+        elem = t.element_size()
+        extent = 0 if t.numel() == 0 else (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * elem
+        codes = (ctypes.c_int32 * len(placements))(*[_placement_code(p) for p in placements])
+        check(lib().dcp_state_add_tensor_sharded(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), _dims(list(t.shape)),
+                                                 _dims(list(t.stride())), ctypes.c_void_p(t.data_ptr()), ctypes.c_uint64(extent),
+                                                 _dims(list(global_shape)), mesh.h, codes))
 
     def add_bytes(self, fqn, b):
         check(lib().dcp_state_add_bytes(self.h, fqn.encode(), b, ctypes.c_size_t(len(b))))
