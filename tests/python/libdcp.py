@@ -271,3 +271,51 @@ class Checkpoint:
         buf = ctypes.create_string_buffer(max(n.value, 1))
         check(lib().dcp_checkpoint_read_bytes(self.h, fqn.encode(), buf, ctypes.c_size_t(n.value), ctypes.byref(n), ctypes.byref(kind)))
         return kind.value, buf.raw[: n.value]
+
+
+# --- Additions for test_interop.py (additive; the functions above are unchanged). ---
+
+def _state_value_kind(self, fqn):
+    k = ctypes.c_int32()
+    check(lib().dcp_state_value_kind(self.h, fqn.encode(), ctypes.byref(k)))
+    return k.value
+
+
+def _state_loaded(self, fqn):
+    b = ctypes.c_bool()
+    check(lib().dcp_state_loaded(self.h, fqn.encode(), ctypes.byref(b)))
+    return b.value
+
+
+State.value_kind = _state_value_kind
+State.loaded = _state_loaded
+
+
+def _ckpt_read_int(self, fqn):
+    v = ctypes.c_int64()
+    check(lib().dcp_checkpoint_read_int(self.h, fqn.encode(), ctypes.byref(v)))
+    return v.value
+
+
+def _ckpt_read_double(self, fqn):
+    v = ctypes.c_double()
+    check(lib().dcp_checkpoint_read_double(self.h, fqn.encode(), ctypes.byref(v)))
+    return v.value
+
+
+def _ckpt_read_literal(self, fqn):
+    n = ctypes.c_size_t()
+    lib().dcp_checkpoint_read_literal(self.h, fqn.encode(), None, ctypes.c_size_t(0), ctypes.byref(n))
+    buf = ctypes.create_string_buffer(n.value + 1)
+    check(lib().dcp_checkpoint_read_literal(self.h, fqn.encode(), buf, ctypes.c_size_t(n.value + 1), ctypes.byref(n)))
+    return buf.value.decode()
+
+
+Checkpoint.read_int = _ckpt_read_int
+Checkpoint.read_double = _ckpt_read_double
+Checkpoint.read_literal = _ckpt_read_literal
+# Uniform names, so one checker serves a loaded State and an open Checkpoint.
+Checkpoint.get_bytes = Checkpoint.read_bytes
+Checkpoint.get_int = _ckpt_read_int
+Checkpoint.get_double = _ckpt_read_double
+Checkpoint.get_literal = _ckpt_read_literal
