@@ -223,6 +223,14 @@ impl<'a> State<'a> {
     pub fn missing(&self) -> &[String] {
         &self.missing
     }
+    /// Forgets what the last load filled (done first by every load, so a failed load leaves
+    /// nothing reported as loaded).
+    pub(crate) fn reset_load_status(&mut self) {
+        for e in &mut self.entries {
+            e.loaded = false;
+        }
+        self.missing.clear();
+    }
     pub(crate) fn set_missing(&mut self, m: Vec<String>) {
         self.missing = m;
     }

@@ -128,6 +128,7 @@ pub fn load(ctx: &Context, state: &mut State, location: &str, opts: &LoadOptions
 }
 
 pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, opts: &LoadOptions) -> Result<LoadReport> {
+    state.reset_load_status();
     let comm = ctx.communicator();
     let raw = broadcast_result(
         comm,

@@ -206,6 +206,9 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
         };
         numel(&sizes)?;
         let nbytes = usize::try_from(dst_nbytes).map_err(|_| invalid("dst_nbytes does not fit in memory"))?;
+        if dst.is_null() && sizes.iter().all(|&s| s > 0) {
+            return Err(super::null("dst"));
+        }
         let view = TensorView::from_raw(dst as *mut u8, nbytes, dtype, &sizes, strides.as_deref(), Device::Cpu)?;
         c.inner.read_tensor_into(fqn, &offsets, view, true)?;
         Ok(())
@@ -231,6 +234,8 @@ pub unsafe extern "C" fn dcp_checkpoint_read_bytes(
     guard("dcp_checkpoint_read_bytes", || {
         let c = ref_arg(ckpt, "ckpt")?;
         let v = object(c, str_arg(fqn, "fqn")?)?;
+        // `kind` is written with `len`: on success and on a size query (BUFFER_TOO_SMALL).
+        mut_arg(len, "len")?;
         if let Some(k) = kind.as_mut() {
             *k = super::state::value_kind(&v);
         }

@@ -17,7 +17,8 @@ pub struct dcp_load_options {
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_new(out: *mut *mut dcp_save_options) -> dcp_status {
     guard("dcp_save_options_new", || {
-        *mut_arg(out, "out")? = Box::into_raw(Box::new(dcp_save_options {
+        let out = mut_arg(out, "out")?;
+        *out = Box::into_raw(Box::new(dcp_save_options {
             inner: SaveOptions::default(),
         }));
         Ok(())
@@ -69,7 +70,8 @@ pub unsafe extern "C" fn dcp_save_options_set_direct_io(opts: *mut dcp_save_opti
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -> dcp_status {
     guard("dcp_load_options_new", || {
-        *mut_arg(out, "out")? = Box::into_raw(Box::new(dcp_load_options {
+        let out = mut_arg(out, "out")?;
+        *out = Box::into_raw(Box::new(dcp_load_options {
             inner: LoadOptions::default(),
         }));
         Ok(())

@@ -1,4 +1,6 @@
-use super::{bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
+use super::{
+    bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiError, FfiResult,
+};
 use crate::format::metadata::PathPart;
 use crate::format::pyobj::ObjectValue;
 use crate::mesh::Placement;
@@ -28,7 +30,8 @@ impl dcp_state {
 #[no_mangle]
 pub unsafe extern "C" fn dcp_state_new(out: *mut *mut dcp_state) -> dcp_status {
     guard("dcp_state_new", || {
-        *mut_arg(out, "out")? = Box::into_raw(Box::new(dcp_state {
+        let out = mut_arg(out, "out")?;
+        *out = Box::into_raw(Box::new(dcp_state {
             inner: State::new(),
             missing_c: vec![],
         }));
@@ -62,6 +65,9 @@ unsafe fn view_arg(
         Some(dims_arg(strides, ndim, "strides")?)
     };
     let nbytes = usize::try_from(nbytes).map_err(|_| invalid("nbytes does not fit in memory"))?;
+    if data.is_null() && sizes.iter().all(|&s| s > 0) {
+        return Err(super::null("data"));
+    }
     Ok(TensorView::from_raw(
         data as *mut u8,
         nbytes,
@@ -70,6 +76,22 @@ unsafe fn view_arg(
         strides.as_deref(),
         Device::Cpu,
     )?)
+}
+
+/// `view_arg` with errors prefixed by the key.
+unsafe fn keyed_view_arg(
+    fqn: &str,
+    dtype: i32,
+    ndim: i32,
+    sizes: *const i64,
+    strides: *const i64,
+    data: *mut c_void,
+    nbytes: u64,
+) -> FfiResult<TensorView<'static>> {
+    view_arg(dtype, ndim, sizes, strides, data, nbytes).map_err(|mut e| {
+        e.message = format!("key {fqn:?}: {}", e.message);
+        e
+    })
 }
 
 /// Registers a whole CPU tensor under `fqn` (e.g. "model.net1.weight").
@@ -93,10 +115,7 @@ pub unsafe extern "C" fn dcp_state_add_tensor(
     guard("dcp_state_add_tensor", || {
         let state = mut_arg(state, "state")?;
         let fqn = str_arg(fqn, "fqn")?;
-        let view = view_arg(dtype, ndim, sizes, strides, data, nbytes).map_err(|mut e| {
-            e.message = format!("key {fqn:?}: {}", e.message);
-            e
-        })?;
+        let view = keyed_view_arg(fqn, dtype, ndim, sizes, strides, data, nbytes)?;
         state.inner.add_tensor(fqn, view)?;
         Ok(())
     })
@@ -122,7 +141,7 @@ pub unsafe extern "C" fn dcp_state_add_tensor_chunk(
     guard("dcp_state_add_tensor_chunk", || {
         let state = mut_arg(state, "state")?;
         let fqn = str_arg(fqn, "fqn")?;
-        let view = view_arg(dtype, ndim, sizes, strides, data, nbytes)?;
+        let view = keyed_view_arg(fqn, dtype, ndim, sizes, strides, data, nbytes)?;
         let shape = dims_arg(global_shape, ndim, "global_shape")?;
         let offsets = dims_arg(offsets, ndim, "offsets")?;
         state.inner.add_tensor_chunk(fqn, view, &shape, &offsets)?;
@@ -160,7 +179,7 @@ pub unsafe extern "C" fn dcp_state_add_tensor_sharded(
         if placements.is_null() {
             return Err(super::null("placements"));
         }
-        let view = view_arg(dtype, ndim, sizes, strides, data, nbytes)?;
+        let view = keyed_view_arg(fqn, dtype, ndim, sizes, strides, data, nbytes)?;
         let shape = dims_arg(global_shape, ndim, "global_shape")?;
         let placements: Vec<Placement> = std::slice::from_raw_parts(placements, mesh.mesh.ndim())
             .iter()
@@ -359,6 +378,8 @@ pub unsafe extern "C" fn dcp_state_get_bytes(
 ) -> dcp_status {
     guard("dcp_state_get_bytes", || {
         let v = ref_arg(state, "state")?.inner.object(str_arg(fqn, "fqn")?)?;
+        // `kind` is written with `len`: on success and on a size query (BUFFER_TOO_SMALL).
+        mut_arg(len, "len")?;
         if let Some(k) = kind.as_mut() {
             *k = value_kind(v);
         }
@@ -398,13 +419,21 @@ pub(crate) fn literal_of(fqn: &str, v: &ObjectValue) -> FfiResult<String> {
 }
 
 pub(crate) unsafe fn copy_literal(text: &str, buf: *mut c_char, cap: usize, len: *mut usize) -> FfiResult {
-    let mut with_nul = text.as_bytes().to_vec();
-    with_nul.push(0);
-    let r = copy_out(&with_nul, buf as *mut u8, cap, len);
-    if let Some(l) = len.as_mut() {
-        *l = l.saturating_sub(1);
+    let len = mut_arg(len, "len")?;
+    *len = text.len();
+    if buf.is_null() || cap <= text.len() {
+        return Err(FfiError {
+            status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
+            message: format!(
+                "the literal has {} characters and needs a buffer of {} bytes (with its NUL), not {cap}",
+                text.len(),
+                text.len() + 1
+            ),
+        });
     }
-    r
+    std::ptr::copy_nonoverlapping(text.as_ptr(), buf as *mut u8, text.len());
+    *buf.add(text.len()) = 0;
+    Ok(())
 }
 
 /// Whether the last load filled this entry.

@@ -291,6 +291,14 @@ impl LiteralParser<'_> {
             b'{' => {
                 self.pos += 1;
                 let mut items = Vec::new();
+                let save = self.pos;
+                if !self.eat(b'}') {
+                    self.value(depth + 1)?;
+                    if !self.eat(b':') {
+                        return Err(self.err("sets are not supported (only dicts use braces)"));
+                    }
+                }
+                self.pos = save;
                 loop {
                     if self.eat(b'}') {
                         break;
@@ -415,8 +423,12 @@ impl LiteralParser<'_> {
         if tok.is_empty() || tok == "-" || tok == "+" {
             return Err(self.err("expected a value"));
         }
-        if let Ok(v) = tok.parse::<i64>() {
-            return Ok(PyValue::Int(v));
+        let digits = tok.strip_prefix(['+', '-']).unwrap_or(&tok);
+        if digits.bytes().all(|b| b.is_ascii_digit()) {
+            return tok
+                .parse::<i64>()
+                .map(PyValue::Int)
+                .map_err(|_| self.err("integers outside the int64 range are not supported"));
         }
         tok.parse::<f64>().map(PyValue::Float).map_err(|_| self.err("not a number"))
     }

@@ -549,7 +549,17 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         }
         src.read_item_range(off, n as usize)
     };
-    let loc = locate_central_directory(tail, len, what)?;
+    let loc = locate_central_directory(tail, len, what).map_err(|e| {
+        // torch's FileSystemWriter can also store items as safetensors files.
+        let header = head.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+        if header.is_some_and(|n| n > 1 && n < len) && head.get(8) == Some(&b'{') {
+            Error::unsupported(format!(
+                "{what}: the item is a safetensors file (torch saved with serialization_format=SAFETENSORS), which libdcp does not read"
+            ))
+        } else {
+            e
+        }
+    })?;
     let cd = fetch(loc.offset, loc.size)?;
     let entries = parse_central_directory(&cd, loc, len, what)?;
     let pkl = entries

@@ -7,8 +7,7 @@
  * Checkpoints are created in subdirectories of SCRATCH_DIR. Every failing check is printed as
  * "file:line: FAIL: ..." with dcp_last_error(); the exit status is 0 only if all checks pass.
  *
- * A few checks document library bugs that are known and reported (see KNOWN_BUG below): they
- * print "KNOWN BUG" and do not fail the run unless DCP_TEST_STRICT=1 is set in the environment.
+ * Checks named *_FIXED guard against library bugs this suite found earlier.
  *
  * Builds with: gcc -std=c11 -Wall -Wextra -Werror -pedantic -pthread
  */
@@ -35,8 +34,6 @@
 
 static int g_checks = 0;
 static int g_failures = 0;
-static int g_known = 0;
-static bool g_strict_bugs = false;
 
 static void vfail_at(const char *file, int line, const char *fmt, va_list ap) {
     g_failures++;
@@ -120,40 +117,11 @@ static bool expect_at(const char *file, int line, const char *text, int got, int
 #define EXPECT_INVALID(call) EXPECT(call, DCP_ERROR_INVALID_ARGUMENT)
 
 /*
- * A check the library currently fails because of a reported bug: `want` is the documented
- * result, `actual` the one the library gives today. Getting `want` passes; getting `actual`
- * prints "KNOWN BUG" (and fails only under DCP_TEST_STRICT=1); anything else fails.
+ * Regression checks for library bugs this suite found (fixed in libdcp 0.1.0): `bug` names the
+ * bug, `was` is the wrong result the library used to give.
  */
-static bool known_bug_at(const char *file, int line, const char *bug, const char *text, int got,
-                         int want, int actual, bool is_condition) {
-    if (got == want) {
-        g_checks++;
-        return true;
-    }
-    if (got == actual && !g_strict_bugs) {
-        g_known++;
-        if (is_condition)
-            fprintf(stderr, "%s:%d: KNOWN BUG %s: %s is false\n", file, line, bug, text);
-        else
-            fprintf(stderr, "%s:%d: KNOWN BUG %s: %s gave %s, documented: %s\n", file, line, bug,
-                    text, dcp_status_name(got), dcp_status_name(want));
-        fprintf(stderr, "    dcp_last_error(): \"%s\"\n", dcp_last_error());
-        return false;
-    }
-    g_checks++;
-    if (is_condition)
-        fail_at(file, line, "[%s] %s is false", bug, text);
-    else
-        fail_at(file, line, "[%s] %s returned %s (%d), expected %s (%d)", bug, text,
-                dcp_status_name(got), got, dcp_status_name(want), want);
-    return false;
-}
-
-#define EXPECT_KNOWN_BUG(bug, call, want, actual) \
-    known_bug_at(__FILE__, __LINE__, bug, #call, (int)(call), (want), (actual), false)
-/* For boolean conditions: `cond` is the documented behaviour. */
-#define CHECK_KNOWN_BUG(bug, cond) \
-    known_bug_at(__FILE__, __LINE__, bug, #cond, (cond) ? 1 : 0, 1, 0, true)
+#define EXPECT_FIXED(bug, call, want, was) EXPECT(call, want)
+#define CHECK_FIXED(bug, cond) CHECK(cond)
 
 static bool msg_has(const char *s) { return strstr(dcp_last_error(), s) != NULL; }
 
@@ -1110,9 +1078,9 @@ static void test_chunks(dcp_context *ctx, const char *rt_dir) {
         /* Too small a buffer: the message names the key and the size. */
         EXPECT_MSG(dcp_state_add_tensor_chunk(st, "x3", DCP_FLOAT32, 2, sz, NULL, b, 15, gs, off0),
                    DCP_ERROR_INVALID_ARGUMENT, "16");
-        CHECK_KNOWN_BUG("BUG-3 (add_tensor_chunk messages omit the key)", msg_has("x3"));
+        CHECK_FIXED("BUG-3 (add_tensor_chunk messages omit the key)", msg_has("x3"));
         EXPECT_INVALID(dcp_state_add_tensor_chunk(st, "x4", 0, 2, sz, NULL, b, sizeof b, gs, off0));
-        CHECK_KNOWN_BUG("BUG-3 (add_tensor_chunk messages omit the key)", msg_has("x4"));
+        CHECK_FIXED("BUG-3 (add_tensor_chunk messages omit the key)", msg_has("x4"));
         dcp_state_free(st);
     }
     /* Saving pieces that do not tile the global tensor (one rank, half a tensor) fails. */
@@ -1409,7 +1377,7 @@ static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
     EXPECT_NULL(dcp_state_add_tensor(NULL, "t", DCP_FLOAT32, 2, s22, NULL, buf, sizeof buf));
     EXPECT_NULL(dcp_state_add_tensor(st, NULL, DCP_FLOAT32, 2, s22, NULL, buf, sizeof buf));
     EXPECT_NULL(dcp_state_add_tensor(st, "t", DCP_FLOAT32, 2, NULL, NULL, buf, sizeof buf));
-    EXPECT_KNOWN_BUG("BUG-2 (NULL data gives INVALID_ARGUMENT)",
+    EXPECT_FIXED("BUG-2 (NULL data gives INVALID_ARGUMENT)",
                      dcp_state_add_tensor(st, "t", DCP_FLOAT32, 2, s22, NULL, NULL, sizeof buf),
                      DCP_ERROR_NULL_ARGUMENT, DCP_ERROR_INVALID_ARGUMENT);
     EXPECT_NULL(dcp_state_add_tensor_chunk(NULL, "t", DCP_FLOAT32, 2, s22, NULL, buf, sizeof buf, s22, zero2));
@@ -1417,7 +1385,7 @@ static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
     EXPECT_NULL(dcp_state_add_tensor_chunk(st, "t", DCP_FLOAT32, 2, NULL, NULL, buf, sizeof buf, s22, zero2));
     EXPECT_NULL(dcp_state_add_tensor_chunk(st, "t", DCP_FLOAT32, 2, s22, NULL, buf, sizeof buf, NULL, zero2));
     EXPECT_NULL(dcp_state_add_tensor_chunk(st, "t", DCP_FLOAT32, 2, s22, NULL, buf, sizeof buf, s22, NULL));
-    EXPECT_KNOWN_BUG("BUG-2 (NULL data gives INVALID_ARGUMENT)",
+    EXPECT_FIXED("BUG-2 (NULL data gives INVALID_ARGUMENT)",
                      dcp_state_add_tensor_chunk(st, "t", DCP_FLOAT32, 2, s22, NULL, NULL, sizeof buf, s22, zero2),
                      DCP_ERROR_NULL_ARGUMENT, DCP_ERROR_INVALID_ARGUMENT);
     EXPECT_NULL(dcp_state_add_bytes(NULL, "x", "a", 1));
@@ -1458,10 +1426,10 @@ static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
         /* Out-parameters are written only on success. */
         int32_t k = -1;
         EXPECT_NULL(dcp_state_get_bytes(st, "b", text, sizeof text, NULL, &k));
-        CHECK_KNOWN_BUG("BUG-5 (get_bytes/read_bytes write *kind on failure)", k == -1);
+        CHECK_FIXED("BUG-5 (get_bytes/read_bytes write *kind on failure)", k == -1);
         k = -1;
         EXPECT_NULL(dcp_checkpoint_read_bytes(c, "blob", text, sizeof text, NULL, &k));
-        CHECK_KNOWN_BUG("BUG-5 (get_bytes/read_bytes write *kind on failure)", k == -1);
+        CHECK_FIXED("BUG-5 (get_bytes/read_bytes write *kind on failure)", k == -1);
         idx = 12345;
         EXPECT(dcp_checkpoint_find(c, "no.such", &idx), DCP_ERROR_NOT_FOUND);
         CHECK(idx == 12345);
@@ -1507,7 +1475,7 @@ static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
         EXPECT_NULL(dcp_checkpoint_read_tensor(c, NULL, 2, NULL, NULL, NULL, buf, sizeof buf));
         EXPECT_NULL(dcp_checkpoint_read_tensor(c, "sq", 2, off, NULL, NULL, buf, sizeof buf));
         EXPECT_NULL(dcp_checkpoint_read_tensor(c, "sq", 2, NULL, sz, NULL, buf, sizeof buf));
-        EXPECT_KNOWN_BUG("BUG-2 (NULL data gives INVALID_ARGUMENT)",
+        EXPECT_FIXED("BUG-2 (NULL data gives INVALID_ARGUMENT)",
                          dcp_checkpoint_read_tensor(c, "sq", 2, NULL, NULL, NULL, NULL, sizeof buf),
                          DCP_ERROR_NULL_ARGUMENT, DCP_ERROR_INVALID_ARGUMENT);
     }
@@ -1616,7 +1584,7 @@ static void test_bad_values(dcp_context *ctx, const char *rt_dir) {
             if (strcmp(text, "9223372036854775808") != 0 || kind == DCP_VALUE_DOUBLE)
                 fprintf(stderr, "    (the literal 9223372036854775808 reads back as %s, kind %d)\n",
                         text, (int)kind);
-            CHECK_KNOWN_BUG("BUG-4 (int literals beyond int64 become floats)",
+            CHECK_FIXED("BUG-4 (int literals beyond int64 become floats)",
                             strcmp(text, "9223372036854775808") == 0 && kind != DCP_VALUE_DOUBLE);
         } else {
             CHECKF(s == DCP_ERROR_INVALID_ARGUMENT || s == DCP_ERROR_UNSUPPORTED,
@@ -1858,7 +1826,7 @@ static void test_corruption(dcp_context *ctx) {
         {
             bool l = true;
             OK(dcp_state_loaded(reused.st, "big", &l));
-            CHECK_KNOWN_BUG("BUG-1 (dcp_state_loaded stale after a failed load)", !l);
+            CHECK_FIXED("BUG-1 (dcp_state_loaded stale after a failed load)", !l);
         }
         /* The inspection API verifies too. */
         dcp_checkpoint *c = NULL;
@@ -1981,7 +1949,7 @@ static void test_corruption(dcp_context *ctx) {
         {
             bool l = true;
             OK(dcp_state_loaded(reused.st, "big", &l));
-            CHECK_KNOWN_BUG("BUG-1 (dcp_state_loaded stale after a failed load)", !l);
+            CHECK_FIXED("BUG-1 (dcp_state_loaded stale after a failed load)", !l);
         }
         dcp_checkpoint *c = NULL;
         EXPECT_MSG(dcp_checkpoint_open(dir, &c), DCP_ERROR_NOT_FOUND, "not a committed checkpoint");
@@ -2139,8 +2107,6 @@ int main(int argc, char **argv) {
         return 2;
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    const char *env = getenv("DCP_TEST_STRICT");
-    g_strict_bugs = env && strcmp(env, "1") == 0;
     snprintf(g_root, sizeof g_root, "%s", argv[1]);
     if (mkdir(g_root, 0755) != 0 && errno != EEXIST) {
         perror(g_root);
@@ -2169,8 +2135,6 @@ int main(int argc, char **argv) {
 
     dcp_context_free(ctx);
 
-    printf("test_capi: %d checks, %d failed, %d known library bugs%s (libdcp %s)\n", g_checks,
-           g_failures, g_known, g_known && !g_strict_bugs ? " (not failing; DCP_TEST_STRICT=1 makes them fail)" : "",
-           dcp_version());
+    printf("test_capi: %d checks, %d failed (libdcp %s)\n", g_checks, g_failures, dcp_version());
     return g_failures == 0 ? 0 : 1;
 }
