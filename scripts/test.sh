@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The test command: sets up what the tests need (scripts/setup.sh), then runs every test.
+# Usage: scripts/test.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/setup.sh
+
+LOGDIR="$(mktemp -d "${TMPDIR:-/tmp}/libdcp-test.XXXXXX")"
+PY="$ROOT/.venv/bin/python"
+export LIBDCP_SO="$ROOT/target/release/libdcp.so"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+failed=()
+T0=$(date +%s)
+
+run_step() {
+    local name="$1"
+    shift
+    local log="$LOGDIR/$(echo "$name" | tr -c 'a-zA-Z0-9' '_').log"
+    local t=$(date +%s)
+    printf '%-62s' "$name ..."
+    if "$@" >"$log" 2>&1; then
+        echo "ok ($(($(date +%s) - t)) s)"
+    else
+        echo "FAILED ($(($(date +%s) - t)) s)"
+        tail -n 60 "$log" | sed 's/^/    /'
+        failed+=("$name")
+    fi
+}
+
+mpi_example() {
+    mkdir -p build
+    mpicc -std=c11 -Wall -Wextra -Werror -Iinclude examples/mpi_save_load.c -o build/mpi_save_load \
+        -Ltarget/release -ldcp -Wl,-rpath,"$ROOT/target/release" -lm
+    local d
+    d="$(mktemp -d)"
+    for n in 4 3; do
+        timeout 300 mpirun --oversubscribe -np "$n" build/mpi_save_load "$d/ckpt"
+    done
+    rm -rf "$d"
+}
+
+run_step "setup: OpenMPI, valgrind, Python venv with torch" bash -c "source scripts/setup.sh && setup_system && setup_venv"
+run_step "cargo build --release" cargo build --release
+run_step "cargo test (units, header is current, round trips, plan cache)" cargo test --release
+run_step "C API tests, C++ header, valgrind, C example" scripts/c-tests.sh
+run_step "MPI example through host callbacks (mpirun -np 4, 3)" mpi_example
+run_step "interop with torch: both directions, corruption, zip64" "$PY" tests/python/test_interop.py
+run_step "seed scenarios over N processes (TCP rendezvous)" "$PY" tests/python/test_multirank.py
+run_step "interop with torch.distributed (gloo, DTensor layouts)" "$PY" tests/python/test_torch_distributed.py
+
+echo "total: $(($(date +%s) - T0)) s; logs in $LOGDIR"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "all tests passed"
