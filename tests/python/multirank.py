@@ -17,10 +17,20 @@ import libdcp as L
 torch.set_num_threads(1)
 
 
+def free_ports(n):
+    """`n` distinct ports that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _entry(q, rank, world, port, fn, args):
@@ -42,7 +52,10 @@ def run(world, fn, *args, timeout=180):
 
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    port = free_port()
+    # Two ports per run: `port` for the function, DCP_TEST_PORT2 for a second rendezvous (tests
+    # that also start torch.distributed).
+    port, port2 = free_ports(2)
+    os.environ["DCP_TEST_PORT2"] = str(port2)
     procs = [ctx.Process(target=_entry, args=(q, r, world, port, fn, args)) for r in range(world)]
     for p in procs:
         p.start()

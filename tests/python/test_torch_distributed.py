@@ -40,7 +40,7 @@ def init_pg(rank, world, port):
 
 
 def libdcp_ctx(rank, world, port):
-    return L.Context.tcp(rank, world, port + 7, timeout_s=60)
+    return L.Context.tcp(rank, world, int(os.environ["DCP_TEST_PORT2"]), timeout_s=60)
 
 
 def torch_layout(kind, model, world):
