@@ -30,10 +30,22 @@ fn main() {
                 _ => (vec![4096], vec![Placement::Shard(0), Placement::Replicate]),
             };
             let fqn = format!("model.layers.{}.w{}", i / 4, i % 4);
-            LocalItem { path: default_path(&fqn), fqn, kind: LocalKind::Sharded { dtype: DType::BF16, global_shape: shape, mesh: 0, placements } }
+            LocalItem {
+                path: default_path(&fqn),
+                fqn,
+                kind: LocalKind::Sharded {
+                    dtype: DType::BF16,
+                    global_shape: shape,
+                    mesh: 0,
+                    placements,
+                },
+            }
         })
         .collect();
-    let local = LocalPlan { meshes: vec![mesh.clone()], items };
+    let local = LocalPlan {
+        meshes: vec![mesh.clone()],
+        items,
+    };
 
     // What every rank does before writing.
     let t = Instant::now();
@@ -52,22 +64,40 @@ fn main() {
 
     // Rank 0 after the writes: every chunk into `.metadata`.
     let t = Instant::now();
-    let mut md = Metadata { version: Some("1.0.0".into()), ..Default::default() };
+    let mut md = Metadata {
+        version: Some("1.0.0".into()),
+        ..Default::default()
+    };
     let mut chunks_total = 0usize;
     for e in &plan.entries {
         let chunks = plan.chunks_of(e);
         chunks_total += chunks.len();
-        let dcp::plan::save::GlobalKind::Sharded { dtype, global_shape, .. } = &e.kind else { unreachable!() };
+        let dcp::plan::save::GlobalKind::Sharded { dtype, global_shape, .. } = &e.kind else {
+            unreachable!()
+        };
         md.planner_data.push((e.fqn.clone(), e.path.clone()));
         for (ci, c) in chunks.iter().enumerate() {
             md.storage.push((
-                StorageIndex { fqn: e.fqn.clone(), offset: Some(c.region.offsets.clone()), index: Some(ci as u64) },
-                StorageInfo { relative_path: format!("__{}_0.distcp", c.writer), offset: (ci as u64) << 20, length: c.region.numel() * 2 + 1600 },
+                StorageIndex {
+                    fqn: e.fqn.clone(),
+                    offset: Some(c.region.offsets.clone()),
+                    index: Some(ci as u64),
+                },
+                StorageInfo {
+                    relative_path: format!("__{}_0.distcp", c.writer),
+                    offset: (ci as u64) << 20,
+                    length: c.region.numel() * 2 + 1600,
+                },
             ));
         }
         md.entries.push((
             e.fqn.clone(),
-            EntryMeta::Tensor(TensorMeta { dtype: Some(*dtype), dtype_name: dtype.torch_name().into(), size: global_shape.clone(), chunks: chunks.into_iter().map(|c| c.region).collect() }),
+            EntryMeta::Tensor(TensorMeta {
+                dtype: Some(*dtype),
+                dtype_name: dtype.torch_name().into(),
+                size: global_shape.clone(),
+                chunks: chunks.into_iter().map(|c| c.region).collect(),
+            }),
         ));
     }
     let t_md = t.elapsed();
@@ -78,13 +108,31 @@ fn main() {
     println!("planning benchmark: {ranks} ranks (dp {dp} x tp {tp}), {tensors} tensors, FSDP+TP placements");
     println!("| step | time | size |");
     println!("|---|---|---|");
-    println!("| every rank: local plan, encode + hash (exchanged: 8-byte hash) | {:.1} ms | plan {} B, hash {hash:016x} |", t_encode.as_secs_f64() * 1e3, encoded.len());
-    println!("| every rank: global plan from its own (uniform layout) | {:.1} ms | |", t_build.as_secs_f64() * 1e3);
-    println!("| every rank: its own writes | {:.1} ms | {my_chunks} chunks |", t_mine.as_secs_f64() * 1e3);
+    println!(
+        "| every rank: local plan, encode + hash (exchanged: 8-byte hash) | {:.1} ms | plan {} B, hash {hash:016x} |",
+        t_encode.as_secs_f64() * 1e3,
+        encoded.len()
+    );
+    println!(
+        "| every rank: global plan from its own (uniform layout) | {:.1} ms | |",
+        t_build.as_secs_f64() * 1e3
+    );
+    println!(
+        "| every rank: its own writes | {:.1} ms | {my_chunks} chunks |",
+        t_mine.as_secs_f64() * 1e3
+    );
     println!(
         "| per-rank planning total | {:.1} ms | |",
         (t_encode + t_build + t_mine).as_secs_f64() * 1e3
     );
-    println!("| rank 0 at commit: all chunks into Metadata | {:.2} s | {chunks_total} chunks |", t_md.as_secs_f64());
-    println!("| rank 0 at commit: pickle `.metadata` | {:.2} s | {:.1} MiB ({:.1} B/chunk) |", t_pickle.as_secs_f64(), bytes.len() as f64 / (1 << 20) as f64, bytes.len() as f64 / chunks_total as f64);
+    println!(
+        "| rank 0 at commit: all chunks into Metadata | {:.2} s | {chunks_total} chunks |",
+        t_md.as_secs_f64()
+    );
+    println!(
+        "| rank 0 at commit: pickle `.metadata` | {:.2} s | {:.1} MiB ({:.1} B/chunk) |",
+        t_pickle.as_secs_f64(),
+        bytes.len() as f64 / (1 << 20) as f64,
+        bytes.len() as f64 / chunks_total as f64
+    );
 }

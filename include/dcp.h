@@ -161,6 +161,18 @@ typedef enum {
 } dcp_key_kind;
 
 /**
+ * Values of `dcp_load_options_set_direct_io`.
+ */
+typedef enum {
+  /**
+   * O_DIRECT for data mostly not in the page cache, buffered reads for cached data.
+   */
+  DCP_DIRECT_IO_AUTO = 0,
+  DCP_DIRECT_IO_ON = 1,
+  DCP_DIRECT_IO_OFF = 2,
+} dcp_direct_io;
+
+/**
  * A checkpoint opened read-only. Thread safety: reads may run concurrently from several
  * threads; `dcp_checkpoint_free` must not race with them.
  */
@@ -171,6 +183,12 @@ typedef struct dcp_checkpoint dcp_checkpoint;
  * Thread safety: calls on one context must not run concurrently (collectives are ordered).
  */
 typedef struct dcp_context dcp_context;
+
+/**
+ * The handle of an async save (`dcp_save_async`). Thread safety: may be waited on or polled
+ * from any thread.
+ */
+typedef struct dcp_future dcp_future;
 
 /**
  * Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads.
@@ -410,9 +428,28 @@ dcp_status dcp_context_rank(const dcp_context *ctx, int32_t *rank, int32_t *worl
 dcp_status dcp_context_barrier(dcp_context *ctx);
 
 /**
- * Frees a context. NULL is a no-op. No save or load may be running on it.
+ * Frees a context, after waiting for its async save in flight, if any. NULL is a no-op. No
+ * other call may be running on it.
  */
 void dcp_context_free(dcp_context *ctx);
+
+/**
+ * Limits the page-locked (pinned) host memory the context's staging pool holds, in bytes
+ * (default: half of physical memory). Staging beyond it uses ordinary memory (slower device
+ * copies). Frees cached buffers not in use.
+ */
+dcp_status dcp_context_set_staging_budget(dcp_context *ctx, uint64_t bytes);
+
+/**
+ * Bytes the context's staging pool holds now: page-locked and ordinary. Either out-pointer may
+ * be NULL.
+ */
+dcp_status dcp_context_staging_bytes(const dcp_context *ctx, uint64_t *pinned, uint64_t *heap);
+
+/**
+ * Whether CUDA is usable in this process (a driver and at least one device). Never fails.
+ */
+bool dcp_cuda_available(void);
 
 /**
  * Makes a mesh of `ndim` dimensions of sizes `shape`, over the global ranks `ranks` in
@@ -461,6 +498,42 @@ dcp_status dcp_load(dcp_context *ctx,
                     const dcp_load_options *opts);
 
 /**
+ * Saves in the background. Returns once this rank's registered state has been copied into
+ * staging memory (page-locked host memory for CUDA tensors, reused across saves): from then
+ * on the caller may modify or free its tensors, and the checkpoint holds the values they had
+ * during this call. Writing and committing continue on a libdcp thread.
+ *
+ * Collective: every rank calls it. At most one async save is in flight per context: a later
+ * save, async save or load on the context first waits for it (or fails with
+ * `DCP_ERROR_BUSY` if `dcp_save_options_set_wait_if_busy(opts, false)`). With a host-callbacks
+ * context, the background thread calls the callbacks to commit, so they must be callable from
+ * another thread (MPI: `MPI_THREAD_MULTIPLE`). On success `*out` owns a future: wait on it with
+ * `dcp_future_wait` and free it with `dcp_future_free`.
+ */
+dcp_status dcp_save_async(dcp_context *ctx,
+                          const dcp_state *state,
+                          const char *path,
+                          const dcp_save_options *opts,
+                          dcp_future **out);
+
+/**
+ * Blocks until the async save completes and returns its status (the same on every call; on
+ * failure `dcp_last_error` on this thread says why). Not collective.
+ */
+dcp_status dcp_future_wait(const dcp_future *future);
+
+/**
+ * Whether the async save has completed (successfully or not), without blocking.
+ */
+dcp_status dcp_future_done(const dcp_future *future, bool *done);
+
+/**
+ * Frees the handle. The save itself goes on; the context waits for it before its next
+ * collective and in `dcp_context_free`. NULL is a no-op.
+ */
+void dcp_future_free(dcp_future *future);
+
+/**
  * Creates save options with the defaults. `*out` is owned by the caller; free it with
  * `dcp_save_options_free`.
  */
@@ -488,6 +561,12 @@ dcp_status dcp_save_options_set_threads(dcp_save_options *opts, uint32_t threads
 dcp_status dcp_save_options_set_direct_io(dcp_save_options *opts, bool direct_io);
 
 /**
+ * When an async save is still in flight on the context: wait for it (default) or fail with
+ * `DCP_ERROR_BUSY`.
+ */
+dcp_status dcp_save_options_set_wait_if_busy(dcp_save_options *opts, bool wait);
+
+/**
  * Creates load options with the defaults. Free with `dcp_load_options_free`.
  */
 dcp_status dcp_load_options_new(dcp_load_options **out);
@@ -508,6 +587,11 @@ dcp_status dcp_load_options_set_strict(dcp_load_options *opts, bool strict);
  * Verify the CRC-32 of everything read (default on).
  */
 dcp_status dcp_load_options_set_verify(dcp_load_options *opts, bool verify);
+
+/**
+ * Whether reads bypass the page cache: a `dcp_direct_io` value (default AUTO).
+ */
+dcp_status dcp_load_options_set_direct_io(dcp_load_options *opts, int32_t mode);
 
 /**
  * Reader threads per rank, 1..=1024.
@@ -581,6 +665,16 @@ dcp_status dcp_state_add_tensor_sharded(dcp_state *state,
                                         const int64_t *global_shape,
                                         const dcp_mesh *mesh,
                                         const int32_t *placements);
+
+/**
+ * Marks the registered tensor `fqn` as CUDA memory: its data pointer is a device pointer of
+ * CUDA device `device` (the `nbytes` given at registration must lie in one allocation of that
+ * device). `stream` is the caller's `cudaStream_t` (NULL: none): libdcp's copies are queued on
+ * it, after the caller's work; with NULL, libdcp waits for the whole device before copying.
+ * Without a CUDA driver this returns `DCP_ERROR_UNSUPPORTED`. Applies to tensors registered
+ * with any `dcp_state_add_tensor*` function.
+ */
+dcp_status dcp_state_set_cuda(dcp_state *state, const char *fqn, int32_t device, void *stream);
 
 /**
  * Registers opaque bytes (saved as a Python `bytes` object). `data` is copied; `(NULL, 0)`

@@ -5,6 +5,7 @@
 //! [`Checkpoint`]. The C API in [`ffi`] is a thin layer over the same functions.
 
 pub mod comm;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod ffi;
@@ -16,7 +17,9 @@ pub mod state;
 pub mod storage;
 pub mod tensor;
 
-pub use engine::{load, save, Checkpoint, Context, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveOptions, SaveReport};
+pub use engine::{
+    load, save, save_async, Checkpoint, Context, DirectIo, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveFuture, SaveOptions, SaveReport,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};
 pub use mesh::{DeviceMesh, Placement};

@@ -186,6 +186,31 @@ impl<'a> State<'a> {
         self.add_object(fqn, ObjectValue::Pickle(pickle.to_vec()))
     }
 
+    /// Marks a registered tensor as CUDA memory of device `ordinal` (its pointer is a device
+    /// pointer), with the caller's stream (0: none).
+    pub fn set_cuda(&mut self, fqn: &str, ordinal: i32, stream: usize) -> Result<()> {
+        let i = *self
+            .index
+            .get(fqn)
+            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))?;
+        let EntryValue::Tensor(t) = &mut self.entries[i].value else {
+            return Err(Error::mismatch(format!("key {fqn:?} is not a tensor")));
+        };
+        // Rebuild the view as a CUDA view; on failure the entry keeps its CPU view.
+        let cpu = unsafe {
+            TensorView::from_raw(
+                t.view.as_ptr(),
+                t.view.nbytes(),
+                t.view.dtype(),
+                t.view.sizes(),
+                Some(t.view.strides()),
+                crate::tensor::Device::Cpu,
+            )?
+        };
+        t.view = cpu.into_cuda(ordinal, stream).map_err(|e| e.context(format!("key {fqn:?}")))?;
+        Ok(())
+    }
+
     /// Sets the key's path in the nested state dict, for torch's `planner_data`.
     pub fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
         ensure!(!path.is_empty(), Error::invalid(format!("key {fqn:?}: empty path")));

@@ -213,6 +213,8 @@ pub struct TensorView<'a> {
     sizes: Vec<u64>,
     strides: Vec<u64>,
     device: Device,
+    /// The caller's CUDA stream (a `CUstream`), 0 for none.
+    stream: usize,
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
@@ -287,6 +289,7 @@ impl<'a> TensorView<'a> {
             sizes: sizes.to_vec(),
             strides,
             device,
+            stream: 0,
             _borrow: PhantomData,
         })
     }
@@ -302,6 +305,22 @@ impl<'a> TensorView<'a> {
     }
     pub fn device(&self) -> Device {
         self.device
+    }
+    /// The caller's CUDA stream (0: none; libdcp then waits for the device before copying).
+    pub fn stream(&self) -> usize {
+        self.stream
+    }
+
+    /// The same view, as memory of CUDA device `ordinal` (the pointer is a device pointer),
+    /// with the caller's stream (`0` for none). Checks that the driver is present and that the
+    /// view's bytes lie in one allocation of that device.
+    pub fn into_cuda(mut self, ordinal: i32, stream: usize) -> Result<Self> {
+        let extent = strided_extent_bytes(&self.sizes, &self.strides, self.dtype.size())?;
+        crate::cuda::driver().map_err(|e| Error::unsupported(format!("CUDA tensors cannot be used here: {}", e.message())))?;
+        crate::cuda::check_device_range(ordinal, self.ptr as u64, extent)?;
+        self.device = Device::Cuda(ordinal);
+        self.stream = stream;
+        Ok(self)
     }
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr

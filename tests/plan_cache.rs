@@ -19,27 +19,46 @@ fn unchanged_layout_reuses_the_plan() {
         .map(|rank| {
             let dir = dir.clone();
             std::thread::spawn(move || {
-                let ctx = Context::with_communicator(Box::new(TcpComm::connect(rank, world, "127.0.0.1", port, Duration::from_secs(30)).unwrap()));
+                let ctx = Context::with_communicator(Box::new(
+                    TcpComm::connect(rank, world, "127.0.0.1", port, Duration::from_secs(30)).unwrap(),
+                ));
                 let path = dir.to_str().unwrap();
                 // Explicit, rank-specific chunks: the first save must exchange plans.
                 let mut rows: Vec<f32> = (0..8).map(|i| (rank * 8 + i) as f32).collect();
-                let opts = SaveOptions { overwrite: true, ..Default::default() };
+                let opts = SaveOptions {
+                    overwrite: true,
+                    ..Default::default()
+                };
                 let mut cached = Vec::new();
                 for _ in 0..3 {
                     let mut st = State::new();
-                    st.add_tensor_chunk("w", TensorView::from_slice(&mut rows, DType::F32, &[2, 4]).unwrap(), &[8, 4], &[2 * rank as u64, 0]).unwrap();
+                    st.add_tensor_chunk(
+                        "w",
+                        TensorView::from_slice(&mut rows, DType::F32, &[2, 4]).unwrap(),
+                        &[8, 4],
+                        &[2 * rank as u64, 0],
+                    )
+                    .unwrap();
                     cached.push(save(&ctx, &st, path, &opts).unwrap().plan_cached);
                 }
                 // A different layout (one more key) is planned afresh.
                 let mut extra = [1u8; 3];
                 let mut st = State::new();
-                st.add_tensor_chunk("w", TensorView::from_slice(&mut rows, DType::F32, &[2, 4]).unwrap(), &[8, 4], &[2 * rank as u64, 0]).unwrap();
-                st.add_tensor("b", TensorView::from_slice(&mut extra, DType::U8, &[3]).unwrap()).unwrap();
+                st.add_tensor_chunk(
+                    "w",
+                    TensorView::from_slice(&mut rows, DType::F32, &[2, 4]).unwrap(),
+                    &[8, 4],
+                    &[2 * rank as u64, 0],
+                )
+                .unwrap();
+                st.add_tensor("b", TensorView::from_slice(&mut extra, DType::U8, &[3]).unwrap())
+                    .unwrap();
                 cached.push(save(&ctx, &st, path, &opts).unwrap().plan_cached);
                 // And the checkpoint loads: every rank reads the whole tensor.
                 let mut all = vec![0f32; 32];
                 let mut st = State::new();
-                st.add_tensor("w", TensorView::from_slice(&mut all, DType::F32, &[8, 4]).unwrap()).unwrap();
+                st.add_tensor("w", TensorView::from_slice(&mut all, DType::F32, &[8, 4]).unwrap())
+                    .unwrap();
                 load(&ctx, &mut st, path, &LoadOptions::default()).unwrap();
                 drop(st);
                 assert_eq!(all, (0..32).map(|i| i as f32).collect::<Vec<_>>());

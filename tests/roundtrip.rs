@@ -210,3 +210,133 @@ fn damaged_checkpoints_are_refused() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.message().contains("not a committed checkpoint"), "{e}");
 }
+
+#[test]
+fn async_save_holds_the_values_at_the_call() {
+    let dir = tmp("async");
+    let ctx = Context::local();
+    let mut w: Vec<f32> = (0..1 << 20).map(|i| i as f32).collect();
+    let mut strided: Vec<u16> = (0..64).collect();
+    let expect_w = w.clone();
+    let expect_t: Vec<u16> = (0..8).flat_map(|j| (0..8).map(move |i| (i * 8 + j) as u16)).collect();
+    let fut = {
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[1024, 1024]).unwrap())
+            .unwrap();
+        let t = unsafe {
+            TensorView::from_raw(
+                strided.as_mut_ptr() as *mut u8,
+                128,
+                DType::U16,
+                &[8, 8],
+                Some(&[1, 8]),
+                dcp::Device::Cpu,
+            )
+            .unwrap()
+        };
+        st.add_tensor("t", t).unwrap();
+        st.add_int("step", 3).unwrap();
+        dcp::save_async(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap()
+    };
+    // The caller changes its tensors right away: the checkpoint keeps the old values.
+    w.iter_mut().for_each(|x| *x = -1.0);
+    strided.iter_mut().for_each(|x| *x = 999);
+    // A second async save while one is in flight, told not to wait, is refused.
+    let st = State::new();
+    let busy = dcp::save_async(
+        &ctx,
+        &st,
+        dir.join("other").to_str().unwrap(),
+        &SaveOptions {
+            wait_if_busy: false,
+            ..Default::default()
+        },
+    );
+    if let Err(e) = busy {
+        assert_eq!(e.kind(), ErrorKind::Busy);
+    }
+    let report = fut.wait().unwrap();
+    assert!(report.blocked_seconds <= report.seconds);
+    let ck = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let (_, _, bytes) = ck.read_tensor("w").unwrap();
+    let got: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, expect_w);
+    let (_, _, bytes) = ck.read_tensor("t").unwrap();
+    let got: Vec<u16> = bytes.chunks(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, expect_t);
+    assert_eq!(ck.read_object("step").unwrap(), ObjectValue::Int(3));
+    // The staging buffer is kept for the next save.
+    assert!(ctx.staging_stats().heap_bytes >= 4 << 20);
+}
+
+#[test]
+fn direct_io_modes_read_the_same_bytes() {
+    let dir = tmp("directio");
+    let ctx = Context::local();
+    let mut data = pattern(3 << 20, 9);
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_bytes(&mut data, DType::U8, &[3, 1 << 20]).unwrap())
+        .unwrap();
+    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    drop(st);
+    for mode in [dcp::engine::DirectIo::On, dcp::engine::DirectIo::Off, dcp::engine::DirectIo::Auto] {
+        // A box (rows 1..3, a column range) and the whole tensor.
+        let mut part = vec![0u8; 2 * 1000];
+        let mut whole = vec![0u8; 3 << 20];
+        let mut st = State::new();
+        st.add_tensor_chunk(
+            "w",
+            TensorView::from_bytes(&mut part, DType::U8, &[2, 1000]).unwrap(),
+            &[3, 1 << 20],
+            &[1, 4097],
+        )
+        .unwrap();
+        load(
+            &ctx,
+            &mut st,
+            dir.to_str().unwrap(),
+            &LoadOptions {
+                direct_io: mode,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        drop(st);
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_bytes(&mut whole, DType::U8, &[3, 1 << 20]).unwrap())
+            .unwrap();
+        load(
+            &ctx,
+            &mut st,
+            dir.to_str().unwrap(),
+            &LoadOptions {
+                direct_io: mode,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        drop(st);
+        assert_eq!(whole, data, "{mode:?}");
+        for r in 0..2 {
+            assert_eq!(
+                &part[r * 1000..(r + 1) * 1000],
+                &data[(r + 1) * (1 << 20) + 4097..(r + 1) * (1 << 20) + 5097],
+                "{mode:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_tensors_are_refused_cleanly_without_a_driver() {
+    if dcp::cuda::available() {
+        return; // covered by tests/gpu on machines with a GPU
+    }
+    let mut buf = vec![0u8; 16];
+    let mut st = State::new();
+    st.add_tensor("g", TensorView::from_bytes(&mut buf, DType::F32, &[4]).unwrap())
+        .unwrap();
+    let e = st.set_cuda("g", 0, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.message().contains("CUDA"), "{e}");
+}

@@ -36,6 +36,7 @@ pub struct Checkpoint {
     storage: Arc<dyn Storage>,
     opened: Opened,
     location: String,
+    pool: std::sync::Mutex<super::staging::StagingPool>,
 }
 
 impl Checkpoint {
@@ -50,6 +51,7 @@ impl Checkpoint {
             storage,
             opened,
             location: location.to_string(),
+            pool: Default::default(),
         })
     }
 
@@ -124,10 +126,10 @@ impl Checkpoint {
             &self.opened,
             &mut state,
             &LoadOptions {
-                strict: true,
                 verify,
-                threads: 4,
+                ..Default::default()
             },
+            &self.pool,
         )?;
         Ok(())
     }

@@ -2,9 +2,12 @@
 //! each rank plans its own reads, reads only the bytes its boxes overlap, verifies CRC-32s, and
 //! all ranks agree on the outcome.
 
-use super::read::{read_chunk, read_object, Files, Target};
+use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
+use super::save::sync_devices;
 use super::save::METADATA_FILE;
+use super::staging::StagingPool;
 use super::wire::{agree, broadcast_result};
+use super::write::DeviceStreams;
 use super::Context;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{Metadata, MetadataLookup};
@@ -12,9 +15,10 @@ use crate::format::sidecar::{self, BlockRecord, Sidecar};
 use crate::plan::load::plan_load;
 use crate::state::{EntryValue, State};
 use crate::storage::{self, Storage};
+use crate::tensor::Device;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -26,6 +30,8 @@ pub struct LoadOptions {
     pub verify: bool,
     /// Reader threads per rank.
     pub threads: usize,
+    /// Whether reads bypass the page cache (default: only for data not already cached).
+    pub direct_io: DirectIo,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +40,7 @@ impl Default for LoadOptions {
             strict: true,
             verify: true,
             threads: 4,
+            direct_io: DirectIo::Auto,
         }
     }
 }
@@ -129,6 +136,7 @@ pub fn load(ctx: &Context, state: &mut State, location: &str, opts: &LoadOptions
 
 pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, opts: &LoadOptions) -> Result<LoadReport> {
     state.reset_load_status();
+    ctx.settle(true)?;
     let comm = ctx.communicator();
     let raw = broadcast_result(
         comm,
@@ -139,15 +147,21 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
             Ok((vec![], None))
         },
     )?;
-    let local =
-        decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|opened| execute(storage.as_ref(), &opened, state, opts));
+    let local = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref())
+        .and_then(|opened| execute(storage.as_ref(), &opened, state, opts, &ctx.inner.pool));
     let report = local.as_ref().ok().cloned();
     agree(comm, local.map(|_| ()))?;
     Ok(report.unwrap_or_default())
 }
 
 /// Runs a load on this rank alone.
-pub fn execute(storage: &dyn Storage, opened: &Opened, state: &mut State, opts: &LoadOptions) -> Result<LoadReport> {
+pub fn execute(
+    storage: &dyn Storage,
+    opened: &Opened,
+    state: &mut State,
+    opts: &LoadOptions,
+    pool: &Mutex<StagingPool>,
+) -> Result<LoadReport> {
     let t0 = Instant::now();
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("reader threads must be 1..=1024, not {}", opts.threads)));
@@ -171,6 +185,22 @@ pub fn execute(storage: &dyn Storage, opened: &Opened, state: &mut State, opts: 
 
     {
         let entries = state.entries();
+        let gpu = plan
+            .chunks
+            .iter()
+            .flat_map(|c| &c.targets)
+            .find_map(|(ei, _)| match &entries[*ei].value {
+                EntryValue::Tensor(t) => match t.view.device() {
+                    Device::Cuda(o) => Some(o),
+                    Device::Cpu => None,
+                },
+                _ => None,
+            });
+        // Device buffers may still be in use by the caller's kernels.
+        sync_devices(entries.iter().filter_map(|e| match &e.value {
+            EntryValue::Tensor(t) => Some(&t.view),
+            _ => None,
+        }))?;
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let threads = opts.threads.min(plan.chunks.len()).max(1);
@@ -178,32 +208,45 @@ pub fn execute(storage: &dyn Storage, opened: &Opened, state: &mut State, opts: 
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
-                        loop {
-                            if failed.load(Ordering::Relaxed) {
-                                return Ok(());
+                        let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).acquire(window_buffer_len(), gpu)?;
+                        let mut streams = DeviceStreams::default();
+                        let mut rd = Reader {
+                            files: &files,
+                            verify: opts.verify,
+                            direct: opts.direct_io,
+                            buf: &buf,
+                            streams: &mut streams,
+                        };
+                        let r = (|| -> Result<()> {
+                            loop {
+                                if failed.load(Ordering::Relaxed) {
+                                    return Ok(());
+                                }
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                let Some(c) = plan.chunks.get(i) else { return Ok(()) };
+                                let targets: Vec<Target> = c
+                                    .targets
+                                    .iter()
+                                    .map(|(ei, overlap)| match &entries[*ei].value {
+                                        EntryValue::Tensor(t) => Ok(Target {
+                                            view: &t.view,
+                                            region: &t.region,
+                                            overlap: overlap.clone(),
+                                        }),
+                                        EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
+                                    })
+                                    .collect::<Result<_>>()?;
+                                let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
+                                if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
+                                    failed.store(true, Ordering::Relaxed);
+                                    return Err(e);
+                                }
                             }
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(c) = plan.chunks.get(i) else {
-                                return Ok(());
-                            };
-                            let targets: Vec<Target> = c
-                                .targets
-                                .iter()
-                                .map(|(ei, overlap)| match &entries[*ei].value {
-                                    EntryValue::Tensor(t) => Ok(Target {
-                                        view: &t.view,
-                                        region: &t.region,
-                                        overlap: overlap.clone(),
-                                    }),
-                                    EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
-                                })
-                                .collect::<Result<_>>()?;
-                            let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
-                            if let Err(e) = read_chunk(&files, b, &c.fqn, &c.chunk, &c.storage, &targets, opts.verify) {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
+                        })();
+                        drop(rd);
+                        drop(streams);
+                        pool.lock().unwrap_or_else(|p| p.into_inner()).release(buf);
+                        r
                     })
                 })
                 .collect();

@@ -2,26 +2,42 @@
 //! and communication.
 
 pub mod checkpoint;
+pub mod future;
 pub mod load;
-mod read;
+pub mod read;
 pub mod save;
+pub mod staging;
 mod wire;
 mod write;
 
 use crate::comm::local::LocalComm;
 use crate::comm::Communicator;
+use crate::error::{Error, ErrorKind, Result};
 use crate::plan::save::GlobalPlan;
 use std::sync::{Arc, Mutex};
 
 pub use checkpoint::{Checkpoint, KeyInfo, KeyKind};
+pub use future::SaveFuture;
 pub use load::{load, LoadOptions, LoadReport};
-pub use save::{save, SaveOptions, SaveReport};
+pub use read::DirectIo;
+pub use save::{save, save_async, SaveOptions, SaveReport};
+pub use staging::PoolStats;
 
-/// One per process: the communicator of the job and what is cached between saves.
-pub struct Context {
+pub(crate) struct ContextInner {
     comm: Box<dyn Communicator>,
     /// The last global save plan, with the local-plan hashes of every rank it was built from.
     plan_cache: Mutex<Option<(Vec<u64>, Arc<GlobalPlan>)>>,
+    /// Host buffers kept between operations (page-locked staging for the GPU path).
+    pool: Mutex<staging::StagingPool>,
+    /// The async save in flight, if any.
+    in_flight: Mutex<Option<SaveFuture>>,
+}
+
+/// One per process: the communicator of the job and what is kept between operations (the save
+/// plan, staging buffers, the async save in flight). Cloning shares it.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<ContextInner>,
 }
 
 impl Context {
@@ -32,19 +48,50 @@ impl Context {
 
     pub fn with_communicator(comm: Box<dyn Communicator>) -> Context {
         Context {
-            comm,
-            plan_cache: Mutex::new(None),
+            inner: Arc::new(ContextInner {
+                comm,
+                plan_cache: Mutex::new(None),
+                pool: Mutex::new(staging::StagingPool::new()),
+                in_flight: Mutex::new(None),
+            }),
         }
     }
 
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        self.inner.comm.rank()
     }
     pub fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.inner.comm.world_size()
     }
     pub fn communicator(&self) -> &dyn Communicator {
-        self.comm.as_ref()
+        self.inner.comm.as_ref()
+    }
+
+    /// Most page-locked host memory the staging pool may hold (default: half of RAM).
+    pub fn set_staging_budget(&self, bytes: u64) {
+        let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.budget = bytes;
+        pool.trim();
+    }
+
+    /// What the staging pool holds now.
+    pub fn staging_stats(&self) -> PoolStats {
+        self.inner.pool.lock().unwrap_or_else(|p| p.into_inner()).stats()
+    }
+
+    /// Waits for the async save in flight (or fails with `Busy` when `wait` is false). Every
+    /// collective operation settles first, so collectives never interleave.
+    pub fn settle(&self, wait: bool) -> Result<()> {
+        let current = self.inner.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(f) = current {
+            if !f.is_done() {
+                if !wait {
+                    return Err(Error::new(ErrorKind::Busy, "an async save is still in flight on this context"));
+                }
+                let _ = f.wait();
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,12 +1,16 @@
 //! Reading saved chunks into registered buffers: locate the payload, read only the byte ranges
 //! the overlaps need (widened to checksum units), verify, scatter.
 
+use super::staging::HostBuf;
+use super::write::DeviceStreams;
+use crate::cuda;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, TensorRecord};
 use crate::plan::runs::{BoxRuns, Run};
 use crate::region::Region;
+use crate::storage::DIRECT_ALIGN;
 use crate::storage::{ReadHandle, Storage};
 use crate::tensor::{is_contiguous, Device, TensorView};
 use std::collections::HashMap;
@@ -122,26 +126,71 @@ enum Check<'b> {
     None,
 }
 
+/// Whether reads bypass the page cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectIo {
+    /// O_DIRECT for byte ranges mostly not in the page cache (cold), buffered otherwise.
+    Auto,
+    On,
+    Off,
+}
+
+/// What one reader thread carries from chunk to chunk.
+pub(crate) struct Reader<'f, 's> {
+    pub files: &'f Files<'s>,
+    pub verify: bool,
+    pub direct: DirectIo,
+    /// The window buffer: WINDOW bytes plus room to align direct reads.
+    pub buf: &'f HostBuf,
+    pub(crate) streams: &'f mut DeviceStreams,
+}
+
+/// Size of a reader thread's window buffer.
+pub fn window_buffer_len() -> usize {
+    WINDOW as usize + 2 * DIRECT_ALIGN
+}
+
+/// Reads `len` payload bytes at absolute file offset `abs` into the window buffer `buf`,
+/// directly (O_DIRECT) when the policy says so and the request can be aligned; returns them.
+fn read_window<'b>(direct: DirectIo, buf: &'b HostBuf, file: &dyn ReadHandle, abs: u64, len: usize) -> Result<&'b [u8]> {
+    {
+        let a = DIRECT_ALIGN as u64;
+        let use_direct = match direct {
+            DirectIo::Off => false,
+            DirectIo::On => true,
+            DirectIo::Auto => len >= (1 << 20) && file.cached_fraction(abs, len as u64).is_some_and(|f| f < 0.5),
+        };
+        if use_direct {
+            let lo = abs / a * a;
+            let hi = (abs + len as u64).div_ceil(a) * a;
+            let span = (hi - lo) as usize;
+            if span <= buf.capacity() {
+                let dst = unsafe { buf.slice(span) };
+                if file.read_direct(lo, dst)? {
+                    let skip = (abs - lo) as usize;
+                    return Ok(&dst[skip..skip + len]);
+                }
+            }
+        }
+        let dst = unsafe { buf.slice(len) };
+        file.read_at(abs, dst)?;
+        Ok(dst)
+    }
+}
+
 /// Reads one saved chunk into its targets.
-pub fn read_chunk(
-    files: &Files,
+pub(crate) fn read_chunk(
+    rd: &mut Reader,
     sidecar_blocks: Option<(&BlockRecord, u64)>,
     fqn: &str,
     chunk: &Region,
     info: &StorageInfo,
     targets: &[Target],
-    verify: bool,
 ) -> Result<()> {
+    let files = rd.files;
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
-    for t in targets {
-        if t.view.device() != Device::Cpu {
-            return Err(Error::unsupported(format!(
-                "key {fqn:?}: loading into CUDA tensors is not supported by this build"
-            )));
-        }
-    }
     let elem_expected = targets.first().map(|t| t.view.dtype());
     // Where the payload is and how it is laid out.
     let (payload_abs, rec) = match sidecar_blocks {
@@ -176,7 +225,7 @@ pub fn read_chunk(
             chunk.sizes
         )));
     }
-    let check = if !verify {
+    let check = if !rd.verify {
         Check::None
     } else if let Some((b, bs)) = sidecar_blocks {
         Check::Blocks(b, bs)
@@ -186,9 +235,13 @@ pub fn read_chunk(
     let elem = rec.dtype.size() as u64;
     let saved_dense = rec.storage_offset == 0 && is_contiguous(&rec.sizes, &rec.strides);
 
-    // Fast path: the whole chunk into one dense registered buffer: read straight into it.
+    // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
+    // into it.
     if let [t] = targets {
-        if saved_dense && t.overlap == *chunk && t.region == chunk && t.view.is_contiguous() && rec.data_len == chunk.numel() * elem {
+        let whole = saved_dense && t.overlap == *chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
+        let cold = rd.direct == DirectIo::On
+            || (rd.direct == DirectIo::Auto && file.cached_fraction(payload_abs, rec.data_len).is_some_and(|f| f < 0.5));
+        if whole && t.view.device() == Device::Cpu && t.view.is_contiguous() && !(cold && rec.data_len >= 1 << 20) {
             let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
             file.read_at(payload_abs, dst)?;
             return verify_bytes(&check, 0, dst, true, &what, payload_abs);
@@ -197,17 +250,17 @@ pub fn read_chunk(
 
     // Runs from the payload (a) to each target (b, addressed by absolute pointer).
     let saved_strides: Vec<u64> = rec.strides.iter().map(|s| s * elem).collect();
-    let mut runs: Vec<(Run, *mut u8)> = Vec::new();
-    for t in targets {
+    let mut runs: Vec<(Run, *mut u8, usize)> = Vec::new();
+    for (ti, t) in targets.iter().enumerate() {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
         let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
         let dst_strides: Vec<u64> = t.view.strides().iter().map(|s| s * elem).collect();
         let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
         let ptr = t.view.as_ptr();
-        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr)));
+        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr, ti)));
     }
-    runs.sort_by_key(|(r, _)| r.a);
+    runs.sort_by_key(|(r, _, _)| r.a);
 
     // Byte ranges of the payload to read.
     let unit = match (&check, saved_dense) {
@@ -216,7 +269,7 @@ pub fn read_chunk(
         (Check::None, _) => 1,
     };
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (r, _) in &runs {
+    for (r, _, _) in &runs {
         let lo = r.a / unit * unit;
         let hi = ((r.a + r.a_span(elem)).div_ceil(unit) * unit).min(rec.data_len);
         match ranges.last_mut() {
@@ -224,31 +277,45 @@ pub fn read_chunk(
             _ => ranges.push((lo, hi)),
         }
     }
-    // Windows: ranges cut into pieces of at most WINDOW bytes at unit boundaries (unless the
-    // unit is the whole record and the saved layout is strided: then it must be in memory at
-    // once).
+    // Windows: ranges cut into pieces of at most WINDOW bytes at unit boundaries. A strided
+    // saved layout must be in memory at once (rare: torch writes transposed views as they are).
     let max_window = if saved_dense { (WINDOW / unit).max(1) * unit } else { u64::MAX };
     let mut whole = crc32fast::Hasher::new();
     let mut next_run = 0usize;
-    let mut buf = Vec::new();
+    let mut big: Option<Vec<u8>> = None;
     for (lo, hi) in ranges {
         let mut w0 = lo;
         while w0 < hi {
             let w1 = (w0 + max_window).min(hi);
-            buf.resize((w1 - w0) as usize, 0);
-            file.read_at(payload_abs + w0, &mut buf)?;
+            let n = (w1 - w0) as usize;
+            let data: &[u8] = if n <= WINDOW as usize {
+                read_window(rd.direct, rd.buf, file.as_ref(), payload_abs + w0, n)?
+            } else {
+                let v = big.insert(vec![0u8; n]);
+                file.read_at(payload_abs + w0, v)?;
+                v
+            };
             match &check {
-                Check::Whole(_) => whole.update(&buf),
-                _ => verify_bytes(&check, w0, &buf, false, &what, payload_abs)?,
+                Check::Whole(_) => whole.update(data),
+                _ => verify_bytes(&check, w0, data, false, &what, payload_abs)?,
             }
+            let mut used_streams: Vec<cuda::Stream> = Vec::new();
             while next_run < runs.len() {
-                let (run, ptr) = runs[next_run];
+                let (run, ptr, ti) = runs[next_run];
                 if run.a >= w1 {
                     break;
                 }
                 let (head, tail) = run.split(w1, true);
                 if let Some(h) = head {
-                    unsafe { h.copy(buf.as_ptr(), ptr, elem, w0, 0) };
+                    let view = targets[ti].view;
+                    match view.device() {
+                        Device::Cpu => unsafe { h.copy(data.as_ptr(), ptr, elem, w0, 0) },
+                        Device::Cuda(ordinal) => {
+                            let s = rd.streams.get(ordinal, view.stream())?;
+                            copy_run_to_device(&s, &h, data, w0, ptr as u64, elem).map_err(|e| e.context(format!("key {fqn:?}")))?;
+                            used_streams.push(s);
+                        }
+                    }
                 }
                 match tail {
                     Some(t) => {
@@ -258,6 +325,10 @@ pub fn read_chunk(
                     None => next_run += 1,
                 }
             }
+            // The window buffer is reused next: its copies to the device must be done.
+            for s in &used_streams {
+                s.synchronize()?;
+            }
             w0 = w1;
         }
     }
@@ -266,6 +337,20 @@ pub fn read_chunk(
         if got != expected {
             return Err(checksum_error(&what, payload_abs, rec.data_len, got, expected));
         }
+    }
+    Ok(())
+}
+
+/// Queues the host-to-device copies of one run (one copy when it is dense on both sides).
+fn copy_run_to_device(s: &cuda::Stream, run: &Run, window: &[u8], w0: u64, dst: u64, elem: u64) -> Result<()> {
+    let src = (run.a - w0) as usize;
+    if run.a_step == elem && run.b_step == elem {
+        let n = (run.count * elem) as usize;
+        return unsafe { s.h2d(dst + run.b, &window[src..src + n]) };
+    }
+    for i in 0..run.count as usize {
+        let a = src + i * run.a_step as usize;
+        unsafe { s.h2d(dst + run.b + i as u64 * run.b_step, &window[a..a + elem as usize])? };
     }
     Ok(())
 }

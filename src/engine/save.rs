@@ -7,8 +7,10 @@
 //! 4. Rank 0 gathers what was written, then commits: sidecar, then `.metadata` by atomic rename,
 //!    then a directory fsync. Without `.metadata` a directory is not a checkpoint.
 
+use super::future::SaveFuture;
+use super::staging::HostBuf;
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_file, write_file, ItemSource, ItemWritten};
+use super::write::{layout_file, write_file, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
@@ -17,6 +19,7 @@ use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
 use crate::storage::{self, Storage};
+use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +37,9 @@ pub struct SaveOptions {
     pub direct_io: bool,
     /// Size of each writer thread's aligned buffer.
     pub buffer_bytes: usize,
+    /// When an async save is still in flight on the context: wait for it (default) or fail
+    /// with `Busy`.
+    pub wait_if_busy: bool,
 }
 
 impl Default for SaveOptions {
@@ -43,6 +49,7 @@ impl Default for SaveOptions {
             threads: 4,
             direct_io: true,
             buffer_bytes: 8 << 20,
+            wait_if_busy: true,
         }
     }
 }
@@ -53,6 +60,9 @@ pub struct SaveReport {
     pub bytes_written: u64,
     /// Whether the global plan came from the cache (no full plan exchange).
     pub plan_cached: bool,
+    /// Seconds the caller was blocked (for an async save: until the state was staged).
+    pub blocked_seconds: f64,
+    /// Seconds until the checkpoint was committed.
     pub seconds: f64,
 }
 
@@ -62,41 +72,232 @@ struct RankWrites {
     items: Vec<ItemWritten>,
 }
 
+/// What the foreground part of a save agreed on.
+struct Prepared {
+    plan: Arc<GlobalPlan>,
+    plan_cached: bool,
+    save_id: String,
+    storage: Arc<dyn Storage>,
+    location: String,
+}
+
 /// Saves `state` to `location`. Collective: every rank of the context calls it.
 pub fn save(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
-    let storage = storage::open(location)?;
-    save_to(ctx, state, storage, location, opts)
+    save_to(ctx, state, storage::open(location)?, location, opts)
 }
 
 pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
     let t0 = Instant::now();
-    let comm = ctx.communicator();
-    let rank = comm.rank();
-    let (plan, plan_cached) = global_plan(ctx, state, opts)?;
+    ctx.settle(opts.wait_if_busy)?;
+    let p = prepare_save(ctx, state, storage, location, opts)?;
+    let bytes_written = write_and_commit(ctx, state, &p, opts)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(SaveReport {
+        bytes_written,
+        plan_cached: p.plan_cached,
+        blocked_seconds: seconds,
+        seconds,
+    })
+}
 
+/// Saves in the background: returns once this rank's state is copied into staging memory (so
+/// the caller may change its tensors right away); writing and committing continue on a thread
+/// of the context. Collective. At most one async save is in flight per context: a second one
+/// (or any save or load) first waits for it, or fails with `Busy` when `wait_if_busy` is off.
+pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveFuture> {
+    let t0 = Instant::now();
+    ctx.settle(opts.wait_if_busy)?;
+    let p = prepare_save(ctx, state, storage::open(location)?, location, opts)?;
+    // Stage what this rank writes; every rank reports, so all stop together on a failure.
+    let staged = stage(ctx, state, &p.plan, ctx.rank());
+    let staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
+    let blocked = t0.elapsed().as_secs_f64();
+    let future = SaveFuture::new();
+    *ctx.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(future.clone());
+    let (ctx2, fut2, opts2) = (ctx.clone(), future.clone(), opts.clone());
+    let spawned = std::thread::Builder::new().name("dcp-async-save".into()).spawn(move || {
+        let r = write_and_commit(&ctx2, &staged.state, &p, &opts2);
+        let plan_cached = p.plan_cached;
+        ctx2.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(staged.into_arena());
+        fut2.complete(r.map(|bytes_written| SaveReport {
+            bytes_written,
+            plan_cached,
+            blocked_seconds: blocked,
+            seconds: t0.elapsed().as_secs_f64(),
+        }));
+    });
+    if let Err(e) = spawned {
+        future.complete(Err(Error::internal(format!("cannot start the async save thread: {e}"))));
+    }
+    Ok(future)
+}
+
+/// Collectives before any byte is written: validity and plan, then rank 0 readies the directory.
+fn prepare_save(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<Prepared> {
+    let comm = ctx.communicator();
+    let (plan, plan_cached) = global_plan(ctx, state, opts)?;
     let save_id = broadcast_result(
         comm,
         0,
-        if rank == 0 {
+        if comm.rank() == 0 {
             prepare(storage.as_ref(), opts.overwrite)
         } else {
             Ok(String::new())
         },
     )?;
+    Ok(Prepared {
+        plan,
+        plan_cached,
+        save_id,
+        storage,
+        location: location.to_string(),
+    })
+}
 
-    let written = write_rank(state, &plan, rank, storage.as_ref(), opts, &save_id);
+/// Writes this rank's files, then commits on rank 0. Collective.
+fn write_and_commit(ctx: &Context, state: &State, p: &Prepared, opts: &SaveOptions) -> Result<u64> {
+    let comm = ctx.communicator();
+    let written = write_rank(ctx, state, &p.plan, comm.rank(), p.storage.as_ref(), opts, &p.save_id);
     let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
-        Some(all) => commit(storage.as_ref(), location, &plan, &save_id, all),
+        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.save_id, all),
         None => Ok(()),
     };
     broadcast_result(comm, 0, commit)?;
-    Ok(SaveReport {
-        bytes_written,
-        plan_cached,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(bytes_written)
+}
+
+/// This rank's written items, copied into one staging buffer (page-locked when CUDA tensors
+/// are involved), and a state of views into it.
+struct Staged {
+    // Declared before `arena`: its views point into it.
+    state: State<'static>,
+    arena: HostBuf,
+}
+
+impl Staged {
+    fn into_arena(self) -> HostBuf {
+        drop(self.state);
+        self.arena
+    }
+}
+
+fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result<Staged> {
+    let mut tensors = Vec::new();
+    let mut objects = Vec::new();
+    for entry in my_entries(state, plan, rank)? {
+        match &entry.value {
+            EntryValue::Tensor(t) => tensors.push((entry, t)),
+            EntryValue::Object(v) => objects.push((entry.fqn.clone(), v.clone())),
+        }
+    }
+    sync_devices(tensors.iter().map(|(_, t)| &t.view))?;
+    let align = super::staging::ALIGN as u64;
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut total = 0u64;
+    for (_, t) in &tensors {
+        offsets.push(total);
+        total += (t.view.numel() * t.view.dtype().size() as u64).next_multiple_of(align);
+    }
+    let pinned = tensors.iter().find_map(|(_, t)| match t.view.device() {
+        Device::Cuda(o) => Some(o),
+        Device::Cpu => None,
+    });
+    let arena = ctx
+        .inner
+        .pool
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .acquire(total as usize, pinned)?;
+    let copied = copy_into_arena(&tensors, &offsets, &arena);
+    if let Err(e) = copied {
+        ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(arena);
+        return Err(e);
+    }
+    let mut staged = State::new();
+    for ((entry, t), off) in tensors.iter().zip(&offsets) {
+        let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
+        let view = unsafe {
+            TensorView::from_raw(
+                arena.as_ptr().add(*off as usize),
+                n,
+                t.view.dtype(),
+                t.view.sizes(),
+                None,
+                Device::Cpu,
+            )?
+        };
+        staged.add_tensor_chunk(&entry.fqn, view, &t.global_shape, &t.region.offsets)?;
+    }
+    for (fqn, v) in objects {
+        staged.add_object(&fqn, v)?;
+    }
+    Ok(Staged { state: staged, arena })
+}
+
+/// Copies tensors (dense, row-major) into the arena: device tensors by asynchronous copies,
+/// host tensors by several threads.
+fn copy_into_arena(tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], offsets: &[u64], arena: &HostBuf) -> Result<()> {
+    let base = arena.as_ptr() as usize;
+    let mut streams = DeviceStreams::default();
+    let mut used = Vec::new();
+    let mut host = Vec::new();
+    for ((entry, t), &off) in tensors.iter().zip(offsets) {
+        let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
+        match t.view.device() {
+            Device::Cuda(ordinal) if t.view.is_contiguous() => {
+                let s = streams.get(ordinal, t.view.stream())?;
+                let dst = unsafe { std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n) };
+                unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
+                used.push(s);
+            }
+            Device::Cuda(_) => {
+                return Err(Error::unsupported(format!(
+                    "key {:?}: async save of a non-contiguous CUDA tensor is not supported",
+                    entry.fqn
+                )))
+            }
+            Device::Cpu => host.push((t, off as usize, n)),
+        }
+    }
+    // Host copies, spread over threads by bytes.
+    let threads = 4usize.min(host.len()).max(1);
+    std::thread::scope(|s| {
+        for part in 0..threads {
+            let host = &host;
+            s.spawn(move || {
+                for (i, (t, off, n)) in host.iter().enumerate() {
+                    if i % threads != part {
+                        continue;
+                    }
+                    let dst = unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, *n) };
+                    copy_dense(&t.view, dst);
+                }
+            });
+        }
+    });
+    for s in &used {
+        s.synchronize()?;
+    }
+    Ok(())
+}
+
+/// A host view's elements, dense and row-major, into `dst`.
+fn copy_dense(view: &TensorView, dst: &mut [u8]) {
+    if view.is_contiguous() {
+        unsafe { std::ptr::copy_nonoverlapping(view.as_ptr(), dst.as_mut_ptr(), dst.len()) };
+        return;
+    }
+    let elem = view.dtype().size();
+    let src_strides = crate::tensor::byte_strides(view.strides(), elem);
+    let dst_strides = crate::tensor::byte_strides(&crate::tensor::contiguous_strides(view.sizes()), elem);
+    let sizes: Vec<usize> = view.sizes().iter().map(|&s| s as usize).collect();
+    unsafe { crate::tensor::copy_strided(view.as_ptr(), &src_strides, dst.as_mut_ptr(), &dst_strides, &sizes, elem) };
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
@@ -110,7 +311,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     for (r, h) in hashes.iter().enumerate() {
         all.push(Wire::<u64>::decode(h, r)?.into_result(r)?);
     }
-    let mut cache = ctx.plan_cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = ctx.inner.plan_cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((h, plan)) = cache.as_ref() {
         if *h == all {
             return Ok((plan.clone(), true));
@@ -133,17 +334,41 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     Ok((plan, false))
 }
 
-fn validate_local(state: &State, opts: &SaveOptions) -> Result<()> {
+fn validate_local(_state: &State, opts: &SaveOptions) -> Result<()> {
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
     }
-    for e in state.entries() {
-        if let EntryValue::Tensor(t) = &e.value {
-            if t.view.device() != crate::tensor::Device::Cpu {
-                return Err(Error::unsupported(format!(
-                    "key {:?}: CUDA tensors are not supported by this build",
-                    e.fqn
-                )));
+    Ok(())
+}
+
+/// The entries this rank writes, in plan order.
+fn my_entries<'s, 'a>(state: &'s State<'a>, plan: &GlobalPlan, rank: usize) -> Result<Vec<&'s crate::state::Entry<'a>>> {
+    let mut out = Vec::new();
+    for e in &plan.entries {
+        let mine = match &e.kind {
+            GlobalKind::Object { writer } => *writer as usize == rank,
+            _ => !plan.chunks_written_by(e, rank as u32).is_empty(),
+        };
+        if mine {
+            out.push(
+                state
+                    .get(&e.fqn)
+                    .ok_or_else(|| Error::internal(format!("planned key {:?} is not registered on rank {rank}", e.fqn)))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Waits for the work queued on the devices of CUDA tensors registered without a stream, so
+/// copies see the caller's finished results.
+pub(crate) fn sync_devices<'a>(views: impl Iterator<Item = &'a TensorView<'a>>) -> Result<()> {
+    let mut done = Vec::new();
+    for v in views {
+        if let Device::Cuda(o) = v.device() {
+            if v.stream() == 0 && !done.contains(&o) {
+                crate::cuda::synchronize_device(o)?;
+                done.push(o);
             }
         }
     }
@@ -207,6 +432,7 @@ fn new_save_id() -> String {
 
 /// Step 3: this rank's items, in plan order, into one file.
 fn write_rank(
+    ctx: &Context,
     state: &State,
     plan: &GlobalPlan,
     rank: usize,
@@ -214,27 +440,22 @@ fn write_rank(
     opts: &SaveOptions,
     save_id: &str,
 ) -> Result<RankWrites> {
-    let mut sources = Vec::new();
-    for e in &plan.entries {
-        let mine = match &e.kind {
-            GlobalKind::Object { writer } => *writer as usize == rank,
-            _ => !plan.chunks_written_by(e, rank as u32).is_empty(),
-        };
-        if !mine {
-            continue;
-        }
-        let entry = state
-            .get(&e.fqn)
-            .ok_or_else(|| Error::internal(format!("planned key {:?} is not registered on rank {rank}", e.fqn)))?;
-        match &entry.value {
-            EntryValue::Tensor(t) => sources.push(ItemSource::Tensor {
+    let entries = my_entries(state, plan, rank)?;
+    sync_devices(entries.iter().filter_map(|e| match &e.value {
+        EntryValue::Tensor(t) => Some(&t.view),
+        _ => None,
+    }))?;
+    let sources: Vec<ItemSource> = entries
+        .iter()
+        .map(|entry| match &entry.value {
+            EntryValue::Tensor(t) => ItemSource::Tensor {
                 fqn: &entry.fqn,
                 view: &t.view,
                 offsets: t.region.offsets.clone(),
-            }),
-            EntryValue::Object(v) => sources.push(ItemSource::Object { fqn: &entry.fqn, value: v }),
-        }
-    }
+            },
+            EntryValue::Object(v) => ItemSource::Object { fqn: &entry.fqn, value: v },
+        })
+        .collect();
     if sources.is_empty() {
         return Ok(RankWrites {
             files: vec![],
@@ -243,7 +464,11 @@ fn write_rank(
     }
     let name = format!("__{rank}_0.distcp");
     let layout = layout_file(name.clone(), sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
-    let (len, items) = write_file(storage, &layout, opts.direct_io, opts.buffer_bytes)?;
+    let wopts = WriteOptions {
+        direct: opts.direct_io,
+        buffer_bytes: opts.buffer_bytes,
+    };
+    let (len, items) = write_file(storage, &layout, &wopts, &ctx.inner.pool)?;
     Ok(RankWrites {
         files: vec![FileRecord {
             name,

@@ -1,18 +1,22 @@
 //! Writing one rank's data files: items laid out at known offsets, split into segments that
 //! writer threads fill in parallel through aligned buffers (O_DIRECT where possible), payload
-//! CRC-32s computed on the way.
+//! CRC-32s computed on the way. Payloads come from host memory (written straight from it when
+//! it is contiguous and, for O_DIRECT, aligned) or from CUDA memory (copied to page-locked
+//! buffers first).
 
+use super::staging::{HostBuf, StagingPool, ALIGN};
+use crate::cuda;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{BlockRecord, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
 use crate::plan::runs::{dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
-use crate::tensor::{Device, TensorView};
+use crate::tensor::{strided_extent_bytes, Device, TensorView};
 use serde::{Deserialize, Serialize};
-use std::alloc::Layout;
+use std::sync::Mutex;
 
-pub const SEGMENT_ALIGN: u64 = 4096;
+pub const SEGMENT_ALIGN: u64 = ALIGN as u64;
 
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
@@ -135,41 +139,11 @@ pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threa
     }
 }
 
-/// A 4096-aligned heap buffer (O_DIRECT needs aligned memory).
-struct AlignedBuf {
-    ptr: *mut u8,
-    cap: usize,
-}
-
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(cap: usize) -> Result<AlignedBuf> {
-        let layout = Layout::from_size_align(cap, SEGMENT_ALIGN as usize).map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::new(
-                crate::error::ErrorKind::NoSpace,
-                format!("cannot allocate a {cap}-byte write buffer"),
-            ));
-        }
-        Ok(AlignedBuf { ptr, cap })
-    }
-    fn slice(&mut self) -> &mut [u8] {
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.cap) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        unsafe { std::alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.cap, SEGMENT_ALIGN as usize)) }
-    }
-}
-
 /// Sequential writer of one segment through an aligned buffer.
 struct SegmentWriter<'h> {
     handle: &'h dyn WriteHandle,
-    buf: AlignedBuf,
+    buf: HostBuf,
+    cap: usize,
     start: u64,
     filled: usize,
 }
@@ -180,10 +154,9 @@ impl<'h> SegmentWriter<'h> {
     }
     fn flush(&mut self) -> Result<()> {
         if self.filled > 0 {
-            let n = self.filled;
-            let data = &self.buf.slice()[..n];
+            let data = unsafe { self.buf.slice(self.filled) };
             self.handle.write_at(self.start, data)?;
-            self.start += n as u64;
+            self.start += self.filled as u64;
             self.filled = 0;
         }
         Ok(())
@@ -192,13 +165,12 @@ impl<'h> SegmentWriter<'h> {
     fn produce(&mut self, n: u64, mut f: impl FnMut(u64, &mut [u8]) -> Result<()>) -> Result<()> {
         let mut done = 0u64;
         while done < n {
-            let room = self.buf.cap - self.filled;
-            let k = room.min((n - done) as usize);
-            let filled = self.filled;
-            f(done, &mut self.buf.slice()[filled..filled + k])?;
+            let k = (self.cap - self.filled).min((n - done) as usize);
+            let dst = unsafe { &mut self.buf.slice(self.filled + k)[self.filled..] };
+            f(done, dst)?;
             self.filled += k;
             done += k as u64;
-            if self.filled == self.buf.cap {
+            if self.filled == self.cap {
                 self.flush()?;
             }
         }
@@ -217,63 +189,108 @@ impl<'h> SegmentWriter<'h> {
             Ok(())
         })
     }
+    /// Writes `data` (host memory, at the current position) without copying it into the buffer
+    /// where the file allows it: always for buffered files; for O_DIRECT when the memory and the
+    /// position are aligned (the unaligned tail is copied). Returns false when it cannot.
+    fn write_through(&mut self, data: &[u8]) -> Result<bool> {
+        let bulk = match self.handle.direct_alignment() {
+            None => data.len(),
+            Some(a) => {
+                if (data.as_ptr() as usize) % a != 0 || self.pos() % a as u64 != 0 {
+                    return Ok(false);
+                }
+                data.len() / a * a
+            }
+        };
+        if bulk < (1 << 20) {
+            return Ok(false);
+        }
+        self.flush()?;
+        self.handle.write_at(self.start, &data[..bulk])?;
+        self.start += bulk as u64;
+        self.put(&data[bulk..])?;
+        Ok(true)
+    }
     /// Writes what is left; with O_DIRECT the last block is padded (the caller sets the file's
     /// final length afterwards).
-    fn finish(mut self) -> Result<()> {
+    fn finish(mut self) -> Result<HostBuf> {
         if let Some(a) = self.handle.direct_alignment() {
             let padded = align_up(self.filled as u64, a as u64) as usize;
             let filled = self.filled;
-            self.buf.slice()[filled..padded].fill(0);
+            unsafe { self.buf.slice(padded)[filled..].fill(0) };
             self.filled = padded;
         }
-        self.flush()
+        self.flush()?;
+        Ok(self.buf)
     }
 }
 
-/// Copies a local tensor view into its dense row-major payload, piece by piece.
-struct Gather<'v> {
-    base: *const u8,
-    elem: u64,
-    contiguous: bool,
-    runs: Vec<Run>,
-    next: usize,
-    _view: std::marker::PhantomData<&'v ()>,
+/// CRC-32 of a payload, and per-block CRCs when it is larger than one block.
+struct PayloadCrc {
+    big: bool,
+    total: crc32fast::Hasher,
+    cur: crc32fast::Hasher,
+    in_block: u64,
+    blocks: Vec<u32>,
 }
 
-impl<'v> Gather<'v> {
-    fn new(view: &'v TensorView<'_>) -> Result<Self> {
-        if view.device() != Device::Cpu {
-            return Err(Error::unsupported(
-                "saving CUDA tensors needs the GPU data path, which this build does not have",
-            ));
+impl PayloadCrc {
+    fn new(len: u64) -> Self {
+        PayloadCrc {
+            big: len > BLOCK_SIZE,
+            total: crc32fast::Hasher::new(),
+            cur: crc32fast::Hasher::new(),
+            in_block: 0,
+            blocks: Vec::new(),
         }
+    }
+    fn update(&mut self, mut data: &[u8]) {
+        if !self.big {
+            self.total.update(data);
+            return;
+        }
+        while !data.is_empty() {
+            let k = ((BLOCK_SIZE - self.in_block) as usize).min(data.len());
+            self.cur.update(&data[..k]);
+            self.in_block += k as u64;
+            data = &data[k..];
+            if self.in_block == BLOCK_SIZE {
+                let done = std::mem::replace(&mut self.cur, crc32fast::Hasher::new());
+                self.total.combine(&done);
+                self.blocks.push(done.finalize());
+                self.in_block = 0;
+            }
+        }
+    }
+    fn finish(mut self) -> (u32, Option<Vec<u32>>) {
+        if self.big && self.in_block > 0 {
+            self.total.combine(&self.cur);
+            self.blocks.push(self.cur.finalize());
+        }
+        (self.total.finalize(), self.big.then_some(self.blocks))
+    }
+}
+
+/// Copies a strided host view into its dense row-major payload, piece by piece.
+struct HostGather {
+    base: *const u8,
+    elem: u64,
+    runs: Vec<Run>,
+    next: usize,
+}
+
+impl HostGather {
+    fn new(base: *const u8, view: &TensorView) -> Self {
         let elem = view.dtype().size() as u64;
-        let contiguous = view.is_contiguous();
+        let a: Vec<u64> = view.strides().iter().map(|s| s * elem).collect();
+        let b = dense_byte_strides(view.sizes(), elem);
         let mut runs = Vec::new();
-        if !contiguous {
-            let a = crate::tensor::byte_strides(view.strides(), elem as usize)
-                .into_iter()
-                .map(|s| s as u64)
-                .collect::<Vec<_>>();
-            let b = dense_byte_strides(view.sizes(), elem);
-            BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
-        }
-        Ok(Gather {
-            base: view.as_ptr(),
-            elem,
-            contiguous,
-            runs,
-            next: 0,
-            _view: std::marker::PhantomData,
-        })
+        BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
+        HostGather { base, elem, runs, next: 0 }
     }
 
     /// Fills `dst` with payload bytes starting at `off`; calls come in increasing `off`.
     fn fill(&mut self, off: u64, dst: &mut [u8]) {
-        if self.contiguous {
-            unsafe { std::ptr::copy_nonoverlapping(self.base.add(off as usize), dst.as_mut_ptr(), dst.len()) };
-            return;
-        }
         let end = off + dst.len() as u64;
         while self.next < self.runs.len() {
             let run = self.runs[self.next];
@@ -296,10 +313,50 @@ impl<'v> Gather<'v> {
     }
 }
 
+/// Streams of the CUDA devices one writer thread copies from (the caller's, or its own).
+#[derive(Default)]
+pub(crate) struct DeviceStreams {
+    own: Vec<(i32, cuda::Stream)>,
+}
+
+impl DeviceStreams {
+    /// Activates `ordinal` on this thread and returns the stream to copy on.
+    pub(crate) fn get(&mut self, ordinal: i32, caller: usize) -> Result<cuda::Stream> {
+        cuda::activate(ordinal)?;
+        if caller != 0 {
+            return Ok(cuda::Stream::borrowed(caller));
+        }
+        if let Some((_, s)) = self.own.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(cuda::Stream::borrowed(s.raw_handle() as usize));
+        }
+        let s = cuda::Stream::new(ordinal)?;
+        let h = s.raw_handle() as usize;
+        self.own.push((ordinal, s));
+        Ok(cuda::Stream::borrowed(h))
+    }
+}
+
+pub struct WriteOptions {
+    pub direct: bool,
+    pub buffer_bytes: usize,
+}
+
 /// Writes one file; returns its length and what each item became.
-pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer_bytes: usize) -> Result<(u64, Vec<ItemWritten>)> {
-    let handle = storage.create(&file.name, direct)?;
-    let buffer_bytes = align_up(buffer_bytes.max(SEGMENT_ALIGN as usize) as u64, SEGMENT_ALIGN) as usize;
+pub fn write_file(
+    storage: &dyn Storage,
+    file: &FileLayout,
+    opts: &WriteOptions,
+    pool: &Mutex<StagingPool>,
+) -> Result<(u64, Vec<ItemWritten>)> {
+    let handle = storage.create(&file.name, opts.direct)?;
+    let buffer_bytes = align_up(opts.buffer_bytes.max(ALIGN) as u64, SEGMENT_ALIGN) as usize;
+    let pinned = file.items.iter().find_map(|i| match &i.body {
+        ItemBody::Tensor { view, .. } => match view.device() {
+            Device::Cuda(o) => Some(o),
+            Device::Cpu => None,
+        },
+        ItemBody::Object(_) => None,
+    });
     let results: Vec<Result<Vec<ItemWritten>>> = std::thread::scope(|s| {
         let workers: Vec<_> = file
             .segments
@@ -307,7 +364,7 @@ pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer
             .map(|seg| {
                 let handle = handle.as_ref();
                 let items = &file.items[seg.clone()];
-                s.spawn(move || write_segment(handle, items, &file.name, buffer_bytes))
+                s.spawn(move || write_segment(handle, items, &file.name, buffer_bytes, pinned, pool))
             })
             .collect();
         workers
@@ -324,80 +381,128 @@ pub fn write_file(storage: &dyn Storage, file: &FileLayout, direct: bool, buffer
     Ok((file.len, written))
 }
 
-fn write_segment(handle: &dyn WriteHandle, items: &[PlacedItem], file: &str, buffer_bytes: usize) -> Result<Vec<ItemWritten>> {
-    let Some(first) = items.first() else {
-        return Ok(vec![]);
-    };
+fn lock(pool: &Mutex<StagingPool>) -> std::sync::MutexGuard<'_, StagingPool> {
+    pool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_segment(
+    handle: &dyn WriteHandle,
+    items: &[PlacedItem],
+    file: &str,
+    buffer_bytes: usize,
+    pinned: Option<i32>,
+    pool: &Mutex<StagingPool>,
+) -> Result<Vec<ItemWritten>> {
+    let Some(first) = items.first() else { return Ok(vec![]) };
     let start = first.offset / SEGMENT_ALIGN * SEGMENT_ALIGN;
+    let buf = lock(pool).acquire(buffer_bytes, pinned)?;
     let mut w = SegmentWriter {
         handle,
-        buf: AlignedBuf::new(buffer_bytes)?,
+        cap: buffer_bytes,
+        buf,
         start,
         filled: 0,
     };
+    let mut streams = DeviceStreams::default();
     let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        w.zeros_to(item.offset)?;
-        let mut block = None;
-        match &item.body {
-            ItemBody::Object(bytes) => w.put(bytes)?,
-            ItemBody::Tensor { view, layout } => {
-                w.put(&layout.prefix)?;
-                let payload_offset = w.pos();
-                let mut gather = Gather::new(view)?;
-                let mut total = crc32fast::Hasher::new();
-                let big = layout.payload_len > BLOCK_SIZE;
-                let mut blocks = Vec::new();
-                let mut cur = crc32fast::Hasher::new();
-                let mut in_block = 0u64;
-                w.produce(layout.payload_len, |off, dst| {
-                    gather.fill(off, dst);
-                    if big {
-                        let mut rest: &[u8] = dst;
-                        while !rest.is_empty() {
-                            let k = ((BLOCK_SIZE - in_block) as usize).min(rest.len());
-                            cur.update(&rest[..k]);
-                            in_block += k as u64;
-                            rest = &rest[k..];
-                            if in_block == BLOCK_SIZE {
-                                let done = std::mem::replace(&mut cur, crc32fast::Hasher::new());
-                                total.combine(&done);
-                                blocks.push(done.finalize());
-                                in_block = 0;
-                            }
-                        }
-                    } else {
-                        total.update(dst);
-                    }
-                    Ok(())
-                })?;
-                if big && in_block > 0 {
-                    total.combine(&cur);
-                    blocks.push(cur.finalize());
-                }
-                let crc = total.finalize();
-                w.put(&layout.trailer(crc))?;
-                if big {
-                    block = Some(BlockRecord {
+    let result = (|| -> Result<()> {
+        for item in items {
+            w.zeros_to(item.offset)?;
+            let mut block = None;
+            match &item.body {
+                ItemBody::Object(bytes) => w.put(bytes)?,
+                ItemBody::Tensor { view, layout } => {
+                    w.put(&layout.prefix)?;
+                    let payload_offset = w.pos();
+                    let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool)?;
+                    w.put(&layout.trailer(crc))?;
+                    block = blocks.map(|crcs| BlockRecord {
                         fqn: item.fqn.to_string(),
                         chunk_offsets: item.chunk_offsets.clone().unwrap_or_default(),
                         file: 0,
                         payload_offset,
                         payload_len: layout.payload_len,
-                        crcs: blocks,
+                        crcs,
                     });
                 }
             }
+            out.push(ItemWritten {
+                fqn: item.fqn.to_string(),
+                chunk_offsets: item.chunk_offsets.clone(),
+                file: file.to_string(),
+                offset: item.offset,
+                length: item.len(),
+                block,
+            });
         }
-        out.push(ItemWritten {
-            fqn: item.fqn.to_string(),
-            chunk_offsets: item.chunk_offsets.clone(),
-            file: file.to_string(),
-            offset: item.offset,
-            length: item.len(),
-            block,
-        });
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            let buf = w.finish()?;
+            lock(pool).release(buf);
+            Ok(out)
+        }
+        Err(e) => {
+            lock(pool).release(w.buf);
+            Err(e)
+        }
     }
-    w.finish()?;
-    Ok(out)
+}
+
+/// Writes a view's dense payload; returns its CRC-32 and, for large payloads, block CRCs.
+fn write_payload(
+    w: &mut SegmentWriter,
+    view: &TensorView,
+    len: u64,
+    streams: &mut DeviceStreams,
+    pool: &Mutex<StagingPool>,
+) -> Result<(u32, Option<Vec<u32>>)> {
+    let mut crc = PayloadCrc::new(len);
+    match view.device() {
+        Device::Cpu if view.is_contiguous() => {
+            let data = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u8, len as usize) };
+            crc.update(data);
+            if !w.write_through(data)? {
+                w.put(data)?;
+            }
+        }
+        Device::Cpu => {
+            let mut g = HostGather::new(view.as_ptr(), view);
+            w.produce(len, |off, dst| {
+                g.fill(off, dst);
+                crc.update(dst);
+                Ok(())
+            })?;
+        }
+        Device::Cuda(ordinal) if view.is_contiguous() => {
+            let stream = streams.get(ordinal, view.stream())?;
+            let src = view.as_ptr() as u64;
+            w.produce(len, |off, dst| {
+                unsafe { stream.d2h(dst, src + off)? };
+                stream.synchronize()?;
+                crc.update(dst);
+                Ok(())
+            })?;
+        }
+        Device::Cuda(ordinal) => {
+            // Strided device memory: bring its whole extent over once, gather on the host.
+            let stream = streams.get(ordinal, view.stream())?;
+            let extent = strided_extent_bytes(view.sizes(), view.strides(), view.dtype().size())? as usize;
+            let host = lock(pool).acquire(extent, Some(ordinal))?;
+            let copied = (|| -> Result<()> {
+                unsafe { stream.d2h(host.slice(extent), view.as_ptr() as u64)? };
+                stream.synchronize()?;
+                let mut g = HostGather::new(host.as_ptr(), view);
+                w.produce(len, |off, dst| {
+                    g.fill(off, dst);
+                    crc.update(dst);
+                    Ok(())
+                })
+            })();
+            lock(pool).release(host);
+            copied?;
+        }
+    }
+    Ok(crc.finish())
 }

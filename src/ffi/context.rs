@@ -151,14 +151,50 @@ pub unsafe extern "C" fn dcp_context_barrier(ctx: *mut dcp_context) -> dcp_statu
     })
 }
 
-/// Frees a context. NULL is a no-op. No save or load may be running on it.
+/// Frees a context, after waiting for its async save in flight, if any. NULL is a no-op. No
+/// other call may be running on it.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_context_free(ctx: *mut dcp_context) {
     guard_void(|| {
         if !ctx.is_null() {
-            drop(Box::from_raw(ctx));
+            let ctx = Box::from_raw(ctx);
+            let _ = ctx.inner.settle(true);
+            drop(ctx);
         }
     })
+}
+
+/// Limits the page-locked (pinned) host memory the context's staging pool holds, in bytes
+/// (default: half of physical memory). Staging beyond it uses ordinary memory (slower device
+/// copies). Frees cached buffers not in use.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_set_staging_budget(ctx: *mut dcp_context, bytes: u64) -> dcp_status {
+    guard("dcp_context_set_staging_budget", || {
+        ref_arg(ctx, "ctx")?.inner.set_staging_budget(bytes);
+        Ok(())
+    })
+}
+
+/// Bytes the context's staging pool holds now: page-locked and ordinary. Either out-pointer may
+/// be NULL.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_staging_bytes(ctx: *const dcp_context, pinned: *mut u64, heap: *mut u64) -> dcp_status {
+    guard("dcp_context_staging_bytes", || {
+        let st = ref_arg(ctx, "ctx")?.inner.staging_stats();
+        if let Some(p) = pinned.as_mut() {
+            *p = st.pinned_bytes;
+        }
+        if let Some(h) = heap.as_mut() {
+            *h = st.heap_bytes;
+        }
+        Ok(())
+    })
+}
+
+/// Whether CUDA is usable in this process (a driver and at least one device). Never fails.
+#[no_mangle]
+pub extern "C" fn dcp_cuda_available() -> bool {
+    std::panic::catch_unwind(crate::cuda::available).unwrap_or(false)
 }
 
 /// A device mesh: an n-D array of global ranks, optionally with dim names, bound to this

@@ -51,3 +51,72 @@ pub unsafe extern "C" fn dcp_load(
         Ok(())
     })
 }
+
+/// The handle of an async save (`dcp_save_async`). Thread safety: may be waited on or polled
+/// from any thread.
+pub struct dcp_future {
+    inner: crate::engine::SaveFuture,
+}
+
+/// Saves in the background. Returns once this rank's registered state has been copied into
+/// staging memory (page-locked host memory for CUDA tensors, reused across saves): from then
+/// on the caller may modify or free its tensors, and the checkpoint holds the values they had
+/// during this call. Writing and committing continue on a libdcp thread.
+///
+/// Collective: every rank calls it. At most one async save is in flight per context: a later
+/// save, async save or load on the context first waits for it (or fails with
+/// `DCP_ERROR_BUSY` if `dcp_save_options_set_wait_if_busy(opts, false)`). With a host-callbacks
+/// context, the background thread calls the callbacks to commit, so they must be callable from
+/// another thread (MPI: `MPI_THREAD_MULTIPLE`). On success `*out` owns a future: wait on it with
+/// `dcp_future_wait` and free it with `dcp_future_free`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_async(
+    ctx: *mut dcp_context,
+    state: *const dcp_state,
+    path: *const std::ffi::c_char,
+    opts: *const dcp_save_options,
+    out: *mut *mut dcp_future,
+) -> dcp_status {
+    guard("dcp_save_async", || {
+        let ctx = mut_arg(ctx, "ctx")?;
+        let state = ref_arg(state, "state")?;
+        let path = str_arg(path, "path")?;
+        let out = mut_arg(out, "out")?;
+        let default = SaveOptions::default();
+        let opts = opts.as_ref().map(|o| &o.inner).unwrap_or(&default);
+        let f = crate::engine::save_async(&ctx.inner, &state.inner, path, opts)?;
+        *out = Box::into_raw(Box::new(dcp_future { inner: f }));
+        Ok(())
+    })
+}
+
+/// Blocks until the async save completes and returns its status (the same on every call; on
+/// failure `dcp_last_error` on this thread says why). Not collective.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_wait(future: *const dcp_future) -> dcp_status {
+    guard("dcp_future_wait", || {
+        ref_arg(future, "future")?.inner.wait()?;
+        Ok(())
+    })
+}
+
+/// Whether the async save has completed (successfully or not), without blocking.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_done(future: *const dcp_future, done: *mut bool) -> dcp_status {
+    guard("dcp_future_done", || {
+        let f = ref_arg(future, "future")?;
+        *mut_arg(done, "done")? = f.inner.is_done();
+        Ok(())
+    })
+}
+
+/// Frees the handle. The save itself goes on; the context waits for it before its next
+/// collective and in `dcp_context_free`. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_free(future: *mut dcp_future) {
+    super::guard_void(|| {
+        if !future.is_null() {
+            drop(Box::from_raw(future));
+        }
+    })
+}

@@ -66,6 +66,26 @@ pub unsafe extern "C" fn dcp_save_options_set_direct_io(opts: *mut dcp_save_opti
     })
 }
 
+/// When an async save is still in flight on the context: wait for it (default) or fail with
+/// `DCP_ERROR_BUSY`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_wait_if_busy(opts: *mut dcp_save_options, wait: bool) -> dcp_status {
+    guard("dcp_save_options_set_wait_if_busy", || {
+        mut_arg(opts, "opts")?.inner.wait_if_busy = wait;
+        Ok(())
+    })
+}
+
+/// Values of `dcp_load_options_set_direct_io`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub enum dcp_direct_io {
+    /// O_DIRECT for data mostly not in the page cache, buffered reads for cached data.
+    DCP_DIRECT_IO_AUTO = 0,
+    DCP_DIRECT_IO_ON = 1,
+    DCP_DIRECT_IO_OFF = 2,
+}
+
 /// Creates load options with the defaults. Free with `dcp_load_options_free`.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -> dcp_status {
@@ -104,6 +124,21 @@ pub unsafe extern "C" fn dcp_load_options_set_strict(opts: *mut dcp_load_options
 pub unsafe extern "C" fn dcp_load_options_set_verify(opts: *mut dcp_load_options, verify: bool) -> dcp_status {
     guard("dcp_load_options_set_verify", || {
         mut_arg(opts, "opts")?.inner.verify = verify;
+        Ok(())
+    })
+}
+
+/// Whether reads bypass the page cache: a `dcp_direct_io` value (default AUTO).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_set_direct_io(opts: *mut dcp_load_options, mode: i32) -> dcp_status {
+    guard("dcp_load_options_set_direct_io", || {
+        let o = mut_arg(opts, "opts")?;
+        o.inner.direct_io = match mode {
+            0 => crate::engine::DirectIo::Auto,
+            1 => crate::engine::DirectIo::On,
+            2 => crate::engine::DirectIo::Off,
+            other => return Err(invalid(format!("direct I/O mode {other} is not a dcp_direct_io value"))),
+        };
         Ok(())
     })
 }

@@ -199,6 +199,22 @@ pub unsafe extern "C" fn dcp_state_add_tensor_sharded(
     })
 }
 
+/// Marks the registered tensor `fqn` as CUDA memory: its data pointer is a device pointer of
+/// CUDA device `device` (the `nbytes` given at registration must lie in one allocation of that
+/// device). `stream` is the caller's `cudaStream_t` (NULL: none): libdcp's copies are queued on
+/// it, after the caller's work; with NULL, libdcp waits for the whole device before copying.
+/// Without a CUDA driver this returns `DCP_ERROR_UNSUPPORTED`. Applies to tensors registered
+/// with any `dcp_state_add_tensor*` function.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_state_set_cuda(state: *mut dcp_state, fqn: *const c_char, device: i32, stream: *mut c_void) -> dcp_status {
+    guard("dcp_state_set_cuda", || {
+        let state = mut_arg(state, "state")?;
+        let fqn = str_arg(fqn, "fqn")?;
+        state.inner.set_cuda(fqn, device, stream as usize)?;
+        Ok(())
+    })
+}
+
 /// Registers opaque bytes (saved as a Python `bytes` object). `data` is copied; `(NULL, 0)`
 /// is the empty value.
 #[no_mangle]

@@ -8,7 +8,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const DIRECT_ALIGN: usize = 4096;
+use super::DIRECT_ALIGN;
+use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
 
 pub struct FsStorage {
     root: PathBuf,
@@ -30,6 +32,8 @@ struct FsRead {
     file: File,
     len: u64,
     path: PathBuf,
+    /// A second descriptor with O_DIRECT, opened on first use (`None` if refused).
+    direct: OnceLock<Option<File>>,
 }
 
 impl ReadHandle for FsRead {
@@ -49,6 +53,70 @@ impl ReadHandle for FsRead {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io(&format!("reading {} bytes at offset {offset} of", buf.len()), &self.path, e))
+    }
+
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let a = DIRECT_ALIGN;
+        if offset % a as u64 != 0 || buf.len() % a != 0 || (buf.as_ptr() as usize) % a != 0 {
+            return Ok(false);
+        }
+        let Some(f) = self
+            .direct
+            .get_or_init(|| OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&self.path).ok())
+        else {
+            return Ok(false);
+        };
+        // Reads until the buffer is full or the file ends (the tail past EOF stays as is).
+        let mut done = 0usize;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done == 0 => return Ok(false),
+                Err(e) => {
+                    return Err(Error::io(
+                        &format!("reading {} bytes at offset {offset} (O_DIRECT) of", buf.len()),
+                        &self.path,
+                        e,
+                    ))
+                }
+            }
+            if done % a != 0 {
+                break;
+            }
+        }
+        Ok(true)
+    }
+
+    fn cached_fraction(&self, offset: u64, len: u64) -> Option<f64> {
+        let page = 4096u64;
+        let start = offset / page * page;
+        let end = (offset + len).min(self.len);
+        if end <= start {
+            return Some(1.0);
+        }
+        let span = (end - start) as usize;
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                self.file.as_raw_fd(),
+                start as libc::off_t,
+            );
+            if map == libc::MAP_FAILED {
+                return None;
+            }
+            let mut vec = vec![0u8; span.div_ceil(page as usize)];
+            let r = libc::mincore(map, span, vec.as_mut_ptr());
+            libc::munmap(map, span);
+            if r != 0 {
+                return None;
+            }
+            Some(vec.iter().filter(|&&b| b & 1 != 0).count() as f64 / vec.len() as f64)
+        }
     }
 }
 
@@ -95,7 +163,12 @@ impl Storage for FsStorage {
         let path = self.path(name);
         let file = File::open(&path).map_err(|e| Error::io("opening", &path, e))?;
         let len = file.metadata().map_err(|e| Error::io("reading the size of", &path, e))?.len();
-        Ok(Arc::new(FsRead { file, len, path }))
+        Ok(Arc::new(FsRead {
+            file,
+            len,
+            path,
+            direct: OnceLock::new(),
+        }))
     }
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>> {
         let path = self.path(name);

@@ -18,7 +18,20 @@ pub trait ReadHandle: Send + Sync {
         self.read_at(offset, &mut v)?;
         Ok(v)
     }
+    /// Reads into `buf` at `offset` bypassing the page cache, when the backend can and offset,
+    /// length and memory are aligned to [`DIRECT_ALIGN`]; `Ok(false)` when it cannot (the
+    /// caller then uses `read_at`). Bytes past the end of the file are left as they were.
+    fn read_direct(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool> {
+        Ok(false)
+    }
+    /// Fraction of `[offset, offset + len)` in the page cache, when the backend can tell.
+    fn cached_fraction(&self, _offset: u64, _len: u64) -> Option<f64> {
+        None
+    }
 }
+
+/// Alignment of direct (O_DIRECT) I/O.
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// Positional writes to one file being created; several threads may write disjoint ranges.
 pub trait WriteHandle: Send + Sync {

@@ -72,6 +72,15 @@ class Context:
     def barrier(self):
         check(lib().dcp_context_barrier(self.h))
 
+    def staging_bytes(self):
+        """(pinned, ordinary) bytes held by the staging pool."""
+        p, h = ctypes.c_uint64(), ctypes.c_uint64()
+        check(lib().dcp_context_staging_bytes(self.h, ctypes.byref(p), ctypes.byref(h)))
+        return p.value, h.value
+
+    def set_staging_budget(self, nbytes):
+        check(lib().dcp_context_set_staging_budget(self.h, ctypes.c_uint64(nbytes)))
+
     def __del__(self):
         if getattr(self, "h", None):
             lib().dcp_context_free(self.h)
@@ -150,6 +159,29 @@ class State:
                                                  _dims(list(t.stride())), ctypes.c_void_p(t.data_ptr()), ctypes.c_uint64(extent),
                                                  _dims(list(global_shape)), mesh.h, codes))
 
+    def set_cuda(self, fqn, device, stream=0):
+        check(lib().dcp_state_set_cuda(self.h, fqn.encode(), ctypes.c_int32(device), ctypes.c_void_p(stream)))
+
+    def add_tensor_any(self, fqn, t, **kw):
+        """Registers a CPU or CUDA tensor (CUDA: on the current stream)."""
+        if t.device.type == "cuda":
+            self._add_device(fqn, t, kw)
+        else:
+            self.add_tensor(fqn, t, **kw)
+
+    def _add_device(self, fqn, t, kw):
+        self._keep.append(t)
+        elem = t.element_size()
+        extent = 0 if t.numel() == 0 else (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * elem
+        ptr = ctypes.c_void_p(t.data_ptr())
+        if kw.get("global_shape") is None:
+            check(lib().dcp_state_add_tensor(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), _dims(list(t.shape)), _dims(list(t.stride())), ptr, ctypes.c_uint64(extent)))
+        else:
+            check(lib().dcp_state_add_tensor_chunk(self.h, fqn.encode(), DTYPES[t.dtype], t.dim(), _dims(list(t.shape)), _dims(list(t.stride())), ptr,
+                                                   ctypes.c_uint64(extent), _dims(list(kw["global_shape"])), _dims(list(kw["offsets"]))))
+        import torch as _t
+        self.set_cuda(fqn, t.device.index or 0, _t.cuda.current_stream(t.device).cuda_stream)
+
     def add_bytes(self, fqn, b):
         check(lib().dcp_state_add_bytes(self.h, fqn.encode(), b, ctypes.c_size_t(len(b))))
 
@@ -221,12 +253,56 @@ def save(ctx, state, path, overwrite=False, threads=None):
         lib().dcp_save_options_free(opts)
 
 
-def load(ctx, state, path, strict=True, verify=True):
+class Future:
+    def __init__(self, h):
+        self.h = h
+
+    def wait(self):
+        check(lib().dcp_future_wait(self.h))
+
+    def done(self):
+        d = ctypes.c_bool()
+        check(lib().dcp_future_done(self.h, ctypes.byref(d)))
+        return d.value
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib().dcp_future_free(self.h)
+
+
+def save_async(ctx, state, path, overwrite=False, threads=None, wait_if_busy=True):
+    opts = ctypes.c_void_p()
+    check(lib().dcp_save_options_new(ctypes.byref(opts)))
+    try:
+        check(lib().dcp_save_options_set_overwrite(opts, ctypes.c_bool(overwrite)))
+        check(lib().dcp_save_options_set_wait_if_busy(opts, ctypes.c_bool(wait_if_busy)))
+        if threads:
+            check(lib().dcp_save_options_set_threads(opts, ctypes.c_uint32(threads)))
+        h = ctypes.c_void_p()
+        check(lib().dcp_save_async(ctx.h, state.h, str(path).encode(), opts, ctypes.byref(h)))
+        return Future(h)
+    finally:
+        lib().dcp_save_options_free(opts)
+
+
+def cuda_available():
+    lib().dcp_cuda_available.restype = ctypes.c_bool
+    return lib().dcp_cuda_available()
+
+
+DIRECT_AUTO, DIRECT_ON, DIRECT_OFF = 0, 1, 2
+
+
+def load(ctx, state, path, strict=True, verify=True, direct_io=None, threads=None):
     opts = ctypes.c_void_p()
     check(lib().dcp_load_options_new(ctypes.byref(opts)))
     try:
         check(lib().dcp_load_options_set_strict(opts, ctypes.c_bool(strict)))
         check(lib().dcp_load_options_set_verify(opts, ctypes.c_bool(verify)))
+        if direct_io is not None:
+            check(lib().dcp_load_options_set_direct_io(opts, ctypes.c_int32(direct_io)))
+        if threads:
+            check(lib().dcp_load_options_set_threads(opts, ctypes.c_uint32(threads)))
         check(lib().dcp_load(ctx.h, state.h, str(path).encode(), opts))
     finally:
         lib().dcp_load_options_free(opts)

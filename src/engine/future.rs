@@ -1,0 +1,41 @@
+//! The handle of an async save: wait for it or poll it.
+
+use super::save::SaveReport;
+use crate::error::Result;
+use std::sync::{Arc, Condvar, Mutex};
+
+#[derive(Default)]
+struct Shared {
+    result: Mutex<Option<Result<SaveReport>>>,
+    done: Condvar,
+}
+
+/// Completes when the background writer has written, and the job has committed, the checkpoint.
+#[derive(Clone, Default)]
+pub struct SaveFuture {
+    shared: Arc<Shared>,
+}
+
+impl SaveFuture {
+    pub(crate) fn new() -> SaveFuture {
+        SaveFuture::default()
+    }
+
+    pub(crate) fn complete(&self, r: Result<SaveReport>) {
+        *self.shared.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.shared.done.notify_all();
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.shared.result.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Blocks until the save completes; returns its outcome (every call returns the same).
+    pub fn wait(&self) -> Result<SaveReport> {
+        let mut g = self.shared.result.lock().unwrap_or_else(|p| p.into_inner());
+        while g.is_none() {
+            g = self.shared.done.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.clone().expect("result is set")
+    }
+}
