@@ -29,10 +29,12 @@ GB = 1e9
 
 
 class PeakRss:
-    """Samples this process's resident memory while a block runs."""
+    """Samples this process's resident memory while a block runs; `peak` is the highest
+    increase over the start (memory the operation itself took)."""
 
     def __enter__(self):
-        self.peak = self._rss()
+        self.base = self._rss()
+        self.peak = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -47,12 +49,12 @@ class PeakRss:
 
     def _run(self):
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._rss() - self.base)
 
     def __exit__(self, *a):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._rss() - self.base)
 
 
 def sync(device):
@@ -239,14 +241,14 @@ class Bench:
         print()
         print(header)
         print()
-        print("| case | machine limit (dd O_DIRECT) | torch DCP | libdcp | libdcp / limit | libdcp / torch | peak host RSS | pinned |")
+        print("| case | machine limit (dd O_DIRECT) | torch DCP | libdcp | libdcp / limit | libdcp / torch | libdcp host memory (peak RSS increase) | libdcp pinned pool |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for case, limit, tg, dg, rss, pinned, note, _, _, unit in self.rows:
             fmt = (lambda x: f"{x:.2f} GB/s") if unit == "GB/s" else (lambda x: x)
             lim = f"{limit / GB:.2f} GB/s" if limit else "-"
             ratio_l = f"{dg / (limit / GB):.0%}" if (limit and unit == "GB/s") else "-"
             ratio_t = f"{dg / tg:.1f}x" if unit == "GB/s" else "-"
-            print(f"| {case} ({note}) | {lim} | {fmt(tg)} | {fmt(dg)} | {ratio_l} | {ratio_t} | {rss / 2**30:.1f} GiB | {pinned / 2**30:.1f} GiB |")
+            print(f"| {case} ({note}) | {lim} | {fmt(tg)} | {fmt(dg)} | {ratio_l} | {ratio_t} | {rss / 2**20:.0f} MiB | {pinned / 2**20:.0f} MiB |")
 
 
 def main():

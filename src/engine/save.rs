@@ -10,7 +10,7 @@
 use super::future::SaveFuture;
 use super::staging::HostBuf;
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_file, write_file, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
+use super::write::{layout_files, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
@@ -214,7 +214,7 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .acquire(total as usize, pinned)?;
-    let copied = copy_into_arena(&tensors, &offsets, &arena);
+    let copied = copy_into_arena(ctx, &tensors, &offsets, &arena);
     if let Err(e) = copied {
         ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(arena);
         return Err(e);
@@ -242,7 +242,12 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
 
 /// Copies tensors (dense, row-major) into the arena: device tensors by asynchronous copies,
 /// host tensors by several threads.
-fn copy_into_arena(tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], offsets: &[u64], arena: &HostBuf) -> Result<()> {
+fn copy_into_arena(
+    ctx: &Context,
+    tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)],
+    offsets: &[u64],
+    arena: &HostBuf,
+) -> Result<()> {
     let base = arena.as_ptr() as usize;
     let mut streams = DeviceStreams::default();
     let mut used = Vec::new();
@@ -256,11 +261,36 @@ fn copy_into_arena(tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)
                 unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
                 used.push(s);
             }
-            Device::Cuda(_) => {
-                return Err(Error::unsupported(format!(
-                    "key {:?}: async save of a non-contiguous CUDA tensor is not supported",
-                    entry.fqn
-                )))
+            Device::Cuda(ordinal) => {
+                // Strided device memory: its whole extent to the host, then gathered densely.
+                let s = streams.get(ordinal, t.view.stream())?;
+                let extent = crate::tensor::strided_extent_bytes(t.view.sizes(), t.view.strides(), t.view.dtype().size())? as usize;
+                let host = ctx
+                    .inner
+                    .pool
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .acquire(extent, Some(ordinal))?;
+                let r = (|| -> Result<()> {
+                    unsafe { s.d2h(host.slice(extent), t.view.as_ptr() as u64)? };
+                    s.synchronize()?;
+                    let local = unsafe {
+                        TensorView::from_raw(
+                            host.as_ptr(),
+                            extent,
+                            t.view.dtype(),
+                            t.view.sizes(),
+                            Some(t.view.strides()),
+                            Device::Cpu,
+                        )?
+                    };
+                    copy_dense(&local, unsafe {
+                        std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n)
+                    });
+                    Ok(())
+                })();
+                ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(host);
+                r.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
             }
             Device::Cpu => host.push((t, off as usize, n)),
         }
@@ -462,21 +492,25 @@ fn write_rank(
             items: vec![],
         });
     }
-    let name = format!("__{rank}_0.distcp");
-    let layout = layout_file(name.clone(), sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
+    let layouts = layout_files(rank, sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
     let wopts = WriteOptions {
         direct: opts.direct_io,
         buffer_bytes: opts.buffer_bytes,
     };
-    let (len, items) = write_file(storage, &layout, &wopts, &ctx.inner.pool)?;
-    Ok(RankWrites {
-        files: vec![FileRecord {
-            name,
+    let written = write_files(storage, &layouts, &wopts, &ctx.inner.pool)?;
+    let mut out = RankWrites {
+        files: Vec::new(),
+        items: Vec::new(),
+    };
+    for (layout, (len, items)) in layouts.iter().zip(written) {
+        out.files.push(FileRecord {
+            name: layout.name.clone(),
             len,
             rank: rank as u32,
-        }],
-        items,
-    })
+        });
+        out.items.extend(items);
+    }
+    Ok(out)
 }
 
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.

@@ -1,5 +1,5 @@
-//! Writing one rank's data files: items laid out at known offsets, split into segments that
-//! writer threads fill in parallel through aligned buffers (O_DIRECT where possible), payload
+//! Writing one rank's data files: items laid out at known offsets in several files, written in
+//! parallel (a thread per file) through aligned buffers (O_DIRECT where possible), payload
 //! CRC-32s computed on the way. Payloads come from host memory (written straight from it when
 //! it is contiguous and, for O_DIRECT, aligned) or from CUDA memory (copied to page-locked
 //! buffers first).
@@ -63,8 +63,6 @@ pub enum ItemSource<'s, 'a> {
 pub struct FileLayout<'s, 'a> {
     pub name: String,
     pub items: Vec<PlacedItem<'s, 'a>>,
-    /// Item index ranges, each written by one thread, each starting SEGMENT_ALIGN-aligned.
-    pub segments: Vec<std::ops::Range<usize>>,
     pub len: u64,
 }
 
@@ -80,30 +78,35 @@ pub struct ItemWritten {
     pub block: Option<BlockRecord>,
 }
 
-/// Places items back to back (64-byte aligned; tensor payloads of 4 KiB or more 4096-aligned in
-/// the file) and cuts the sequence into at most `threads` segments of similar size.
-pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threads: usize, seed: u64) -> FileLayout<'s, 'a> {
-    let total: u64 = sources
-        .iter()
-        .map(|s| match s {
-            ItemSource::Tensor { view, .. } => view.numel() * view.dtype().size() as u64 + 2048,
-            ItemSource::Object { .. } => 2048,
-        })
-        .sum();
-    let target = total / threads.max(1) as u64;
-    let mut items = Vec::with_capacity(sources.len());
-    let mut segments = Vec::new();
-    let mut seg_start = 0usize;
-    let mut seg_bytes = 0u64;
-    let mut pos = 0u64;
+/// Files never split below this size: small checkpoints stay in one file per rank.
+const MIN_FILE_BYTES: u64 = 32 << 20;
+
+/// Splits a rank's items, in order, into at most `threads` files of similar size
+/// (`__{rank}_{n}.distcp`), each written by its own thread: parallel appends to separate files
+/// do not contend the way parallel writes into one growing file do. Items are placed back to
+/// back (64-byte aligned; tensor payloads of 4 KiB or more 4096-aligned in the file).
+pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threads: usize, seed: u64) -> Vec<FileLayout<'s, 'a>> {
+    let weight = |s: &ItemSource| match s {
+        ItemSource::Tensor { view, .. } => view.numel() * view.dtype().size() as u64 + 2048,
+        ItemSource::Object { .. } => 2048,
+    };
+    let total: u64 = sources.iter().map(weight).sum();
+    let nfiles = (total / MIN_FILE_BYTES).clamp(1, threads.max(1) as u64);
+    let target = total.div_ceil(nfiles);
+    let mut files: Vec<FileLayout> = Vec::new();
+    let mut acc = u64::MAX;
     for (i, src) in sources.into_iter().enumerate() {
-        if i > seg_start && seg_bytes >= target && segments.len() + 1 < threads {
-            segments.push(seg_start..i);
-            seg_start = i;
-            seg_bytes = 0;
-            pos = align_up(pos, SEGMENT_ALIGN);
+        if acc >= target && (files.len() as u64) < nfiles {
+            files.push(FileLayout {
+                name: format!("__{rank}_{}.distcp", files.len()),
+                items: Vec::new(),
+                len: 0,
+            });
+            acc = 0;
         }
-        let offset = align_up(pos, RECORD_ALIGN);
+        acc += weight(&src);
+        let file = files.last_mut().expect("a file exists");
+        let offset = align_up(file.len, RECORD_ALIGN);
         let item_seed = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let item = match src {
             ItemSource::Tensor { fqn, view, offsets } => {
@@ -124,23 +127,14 @@ pub fn layout_file<'s, 'a>(name: String, sources: Vec<ItemSource<'s, 'a>>, threa
                 body: ItemBody::Object(zipitem::object_item(value, item_seed)),
             },
         };
-        pos = offset + item.len();
-        seg_bytes += item.len();
-        items.push(item);
+        file.len = offset + item.len();
+        file.items.push(item);
     }
-    if seg_start < items.len() || segments.is_empty() {
-        segments.push(seg_start..items.len());
-    }
-    FileLayout {
-        name,
-        items,
-        segments,
-        len: pos,
-    }
+    files
 }
 
-/// Sequential writer of one segment through an aligned buffer.
-struct SegmentWriter<'h> {
+/// Sequential writer of one file through an aligned buffer.
+struct FileWriter<'h> {
     handle: &'h dyn WriteHandle,
     buf: HostBuf,
     cap: usize,
@@ -148,7 +142,7 @@ struct SegmentWriter<'h> {
     filled: usize,
 }
 
-impl<'h> SegmentWriter<'h> {
+impl<'h> FileWriter<'h> {
     fn pos(&self) -> u64 {
         self.start + self.filled as u64
     }
@@ -341,13 +335,25 @@ pub struct WriteOptions {
     pub buffer_bytes: usize,
 }
 
-/// Writes one file; returns its length and what each item became.
-pub fn write_file(
+/// Writes the files in parallel (one thread each), each synced; returns each file's length
+/// and what its items became.
+pub fn write_files(
     storage: &dyn Storage,
-    file: &FileLayout,
+    files: &[FileLayout],
     opts: &WriteOptions,
     pool: &Mutex<StagingPool>,
-) -> Result<(u64, Vec<ItemWritten>)> {
+) -> Result<Vec<(u64, Vec<ItemWritten>)>> {
+    let results: Vec<Result<(u64, Vec<ItemWritten>)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = files.iter().map(|f| s.spawn(move || write_file(storage, f, opts, pool))).collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a writer thread panicked"))))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, pool: &Mutex<StagingPool>) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, opts.direct)?;
     let buffer_bytes = align_up(opts.buffer_bytes.max(ALIGN) as u64, SEGMENT_ALIGN) as usize;
     let pinned = file.items.iter().find_map(|i| match &i.body {
@@ -357,25 +363,7 @@ pub fn write_file(
         },
         ItemBody::Object(_) => None,
     });
-    let results: Vec<Result<Vec<ItemWritten>>> = std::thread::scope(|s| {
-        let workers: Vec<_> = file
-            .segments
-            .iter()
-            .map(|seg| {
-                let handle = handle.as_ref();
-                let items = &file.items[seg.clone()];
-                s.spawn(move || write_segment(handle, items, &file.name, buffer_bytes, pinned, pool))
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a writer thread panicked"))))
-            .collect()
-    });
-    let mut written = Vec::with_capacity(file.items.len());
-    for r in results {
-        written.extend(r?);
-    }
+    let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool)?;
     handle.set_len(file.len)?;
     handle.sync()?;
     Ok((file.len, written))
@@ -385,7 +373,7 @@ fn lock(pool: &Mutex<StagingPool>) -> std::sync::MutexGuard<'_, StagingPool> {
     pool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn write_segment(
+fn write_items(
     handle: &dyn WriteHandle,
     items: &[PlacedItem],
     file: &str,
@@ -393,14 +381,12 @@ fn write_segment(
     pinned: Option<i32>,
     pool: &Mutex<StagingPool>,
 ) -> Result<Vec<ItemWritten>> {
-    let Some(first) = items.first() else { return Ok(vec![]) };
-    let start = first.offset / SEGMENT_ALIGN * SEGMENT_ALIGN;
     let buf = lock(pool).acquire(buffer_bytes, pinned)?;
-    let mut w = SegmentWriter {
+    let mut w = FileWriter {
         handle,
         cap: buffer_bytes,
         buf,
-        start,
+        start: 0,
         filled: 0,
     };
     let mut streams = DeviceStreams::default();
@@ -450,9 +436,75 @@ fn write_segment(
     }
 }
 
+/// Pieces of a device payload copied and written at a time.
+const DEVICE_PIECE: usize = 32 << 20;
+
+/// Streams a contiguous device payload to the file through two page-locked buffers: the copy
+/// of the next piece runs on the DMA engine while the current one is checksummed and written.
+fn write_device_payload(
+    w: &mut FileWriter,
+    stream: &cuda::Stream,
+    src: u64,
+    len: u64,
+    crc: &mut PayloadCrc,
+    ordinal: i32,
+    pool: &Mutex<StagingPool>,
+) -> Result<()> {
+    // Small payloads, or a write position the file cannot take directly: through the buffer.
+    let aligned = w.handle.direct_alignment().is_none_or(|a| w.pos() % a as u64 == 0);
+    if len < (4 << 20) || !aligned {
+        return w.produce(len, |off, dst| {
+            unsafe { stream.d2h(dst, src + off)? };
+            stream.synchronize()?;
+            crc.update(dst);
+            Ok(())
+        });
+    }
+    let bufs = [
+        lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?,
+        lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?,
+    ];
+    let r = (|| -> Result<()> {
+        w.flush()?;
+        let piece = |i: u64| {
+            (
+                i * DEVICE_PIECE as u64,
+                ((len - i * DEVICE_PIECE as u64) as usize).min(DEVICE_PIECE),
+            )
+        };
+        let n = len.div_ceil(DEVICE_PIECE as u64);
+        let (o0, l0) = piece(0);
+        unsafe { stream.d2h(bufs[0].slice(l0), src + o0)? };
+        for i in 0..n {
+            stream.synchronize()?;
+            let (_, li) = piece(i);
+            if i + 1 < n {
+                let (on, ln) = piece(i + 1);
+                unsafe { stream.d2h(bufs[((i + 1) % 2) as usize].slice(ln), src + on)? };
+            }
+            let data = unsafe { bufs[(i % 2) as usize].slice(li) };
+            crc.update(data);
+            // Whole pieces go straight to the file; the last one's unaligned tail is buffered.
+            let bulk = match w.handle.direct_alignment() {
+                Some(a) => li / a * a,
+                None => li,
+            };
+            w.handle.write_at(w.start, &data[..bulk])?;
+            w.start += bulk as u64;
+            w.put(&data[bulk..])?;
+        }
+        Ok(())
+    })();
+    let mut p = lock(pool);
+    for b in bufs {
+        p.release(b);
+    }
+    r
+}
+
 /// Writes a view's dense payload; returns its CRC-32 and, for large payloads, block CRCs.
 fn write_payload(
-    w: &mut SegmentWriter,
+    w: &mut FileWriter,
     view: &TensorView,
     len: u64,
     streams: &mut DeviceStreams,
@@ -477,13 +529,7 @@ fn write_payload(
         }
         Device::Cuda(ordinal) if view.is_contiguous() => {
             let stream = streams.get(ordinal, view.stream())?;
-            let src = view.as_ptr() as u64;
-            w.produce(len, |off, dst| {
-                unsafe { stream.d2h(dst, src + off)? };
-                stream.synchronize()?;
-                crc.update(dst);
-                Ok(())
-            })?;
+            write_device_payload(w, &stream, view.as_ptr() as u64, len, &mut crc, ordinal, pool)?;
         }
         Device::Cuda(ordinal) => {
             // Strided device memory: bring its whole extent over once, gather on the host.
