@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod load;
 mod read;
 pub mod save;
+pub mod verify;
 mod wire;
 mod write;
 
