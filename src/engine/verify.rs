@@ -21,6 +21,8 @@ pub const PIECE: usize = 8 << 20;
 /// 65535), zip64 locator (20) and zip64 EOCD (56).
 const TAIL: u64 = 22 + 0xffff + 20 + 56;
 const MAX_CENTRAL_DIRECTORY: u64 = 64 << 20;
+/// Items up to this size are read whole, once.
+const SMALL_ITEM: u64 = 1 << 20;
 
 /// One thing wrong with a checkpoint, located as precisely as known.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -455,7 +457,14 @@ impl Verifier<'_> {
         let what = format!("item{label}");
         let item_problem = |offset: u64, m: String| problem(Some(key), Some(file), Some(offset), m);
 
-        let entries = match self.central_directory(h, base, len, &what) {
+        let item = match Item::new(h, base, len) {
+            Ok(i) => i,
+            Err(e) => {
+                self.add(item_problem(base, e.to_string()));
+                return;
+            }
+        };
+        let entries = match self.central_directory(&item, len, &what) {
             Ok(e) => e,
             Err(m) => {
                 self.add(item_problem(base, m));
@@ -465,7 +474,7 @@ impl Verifier<'_> {
         let mut bad = false;
         let mut block_used = false;
         for e in &entries {
-            let data_off = match self.record_data_offset(h, base, len, e, &what) {
+            let data_off = match self.record_data_offset(&item, len, e, &what) {
                 Ok(o) => o,
                 Err(m) => {
                     self.add(item_problem(base + e.header_offset, m));
@@ -485,7 +494,7 @@ impl Verifier<'_> {
             let abs = base + data_off;
             let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
             block_used |= blk.is_some();
-            match self.stream_record(h, abs, e.size, blk, key, file) {
+            match self.stream_record(&item, data_off, e.size, blk, key, file) {
                 Ok(crc) if crc == e.crc => {}
                 Ok(crc) => {
                     bad = true;
@@ -518,8 +527,7 @@ impl Verifier<'_> {
         if bad {
             return;
         }
-        let src = Slice { h, base };
-        let content = zipitem::read_item(&src, len, &what);
+        let content = zipitem::read_item(&item, len, &what);
         let msg = match (content, expect) {
             (Err(e), _) if e.kind() == ErrorKind::Unsupported => {
                 self.report.notes.push(format!("key {key:?}: {file} at offset {base}: {e}"));
@@ -548,37 +556,31 @@ impl Verifier<'_> {
         }
     }
 
-    fn central_directory(&mut self, h: &dyn ReadHandle, base: u64, len: u64, what: &str) -> std::result::Result<Vec<ZipEntry>, String> {
+    fn central_directory(&mut self, item: &Item, len: u64, what: &str) -> std::result::Result<Vec<ZipEntry>, String> {
         let tail_len = len.min(TAIL);
-        let tail = h.read_vec(base + len - tail_len, tail_len as usize).map_err(|e| e.to_string())?;
+        let tail = item.read_item_range(len - tail_len, tail_len as usize).map_err(|e| e.to_string())?;
         let loc = zipitem::locate_central_directory(&tail, len, what).map_err(|e| e.to_string())?;
         if loc.size > MAX_CENTRAL_DIRECTORY {
             return Err(format!("{what}: zip central directory of {} bytes is implausibly large", loc.size));
         }
-        let cd = h.read_vec(base + loc.offset, loc.size as usize).map_err(|e| e.to_string())?;
+        let cd = item.read_item_range(loc.offset, loc.size as usize).map_err(|e| e.to_string())?;
         zipitem::parse_central_directory(&cd, loc, len, what).map_err(|e| e.to_string())
     }
 
-    fn record_data_offset(
-        &mut self,
-        h: &dyn ReadHandle,
-        base: u64,
-        len: u64,
-        e: &ZipEntry,
-        what: &str,
-    ) -> std::result::Result<u64, String> {
+    fn record_data_offset(&mut self, item: &Item, len: u64, e: &ZipEntry, what: &str) -> std::result::Result<u64, String> {
         if e.header_offset + 30 > len {
             return Err(format!("{what}: record {}: local header outside the item", e.name));
         }
-        let lh = h.read_vec(base + e.header_offset, 30).map_err(|e| e.to_string())?;
+        let lh = item.read_item_range(e.header_offset, 30).map_err(|e| e.to_string())?;
         zipitem::local_data_offset(&lh, e, len, what).map_err(|e| e.to_string())
     }
 
-    /// CRC-32 of `len` bytes at `abs`, checking the sidecar's blocks on the way when given.
+    /// CRC-32 of `len` bytes at `off` in the item, checking the sidecar's blocks on the way when
+    /// given.
     fn stream_record(
         &mut self,
-        h: &dyn ReadHandle,
-        abs: u64,
+        item: &Item,
+        off: u64,
         len: u64,
         block: Option<(&BlockRecord, u64)>,
         key: &str,
@@ -592,7 +594,7 @@ impl Verifier<'_> {
         let start_done = self.done;
         while pos < len {
             let n = ((len - pos) as usize).min(PIECE);
-            h.read_at(abs + pos, &mut buf[..n]).map_err(|e| e.to_string())?;
+            item.read_into(off + pos, &mut buf[..n]).map_err(|e| e.to_string())?;
             whole.update(&buf[..n]);
             if let Some((b, bs)) = block {
                 let mut rest = &buf[..n];
@@ -634,14 +636,44 @@ impl Verifier<'_> {
     }
 }
 
-struct Slice<'h> {
+/// An item's bytes: read in one request when small (most items are a few KiB, and each is
+/// visited a dozen times), else read range by range from the file.
+struct Item<'h> {
     h: &'h dyn ReadHandle,
     base: u64,
+    cached: Option<Vec<u8>>,
 }
 
-impl ItemSource for Slice<'_> {
+impl<'h> Item<'h> {
+    fn new(h: &'h dyn ReadHandle, base: u64, len: u64) -> Result<Self> {
+        let cached = if len <= SMALL_ITEM {
+            Some(h.read_vec(base, len as usize)?)
+        } else {
+            None
+        };
+        Ok(Item { h, base, cached })
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.cached {
+            None => self.h.read_at(self.base + offset, buf),
+            Some(c) => {
+                let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= c.len() as u64);
+                let end = end.ok_or_else(|| {
+                    crate::error::Error::corrupt(format!("range {offset}+{} outside the {}-byte item", buf.len(), c.len()))
+                })?;
+                buf.copy_from_slice(&c[offset as usize..end as usize]);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ItemSource for Item<'_> {
     fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.h.read_vec(self.base + offset, len)
+        let mut v = vec![0u8; len];
+        self.read_into(offset, &mut v)?;
+        Ok(v)
     }
 }
 

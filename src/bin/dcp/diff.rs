@@ -6,7 +6,7 @@ use crate::args::{CliError, CliResult};
 use crate::cast::{components, int_value};
 use crate::progress::Progress;
 use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue, PyValue};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 pub const HELP: &str = "\
 usage: dcp diff A B
@@ -107,9 +107,12 @@ pub fn run(args: crate::args::Args) -> CliResult {
     let ca = Checkpoint::open(a).map_err(fail)?;
     let cb = Checkpoint::open(b).map_err(fail)?;
     let in_a: HashSet<&str> = ca.keys().map(|k| k.fqn).collect();
+    // Checkpoint::find is a linear search: index B once.
+    let b_keys: HashMap<&str, KeyInfo> = cb.keys().map(|k| (k.fqn, k)).collect();
+    let find_b = |fqn: &str| b_keys.get(fqn).cloned();
     let total: u64 = ca
         .keys()
-        .filter_map(|k| cb.find(k.fqn).map(|kb| (k, kb)))
+        .filter_map(|k| find_b(k.fqn).map(|kb| (k, kb)))
         .filter(|(k, kb)| k.kind == KeyKind::Tensor && kb.kind == KeyKind::Tensor && k.dtype_name == kb.dtype_name && k.shape == kb.shape)
         .map(|(k, kb)| tensor_bytes(&k) + tensor_bytes(&kb))
         .sum();
@@ -118,7 +121,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
     let (mut only_a, mut only_b, mut changed, mut equal) = (0, 0, 0, 0);
     for ka in ca.keys() {
         let fqn = ka.fqn;
-        let Some(kb) = cb.find(fqn) else {
+        let Some(kb) = find_b(fqn) else {
             bar.println(&format!("only in A: {fqn}"));
             only_a += 1;
             continue;
