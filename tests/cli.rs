@@ -560,6 +560,25 @@ fn diff_equal_and_different() {
     );
     assert!(out.stderr.is_empty(), "{}", out.stderr);
 
+    // A damaged key is reported and the comparison goes on.
+    let bad = damaged("diff-damaged");
+    let (file, at) = record_offset(&bad, "model.w", Some(&[0, 0]), "data/0");
+    flip(&bad.join(&file), at + 1);
+    let out = dcp(&["diff", s(&sample()), s(&bad)]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("cannot compare: key \"model.w\"") && l.contains("checksum")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.ends_with("6 equal, 1 differ, 0 only in A, 0 only in B\n"),
+        "{}",
+        out.stdout
+    );
+
     // The same values chunked differently are equal; the diff compares values, not layout.
     let hand = tmp("diff-hand");
     write_by_hand(&hand, &[region([0, 0], [2, 3]), region([2, 0], [2, 3])]);

@@ -95,6 +95,14 @@ fn compare_values(dtype: DType, a: &[u8], b: &[u8]) -> String {
     }
 }
 
+fn cannot_compare(fqn: &str, e: &dcp::Error) -> String {
+    if e.message().contains(&format!("{fqn:?}")) {
+        format!("cannot compare: {e}")
+    } else {
+        format!("cannot compare: key {fqn:?}: {e}")
+    }
+}
+
 fn tensor_bytes(k: &KeyInfo) -> u64 {
     k.dtype.map(|d| k.shape.iter().product::<u64>() * d.size() as u64).unwrap_or(0)
 }
@@ -138,18 +146,22 @@ pub fn run(args: crate::args::Args) -> CliResult {
                 if !what.is_empty() {
                     Some(format!("differs: {fqn}: {}", what.join(", ")))
                 } else {
-                    let (da, _, va) = ca.read_tensor(fqn).map_err(fail)?;
-                    let (_, _, vb) = cb.read_tensor(fqn).map_err(fail)?;
-                    done += (va.len() + vb.len()) as u64;
-                    bar.update(done);
-                    (va != vb).then(|| format!("differs: {fqn}: {}", compare_values(da, &va, &vb)))
+                    // A key that cannot be read (damaged, unknown dtype) is reported and the
+                    // comparison goes on.
+                    done += tensor_bytes(&ka) + tensor_bytes(&kb);
+                    match ca.read_tensor(fqn).and_then(|a| Ok((a, cb.read_tensor(fqn)?))) {
+                        Ok(((da, _, va), (_, _, vb))) => {
+                            bar.update(done);
+                            (va != vb).then(|| format!("differs: {fqn}: {}", compare_values(da, &va, &vb)))
+                        }
+                        Err(e) => Some(cannot_compare(fqn, &e)),
+                    }
                 }
             }
-            (KeyKind::Object, KeyKind::Object) => {
-                let va = ca.read_object(fqn).map_err(fail)?;
-                let vb = cb.read_object(fqn).map_err(fail)?;
-                (va != vb).then(|| format!("differs: {fqn}: object {} (A) vs {} (B)", describe(&va), describe(&vb)))
-            }
+            (KeyKind::Object, KeyKind::Object) => match ca.read_object(fqn).and_then(|a| Ok((a, cb.read_object(fqn)?))) {
+                Ok((va, vb)) => (va != vb).then(|| format!("differs: {fqn}: object {} (A) vs {} (B)", describe(&va), describe(&vb))),
+                Err(e) => Some(cannot_compare(fqn, &e)),
+            },
             (x, y) => {
                 let name = |k: KeyKind| if k == KeyKind::Tensor { "tensor" } else { "object" };
                 Some(format!("differs: {fqn}: {} (A) vs {} (B)", name(x), name(y)))
