@@ -40,10 +40,16 @@ mpi_example() {
     rm -rf "$d"
 }
 
+cli_tests() {
+    cargo test --release --test cli &&
+        DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
+}
+
 run_step "setup: OpenMPI, valgrind, Python venv with torch" bash -c "source scripts/setup.sh && setup_system && setup_venv"
 run_step "cargo build --release" cargo build --release
 run_step "cargo test (units, header is current, round trips, plan cache)" cargo test --release
 run_step "C API tests, C++ header, valgrind, C example" scripts/c-tests.sh
+run_step "dcp command-line tool (Rust; torch and safetensors)" cli_tests
 run_step "MPI example through host callbacks (mpirun -np 4, 3)" mpi_example
 run_step "interop with torch: both directions, corruption, zip64" "$PY" tests/python/test_interop.py
 run_step "seed scenarios over N processes (TCP rendezvous)" "$PY" tests/python/test_multirank.py

@@ -7,6 +7,7 @@ pub mod load;
 pub mod read;
 pub mod save;
 pub mod staging;
+pub mod verify;
 mod wire;
 mod write;
 

@@ -1,0 +1,807 @@
+//! Offline integrity check of a whole checkpoint (`dcp verify`): commit, sidecar, data files,
+//! storage bounds, chunk tiling, and the CRC-32 of every zip record of every item (plus the
+//! sidecar's per-block CRCs), read in bounded pieces. Problems are collected, not returned as the
+//! first error, so one run lists everything that is wrong.
+
+use super::save::{is_data_file, METADATA_FILE};
+use crate::error::{ErrorKind, Result};
+use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
+use crate::format::sidecar::{self, BlockRecord, Sidecar};
+use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
+use crate::region::Region;
+use crate::storage::{self, ReadHandle, Storage};
+use crate::tensor::DType;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+/// Records are streamed through a buffer of this size.
+pub const PIECE: usize = 8 << 20;
+/// The zip end records of an item lie within its last bytes: EOCD (22 + a comment of up to
+/// 65535), zip64 locator (20) and zip64 EOCD (56).
+const TAIL: u64 = 22 + 0xffff + 20 + 56;
+const MAX_CENTRAL_DIRECTORY: u64 = 64 << 20;
+/// Items up to this size are read whole, once.
+const SMALL_ITEM: u64 = 1 << 20;
+
+/// One thing wrong with a checkpoint, located as precisely as known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub key: Option<String>,
+    /// The file's name in the checkpoint directory.
+    pub file: Option<String>,
+    /// Absolute byte offset in `file`.
+    pub offset: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(k) = &self.key {
+            write!(f, "key {k:?}: ")?;
+        }
+        match (&self.file, self.offset) {
+            (Some(file), Some(off)) => write!(f, "{file} at offset {off}: ")?,
+            (Some(file), None) => write!(f, "{file}: ")?,
+            (None, Some(off)) => write!(f, "offset {off}: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub location: String,
+    pub problems: Vec<Problem>,
+    /// Remarks that do not make the checkpoint bad (a sidecar from a newer libdcp, stray files).
+    pub notes: Vec<String>,
+    /// `.metadata` is present and parses.
+    pub committed: bool,
+    /// A sidecar was present and decoded.
+    pub sidecar: bool,
+    pub keys: usize,
+    pub files: usize,
+    pub items: usize,
+    /// Zip records whose CRC-32 was checked.
+    pub records: usize,
+    /// Sidecar blocks whose CRC-32 was checked.
+    pub blocks: usize,
+    /// Bytes read to check CRCs.
+    pub bytes_checked: u64,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.committed && self.problems.is_empty()
+    }
+}
+
+/// Checks the checkpoint at `location`.
+pub fn verify(location: &str) -> Result<VerifyReport> {
+    verify_with_progress(location, &mut |_, _| {})
+}
+
+/// [`verify`], calling `progress(bytes_done, bytes_total)` as items are read.
+pub fn verify_with_progress(location: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
+    let storage = storage::open(location)?;
+    Ok(verify_storage(storage.as_ref(), location, progress))
+}
+
+pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
+    let mut v = Verifier {
+        storage,
+        report: VerifyReport {
+            location: location.to_string(),
+            ..Default::default()
+        },
+        progress,
+        done: 0,
+        total: 0,
+    };
+    v.run();
+    v.report
+}
+
+/// What the metadata says an item holds.
+enum Expect<'m> {
+    Tensor {
+        dtype: Option<DType>,
+        dtype_name: &'m str,
+        chunk: &'m Region,
+    },
+    Object,
+}
+
+struct Verifier<'a> {
+    storage: &'a dyn Storage,
+    report: VerifyReport,
+    progress: &'a mut dyn FnMut(u64, u64),
+    done: u64,
+    total: u64,
+}
+
+fn problem(key: Option<&str>, file: Option<&str>, offset: Option<u64>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.map(str::to_string),
+        file: file.map(str::to_string),
+        offset,
+        message: message.into(),
+    }
+}
+
+fn chunk_label(offsets: &Option<Vec<u64>>) -> String {
+    match offsets {
+        Some(o) => format!(" (chunk at {o:?})"),
+        None => String::new(),
+    }
+}
+
+impl Verifier<'_> {
+    fn add(&mut self, p: Problem) {
+        self.report.problems.push(p);
+    }
+
+    fn run(&mut self) {
+        let Some(md_bytes) = self.read_metadata() else { return };
+        let sc = self.read_sidecar(&md_bytes);
+        let md = match Metadata::decode(&md_bytes, METADATA_FILE) {
+            Ok(md) => md,
+            Err(e) => {
+                self.add(problem(None, Some(METADATA_FILE), None, format!("cannot be parsed: {e}")));
+                return;
+            }
+        };
+        self.report.committed = true;
+        self.report.keys = md.entries.len();
+        let files = self.open_files(&md, sc.as_ref());
+        self.check_structure(&md);
+        self.check_items(&md, sc.as_ref(), &files);
+    }
+
+    fn read_metadata(&mut self) -> Option<Vec<u8>> {
+        match self.storage.read_all(METADATA_FILE) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let msg = match self.storage.list() {
+                    Err(_) => format!("no checkpoint here: {} does not exist", self.storage.describe("")),
+                    Ok(names) if names.iter().any(|n| is_data_file(n)) => {
+                        "missing: the checkpoint is not committed (data files but no .metadata; the save did not finish)".to_string()
+                    }
+                    Ok(_) => "missing: this directory is not a checkpoint".to_string(),
+                };
+                self.add(problem(None, Some(METADATA_FILE), None, msg));
+                None
+            }
+            Err(e) => {
+                self.add(problem(None, Some(METADATA_FILE), None, format!("cannot be read: {e}")));
+                None
+            }
+        }
+    }
+
+    fn read_sidecar(&mut self, md: &[u8]) -> Option<Sidecar> {
+        let name = sidecar::FILE_NAME;
+        let bytes = match self.storage.read_all(name) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+            Err(e) => {
+                self.add(problem(None, Some(name), None, format!("cannot be read: {e}")));
+                return None;
+            }
+        };
+        let sc = match Sidecar::decode(&bytes, name) {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                self.report.notes.push(format!("{e}; its checks are skipped"));
+                return None;
+            }
+            Err(e) => {
+                self.add(problem(None, Some(name), None, e.to_string()));
+                return None;
+            }
+        };
+        self.report.sidecar = true;
+        let crc = crc32fast::hash(md);
+        if md.len() as u64 != sc.metadata_len || crc != sc.metadata_crc32 {
+            self.add(problem(
+                None,
+                Some(METADATA_FILE),
+                None,
+                format!(
+                    "{} bytes with CRC-32 {crc:08x}, but the sidecar records {} bytes with CRC-32 {:08x} (damaged or replaced)",
+                    md.len(),
+                    sc.metadata_len,
+                    sc.metadata_crc32
+                ),
+            ));
+        }
+        Some(sc)
+    }
+
+    /// Opens every data file the metadata or the sidecar names; checks lengths.
+    fn open_files(&mut self, md: &Metadata, sc: Option<&Sidecar>) -> BTreeMap<String, Arc<dyn ReadHandle>> {
+        let mut users: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (idx, info) in &md.storage {
+            users.entry(&info.relative_path).or_default().push(&idx.fqn);
+        }
+        let expected: HashMap<&str, u64> = sc.iter().flat_map(|s| s.files.iter()).map(|f| (f.name.as_str(), f.len)).collect();
+        for name in expected.keys() {
+            users.entry(name).or_default();
+        }
+        let mut open = BTreeMap::new();
+        for (name, keys) in users {
+            let h = match self.storage.open_read(name) {
+                Ok(h) => h,
+                Err(e) => {
+                    let mut uniq: Vec<&str> = Vec::new();
+                    for k in &keys {
+                        if !uniq.contains(k) {
+                            uniq.push(k);
+                        }
+                    }
+                    let what = if e.kind() == ErrorKind::NotFound {
+                        "data file is missing".to_string()
+                    } else {
+                        format!("data file cannot be opened: {e}")
+                    };
+                    let held = match uniq.len() {
+                        0 => String::new(),
+                        n => {
+                            let shown: Vec<String> = uniq.iter().take(3).map(|k| format!("{k:?}")).collect();
+                            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
+                            format!(" ({} items of {}{more} are stored in it)", keys.len(), shown.join(", "))
+                        }
+                    };
+                    self.add(problem(None, Some(name), None, format!("{what}{held}")));
+                    continue;
+                }
+            };
+            if let Some(&want) = expected.get(name) {
+                if h.len() != want {
+                    self.add(problem(
+                        None,
+                        Some(name),
+                        None,
+                        format!(
+                            "has {} bytes but the sidecar records {want} ({})",
+                            h.len(),
+                            if h.len() < want { "truncated" } else { "grown or replaced" }
+                        ),
+                    ));
+                }
+            }
+            open.insert(name.to_string(), h);
+        }
+        self.report.files = open.len();
+        if let Ok(names) = self.storage.list() {
+            for n in names {
+                if is_data_file(&n) && !open.contains_key(&n) && !expected.contains_key(n.as_str()) {
+                    self.report.notes.push(format!("{n} is not referenced by .metadata"));
+                }
+            }
+        }
+        open
+    }
+
+    /// Entries against storage entries, and the tiling of every tensor's chunks.
+    fn check_structure(&mut self, md: &Metadata) {
+        let mut storage: HashMap<(&str, Option<&[u64]>), usize> = HashMap::new();
+        for (i, (idx, _)) in md.storage.iter().enumerate() {
+            if storage.insert((&idx.fqn, idx.offset.as_deref()), i).is_some() {
+                self.add(problem(
+                    Some(&idx.fqn),
+                    None,
+                    None,
+                    format!("storage entry{} is listed twice", chunk_label(&idx.offset)),
+                ));
+            }
+        }
+        let mut known: HashSet<(&str, Option<&[u64]>)> = HashSet::new();
+        let mut seen_keys = HashSet::new();
+        for (fqn, entry) in &md.entries {
+            if !seen_keys.insert(fqn.as_str()) {
+                self.add(problem(Some(fqn), Some(METADATA_FILE), None, "key is listed twice"));
+            }
+            match entry {
+                EntryMeta::Bytes => {
+                    known.insert((fqn, None));
+                    if !storage.contains_key(&(fqn.as_str(), None)) {
+                        self.add(problem(Some(fqn), None, None, "object has no storage entry"));
+                    }
+                }
+                EntryMeta::Tensor(t) => {
+                    for c in &t.chunks {
+                        known.insert((fqn, Some(&c.offsets)));
+                        if !storage.contains_key(&(fqn.as_str(), Some(c.offsets.as_slice()))) {
+                            self.add(problem(
+                                Some(fqn),
+                                None,
+                                None,
+                                format!("chunk at {:?} (sizes {:?}) has no storage entry", c.offsets, c.sizes),
+                            ));
+                        }
+                    }
+                    for p in tiling_problems(&t.size, &t.chunks) {
+                        self.add(problem(Some(fqn), None, None, p));
+                    }
+                }
+            }
+        }
+        for (idx, info) in &md.storage {
+            if !known.contains(&(idx.fqn.as_str(), idx.offset.as_deref())) {
+                self.add(problem(
+                    Some(&idx.fqn),
+                    Some(&info.relative_path),
+                    Some(info.offset),
+                    format!(
+                        "storage entry{} matches no {} of the key in .metadata",
+                        chunk_label(&idx.offset),
+                        if idx.offset.is_some() { "chunk" } else { "object" }
+                    ),
+                ));
+            }
+        }
+    }
+
+    fn check_items(&mut self, md: &Metadata, sc: Option<&Sidecar>, files: &BTreeMap<String, Arc<dyn ReadHandle>>) {
+        let entries: HashMap<&str, &EntryMeta> = md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
+        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
+        if let Some(s) = sc {
+            for b in &s.blocks {
+                blocks.insert((&b.fqn, &b.chunk_offsets), b);
+            }
+        }
+        let block_size = sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE);
+        let mut used_blocks = HashSet::new();
+
+        // In file order, so reads are sequential; items inside their file and not overlapping.
+        let mut order: Vec<&(StorageIndex, StorageInfo)> = md.storage.iter().collect();
+        order.sort_by(|a, b| (&a.1.relative_path, a.1.offset).cmp(&(&b.1.relative_path, b.1.offset)));
+        let mut todo = Vec::new();
+        let mut prev: Option<&(StorageIndex, StorageInfo)> = None;
+        for item in order {
+            let (idx, info) = item;
+            let Some(h) = files.get(&info.relative_path) else { continue };
+            if info.offset.checked_add(info.length).map_or(true, |e| e > h.len()) {
+                self.add(problem(
+                    Some(&idx.fqn),
+                    Some(&info.relative_path),
+                    Some(info.offset),
+                    format!(
+                        "item{} of {} bytes runs past the end of the {}-byte file (truncated?)",
+                        chunk_label(&idx.offset),
+                        info.length,
+                        h.len()
+                    ),
+                ));
+                continue;
+            }
+            if let Some((pidx, pinfo)) = prev {
+                if pinfo.relative_path == info.relative_path && pinfo.offset + pinfo.length > info.offset {
+                    self.add(problem(
+                        Some(&idx.fqn),
+                        Some(&info.relative_path),
+                        Some(info.offset),
+                        format!(
+                            "item{} overlaps the item of key {:?}{} at offset {} (+{})",
+                            chunk_label(&idx.offset),
+                            pidx.fqn,
+                            chunk_label(&pidx.offset),
+                            pinfo.offset,
+                            pinfo.length
+                        ),
+                    ));
+                }
+            }
+            prev = Some(item);
+            todo.push((item, h.clone()));
+        }
+        self.total = todo.iter().map(|((_, info), _)| info.length).sum();
+        (self.progress)(0, self.total);
+
+        for ((idx, info), h) in todo {
+            let expect = match (entries.get(idx.fqn.as_str()), &idx.offset) {
+                (Some(EntryMeta::Tensor(t)), Some(off)) => t.chunks.iter().find(|c| &c.offsets == off).map(|chunk| Expect::Tensor {
+                    dtype: t.dtype,
+                    dtype_name: &t.dtype_name,
+                    chunk,
+                }),
+                (Some(EntryMeta::Bytes), None) => Some(Expect::Object),
+                _ => None,
+            };
+            let block = idx
+                .offset
+                .as_ref()
+                .and_then(|o| blocks.get(&(idx.fqn.as_str(), o.as_slice())).copied());
+            if block.is_some() {
+                used_blocks.insert((idx.fqn.as_str(), idx.offset.as_deref().unwrap_or(&[])));
+            }
+            let start = self.done;
+            self.check_item(h.as_ref(), idx, info, expect, block.map(|b| (b, block_size)));
+            self.report.items += 1;
+            self.done = start + info.length;
+            (self.progress)(self.done, self.total);
+        }
+        for b in sc.iter().flat_map(|s| s.blocks.iter()) {
+            let file = sc.and_then(|s| s.files.get(b.file as usize)).map(|f| f.name.as_str());
+            // Blocks in a missing file are covered by that file's problem.
+            if !used_blocks.contains(&(b.fqn.as_str(), b.chunk_offsets.as_slice())) && file.is_some_and(|f| files.contains_key(f)) {
+                self.add(problem(
+                    Some(&b.fqn),
+                    file,
+                    Some(b.payload_offset),
+                    format!(
+                        "the sidecar has block checksums for a chunk at {:?} that .metadata does not store",
+                        b.chunk_offsets
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// One item: its zip structure, every record's CRC, then what it holds.
+    fn check_item(
+        &mut self,
+        h: &dyn ReadHandle,
+        idx: &StorageIndex,
+        info: &StorageInfo,
+        expect: Option<Expect>,
+        block: Option<(&BlockRecord, u64)>,
+    ) {
+        let file = info.relative_path.as_str();
+        let key = idx.fqn.as_str();
+        let label = chunk_label(&idx.offset);
+        let base = info.offset;
+        let len = info.length;
+        let what = format!("item{label}");
+        let item_problem = |offset: u64, m: String| problem(Some(key), Some(file), Some(offset), m);
+
+        let item = match Item::new(h, base, len) {
+            Ok(i) => i,
+            Err(e) => {
+                self.add(item_problem(base, e.to_string()));
+                return;
+            }
+        };
+        let entries = match self.central_directory(&item, len, &what) {
+            Ok(e) => e,
+            Err(m) => {
+                self.add(item_problem(base, m));
+                return;
+            }
+        };
+        let mut bad = false;
+        let mut block_used = false;
+        for e in &entries {
+            let data_off = match self.record_data_offset(&item, len, e, &what) {
+                Ok(o) => o,
+                Err(m) => {
+                    self.add(item_problem(base + e.header_offset, m));
+                    bad = true;
+                    continue;
+                }
+            };
+            if e.method != 0 {
+                self.report.notes.push(format!(
+                    "key {key:?}: {file} at offset {}: {what}: record {} is compressed (method {}); its CRC-32 is not checked",
+                    base + data_off,
+                    e.name,
+                    e.method
+                ));
+                continue;
+            }
+            let abs = base + data_off;
+            let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
+            block_used |= blk.is_some();
+            match self.stream_record(&item, data_off, e.size, blk, key, file) {
+                Ok(crc) if crc == e.crc => {}
+                Ok(crc) => {
+                    bad = true;
+                    self.add(item_problem(
+                        abs,
+                        format!(
+                            "{what} at offset {base}: record {} (bytes {abs}..{}): CRC-32 is {crc:08x} but the zip directory records {:08x}",
+                            e.name,
+                            abs + e.size,
+                            e.crc
+                        ),
+                    ));
+                }
+                Err(m) => {
+                    bad = true;
+                    self.add(item_problem(abs, m));
+                }
+            }
+            self.report.records += 1;
+        }
+        if let (Some((b, _)), false) = (block, block_used) {
+            self.add(item_problem(
+                b.payload_offset,
+                format!(
+                    "{what} at offset {base}: the sidecar's block checksums cover {} bytes at offset {}, which is not a record of the item",
+                    b.payload_len, b.payload_offset
+                ),
+            ));
+        }
+        if bad {
+            return;
+        }
+        let content = zipitem::read_item(&item, len, &what);
+        let msg = match (content, expect) {
+            (Err(e), _) if e.kind() == ErrorKind::Unsupported => {
+                self.report.notes.push(format!("key {key:?}: {file} at offset {base}: {e}"));
+                None
+            }
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(_), None) => None,
+            (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
+            (Ok(ItemContent::Tensor(_)), Some(Expect::Object)) => Some(format!("{what} holds a tensor, but .metadata says an object")),
+            (Ok(ItemContent::Object(_)), Some(Expect::Tensor { .. })) => {
+                Some(format!("{what} holds an object, but .metadata says a tensor chunk"))
+            }
+            (Ok(ItemContent::Tensor(t)), Some(Expect::Tensor { dtype, dtype_name, chunk })) => {
+                if dtype.is_some_and(|d| d != t.dtype) || t.sizes != chunk.sizes {
+                    Some(format!(
+                        "{what} holds a {} tensor of shape {:?}, but .metadata describes a {dtype_name} chunk of shape {:?}",
+                        t.dtype, t.sizes, chunk.sizes
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(m) = msg {
+            self.add(item_problem(base, m));
+        }
+    }
+
+    fn central_directory(&mut self, item: &Item, len: u64, what: &str) -> std::result::Result<Vec<ZipEntry>, String> {
+        let tail_len = len.min(TAIL);
+        let tail = item.read_item_range(len - tail_len, tail_len as usize).map_err(|e| e.to_string())?;
+        let loc = zipitem::locate_central_directory(&tail, len, what).map_err(|e| e.to_string())?;
+        if loc.size > MAX_CENTRAL_DIRECTORY {
+            return Err(format!("{what}: zip central directory of {} bytes is implausibly large", loc.size));
+        }
+        let cd = item.read_item_range(loc.offset, loc.size as usize).map_err(|e| e.to_string())?;
+        zipitem::parse_central_directory(&cd, loc, len, what).map_err(|e| e.to_string())
+    }
+
+    fn record_data_offset(&mut self, item: &Item, len: u64, e: &ZipEntry, what: &str) -> std::result::Result<u64, String> {
+        if e.header_offset + 30 > len {
+            return Err(format!("{what}: record {}: local header outside the item", e.name));
+        }
+        let lh = item.read_item_range(e.header_offset, 30).map_err(|e| e.to_string())?;
+        zipitem::local_data_offset(&lh, e, len, what).map_err(|e| e.to_string())
+    }
+
+    /// CRC-32 of `len` bytes at `off` in the item, checking the sidecar's blocks on the way when
+    /// given.
+    fn stream_record(
+        &mut self,
+        item: &Item,
+        off: u64,
+        len: u64,
+        block: Option<(&BlockRecord, u64)>,
+        key: &str,
+        file: &str,
+    ) -> std::result::Result<u32, String> {
+        let mut whole = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; (len as usize).min(PIECE)];
+        let mut blk = crc32fast::Hasher::new();
+        let (mut blk_idx, mut blk_fill) = (0usize, 0u64);
+        let mut pos = 0u64;
+        let start_done = self.done;
+        while pos < len {
+            let n = ((len - pos) as usize).min(PIECE);
+            item.read_into(off + pos, &mut buf[..n]).map_err(|e| e.to_string())?;
+            whole.update(&buf[..n]);
+            if let Some((b, bs)) = block {
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let take = (rest.len() as u64).min(bs - blk_fill) as usize;
+                    blk.update(&rest[..take]);
+                    blk_fill += take as u64;
+                    rest = &rest[take..];
+                    if blk_fill == bs || (pos + n as u64 == len && rest.is_empty()) {
+                        let got = std::mem::replace(&mut blk, crc32fast::Hasher::new()).finalize();
+                        self.check_block(b, bs, blk_idx, blk_fill, got, key, file);
+                        blk_idx += 1;
+                        blk_fill = 0;
+                    }
+                }
+            }
+            pos += n as u64;
+            self.report.bytes_checked += n as u64;
+            self.done = start_done + pos;
+            (self.progress)(self.done, self.total);
+        }
+        Ok(whole.finalize())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_block(&mut self, b: &BlockRecord, bs: u64, i: usize, n: u64, got: u32, key: &str, file: &str) {
+        self.report.blocks += 1;
+        let at = b.payload_offset + i as u64 * bs;
+        let m = match b.crcs.get(i) {
+            Some(&want) if want == got => return,
+            Some(&want) => format!(
+                "sidecar block {i} of the chunk at {:?} (bytes {at}..{}): CRC-32 is {got:08x} but the sidecar records {want:08x}",
+                b.chunk_offsets,
+                at + n
+            ),
+            None => format!("sidecar has no checksum for block {i} of the chunk at {:?}", b.chunk_offsets),
+        };
+        self.add(problem(Some(key), Some(file), Some(at), m));
+    }
+}
+
+/// An item's bytes: read in one request when small (most items are a few KiB, and each is
+/// visited a dozen times), else read range by range from the file.
+struct Item<'h> {
+    h: &'h dyn ReadHandle,
+    base: u64,
+    cached: Option<Vec<u8>>,
+}
+
+impl<'h> Item<'h> {
+    fn new(h: &'h dyn ReadHandle, base: u64, len: u64) -> Result<Self> {
+        let cached = if len <= SMALL_ITEM {
+            Some(h.read_vec(base, len as usize)?)
+        } else {
+            None
+        };
+        Ok(Item { h, base, cached })
+    }
+
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.cached {
+            None => self.h.read_at(self.base + offset, buf),
+            Some(c) => {
+                let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= c.len() as u64);
+                let end = end.ok_or_else(|| {
+                    crate::error::Error::corrupt(format!("range {offset}+{} outside the {}-byte item", buf.len(), c.len()))
+                })?;
+                buf.copy_from_slice(&c[offset as usize..end as usize]);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl ItemSource for Item<'_> {
+    fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.read_into(offset, &mut v)?;
+        Ok(v)
+    }
+}
+
+/// Whether `chunks` tile a tensor of `shape` exactly: each inside the shape, no two overlapping,
+/// no element uncovered. One message per problem found.
+pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut inside = Vec::with_capacity(chunks.len());
+    for (i, c) in chunks.iter().enumerate() {
+        match c.check_within(shape) {
+            Ok(()) => inside.push(i),
+            Err(e) => out.push(format!("chunk {i} {}", e.message())),
+        }
+    }
+    // Sweep along dim 0 (the usual sharding dim): only chunks whose dim-0 ranges meet are
+    // compared, which is linear for row-sharded tensors.
+    let nonempty: Vec<usize> = inside.iter().copied().filter(|&i| !chunks[i].is_empty()).collect();
+    let mut order = nonempty.clone();
+    let lo = |i: usize| chunks[i].offsets.first().copied().unwrap_or(0);
+    let hi = |i: usize| chunks[i].offsets.first().map(|o| o + chunks[i].sizes[0]).unwrap_or(1);
+    order.sort_by_key(|&i| (lo(i), i));
+    let mut overlaps = 0usize;
+    for (a, &i) in order.iter().enumerate() {
+        for &j in &order[a + 1..] {
+            if lo(j) >= hi(i) {
+                break;
+            }
+            if let Some(o) = chunks[i].intersect(&chunks[j]) {
+                overlaps += 1;
+                if overlaps <= 10 {
+                    let (x, y) = (i.min(j), i.max(j));
+                    out.push(format!(
+                        "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?}",
+                        chunks[x].offsets, chunks[x].sizes, chunks[y].offsets, chunks[y].sizes, o.offsets, o.sizes
+                    ));
+                }
+            }
+        }
+    }
+    if overlaps > 10 {
+        out.push(format!("{} more overlapping chunk pairs", overlaps - 10));
+    }
+    if overlaps == 0 && out.is_empty() {
+        let total: u128 = shape.iter().map(|&s| s as u128).product();
+        let covered: u128 = nonempty
+            .iter()
+            .map(|&i| chunks[i].sizes.iter().map(|&s| s as u128).product::<u128>())
+            .sum();
+        if covered < total {
+            out.push(format!(
+                "chunks cover {covered} of the {total} elements of shape {shape:?}: a gap{}",
+                first_gap(shape, chunks, &nonempty)
+                    .map(|p| format!(", e.g. at index {p:?}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+/// An uncovered index, found by a bounded search over the chunk boundaries (the candidate
+/// corners of every uncovered box lie on them).
+fn first_gap(shape: &[u64], chunks: &[Region], nonempty: &[usize]) -> Option<Vec<u64>> {
+    let mut axes: Vec<Vec<u64>> = Vec::with_capacity(shape.len());
+    for (d, &extent) in shape.iter().enumerate() {
+        let mut v: Vec<u64> = vec![0];
+        for &i in nonempty {
+            v.push(chunks[i].offsets[d]);
+            v.push(chunks[i].offsets[d] + chunks[i].sizes[d]);
+        }
+        v.sort_unstable();
+        v.dedup();
+        v.retain(|&x| x < extent);
+        axes.push(v);
+    }
+    let candidates: u128 = axes.iter().map(|a| a.len() as u128).product();
+    if candidates > 1_000_000 {
+        return None;
+    }
+    let mut idx = vec![0usize; shape.len()];
+    loop {
+        let p: Vec<u64> = idx.iter().enumerate().map(|(d, &k)| axes[d][k]).collect();
+        let covered = nonempty
+            .iter()
+            .any(|&i| (0..shape.len()).all(|d| p[d] >= chunks[i].offsets[d] && p[d] < chunks[i].offsets[d] + chunks[i].sizes[d]));
+        if !covered {
+            return Some(p);
+        }
+        let mut d = shape.len();
+        loop {
+            if d == 0 {
+                return None;
+            }
+            d -= 1;
+            idx[d] += 1;
+            if idx[d] < axes[d].len() {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(o: &[u64], s: &[u64]) -> Region {
+        Region::new(o.to_vec(), s.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn tiling() {
+        assert!(tiling_problems(&[4, 3], &[r(&[0, 0], &[2, 3]), r(&[2, 0], &[2, 3])]).is_empty());
+        assert!(tiling_problems(&[], &[r(&[], &[])]).is_empty());
+        assert!(tiling_problems(&[0, 3], &[r(&[0, 0], &[0, 3])]).is_empty());
+        let p = tiling_problems(&[4, 3], &[r(&[0, 0], &[3, 3]), r(&[2, 0], &[2, 3])]);
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].contains("chunks 0") && p[0].contains("and 1") && p[0].contains("overlap"),
+            "{p:?}"
+        );
+        let p = tiling_problems(&[4, 3], &[r(&[0, 0], &[2, 3]), r(&[2, 0], &[2, 2])]);
+        assert!(p[0].contains("gap") && p[0].contains("[2, 2]"), "{p:?}");
+        let p = tiling_problems(&[4], &[r(&[0], &[5])]);
+        assert!(p[0].contains("exceeds"), "{p:?}");
+        // Identical chunks overlap too.
+        let p = tiling_problems(&[2], &[r(&[0], &[2]), r(&[0], &[2])]);
+        assert!(p[0].contains("overlap"), "{p:?}");
+    }
+}

@@ -1,0 +1,783 @@
+//! The `dcp` command-line tool on small checkpoints written by libdcp (and by hand, for
+//! layouts libdcp refuses to write): inspect (text and JSON), verify (a good checkpoint and
+//! each planted fault), diff, convert to safetensors and back, help and usage errors.
+
+use dcp::comm::tcp::TcpComm;
+use dcp::format::json::{self, Value};
+use dcp::format::metadata::{default_path, EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
+use dcp::format::safetensors;
+use dcp::format::zipitem::{self, TensorItemLayout};
+use dcp::{save, Checkpoint, Context, DType, Region, SaveOptions, State, TensorView};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const BIG: usize = 5 * 1024 * 1024 + 100;
+
+fn tmp(name: &str) -> PathBuf {
+    // Under target/tmp, with fixed names: a rerun replaces what the last run left.
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn dcp(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_dcp")).args(args).output().expect("runs dcp");
+    Out {
+        code: o.status.code().expect("exit code"),
+        stdout: String::from_utf8(o.stdout).unwrap(),
+        stderr: String::from_utf8(o.stderr).unwrap(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The sample: two ranks (threads over TCP). Rank 0 writes model.w (f32 4x3), model.b (bf16 5),
+/// step (0-d i64), objects epoch and blob, and rows 0..2 of model.sharded (f32 4x6); rank 1 rows
+/// 2..4 of model.sharded and model.big (u8, > 4 MiB: sidecar block checksums).
+fn write_sample(dir: &Path) {
+    let port = free_port();
+    let handles: Vec<_> = (0..2)
+        .map(|rank| {
+            let dir = dir.to_path_buf();
+            std::thread::spawn(move || {
+                let comm = TcpComm::connect(rank, 2, "127.0.0.1", port, Duration::from_secs(30)).unwrap();
+                let ctx = Context::with_communicator(Box::new(comm));
+                let mut rows = f32_bytes(&(0..12).map(|i| (rank * 12 + i) as f32).collect::<Vec<_>>());
+                let mut w = f32_bytes(&(0..12).map(|i| i as f32 * 0.5).collect::<Vec<_>>());
+                let mut b = pattern(10, 3);
+                let mut step = 42i64.to_le_bytes().to_vec();
+                let mut big = pattern(BIG, 9);
+                let mut st = State::new();
+                st.add_tensor_chunk(
+                    "model.sharded",
+                    TensorView::from_bytes(&mut rows, DType::F32, &[2, 6]).unwrap(),
+                    &[4, 6],
+                    &[2 * rank as u64, 0],
+                )
+                .unwrap();
+                if rank == 0 {
+                    st.add_tensor("model.w", TensorView::from_bytes(&mut w, DType::F32, &[4, 3]).unwrap())
+                        .unwrap();
+                    st.add_tensor("model.b", TensorView::from_bytes(&mut b, DType::BF16, &[5]).unwrap())
+                        .unwrap();
+                    st.add_tensor("step", TensorView::from_bytes(&mut step, DType::I64, &[]).unwrap())
+                        .unwrap();
+                    st.add_int("epoch", 7).unwrap();
+                    st.add_bytes("blob", b"\x00\x01payload\xff").unwrap();
+                } else {
+                    st.add_tensor("model.big", TensorView::from_bytes(&mut big, DType::U8, &[BIG as u64]).unwrap())
+                        .unwrap();
+                }
+                save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// A single-process checkpoint of the given tensors and int objects.
+fn save_simple(dir: &Path, tensors: &mut [(&str, DType, Vec<u64>, Vec<u8>)], ints: &[(&str, i64)]) {
+    let mut st = State::new();
+    for (name, dtype, shape, data) in tensors.iter_mut() {
+        st.add_tensor(name, TensorView::from_bytes(data, *dtype, shape).unwrap()).unwrap();
+    }
+    for (name, v) in ints {
+        st.add_int(name, *v).unwrap();
+    }
+    save(&Context::local(), &st, s(dir), &SaveOptions::default()).unwrap();
+}
+
+/// Where a key's item is: (file name, item offset, item length).
+fn item_of(dir: &Path, fqn: &str, chunk: Option<&[u64]>) -> (String, u64, u64) {
+    let ck = Checkpoint::open(s(dir)).unwrap();
+    let (_, info) = ck
+        .metadata()
+        .storage
+        .iter()
+        .find(|(i, _)| i.fqn == fqn && i.offset.as_deref() == chunk)
+        .unwrap();
+    (info.relative_path.clone(), info.offset, info.length)
+}
+
+/// Absolute file offset of a record's data inside a key's item.
+fn record_offset(dir: &Path, fqn: &str, chunk: Option<&[u64]>, record_suffix: &str) -> (String, u64) {
+    let (file, off, len) = item_of(dir, fqn, chunk);
+    let all = std::fs::read(dir.join(&file)).unwrap();
+    let item = &all[off as usize..(off + len) as usize];
+    let loc = zipitem::locate_central_directory(item, len, "t").unwrap();
+    let cd = &item[loc.offset as usize..(loc.offset + loc.size) as usize];
+    let entries = zipitem::parse_central_directory(cd, loc, len, "t").unwrap();
+    let e = entries.iter().find(|e| e.name.ends_with(record_suffix)).unwrap();
+    let lh = &item[e.header_offset as usize..];
+    (file, off + zipitem::local_data_offset(lh, e, len, "t").unwrap())
+}
+
+fn flip(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    b[at as usize] ^= 0x40;
+    std::fs::write(path, b).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn sample() -> PathBuf {
+    // One sample per test binary run, copied by tests that damage it.
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let d = tmp("sample");
+        write_sample(&d);
+        d
+    })
+    .clone()
+}
+
+fn damaged(name: &str) -> PathBuf {
+    let d = tmp(name);
+    copy_dir(&sample(), &d);
+    d
+}
+
+fn assert_fails_naming(out: &Out, needles: &[&str]) {
+    assert_eq!(out.code, 1, "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    let fail_lines: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(
+        fail_lines.iter().any(|l| needles.iter().all(|n| l.contains(n))),
+        "no FAIL line names all of {needles:?}:\n{}",
+        out.stdout
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("problem"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// inspect
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn inspect_text() {
+    let d = sample();
+    let out = dcp(&["inspect", s(&d)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.is_empty());
+    let o = &out.stdout;
+    assert!(
+        o.contains(&format!(
+            "writer      {} (metadata version 1.0.0, world size 2)",
+            dcp::engine::writer_version()
+        )),
+        "{o}"
+    );
+    assert!(o.contains("keys        7 (5 tensors of "), "{o}");
+    let row = |key: &str| -> Vec<String> {
+        let l = o
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no row {key}: {o}"));
+        l.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect()
+    };
+    assert_eq!(row("model.sharded"), ["model.sharded", "tensor", "float32", "[4, 6]", "2", "96 B"]);
+    assert_eq!(row("model.w"), ["model.w", "tensor", "float32", "[4, 3]", "1", "48 B"]);
+    assert_eq!(row("model.b"), ["model.b", "tensor", "bfloat16", "[5]", "1", "10 B"]);
+    assert_eq!(row("step"), ["step", "tensor", "int64", "[]", "1", "8 B"]);
+    assert_eq!(
+        row("model.big"),
+        ["model.big", "tensor", "uint8", &format!("[{BIG}]"), "1", "5.0 MiB"]
+    );
+    assert_eq!(&row("epoch")[..5], ["epoch", "object", "-", "-", "-"]);
+    // Per file and per rank.
+    let file0 = o.lines().find(|l| l.starts_with("__0_0.distcp")).unwrap();
+    assert_eq!(file0.split_whitespace().nth(1), Some("0"));
+    assert_eq!(file0.split_whitespace().nth(2), Some("6"), "{file0}"); // 5 keys + 1 chunk
+    let file1 = o.lines().find(|l| l.starts_with("__1_0.distcp")).unwrap();
+    assert_eq!(file1.split_whitespace().nth(2), Some("2"), "{file1}");
+    assert!(o.lines().any(|l| l.split_whitespace().take(3).eq(["1", "1", "2"])), "{o}");
+
+    let out = dcp(&["inspect", s(&d), "--chunks"]);
+    assert!(
+        out.stdout.contains("    chunk offsets [2, 0] sizes [2, 6]: __1_0.distcp at "),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn inspect_json() {
+    let d = sample();
+    let out = dcp(&["inspect", "--json", s(&d), "--chunks"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = json::parse(&out.stdout, "inspect --json").unwrap();
+    assert_eq!(v.get("writer").unwrap().as_str(), Some(dcp::engine::writer_version().as_str()));
+    assert_eq!(v.get("metadata_version").unwrap().as_str(), Some("1.0.0"));
+    assert_eq!(v.get("world_size").unwrap().as_u64(), Some(2));
+    let keys = v.get("keys").unwrap().as_array().unwrap();
+    let names: Vec<&str> = keys.iter().map(|k| k.get("key").unwrap().as_str().unwrap()).collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["blob", "epoch", "model.b", "model.big", "model.sharded", "model.w", "step"]
+    );
+    let key = |n: &str| keys.iter().find(|k| k.get("key").unwrap().as_str() == Some(n)).unwrap();
+    let shape = |k: &Value| -> Vec<u64> {
+        k.get("shape")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let sh = key("model.sharded");
+    assert_eq!(sh.get("kind").unwrap().as_str(), Some("tensor"));
+    assert_eq!(sh.get("dtype").unwrap().as_str(), Some("float32"));
+    assert_eq!(shape(sh), [4, 6]);
+    assert_eq!(sh.get("chunks").unwrap().as_u64(), Some(2));
+    assert_eq!(sh.get("bytes").unwrap().as_u64(), Some(96));
+    let chunks = sh.get("chunk_list").unwrap().as_array().unwrap();
+    let files: Vec<&str> = chunks.iter().map(|c| c.get("file").unwrap().as_str().unwrap()).collect();
+    assert_eq!(files, ["__0_0.distcp", "__1_0.distcp"]);
+    assert_eq!(shape(key("step")), Vec::<u64>::new());
+    assert_eq!(key("model.b").get("dtype").unwrap().as_str(), Some("bfloat16"));
+    assert_eq!(key("epoch").get("kind").unwrap().as_str(), Some("object"));
+    assert_eq!(key("epoch").get("dtype"), Some(&Value::Null));
+    let fs = v.get("files").unwrap().as_array().unwrap();
+    assert_eq!(fs.len(), 2);
+    for f in fs {
+        let name = f.get("name").unwrap().as_str().unwrap();
+        let len = std::fs::metadata(d.join(name)).unwrap().len();
+        assert_eq!(f.get("size").unwrap().as_u64(), Some(len));
+    }
+    let ranks = v.get("ranks").unwrap().as_array().unwrap();
+    assert_eq!(
+        ranks.iter().map(|r| r.get("rank").unwrap().as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let totals = v.get("totals").unwrap();
+    assert_eq!(totals.get("keys").unwrap().as_u64(), Some(7));
+    assert_eq!(totals.get("objects").unwrap().as_u64(), Some(2));
+}
+
+#[test]
+fn inspect_json_escapes_names() {
+    let d = tmp("escape");
+    let name = "we\"ird\\key\n\t\u{1}é";
+    save_simple(&d, &mut [(name, DType::U8, vec![2], vec![1, 2])], &[]);
+    let out = dcp(&["inspect", s(&d), "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = json::parse(&out.stdout, "inspect --json").unwrap();
+    assert_eq!(
+        v.get("keys").unwrap().as_array().unwrap()[0].get("key").unwrap().as_str(),
+        Some(name)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn verify_good_checkpoint() {
+    let out = dcp(&["verify", s(&sample())]);
+    assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("ok: "), "{}", out.stdout);
+    assert!(out.stdout.contains("2 sidecar blocks checked"), "{}", out.stdout);
+    assert!(out.stderr.is_empty(), "progress must be silent in pipes: {:?}", out.stderr);
+}
+
+#[test]
+fn verify_missing_data_file() {
+    let d = damaged("missing-file");
+    std::fs::remove_file(d.join("__1_0.distcp")).unwrap();
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &["__1_0.distcp", "missing", "model.sharded"]);
+}
+
+#[test]
+fn verify_truncated_data_file() {
+    let d = damaged("truncated");
+    let path = d.join("__0_0.distcp");
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &["__0_0.distcp", "truncated", &format!("{}", len - 100)]);
+    // The last item of the file runs past its end: named with key and offset.
+    let ck = Checkpoint::open(s(&d)).unwrap();
+    let (idx, info) = ck
+        .metadata()
+        .storage
+        .iter()
+        .filter(|(_, i)| i.relative_path == "__0_0.distcp")
+        .max_by_key(|(_, i)| i.offset)
+        .unwrap();
+    assert_fails_naming(
+        &out,
+        &[
+            &format!("key {:?}", idx.fqn),
+            &format!("__0_0.distcp at offset {}", info.offset),
+            "runs past the end",
+        ],
+    );
+}
+
+#[test]
+fn verify_flipped_payload_byte() {
+    let d = damaged("flip-payload");
+    let (file, at) = record_offset(&d, "model.w", Some(&[0, 0]), "data/0");
+    flip(&d.join(&file), at + 5);
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &["key \"model.w\"", &format!("{file} at offset {at}"), "data/0", "CRC-32"]);
+    // A block of a large tensor: the sidecar's block CRC names the 4 MiB block.
+    let (file, at) = record_offset(&d, "model.big", Some(&[0]), "data/0");
+    flip(&d.join(&file), at + (4 << 20) + 3);
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(
+        &out,
+        &[
+            "key \"model.big\"",
+            &format!("{file} at offset {}", at + (4 << 20)),
+            "sidecar block 1",
+        ],
+    );
+    assert_fails_naming(&out, &["key \"model.big\"", &format!("{file} at offset {at}"), "data/0"]);
+}
+
+#[test]
+fn verify_flipped_small_record() {
+    let d = damaged("flip-pkl");
+    let (file, at) = record_offset(&d, "epoch", None, "data.pkl");
+    flip(&d.join(&file), at + 2);
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &["key \"epoch\"", &format!("{file} at offset {at}"), "data.pkl", "CRC-32"]);
+    // A tensor item's data.pkl too.
+    let (file, at) = record_offset(&d, "model.sharded", Some(&[2, 0]), "data.pkl");
+    flip(&d.join(&file), at + 10);
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &["key \"model.sharded\"", &format!("{file} at offset {at}"), "data.pkl"]);
+}
+
+#[test]
+fn verify_without_metadata() {
+    let d = damaged("no-metadata");
+    std::fs::remove_file(d.join(".metadata")).unwrap();
+    let out = dcp(&["verify", s(&d)]);
+    assert_fails_naming(&out, &[".metadata", "not committed"]);
+    let empty = tmp("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails_naming(&dcp(&["verify", s(&empty)]), &[".metadata", "not a checkpoint"]);
+}
+
+#[test]
+fn verify_damaged_metadata_against_sidecar() {
+    let d = damaged("bad-metadata");
+    let md = d.join(".metadata");
+    let len = std::fs::metadata(&md).unwrap().len();
+    flip(&md, len / 2);
+    let out = dcp(&["verify", s(&d)]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("FAIL: .metadata")) && out.stdout.contains("sidecar records"),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Writes a torch-like checkpoint (no sidecar) by hand: one tensor `w` of f32 [4, 3] with the
+/// given chunks (values: the global row-major index), all in `__0_0.distcp`.
+fn write_by_hand(dir: &Path, chunks: &[Region]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let shape = [4u64, 3];
+    let mut file = Vec::new();
+    let mut md = Metadata {
+        version: Some("1.0.0".into()),
+        ..Default::default()
+    };
+    for (i, c) in chunks.iter().enumerate() {
+        while file.len() % 64 != 0 {
+            file.push(0);
+        }
+        let start = file.len() as u64;
+        let mut payload = Vec::new();
+        for r in c.offsets[0]..c.offsets[0] + c.sizes[0] {
+            for col in c.offsets[1]..c.offsets[1] + c.sizes[1] {
+                payload.extend_from_slice(&((r * 3 + col) as f32).to_le_bytes());
+            }
+        }
+        let l = TensorItemLayout::new(DType::F32, &c.sizes, start, 64, i as u64);
+        file.extend_from_slice(&l.prefix);
+        file.extend_from_slice(&payload);
+        file.extend_from_slice(&l.trailer(crc32fast_hash(&payload)));
+        md.storage.push((
+            StorageIndex {
+                fqn: "w".into(),
+                offset: Some(c.offsets.clone()),
+                index: Some(i as u64),
+            },
+            StorageInfo {
+                relative_path: "__0_0.distcp".into(),
+                offset: start,
+                length: l.len(),
+            },
+        ));
+    }
+    md.entries.push((
+        "w".into(),
+        EntryMeta::Tensor(TensorMeta {
+            dtype: Some(DType::F32),
+            dtype_name: "float32".into(),
+            size: shape.to_vec(),
+            chunks: chunks.to_vec(),
+        }),
+    ));
+    md.planner_data.push(("w".into(), default_path("w")));
+    std::fs::write(dir.join("__0_0.distcp"), file).unwrap();
+    std::fs::write(dir.join(".metadata"), md.encode()).unwrap();
+}
+
+/// CRC-32 (IEEE), bitwise: the test does not depend on the crate's checksum code.
+fn crc32fast_hash(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+fn region(o: [u64; 2], s: [u64; 2]) -> Region {
+    Region::new(o.to_vec(), s.to_vec()).unwrap()
+}
+
+#[test]
+fn verify_hand_written_chunks() {
+    // Well tiled, in two chunks: passes, and reads back whole.
+    let good = tmp("hand-good");
+    write_by_hand(&good, &[region([0, 0], [2, 3]), region([2, 0], [2, 3])]);
+    let out = dcp(&["verify", s(&good)]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    assert!(out.stdout.contains("no sidecar"), "{}", out.stdout);
+    let (_, _, bytes) = Checkpoint::open(s(&good)).unwrap().read_tensor("w").unwrap();
+    assert_eq!(bytes, f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>()));
+
+    let overlap = tmp("hand-overlap");
+    write_by_hand(&overlap, &[region([0, 0], [3, 3]), region([2, 0], [2, 3])]);
+    let out = dcp(&["verify", s(&overlap)]);
+    assert_fails_naming(
+        &out,
+        &[
+            "key \"w\"",
+            "chunks 0 (offsets [0, 0], sizes [3, 3]) and 1 (offsets [2, 0], sizes [2, 3]) overlap",
+        ],
+    );
+
+    let gap = tmp("hand-gap");
+    write_by_hand(&gap, &[region([0, 0], [2, 3]), region([2, 0], [2, 2])]);
+    let out = dcp(&["verify", s(&gap)]);
+    assert_fails_naming(&out, &["key \"w\"", "gap", "[2, 2]"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// diff
+// ---------------------------------------------------------------------------------------------
+
+fn diff_sample(dir: &Path, w0: f32, extra: Option<&str>, b_dtype: DType) {
+    let mut tensors = vec![
+        ("w", DType::F32, vec![2, 2], f32_bytes(&[w0, 1.0, 2.0, 3.0])),
+        ("b", b_dtype, vec![2], vec![0x80, 0x3f, 0x00, 0x40]),
+        (
+            "i",
+            DType::I32,
+            vec![3],
+            [1i32, -5, 9].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+    ];
+    if let Some(e) = extra {
+        tensors.push((e, DType::U8, vec![1], vec![1]));
+    }
+    save_simple(dir, &mut tensors, &[("epoch", 3)]);
+}
+
+#[test]
+fn diff_equal_and_different() {
+    let a = tmp("diff-a");
+    let a2 = tmp("diff-a2");
+    let b = tmp("diff-b");
+    diff_sample(&a, 0.0, Some("only_a"), DType::BF16);
+    diff_sample(&a2, 0.0, Some("only_a"), DType::BF16);
+    diff_sample(&b, 0.25, Some("only_b"), DType::F16);
+
+    let out = dcp(&["diff", s(&a), s(&a2)]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.trim(), "identical: 5 keys");
+
+    let out = dcp(&["diff", s(&a), s(&b)]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let o = &out.stdout;
+    assert!(o.contains("only in A: only_a"), "{o}");
+    assert!(o.contains("only in B: only_b"), "{o}");
+    assert!(o.contains("differs: w: 1 of 4 elements differ, max abs diff 0.25"), "{o}");
+    assert!(o.contains("differs: b: dtype bfloat16 (A) vs float16 (B)"), "{o}");
+    assert!(
+        o.lines().last().unwrap().contains("2 equal, 2 differ, 1 only in A, 1 only in B"),
+        "{o}"
+    );
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+
+    // A damaged key is reported and the comparison goes on.
+    let bad = damaged("diff-damaged");
+    let (file, at) = record_offset(&bad, "model.w", Some(&[0, 0]), "data/0");
+    flip(&bad.join(&file), at + 1);
+    let out = dcp(&["diff", s(&sample()), s(&bad)]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("cannot compare: key \"model.w\"") && l.contains("checksum")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.ends_with("6 equal, 1 differ, 0 only in A, 0 only in B\n"),
+        "{}",
+        out.stdout
+    );
+
+    // The same values chunked differently are equal; the diff compares values, not layout.
+    let hand = tmp("diff-hand");
+    write_by_hand(&hand, &[region([0, 0], [2, 3]), region([2, 0], [2, 3])]);
+    let whole = tmp("diff-whole");
+    save_simple(
+        &whole,
+        &mut [(
+            "w",
+            DType::F32,
+            vec![4, 3],
+            f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>()),
+        )],
+        &[],
+    );
+    let out = dcp(&["diff", s(&hand), s(&whole)]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+}
+
+// ---------------------------------------------------------------------------------------------
+// convert
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn convert_roundtrip_is_byte_exact() {
+    let src = sample();
+    let st = tmp("st");
+    let out = dcp(&["convert", s(&src), "--to", "safetensors", s(&st), "--max-shard-size", "1MB"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stderr.contains("note: skipped 2 objects"), "{}", out.stderr);
+    // model.big (5 MiB) alone in a file; the small tensors share the others.
+    let index = json::parse(&std::fs::read_to_string(st.join("model.safetensors.index.json")).unwrap(), "index").unwrap();
+    let map = index.get("weight_map").unwrap().as_object().unwrap();
+    assert_eq!(map.len(), 5);
+    let file_of = |name: &str| map.iter().find(|(k, _)| k == name).unwrap().1.as_str().unwrap();
+    assert_eq!(map.iter().filter(|(_, f)| f.as_str() == Some(file_of("model.big"))).count(), 1);
+    let mut files: Vec<&str> = map.iter().map(|(_, f)| f.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() >= 2);
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{:05}.safetensors", i + 1, files.len()));
+    }
+    let ck = Checkpoint::open(s(&src)).unwrap();
+    let mut total = 0;
+    for (name, file) in map {
+        let data = std::fs::read(st.join(file.as_str().unwrap())).unwrap();
+        let n = safetensors::header_len(&data, data.len() as u64, "st").unwrap();
+        assert_eq!((8 + n) % 8, 0);
+        let h = safetensors::parse_header(&data, data.len() as u64, "st").unwrap();
+        let t = h.tensors.iter().find(|t| &t.name == name).unwrap();
+        let (dtype, shape, want) = ck.read_tensor(name).unwrap();
+        assert_eq!((t.dtype, &t.shape), (dtype, &shape));
+        assert_eq!(
+            &data[(h.data_start + t.start) as usize..(h.data_start + t.end) as usize],
+            &want[..],
+            "{name}"
+        );
+        assert_eq!(h.metadata, [("format".to_string(), "pt".to_string())]);
+        total += want.len() as u64;
+    }
+    assert_eq!(index.get("metadata").unwrap().get("total_size").unwrap().as_u64(), Some(total));
+
+    // Back to DCP: every tensor byte for byte.
+    let back = tmp("st-back");
+    let out = dcp(&[
+        "convert",
+        &st.join("model.safetensors.index.json").to_string_lossy(),
+        "--from",
+        "safetensors",
+        s(&back),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let cb = Checkpoint::open(s(&back)).unwrap();
+    assert_eq!(cb.len(), 5);
+    for k in ck.keys().filter(|k| k.kind == dcp::KeyKind::Tensor) {
+        assert_eq!(cb.read_tensor(k.fqn).unwrap(), ck.read_tensor(k.fqn).unwrap(), "{}", k.fqn);
+    }
+    assert_eq!(dcp(&["verify", s(&back)]).code, 0);
+    // A second conversion into the same place needs --overwrite.
+    let again = dcp(&["convert", s(&st), "--from", "safetensors", s(&back)]);
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("--overwrite"), "{}", again.stderr);
+    assert_eq!(dcp(&["convert", s(&st), "--from", "safetensors", s(&back), "--overwrite"]).code, 0);
+}
+
+#[test]
+fn convert_filter_strip_and_cast() {
+    let src = sample();
+    let st = tmp("st-cast");
+    let out = dcp(&[
+        "convert",
+        s(&src),
+        "--to=safetensors",
+        s(&st),
+        "--filter",
+        "model.",
+        "--strip-prefix",
+        "model.",
+        "--dtype",
+        "bf16",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let data = std::fs::read(st.join("model.safetensors")).unwrap();
+    let h = safetensors::parse_header(&data, data.len() as u64, "st").unwrap();
+    let mut names: Vec<&str> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["b", "big", "sharded", "w"]);
+    let t = h.tensors.iter().find(|t| t.name == "w").unwrap();
+    assert_eq!(t.dtype, DType::BF16);
+    // 0.5 * i is exact in bf16: the top halves of the f32 values.
+    let got = &data[(h.data_start + t.start) as usize..(h.data_start + t.end) as usize];
+    let want: Vec<u8> = (0..12)
+        .flat_map(|i| (((i as f32 * 0.5).to_bits() >> 16) as u16).to_le_bytes())
+        .collect();
+    assert_eq!(got, &want[..]);
+    // Integer tensors are not cast.
+    assert_eq!(h.tensors.iter().find(|t| t.name == "big").unwrap().dtype, DType::U8);
+    // Offsets are aligned to the element size.
+    for t in &h.tensors {
+        assert_eq!((h.data_start + t.start) % t.dtype.size() as u64, 0, "{}", t.name);
+    }
+    // Existing output is not replaced without --overwrite.
+    let out = dcp(&["convert", s(&src), "--to", "safetensors", s(&st)]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("--overwrite"), "{}", out.stderr);
+    assert_eq!(dcp(&["convert", s(&src), "--to", "safetensors", s(&st), "--overwrite"]).code, 0);
+    let names: Vec<String> = std::fs::read_dir(&st)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// help and usage
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn help_on_every_subcommand() {
+    for cmd in ["inspect", "verify", "diff", "convert"] {
+        for flag in ["--help", "-h"] {
+            let out = dcp(&[cmd, flag]);
+            assert_eq!(out.code, 0, "{cmd} {flag}");
+            assert!(out.stdout.starts_with(&format!("usage: dcp {cmd}")), "{}", out.stdout);
+        }
+    }
+    for top in [&["--help"][..], &["help"], &["help", "verify"]] {
+        let out = dcp(top);
+        assert_eq!(out.code, 0);
+        assert!(out.stdout.starts_with("usage: dcp"), "{}", out.stdout);
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let d = sample();
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["frobnicate"],
+        vec!["inspect"],
+        vec!["inspect", "a", "b"],
+        vec!["inspect", s(&d), "--bogus"],
+        vec!["verify"],
+        vec!["diff", s(&d)],
+        vec!["convert", s(&d), "out"],
+        vec!["convert", s(&d), "--to", "onnx", "out"],
+        vec!["convert", s(&d), "--to", "safetensors", "out", "--dtype", "int4"],
+        vec!["convert", s(&d), "--to", "safetensors", "out", "--max-shard-size", "lots"],
+        vec!["convert", s(&d), "--to", "safetensors"],
+        vec!["convert", "--from", "safetensors", "out"],
+        vec!["convert", s(&d), "--to", "safetensors", "out", "--filter"],
+    ];
+    for args in cases {
+        let out = dcp(&args);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.starts_with("dcp"), "{}", out.stderr);
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn failures_exit_1_with_one_line() {
+    let missing = tmp("nothing-here");
+    for args in [
+        vec!["inspect", s(&missing)],
+        vec!["diff", s(&missing), s(&missing)],
+        vec!["convert", s(&missing), "--to", "safetensors", "/tmp/x"],
+        vec!["convert", "/nonexistent.safetensors", "--from", "safetensors", s(&missing)],
+    ] {
+        let out = dcp(&args);
+        assert_eq!(out.code, 1, "{args:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+    }
+    // A tensor-only item damaged: read errors from diff/convert name the key.
+    let d = damaged("flip-for-convert");
+    let (file, at) = record_offset(&d, "model.w", Some(&[0, 0]), "data/0");
+    flip(&d.join(&file), at);
+    let out = dcp(&["convert", s(&d), "--to", "safetensors", s(&tmp("st-bad"))]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("model.w") && out.stderr.contains("checksum"), "{}", out.stderr);
+}
