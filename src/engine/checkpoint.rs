@@ -37,6 +37,8 @@ pub struct Checkpoint {
     opened: Opened,
     location: String,
     pool: std::sync::Mutex<super::staging::StagingPool>,
+    /// Data files stay open between reads.
+    files: Files,
 }
 
 impl Checkpoint {
@@ -47,12 +49,8 @@ impl Checkpoint {
 
     pub fn open_storage(storage: Arc<dyn Storage>, location: &str) -> Result<Checkpoint> {
         let opened = open_local(storage.as_ref())?;
-        Ok(Checkpoint {
-            storage,
-            opened,
-            location: location.to_string(),
-            pool: Default::default(),
-        })
+        let files = Files::new(storage.clone(), opened.sidecar.as_ref());
+        Ok(Checkpoint { storage, opened, location: location.to_string(), pool: Default::default(), files })
     }
 
     pub fn location(&self) -> &str {
@@ -101,8 +99,7 @@ impl Checkpoint {
     }
 
     pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
-        let i = self.opened.metadata.entries.iter().position(|(k, _)| k == fqn)?;
-        self.key(i)
+        self.key(self.opened.lookup.entry_index(fqn)?)
     }
 
     fn tensor_key(&self, fqn: &str) -> Result<KeyInfo<'_>> {
@@ -122,7 +119,7 @@ impl Checkpoint {
         let mut state = State::new();
         state.add_tensor_chunk(fqn, view, &shape, offsets)?;
         execute(
-            self.storage.as_ref(),
+            &self.files,
             &self.opened,
             &mut state,
             &LoadOptions {
@@ -160,7 +157,6 @@ impl Checkpoint {
             .lookup
             .storage(&self.opened.metadata, fqn, None)
             .ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
-        let files = Files::new(self.storage.as_ref(), self.opened.sidecar.as_ref());
-        read_object(&files, fqn, info)
+        read_object(&self.files, fqn, info)
     }
 }

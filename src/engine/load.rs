@@ -148,20 +148,14 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
         },
     )?;
     let local = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref())
-        .and_then(|opened| execute(storage.as_ref(), &opened, state, opts, &ctx.inner.pool));
+        .and_then(|opened| execute(&Files::new(storage.clone(), opened.sidecar.as_ref()), &opened, state, opts, &ctx.inner.pool));
     let report = local.as_ref().ok().cloned();
     agree(comm, local.map(|_| ()))?;
     Ok(report.unwrap_or_default())
 }
 
 /// Runs a load on this rank alone.
-pub fn execute(
-    storage: &dyn Storage,
-    opened: &Opened,
-    state: &mut State,
-    opts: &LoadOptions,
-    pool: &Mutex<StagingPool>,
-) -> Result<LoadReport> {
+pub fn execute(files: &Files, opened: &Opened, state: &mut State, opts: &LoadOptions, pool: &Mutex<StagingPool>) -> Result<LoadReport> {
     let t0 = Instant::now();
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("reader threads must be 1..=1024, not {}", opts.threads)));
@@ -169,7 +163,6 @@ pub fn execute(
     let md = &opened.metadata;
     let plan = plan_load(state, md, &opened.lookup, opts.strict)?;
     let bytes_read = plan.bytes_to_read(md, &opened.lookup);
-    let files = Files::new(storage, opened.sidecar.as_ref());
     let blocks: HashMap<(&str, &[u64]), &BlockRecord> = opened
         .sidecar
         .iter()
@@ -180,7 +173,7 @@ pub fn execute(
 
     let mut objects = Vec::with_capacity(plan.objects.len());
     for o in &plan.objects {
-        objects.push((o.entry, read_object(&files, &o.fqn, &o.storage)?));
+        objects.push((o.entry, read_object(files, &o.fqn, &o.storage)?));
     }
 
     {

@@ -22,14 +22,14 @@ const WINDOW: u64 = 64 << 20;
 const COALESCE_GAP: u64 = 1 << 20;
 
 /// Open files of a checkpoint, shared by reader threads.
-pub struct Files<'s> {
-    storage: &'s dyn Storage,
+pub struct Files {
+    storage: Arc<dyn Storage>,
     open: Mutex<HashMap<String, Arc<dyn ReadHandle>>>,
     expected_len: HashMap<String, u64>,
 }
 
-impl<'s> Files<'s> {
-    pub fn new(storage: &'s dyn Storage, sidecar: Option<&Sidecar>) -> Self {
+impl Files {
+    pub fn new(storage: Arc<dyn Storage>, sidecar: Option<&Sidecar>) -> Self {
         let expected_len = sidecar
             .map(|s| s.files.iter().map(|f| (f.name.clone(), f.len)).collect())
             .unwrap_or_default();
@@ -136,8 +136,8 @@ pub enum DirectIo {
 }
 
 /// What one reader thread carries from chunk to chunk.
-pub(crate) struct Reader<'f, 's> {
-    pub files: &'f Files<'s>,
+pub(crate) struct Reader<'f> {
+    pub files: &'f Files,
     pub verify: bool,
     pub direct: DirectIo,
     /// The window buffer: WINDOW bytes plus room to align direct reads.

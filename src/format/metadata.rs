@@ -104,6 +104,10 @@ pub struct MetadataLookup {
 }
 
 impl MetadataLookup {
+    /// Position of `fqn` in `Metadata::entries`.
+    pub fn entry_index(&self, fqn: &str) -> Option<usize> {
+        self.entries.get(fqn).copied()
+    }
     pub fn entry<'m>(&self, md: &'m Metadata, fqn: &str) -> Option<&'m EntryMeta> {
         self.entries.get(fqn).map(|&i| &md.entries[i].1)
     }
