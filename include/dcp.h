@@ -594,6 +594,14 @@ dcp_status dcp_load_options_set_verify(dcp_load_options *opts, bool verify);
 dcp_status dcp_load_options_set_direct_io(dcp_load_options *opts, int32_t mode);
 
 /**
+ * When several ranks load the same box of a key into GPU memory (replicated tensors), one
+ * reads it and NCCL sends it to the others (default on). Used only when every rank of the job
+ * has NCCL (`libnccl.so.2`, or `DCP_NCCL_LIBRARY`) and loads into CUDA tensors; the first such
+ * load makes an NCCL communicator over the job (collective). Off: every rank reads for itself.
+ */
+dcp_status dcp_load_options_set_broadcast(dcp_load_options *opts, bool enabled);
+
+/**
  * Reader threads per rank, 1..=1024.
  */
 dcp_status dcp_load_options_set_threads(dcp_load_options *opts, uint32_t threads);

@@ -256,8 +256,15 @@ impl<'a> State<'a> {
         }
         self.missing.clear();
     }
-    pub(crate) fn set_missing(&mut self, m: Vec<String>) {
-        self.missing = m;
+    pub(crate) fn mark_loaded(&mut self, entries: Vec<usize>) {
+        for i in entries {
+            if let Some(e) = self.entries.get_mut(i) {
+                e.loaded = true;
+            }
+        }
+    }
+    pub(crate) fn add_missing(&mut self, m: Vec<String>) {
+        self.missing.extend(m);
     }
 }
 

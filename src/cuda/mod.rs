@@ -106,6 +106,21 @@ pub fn check_device_range(ordinal: i32, ptr: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// A name for the physical device behind `ordinal`: its PCI bus id, prefixed by the host name
+/// (ordinals differ between processes with different `CUDA_VISIBLE_DEVICES`).
+pub fn physical_id(ordinal: i32) -> Result<String> {
+    driver()?;
+    let dev = result::device::get(ordinal).map_err(|e| cuda_err("cuDeviceGet", e))?;
+    let mut buf = [0 as std::ffi::c_char; 64];
+    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev).result() }
+        .map_err(|e| cuda_err("cuDeviceGetPCIBusId", e))?;
+    let bus = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    let mut host = [0u8; 256];
+    unsafe { libc::gethostname(host.as_mut_ptr() as *mut std::ffi::c_char, host.len()) };
+    let host = String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned();
+    Ok(format!("{host}/{bus}"))
+}
+
 /// Waits for all work queued on the current thread's device.
 pub fn synchronize_device(ordinal: i32) -> Result<()> {
     activate(ordinal)?;

@@ -13,6 +13,7 @@ type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
 type Broadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, *mut c_void) -> ncclResult_t;
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
+type SendRecv = unsafe extern "C" fn(*mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, *mut c_void) -> ncclResult_t;
 type Group = unsafe extern "C" fn() -> ncclResult_t;
 
 struct Api {
@@ -21,6 +22,8 @@ struct Api {
     comm_init_rank: CommInitRank,
     comm_destroy: CommDestroy,
     broadcast: Broadcast,
+    send: SendRecv,
+    recv: SendRecv,
     error_string: GetErrorString,
     group_start: Group,
     group_end: Group,
@@ -47,6 +50,8 @@ fn api() -> Result<&'static Api> {
                         comm_init_rank: std::mem::transmute::<*const (), CommInitRank>(sym("ncclCommInitRank")?),
                         comm_destroy: std::mem::transmute::<*const (), CommDestroy>(sym("ncclCommDestroy")?),
                         broadcast: std::mem::transmute::<*const (), Broadcast>(sym("ncclBroadcast")?),
+                        send: std::mem::transmute::<*const (), SendRecv>(sym("ncclSend")?),
+                        recv: std::mem::transmute::<*const (), SendRecv>(sym("ncclRecv")?),
                         error_string: std::mem::transmute::<*const (), GetErrorString>(sym("ncclGetErrorString")?),
                         group_start: std::mem::transmute::<*const (), Group>(sym("ncclGroupStart")?),
                         group_end: std::mem::transmute::<*const (), Group>(sym("ncclGroupEnd")?),
@@ -128,6 +133,36 @@ impl Comm {
                 len,
                 ncclDataType_t::ncclUint8,
                 root as c_int,
+                self.raw,
+                stream.raw_handle(),
+            )
+        })
+    }
+
+    /// Queues sending `len` bytes at device address `buf` to rank `peer`.
+    pub fn send(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+        let a = api()?;
+        check("ncclSend", unsafe {
+            (a.send)(
+                buf as *mut c_void,
+                len,
+                ncclDataType_t::ncclUint8,
+                peer as c_int,
+                self.raw,
+                stream.raw_handle(),
+            )
+        })
+    }
+
+    /// Queues receiving `len` bytes from rank `peer` into device address `buf`.
+    pub fn recv(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+        let a = api()?;
+        check("ncclRecv", unsafe {
+            (a.recv)(
+                buf as *mut c_void,
+                len,
+                ncclDataType_t::ncclUint8,
+                peer as c_int,
                 self.raw,
                 stream.raw_handle(),
             )

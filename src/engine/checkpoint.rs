@@ -50,7 +50,13 @@ impl Checkpoint {
     pub fn open_storage(storage: Arc<dyn Storage>, location: &str) -> Result<Checkpoint> {
         let opened = open_local(storage.as_ref())?;
         let files = Files::new(storage.clone(), opened.sidecar.as_ref());
-        Ok(Checkpoint { storage, opened, location: location.to_string(), pool: Default::default(), files })
+        Ok(Checkpoint {
+            storage,
+            opened,
+            location: location.to_string(),
+            pool: Default::default(),
+            files,
+        })
     }
 
     pub fn location(&self) -> &str {

@@ -2,6 +2,7 @@
 //! each rank plans its own reads, reads only the bytes its boxes overlap, verifies CRC-32s, and
 //! all ranks agree on the outcome.
 
+use super::broadcast::{self, Broadcasts};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::save::sync_devices;
 use super::save::METADATA_FILE;
@@ -13,6 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{Metadata, MetadataLookup};
 use crate::format::sidecar::{self, BlockRecord, Sidecar};
 use crate::plan::load::plan_load;
+use crate::plan::load::LoadPlan;
 use crate::state::{EntryValue, State};
 use crate::storage::{self, Storage};
 use crate::tensor::Device;
@@ -32,6 +34,9 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Whether reads bypass the page cache (default: only for data not already cached).
     pub direct_io: DirectIo,
+    /// When several ranks load the same box into GPU memory, one reads it and NCCL sends it to
+    /// the others (default on; used only when every rank has NCCL and loads CUDA tensors).
+    pub broadcast_replicated: bool,
 }
 
 impl Default for LoadOptions {
@@ -41,13 +46,17 @@ impl Default for LoadOptions {
             verify: true,
             threads: 4,
             direct_io: DirectIo::Auto,
+            broadcast_replicated: true,
         }
     }
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadReport {
+    /// Bytes of tensor data this rank read from storage.
     pub bytes_read: u64,
+    /// Bytes this rank received from another rank instead (replicated boxes over NCCL).
+    pub bytes_broadcast: u64,
     pub missing: Vec<String>,
     pub seconds: f64,
 }
@@ -137,6 +146,7 @@ pub fn load(ctx: &Context, state: &mut State, location: &str, opts: &LoadOptions
 pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, opts: &LoadOptions) -> Result<LoadReport> {
     state.reset_load_status();
     ctx.settle(true)?;
+    let t0 = Instant::now();
     let comm = ctx.communicator();
     let raw = broadcast_result(
         comm,
@@ -147,21 +157,73 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
             Ok((vec![], None))
         },
     )?;
-    let local = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref())
-        .and_then(|opened| execute(&Files::new(storage.clone(), opened.sidecar.as_ref()), &opened, state, opts, &ctx.inner.pool));
-    let report = local.as_ref().ok().cloned();
+    let mut planned = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|o| {
+        let plan = plan_load(state, &o.metadata, &o.lookup, opts.strict)?;
+        Ok((o, plan))
+    });
+    let bcast = broadcast::arrange(comm, state, planned.as_mut().ok().map(|(_, p)| p), opts.broadcast_replicated)?;
+    let local = planned.and_then(|(o, plan)| {
+        execute_plan(
+            &Files::new(storage.clone(), o.sidecar.as_ref()),
+            &o,
+            state,
+            plan,
+            opts,
+            &ctx.inner.pool,
+        )
+    });
+    let mut report = local.as_ref().ok().cloned();
+    // Every read must have succeeded before the broadcasts, which have no timeout.
     agree(comm, local.map(|_| ()))?;
-    Ok(report.unwrap_or_default())
+    if let Some(b) = bcast {
+        let received = broadcast::world_comm(&ctx.inner.nccl, comm, b.device).and_then(|c| broadcast::run(&b, &c, state));
+        if let (Ok(n), Some(r)) = (&received, report.as_mut()) {
+            r.bytes_broadcast = *n;
+        }
+        let me = comm.rank();
+        if agree(comm, received.map(|_| ())).is_ok() {
+            state.mark_loaded(b.received_entries(me));
+        } else {
+            // NCCL failed somewhere: every rank reads what it was to receive.
+            let Broadcasts { skipped, .. } = b;
+            let r = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|o| {
+                execute_plan(
+                    &Files::new(storage.clone(), o.sidecar.as_ref()),
+                    &o,
+                    state,
+                    skipped,
+                    opts,
+                    &ctx.inner.pool,
+                )
+            });
+            agree(comm, r.map(|_| ()))?;
+        }
+    }
+    let mut report = report.unwrap_or_default();
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
 }
 
-/// Runs a load on this rank alone.
+/// Plans and runs a load on this rank alone.
 pub fn execute(files: &Files, opened: &Opened, state: &mut State, opts: &LoadOptions, pool: &Mutex<StagingPool>) -> Result<LoadReport> {
+    let plan = plan_load(state, &opened.metadata, &opened.lookup, opts.strict)?;
+    execute_plan(files, opened, state, plan, opts, pool)
+}
+
+/// Runs a planned load on this rank alone.
+fn execute_plan(
+    files: &Files,
+    opened: &Opened,
+    state: &mut State,
+    plan: LoadPlan,
+    opts: &LoadOptions,
+    pool: &Mutex<StagingPool>,
+) -> Result<LoadReport> {
     let t0 = Instant::now();
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("reader threads must be 1..=1024, not {}", opts.threads)));
     }
     let md = &opened.metadata;
-    let plan = plan_load(state, md, &opened.lookup, opts.strict)?;
     let bytes_read = plan.bytes_to_read(md, &opened.lookup);
     let blocks: HashMap<(&str, &[u64]), &BlockRecord> = opened
         .sidecar
@@ -253,19 +315,24 @@ pub fn execute(files: &Files, opened: &Opened, state: &mut State, opts: &LoadOpt
         }
     }
 
+    // Flags only go up here: a load may run in passes (see the NCCL fallback).
     let missing = plan.missing.clone();
-    let loaded: std::collections::HashSet<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
-    let entries = state.entries_mut();
-    for (i, e) in entries.iter_mut().enumerate() {
-        e.loaded = loaded.contains(&i) || matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn));
+    let mut loaded: Vec<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
+    for (i, e) in state.entries().iter().enumerate() {
+        if matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn)) {
+            loaded.push(i);
+        }
     }
+    let entries = state.entries_mut();
     for (ei, v) in objects {
         entries[ei].value = EntryValue::Object(v);
-        entries[ei].loaded = true;
+        loaded.push(ei);
     }
-    state.set_missing(missing.clone());
+    state.mark_loaded(loaded);
+    state.add_missing(missing.clone());
     Ok(LoadReport {
         bytes_read,
+        bytes_broadcast: 0,
         missing,
         seconds: t0.elapsed().as_secs_f64(),
     })

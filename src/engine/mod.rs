@@ -1,6 +1,7 @@
 //! Save, load and inspection: the operations a caller runs, built on planning, formats, storage
 //! and communication.
 
+mod broadcast;
 pub mod checkpoint;
 pub mod future;
 pub mod load;
@@ -32,6 +33,8 @@ pub(crate) struct ContextInner {
     pool: Mutex<staging::StagingPool>,
     /// The async save in flight, if any.
     in_flight: Mutex<Option<SaveFuture>>,
+    /// NCCL communicator over the job, made by the first load that broadcasts.
+    nccl: Mutex<Option<Arc<crate::cuda::nccl::Comm>>>,
 }
 
 /// One per process: the communicator of the job and what is kept between operations (the save
@@ -54,6 +57,7 @@ impl Context {
                 plan_cache: Mutex::new(None),
                 pool: Mutex::new(staging::StagingPool::new()),
                 in_flight: Mutex::new(None),
+                nccl: Mutex::new(None),
             }),
         }
     }

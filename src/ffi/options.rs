@@ -143,6 +143,18 @@ pub unsafe extern "C" fn dcp_load_options_set_direct_io(opts: *mut dcp_load_opti
     })
 }
 
+/// When several ranks load the same box of a key into GPU memory (replicated tensors), one
+/// reads it and NCCL sends it to the others (default on). Used only when every rank of the job
+/// has NCCL (`libnccl.so.2`, or `DCP_NCCL_LIBRARY`) and loads into CUDA tensors; the first such
+/// load makes an NCCL communicator over the job (collective). Off: every rank reads for itself.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_load_options_set_broadcast(opts: *mut dcp_load_options, enabled: bool) -> dcp_status {
+    guard("dcp_load_options_set_broadcast", || {
+        mut_arg(opts, "opts")?.inner.broadcast_replicated = enabled;
+        Ok(())
+    })
+}
+
 /// Reader threads per rank, 1..=1024.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_threads(opts: *mut dcp_load_options, threads: u32) -> dcp_status {
