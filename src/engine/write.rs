@@ -460,10 +460,16 @@ fn write_device_payload(
             Ok(())
         });
     }
-    let bufs = [
-        lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?,
-        lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?,
-    ];
+    // One lock per acquisition: a guard held across both would deadlock.
+    let first = lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?;
+    let second = match lock(pool).acquire(DEVICE_PIECE, Some(ordinal)) {
+        Ok(b) => b,
+        Err(e) => {
+            lock(pool).release(first);
+            return Err(e);
+        }
+    };
+    let bufs = [first, second];
     let r = (|| -> Result<()> {
         w.flush()?;
         let piece = |i: u64| {
