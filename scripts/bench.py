@@ -86,18 +86,21 @@ def dir_bytes(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def dd_limits(d, gib):
+def dd_limits(d, gib, repeat):
+    """Median O_DIRECT write and read rates of dd on the benchmark's disk."""
     f = os.path.join(d, "dd.bin")
     n = max(1, int(gib * 16))
-    t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=64M", f"count={n}", "oflag=direct", "conv=fsync"], check=True, capture_output=True)
-    w = n * (64 << 20) / (time.perf_counter() - t)
-    drop_cache(f)
-    t = time.perf_counter()
-    subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=64M", "iflag=direct"], check=True, capture_output=True)
-    r = n * (64 << 20) / (time.perf_counter() - t)
-    os.remove(f)
-    return w, r
+    ws, rs = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=64M", f"count={n}", "oflag=direct", "conv=fsync"], check=True, capture_output=True)
+        ws.append(n * (64 << 20) / (time.perf_counter() - t))
+        drop_cache(f)
+        t = time.perf_counter()
+        subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=64M", "iflag=direct"], check=True, capture_output=True)
+        rs.append(n * (64 << 20) / (time.perf_counter() - t))
+        os.remove(f)
+    return sorted(ws)[len(ws) // 2], sorted(rs)[len(rs) // 2]
 
 
 def make_state(kind, device, gib):
@@ -159,13 +162,19 @@ class Bench:
         self.rows.append((case, limit, torch_gbs, dcp_gbs, rss, pinned, note, torch_s, dcp_s, unit))
         print(f"  {case}: torch {torch_gbs} libdcp {dcp_gbs} {note}", flush=True)
 
-    def timed(self, fn):
-        with PeakRss() as m:
-            t = time.perf_counter()
-            fn()
-            sync(self.args.device)
-            dt = time.perf_counter() - t
-        return dt, m.peak
+    def timed(self, fn, before=None):
+        """Median time of `--repeat` runs of fn (each after `before`), and the peak memory."""
+        times, peak = [], 0
+        for _ in range(self.args.repeat):
+            if before:
+                before()
+            with PeakRss() as m:
+                t = time.perf_counter()
+                fn()
+                sync(self.args.device)
+                times.append(time.perf_counter() - t)
+            peak = max(peak, m.peak)
+        return sorted(times)[len(times) // 2], peak
 
     def save_load(self, kind, label, limits, threads):
         dev = self.args.device
@@ -175,23 +184,20 @@ class Bench:
         tp, lp = self.fresh(f"torch-{kind}"), self.fresh(f"dcp-{kind}")
         st = libdcp_state(sd)
         # Sync save.
-        t_torch, rss_t = self.timed(lambda: dcp.save(sd, storage_writer=dcp.FileSystemWriter(tp, thread_count=threads)))
-        t_dcp, rss_d = self.timed(lambda: L.save(self.ctx, st, lp, threads=threads))
+        t_torch, rss_t = self.timed(lambda: dcp.save(sd, storage_writer=dcp.FileSystemWriter(tp, thread_count=threads)), lambda: shutil.rmtree(tp, ignore_errors=True))
+        t_dcp, rss_d = self.timed(lambda: L.save(self.ctx, st, lp, threads=threads), lambda: shutil.rmtree(lp, ignore_errors=True))
         self.row(f"{label}: sync save", wlim, nbytes / t_torch / GB, nbytes / t_dcp / GB, rss_d, f"{len(sd)} tensors, {nbytes / 2**30:.2f} GiB, {threads} threads")
         if kind == "big":
             self.async_saves(sd, st, nbytes, wlim, threads)
             # Cold load (files evicted from the page cache).
-            for p in (tp, lp):
-                drop_cache(p)
             dst_t, dst_d = empty_like_state(sd), empty_like_state(sd)
-            t_torch, _ = self.timed(lambda: dcp.load(dst_t, checkpoint_id=tp))
+            t_torch, _ = self.timed(lambda: dcp.load(dst_t, checkpoint_id=tp), lambda: drop_cache(tp))
             st_d = libdcp_state(dst_d)
-            t_dcp, rss_d = self.timed(lambda: L.load(self.ctx, st_d, lp, threads=threads))
+            t_dcp, rss_d = self.timed(lambda: L.load(self.ctx, st_d, lp, threads=threads), lambda: drop_cache(lp))
             check_equal(dst_d, sd)
             self.row(f"{label}: cold load", rlim, nbytes / t_torch / GB, nbytes / t_dcp / GB, rss_d, "page cache dropped; direct I/O auto")
             if self.args.cold_buffered:
-                drop_cache(lp)
-                t_dcp, rss_d = self.timed(lambda: L.load(self.ctx, st_d, lp, threads=threads, direct_io=L.DIRECT_OFF))
+                t_dcp, rss_d = self.timed(lambda: L.load(self.ctx, st_d, lp, threads=threads, direct_io=L.DIRECT_OFF), lambda: drop_cache(lp))
                 check_equal(dst_d, sd)
                 self.row(f"{label}: cold load", rlim, nbytes / t_torch / GB, nbytes / t_dcp / GB, rss_d, "page cache dropped; buffered reads")
         # Warm load.
@@ -216,7 +222,7 @@ class Bench:
         tp, lp = self.path("torch-async"), self.path("dcp-async")
         # torch caches its staged (pinned) copy in the writer: reuse one writer.
         writer = dcp.FileSystemWriter(tp, thread_count=threads, cache_staged_state_dict=torch.cuda.is_available())
-        for _ in range(2):
+        for _ in range(1 + self.args.repeat):
             shutil.rmtree(tp, ignore_errors=True)
             t = time.perf_counter()
             f = dcp.async_save(sd, storage_writer=writer)
@@ -224,7 +230,7 @@ class Bench:
             f.result()
             done_t.append(time.perf_counter() - t)
         shutil.rmtree(tp, ignore_errors=True)
-        for _ in range(2):
+        for _ in range(1 + self.args.repeat):
             shutil.rmtree(lp, ignore_errors=True)
             with PeakRss() as m:
                 t = time.perf_counter()
@@ -233,9 +239,10 @@ class Bench:
                 f.wait()
                 done_d.append(time.perf_counter() - t)
         shutil.rmtree(lp, ignore_errors=True)
-        self.row(f"async save: caller blocked ({nbytes / 2**30:.0f} GiB)", None, f"{blocked_t[1]:.2f} s", f"{blocked_d[1]:.3f} s", m.peak,
-                 f"second save (first: torch {blocked_t[0]:.2f} s, libdcp {blocked_d[0]:.2f} s)", unit="s")
-        self.row("async save: completion", wlim, nbytes / done_t[1] / GB, nbytes / done_d[1] / GB, m.peak, "call to committed")
+        med = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]  # noqa: E731 (the first call allocates staging)
+        self.row(f"async save: caller blocked ({nbytes / 2**30:.0f} GiB)", None, f"{med(blocked_t):.2f} s", f"{med(blocked_d):.3f} s", m.peak,
+                 f"staging cached; first call: torch {blocked_t[0]:.2f} s, libdcp {blocked_d[0]:.2f} s", unit="s")
+        self.row("async save: completion", wlim, nbytes / med(done_t) / GB, nbytes / med(done_d) / GB, m.peak, "call to committed")
 
     def print_table(self, limits, header):
         print()
@@ -259,13 +266,15 @@ def main():
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--cases", default="big,small,llm")
     ap.add_argument("--cold-buffered", action="store_true", help="also a cold load with buffered (not O_DIRECT) reads")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (the median is reported)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"libdcp {L.lib().dcp_version().decode()} | torch {torch.__version__} | {dev} | {os.cpu_count()} CPUs | {datetime.date.today()}", flush=True)
     print(subprocess.run(["df", "-h", args.dir], capture_output=True, text=True).stdout.strip(), flush=True)
-    limits = dd_limits(args.dir, min(args.gib, 8))
+    limits = dd_limits(args.dir, min(args.gib, 8), args.repeat)
     print(f"dd O_DIRECT: write {limits[0] / GB:.2f} GB/s, read {limits[1] / GB:.2f} GB/s", flush=True)
+    args.dd = limits
     b = Bench(args)
     cases = args.cases.split(",")
     if "big" in cases:

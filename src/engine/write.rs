@@ -200,8 +200,10 @@ impl<'h> FileWriter<'h> {
             return Ok(false);
         }
         self.flush()?;
-        self.handle.write_at(self.start, &data[..bulk])?;
-        self.start += bulk as u64;
+        for piece in data[..bulk].chunks(WRITE_PIECE) {
+            self.handle.write_at(self.start, piece)?;
+            self.start += piece.len() as u64;
+        }
         self.put(&data[bulk..])?;
         Ok(true)
     }
@@ -438,6 +440,9 @@ fn write_items(
 
 /// Pieces of a device payload copied and written at a time.
 const DEVICE_PIECE: usize = 32 << 20;
+/// Largest single write from host memory (several moderate requests keep the device queue
+/// fuller than one huge one).
+const WRITE_PIECE: usize = 32 << 20;
 
 /// Streams a contiguous device payload to the file through two page-locked buffers: the copy
 /// of the next piece runs on the DMA engine while the current one is checksummed and written.
