@@ -16,7 +16,7 @@ use crate::format::sidecar::{self, BlockRecord, Sidecar};
 use crate::plan::load::plan_load;
 use crate::plan::load::LoadPlan;
 use crate::state::{EntryValue, State};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 use crate::tensor::Device;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -139,8 +139,7 @@ pub fn open_local(storage: &dyn Storage) -> Result<Opened> {
 
 /// Loads `location` into `state`. Collective: every rank of the context calls it.
 pub fn load(ctx: &Context, state: &mut State, location: &str, opts: &LoadOptions) -> Result<LoadReport> {
-    let storage = storage::open(location)?;
-    load_from(ctx, state, storage, opts)
+    load_from(ctx, state, ctx.open_storage(location)?, opts)
 }
 
 pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, opts: &LoadOptions) -> Result<LoadReport> {

@@ -35,6 +35,8 @@ pub(crate) struct ContextInner {
     in_flight: Mutex<Option<SaveFuture>>,
     /// NCCL communicator over the job, made by the first load that broadcasts.
     nccl: Mutex<Option<Arc<crate::cuda::nccl::Comm>>>,
+    /// Storage backend settings (S3 endpoint, credentials...), over the environment's.
+    storage_options: Mutex<Vec<(String, String)>>,
 }
 
 /// One per process: the communicator of the job and what is kept between operations (the save
@@ -58,6 +60,7 @@ impl Context {
                 pool: Mutex::new(staging::StagingPool::new()),
                 in_flight: Mutex::new(None),
                 nccl: Mutex::new(None),
+                storage_options: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -77,6 +80,21 @@ impl Context {
         let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.budget = bytes;
         pool.trim();
+    }
+
+    /// Sets a storage backend option for this context's saves and loads (for S3 the
+    /// `object_store` configuration keys: `aws_endpoint`, `aws_access_key_id`, `aws_region`,
+    /// `aws_allow_http`, `aws_virtual_hosted_style_request`, ...). Later values win.
+    pub fn set_storage_option(&self, key: &str, value: &str) {
+        let mut o = self.inner.storage_options.lock().unwrap_or_else(|p| p.into_inner());
+        o.retain(|(k, _)| k != key);
+        o.push((key.to_string(), value.to_string()));
+    }
+
+    /// Opens a checkpoint location with this context's storage options.
+    pub fn open_storage(&self, location: &str) -> Result<Arc<dyn crate::storage::Storage>> {
+        let opts = self.inner.storage_options.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        crate::storage::open_with(location, &opts)
     }
 
     /// What the staging pool holds now.

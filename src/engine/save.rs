@@ -18,7 +18,7 @@ use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -83,7 +83,7 @@ struct Prepared {
 
 /// Saves `state` to `location`. Collective: every rank of the context calls it.
 pub fn save(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
-    save_to(ctx, state, storage::open(location)?, location, opts)
+    save_to(ctx, state, ctx.open_storage(location)?, location, opts)
 }
 
 pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<SaveReport> {
@@ -107,7 +107,7 @@ pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location
 pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveFuture> {
     let t0 = Instant::now();
     ctx.settle(opts.wait_if_busy)?;
-    let p = prepare_save(ctx, state, storage::open(location)?, location, opts)?;
+    let p = prepare_save(ctx, state, ctx.open_storage(location)?, location, opts)?;
     // Stage what this rank writes; every rank reports, so all stop together on a failure.
     let staged = stage(ctx, state, &p.plan, ctx.rank());
     let staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
@@ -165,7 +165,7 @@ fn write_and_commit(ctx: &Context, state: &State, p: &Prepared, opts: &SaveOptio
     let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
-        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.save_id, all),
+        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.save_id, all, opts.overwrite),
         None => Ok(()),
     };
     broadcast_result(comm, 0, commit)?;
@@ -514,7 +514,7 @@ fn write_rank(
 }
 
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
-fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>) -> Result<()> {
+fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>, overwrite: bool) -> Result<()> {
     let mut files = Vec::new();
     let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
     for (r, bytes) in all.iter().enumerate() {
@@ -603,7 +603,12 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
         blocks,
     };
     storage.put_atomic(sidecar::FILE_NAME, &sc.encode())?;
-    storage.put_atomic(METADATA_FILE, &md_bytes)?;
+    if overwrite {
+        storage.put_atomic(METADATA_FILE, &md_bytes)?;
+    } else {
+        // Create-only: another job committing here first wins, and this save says so.
+        storage.put_new(METADATA_FILE, &md_bytes)?;
+    }
     storage.sync_dir()
 }
 

@@ -205,6 +205,23 @@ impl Storage for FsStorage {
         })?;
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io("renaming into place", &dst, e))
     }
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        let tmp = self.path(&format!("{name}.tmp"));
+        let dst = self.path(name);
+        self.put_atomic(&format!("{name}.tmp"), data).map_err(|e| e.context("staging"))?;
+        // A hard link fails if the destination exists: an atomic create-only rename.
+        let linked = std::fs::hard_link(&tmp, &dst);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::new(
+                crate::error::ErrorKind::AlreadyExists,
+                format!("{} already exists (another save committed there first)", dst.display()),
+            )),
+            Err(e) => Err(Error::io("committing", &dst, e)),
+        }
+    }
+
     fn remove(&self, name: &str) -> Result<()> {
         match std::fs::remove_file(self.path(name)) {
             Ok(()) => Ok(()),

@@ -3,6 +3,8 @@
 
 pub mod fs;
 pub mod mem;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use crate::error::Result;
 use std::sync::Arc;
@@ -63,6 +65,17 @@ pub trait Storage: Send + Sync {
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>>;
     /// Writes a small file atomically and durably: temporary name, sync, rename.
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()>;
+    /// Like `put_atomic`, but fails with `AlreadyExists` when `name` exists: the commit of a
+    /// save that must not replace a checkpoint.
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        if self.exists(name)? {
+            return Err(crate::error::Error::new(
+                crate::error::ErrorKind::AlreadyExists,
+                format!("{} already exists", self.describe(name)),
+            ));
+        }
+        self.put_atomic(name, data)
+    }
     /// Removes a file; a missing file is not an error.
     fn remove(&self, name: &str) -> Result<()>;
     /// Makes renames and creations in the location durable.
@@ -70,11 +83,25 @@ pub trait Storage: Send + Sync {
     fn list(&self) -> Result<Vec<String>>;
 }
 
-/// Opens the storage for a checkpoint location string.
+/// Opens the storage for a checkpoint location: a directory, or `s3://bucket/prefix`.
 pub fn open(location: &str) -> Result<Arc<dyn Storage>> {
+    open_with(location, &[])
+}
+
+/// Like [`open`], with backend settings (for S3: `object_store` configuration keys and values).
+pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Arc<dyn Storage>> {
     if location.is_empty() {
         return Err(crate::error::Error::invalid("checkpoint path is empty"));
     }
+    if location.starts_with("s3://") {
+        #[cfg(feature = "s3")]
+        return Ok(Arc::new(s3::S3Storage::new(location, options)?));
+        #[cfg(not(feature = "s3"))]
+        return Err(crate::error::Error::unsupported(format!(
+            "{location}: this build of libdcp has no S3 support (the `s3` feature)"
+        )));
+    }
+    let _ = options;
     Ok(Arc::new(fs::FsStorage::new(location)))
 }
 

@@ -1,0 +1,396 @@
+//! S3-compatible object storage through `object_store`. The checkpoint at
+//! `s3://bucket/prefix` has the same files as on a disk (`prefix/.metadata`,
+//! `prefix/__0_0.distcp`, ...), so it can be copied between a disk and a bucket as is.
+//!
+//! Data files are multipart uploads whose parts go up in parallel while the writer produces the
+//! next ones; an upload that is dropped before it is completed is aborted. Reads are ranged GETs.
+//! `object_store` retries throttling and transient errors with backoff. Its async runtime is
+//! private to libdcp: callers see blocking calls, from any thread.
+//!
+//! Settings come from the standard AWS environment (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`, ...) and can be
+//! overridden per context (`aws_endpoint`, `aws_virtual_hosted_style_request`, ...: the
+//! `object_store` S3 configuration keys).
+
+use super::{ReadHandle, Storage, WriteHandle};
+use crate::error::{Error, ErrorKind, Result};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Parts of a multipart upload.
+const PART_BYTES: usize = 16 << 20;
+/// Parts in flight per uploaded file.
+const PARTS_IN_FLIGHT: usize = 8;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .thread_name("dcp-s3")
+            .enable_all()
+            .build()
+            .expect("the S3 runtime starts")
+    })
+}
+
+/// Runs a future on libdcp's runtime and waits for it, from any thread (also from inside the
+/// caller's own tokio runtime, where blocking on another runtime is not allowed directly).
+fn block<F: Future + Send>(f: F) -> F::Output
+where
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(|| runtime().block_on(f)).join().expect("the S3 call does not panic"))
+    } else {
+        runtime().block_on(f)
+    }
+}
+
+/// `s3://bucket/prefix` split into its parts.
+pub fn parse_url(url: &str) -> Result<(String, String)> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| Error::invalid(format!("{url:?} is not an s3:// URL")))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::invalid(format!("{url:?} names no bucket")));
+    }
+    Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
+}
+
+pub struct S3Storage {
+    store: Arc<AmazonS3>,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Storage {
+    /// Opens `s3://bucket/prefix` with settings from the AWS environment, then `options` (pairs
+    /// of `object_store` S3 configuration keys and values).
+    pub fn new(url: &str, options: &[(String, String)]) -> Result<S3Storage> {
+        let (bucket, prefix) = parse_url(url)?;
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&bucket);
+        // The AWS SDKs' AWS_ENDPOINT_URL; object_store reads AWS_ENDPOINT.
+        if let Ok(ep) = std::env::var("AWS_ENDPOINT_URL") {
+            if !ep.is_empty() && std::env::var("AWS_ENDPOINT").is_err() {
+                b = b.with_endpoint(ep);
+            }
+        }
+        for (k, v) in options {
+            let key: AmazonS3ConfigKey = k
+                .parse()
+                .map_err(|_| Error::invalid(format!("{k:?} is not an S3 configuration key")))?;
+            b = b.with_config(key, v);
+        }
+        let retry = RetryConfig {
+            max_retries: 6,
+            retry_timeout: Duration::from_secs(120),
+            ..Default::default()
+        };
+        let store = b
+            .with_retry(retry)
+            .build()
+            .map_err(|e| Error::invalid(format!("S3 settings for {url}: {e}")))?;
+        Ok(S3Storage {
+            store: Arc::new(store),
+            bucket,
+            prefix,
+        })
+    }
+
+    fn path(&self, name: &str) -> ObjPath {
+        if self.prefix.is_empty() {
+            ObjPath::from(name)
+        } else {
+            ObjPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        match (self.prefix.is_empty(), name.is_empty()) {
+            (true, _) => format!("s3://{}/{name}", self.bucket),
+            (false, true) => format!("s3://{}/{}", self.bucket, self.prefix),
+            (false, false) => format!("s3://{}/{}/{name}", self.bucket, self.prefix),
+        }
+    }
+
+    /// Whether the store refuses a second create-only put of one key (probed once per bucket).
+    fn conditional_put_works(&self) -> bool {
+        static PROBED: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
+        let key = format!("{}/{}", self.store, self.bucket);
+        let map = PROBED.get_or_init(Default::default);
+        if let Some(&v) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return v;
+        }
+        let probe = self.path(&format!(".libdcp-probe-{}", std::process::id()));
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let works = block(async {
+            let _ = self.store.delete(&probe).await;
+            let first = self.store.put_opts(&probe, PutPayload::from_static(b"1"), create.clone()).await;
+            let second = self.store.put_opts(&probe, PutPayload::from_static(b"2"), create).await;
+            let _ = self.store.delete(&probe).await;
+            first.is_ok() && matches!(second, Err(object_store::Error::AlreadyExists { .. }))
+        });
+        if !works {
+            eprintln!(
+                "libdcp: {} does not support conditional writes (If-None-Match); refusing to replace a checkpoint relies on an existence check made just before the write",
+                self.url("")
+            );
+        }
+        map.lock().unwrap_or_else(|p| p.into_inner()).insert(key, works);
+        works
+    }
+}
+
+/// An `object_store` error as a libdcp error naming the object.
+fn s3_err(what: &str, url: &str, e: object_store::Error) -> Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => ErrorKind::NotFound,
+        object_store::Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+        object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. } => ErrorKind::Unsupported,
+        _ => ErrorKind::Io,
+    };
+    Error::new(kind, format!("{what} {url}: {e}"))
+}
+
+struct S3Read {
+    store: Arc<AmazonS3>,
+    path: ObjPath,
+    url: String,
+    len: u64,
+}
+
+impl ReadHandle for S3Read {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(Error::corrupt(format!(
+                "{}: needs bytes {offset}..{} but the object has {} bytes (truncated?)",
+                self.url,
+                offset + buf.len() as u64,
+                self.len
+            )));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bytes = block(self.store.get_range(&self.path, offset..offset + buf.len() as u64))
+            .map_err(|e| s3_err(&format!("reading {} bytes at offset {offset} of", buf.len()), &self.url, e))?;
+        if bytes.len() != buf.len() {
+            return Err(Error::corrupt(format!(
+                "{}: asked for {} bytes at offset {offset}, got {}",
+                self.url,
+                buf.len(),
+                bytes.len()
+            )));
+        }
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// A data file being uploaded: sequential writes feed a multipart upload.
+struct S3Write {
+    url: String,
+    state: Mutex<UploadState>,
+}
+
+struct UploadState {
+    upload: Option<WriteMultipart>,
+    written: u64,
+}
+
+impl WriteHandle for S3Write {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if offset != st.written {
+            return Err(Error::internal(format!(
+                "{}: object uploads are sequential, but a write came at offset {offset} after {} bytes",
+                self.url, st.written
+            )));
+        }
+        let url = self.url.clone();
+        let upload = st
+            .upload
+            .as_mut()
+            .ok_or_else(|| Error::internal(format!("{url}: write after the upload finished")))?;
+        // Bounded memory: wait until fewer than PARTS_IN_FLIGHT parts are uploading.
+        block(upload.wait_for_capacity(PARTS_IN_FLIGHT)).map_err(|e| s3_err("uploading a part of", &url, e))?;
+        let _in_runtime = runtime().enter();
+        upload.write(data);
+        st.written += data.len() as u64;
+        Ok(())
+    }
+    fn direct_alignment(&self) -> Option<usize> {
+        None
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if len != st.written {
+            return Err(Error::internal(format!(
+                "{}: {} bytes were uploaded but the file is {len} bytes long",
+                self.url, st.written
+            )));
+        }
+        Ok(())
+    }
+    /// Completes the multipart upload: the object appears whole, or not at all.
+    fn sync(&self) -> Result<()> {
+        let upload = self.state.lock().unwrap_or_else(|p| p.into_inner()).upload.take();
+        if let Some(u) = upload {
+            block(u.finish()).map_err(|e| s3_err("completing the upload of", &self.url, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for S3Write {
+    /// An upload that was not completed (the save failed) is aborted, leaving no parts behind.
+    fn drop(&mut self) {
+        let upload = self.state.lock().unwrap_or_else(|p| p.into_inner()).upload.take();
+        if let Some(u) = upload {
+            let _ = block(u.abort());
+        }
+    }
+}
+
+impl Storage for S3Storage {
+    fn describe(&self, name: &str) -> String {
+        self.url(name)
+    }
+
+    /// Checks that the bucket is reachable with these credentials (nothing to create).
+    fn prepare(&self) -> Result<()> {
+        let prefix = if self.prefix.is_empty() {
+            None
+        } else {
+            Some(ObjPath::from(self.prefix.as_str()))
+        };
+        block(self.store.list_with_delimiter(prefix.as_ref())).map(|_| ()).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
+                Error::not_found(format!("bucket {:?} does not exist ({}): {text}", self.bucket, self.url("")))
+            } else {
+                s3_err("listing", &self.url(""), e)
+            }
+        })
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        match block(self.store.head(&self.path(name))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(s3_err("checking", &self.url(name), e)),
+        }
+    }
+
+    fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
+        let path = self.path(name);
+        let meta = block(self.store.head(&path)).map_err(|e| s3_err("opening", &self.url(name), e))?;
+        Ok(Arc::new(S3Read {
+            store: self.store.clone(),
+            path,
+            url: self.url(name),
+            len: meta.size,
+        }))
+    }
+
+    fn read_all(&self, name: &str) -> Result<Vec<u8>> {
+        let url = self.url(name);
+        let path = self.path(name);
+        let bytes = block(async { self.store.get(&path).await?.bytes().await }).map_err(|e| s3_err("reading", &url, e))?;
+        Ok(bytes.to_vec())
+    }
+
+    fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
+        let url = self.url(name);
+        let upload = block(self.store.put_multipart(&self.path(name))).map_err(|e| s3_err("starting the upload of", &url, e))?;
+        let upload = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        Ok(Arc::new(S3Write {
+            url,
+            state: Mutex::new(UploadState {
+                upload: Some(upload),
+                written: 0,
+            }),
+        }))
+    }
+
+    fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        let payload = PutPayload::from(data.to_vec());
+        block(self.store.put(&self.path(name), payload))
+            .map(|_| ())
+            .map_err(|e| s3_err("writing", &self.url(name), e))
+    }
+
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        if !self.conditional_put_works() {
+            if self.exists(name)? {
+                return Err(Error::new(ErrorKind::AlreadyExists, format!("{} already exists", self.url(name))));
+            }
+            return self.put_atomic(name, data);
+        }
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        block(self.store.put_opts(&self.path(name), PutPayload::from(data.to_vec()), opts))
+            .map(|_| ())
+            .map_err(|e| match e {
+                object_store::Error::AlreadyExists { .. } => Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} already exists (another save committed there first)", self.url(name)),
+                ),
+                e => s3_err("writing", &self.url(name), e),
+            })
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        match block(self.store.delete(&self.path(name))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_err("deleting", &self.url(name), e)),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<String>> {
+        let prefix = if self.prefix.is_empty() {
+            None
+        } else {
+            Some(ObjPath::from(self.prefix.as_str()))
+        };
+        let listed = block(self.store.list_with_delimiter(prefix.as_ref())).map_err(|e| s3_err("listing", &self.url(""), e))?;
+        Ok(listed
+            .objects
+            .into_iter()
+            .filter_map(|o| o.location.filename().map(str::to_string))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("s3://b/p/q/").unwrap(), ("b".to_string(), "p/q".to_string()));
+        assert_eq!(parse_url("s3://b").unwrap(), ("b".to_string(), String::new()));
+        assert!(parse_url("s3:///x").is_err());
+        assert!(parse_url("/tmp/x").is_err());
+    }
+}
