@@ -213,6 +213,10 @@ int main(int argc, char **argv) try {
     }
 
     dcp::Future pending;
+    if (done == args.save_at) { // --save-at 0: the state before training (a fresh optimizer)
+        ckpt.save(args.save, dcp::SaveOptions().set_overwrite(true));
+        if (args.rank == 0) std::fprintf(stderr, "saved step %lld to %s\n", (long long)done, args.save.c_str());
+    }
     for (int64_t step = done; step < args.steps; ++step) {
         float loss = train_step(model, *opt, step, device, args.rank, args.world, gather);
         done = step + 1;
