@@ -71,14 +71,15 @@ std::pair<torch::Tensor, torch::Tensor> batch(int64_t i) {
 
 struct Args {
     int64_t steps = 12, save_at = -1;
-    std::string save, resume, device = "cpu", optim = "adam", store;
+    std::string save, resume, device = "cpu", optim = "adam", store, dcp_group = "process-group";
     int rank = 0, world = 1;
 };
 
 [[noreturn]] void usage(const char *msg) {
     std::fprintf(stderr,
                  "libtorch_train: %s\nusage: libtorch_train [--steps N] [--save-at K --save DIR] [--resume DIR]\n"
-                 "       [--device cpu|cuda] [--optim adam|adamw|amsgrad|sgd|sgd0] [--rank R --world W --store FILE]\n",
+                 "       [--device cpu|cuda] [--optim adam|adamw|amsgrad|sgd|sgd0] [--rank R --world W --store FILE]\n"
+                 "       [--dcp-group process-group|backend]\n",
                  msg);
     std::exit(2);
 }
@@ -100,12 +101,14 @@ Args parse(int argc, char **argv) {
         else if (k == "--rank") a.rank = std::stoi(val());
         else if (k == "--world") a.world = std::stoi(val());
         else if (k == "--store") a.store = val();
+        else if (k == "--dcp-group") a.dcp_group = val();
         else usage(("unknown argument " + k).c_str());
     }
     if ((a.save_at >= 0) != !a.save.empty()) usage("--save-at and --save go together");
     if (a.world < 1 || kMicro % a.world != 0) usage("--world must divide 4");
     if (a.world > 1 && a.store.empty()) usage("--world > 1 needs --store FILE");
     if (a.world > 1 && a.device != "cpu") usage("this example runs several ranks on CPU (gloo) only");
+    if (a.dcp_group != "process-group" && a.dcp_group != "backend") usage("--dcp-group is process-group or backend");
     return a;
 }
 
@@ -175,12 +178,15 @@ int main(int argc, char **argv) try {
     c10::intrusive_ptr<c10d::ProcessGroup> train_pg;
     if (args.world > 1) {
         auto store = c10::make_intrusive<c10d::FileStore>(args.store, args.world);
-        auto make_group = [&](const std::string &name) {
+        auto make_gloo = [&](const std::string &name) {
             auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
             auto opts = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(120));
             opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-            auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, args.rank, args.world, opts);
-            auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, args.rank, args.world);
+            return c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, args.rank, args.world, opts);
+        };
+        auto make_group = [&](const std::string &name) {
+            auto gloo = make_gloo(name);
+            auto pg = c10::make_intrusive<c10d::ProcessGroup>(c10::make_intrusive<c10d::PrefixStore>(name, store), args.rank, args.world);
             pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
             pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
             return pg;
@@ -193,8 +199,12 @@ int main(int argc, char **argv) try {
             train_pg->allgather(out, in)->wait();
             return torch::cat(out[0]);
         };
-        // libdcp's own group: its collectives never interleave with the training loop's.
-        ctx = dcp::context_from_process_group(make_group("dcp"), std::chrono::seconds(120));
+        // libdcp's own group: its collectives never interleave with the training loop's. A
+        // c10d::ProcessGroup (the default) or, with --dcp-group backend, the gloo Backend itself.
+        if (args.dcp_group == "backend")
+            ctx = dcp::context_from_process_group(make_gloo("dcp"), std::chrono::seconds(120));
+        else
+            ctx = dcp::context_from_process_group(make_group("dcp"), std::chrono::seconds(120));
     }
 #else
     if (args.world > 1) usage("built without gloo (DCP_EXAMPLE_GLOO): one process only");

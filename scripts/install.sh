@@ -7,6 +7,7 @@
 #   PREFIX/lib/pkgconfig/dcp.pc            pkg-config --cflags --libs dcp
 # Builds the library first with `cargo build --release` when cargo is available (set
 # DCP_NO_BUILD=1 to install target/release as it is, e.g. on a machine without Rust).
+# Files that did not change keep their timestamps (builds against PREFIX are not redone).
 # Usage: scripts/install.sh PREFIX          (e.g. /usr/local, $HOME/.local, build/dcp-install)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,14 +32,13 @@ MAJOR="${VERSION%%.*}"
 MINOR="$(echo "$VERSION" | cut -d. -f2)"
 
 install -d "$PREFIX/lib" "$PREFIX/include" "$PREFIX/lib/cmake/dcp" "$PREFIX/lib/pkgconfig"
-install -m 755 target/release/libdcp.so "$PREFIX/lib/libdcp.so"
-[ -f target/release/libdcp.a ] && install -m 644 target/release/libdcp.a "$PREFIX/lib/libdcp.a"
-install -m 644 include/dcp.h include/dcp.hpp include/dcp_torch.hpp include/dcp_c10d.hpp "$PREFIX/include/"
-rm -rf "$PREFIX/include/dcp/third_party/gloo"
+install -C -m 755 target/release/libdcp.so "$PREFIX/lib/libdcp.so"
+[ -f target/release/libdcp.a ] && install -C -m 644 target/release/libdcp.a "$PREFIX/lib/libdcp.a"
+install -C -m 644 include/dcp.h include/dcp.hpp include/dcp_torch.hpp include/dcp_c10d.hpp "$PREFIX/include/"
 install -d "$PREFIX/include/dcp/third_party"
-cp -R third_party/gloo/include/gloo "$PREFIX/include/dcp/third_party/gloo"
-install -m 644 third_party/gloo/LICENSE "$PREFIX/include/dcp/third_party/gloo/LICENSE"
-install -m 644 cmake/dcpConfig.cmake "$PREFIX/lib/cmake/dcp/dcpConfig.cmake"
+cp -R -p third_party/gloo/include/gloo "$PREFIX/include/dcp/third_party/"
+install -C -m 644 third_party/gloo/LICENSE "$PREFIX/include/dcp/third_party/gloo/LICENSE"
+install -C -m 644 cmake/dcpConfig.cmake "$PREFIX/lib/cmake/dcp/dcpConfig.cmake"
 sed -e "s/@VERSION@/$VERSION/g" -e "s/@VERSION_MAJOR@/$MAJOR/g" -e "s/@VERSION_MINOR@/$MINOR/g" \
     cmake/dcpConfigVersion.cmake.in >"$PREFIX/lib/cmake/dcp/dcpConfigVersion.cmake"
 sed -e "s|@PREFIX@|$PREFIX|g" -e "s/@VERSION@/$VERSION/g" cmake/dcp.pc.in >"$PREFIX/lib/pkgconfig/dcp.pc"

@@ -45,6 +45,8 @@ build_gxx() {
     local torch_flags=(-isystem "$TORCH_DIR/include" -isystem "$TORCH_DIR/include/torch/csrc/api/include"
         -D_GLIBCXX_USE_CXX11_ABI="$abi" -DUSE_DISTRIBUTED)
     local torch_libs=(-L"$TORCH_DIR/lib" -ltorch -ltorch_cpu -lc10 -Wl,-rpath,"$TORCH_DIR/lib")
+    # Keep CUDA support loaded where the linker defaults to --as-needed (Ubuntu).
+    [ -f "$TORCH_DIR/lib/libtorch_cuda.so" ] && torch_libs+=(-Wl,--no-as-needed -ltorch_cuda -lc10_cuda -Wl,--as-needed)
     local dcp=(-I"$P/include" -L"$P/lib" -ldcp -Wl,-rpath,"$P/lib")
     echo 'int main(){}' | g++ -std=c++20 -x c++ -fsyntax-only - 2>/dev/null || std=-std=c++17
     g++ "$std" -O2 -Wall -Wextra -Werror "${torch_flags[@]}" -isystem "$P/include/dcp/third_party" -DUSE_C10D_GLOO \

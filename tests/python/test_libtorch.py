@@ -6,7 +6,8 @@ Run:  .venv/bin/python tests/python/test_libtorch.py -v
 
 1. CppResume: the C++ example saves asynchronously at step K and a second process resumes with
    losses bit-identical to the uninterrupted run: one process; 4 gloo ranks saving sharded
-   (FSDP-style) files resumed by 1, 2 and 4 ranks; 2 ranks resumed by 4; every optimizer.
+   (FSDP-style) files resumed by 1, 2 and 4 ranks; 2 ranks (libdcp over the gloo c10d::Backend
+   rather than a ProcessGroup) resumed by 4; every optimizer.
 2. KeySets: for Adam, AdamW, Adam(amsgrad), SGD (momentum, nesterov) and plain SGD, before and
    after training, the C++ checkpoint holds exactly the keys, nesting (planner_data), dtypes and
    shapes of Python's get_state_dict(model, optim) for the same module and optimizer, and
@@ -212,7 +213,8 @@ class CppResume(Case):
             with self.subTest(saved=4, resumed=world):
                 got = run_cpp("--steps", STEPS, "--resume", self.sub("w4"), world=world)
                 self.assertEqual(hexes(got, range(SAVE_AT, STEPS)), hexes(ref, range(SAVE_AT, STEPS)))
-        w2 = run_cpp("--steps", STEPS, "--save-at", 8, "--save", self.sub("w2"), world=2)
+        # libdcp over the gloo c10d::Backend itself rather than a c10d::ProcessGroup.
+        w2 = run_cpp("--steps", STEPS, "--save-at", 8, "--save", self.sub("w2"), "--dcp-group", "backend", world=2)
         self.assertEqual(hexes(w2, range(STEPS)), hexes(ref, range(STEPS)))
         got = run_cpp("--steps", STEPS, "--resume", self.sub("w2"), world=4)
         self.assertEqual(hexes(got, range(8, STEPS)), hexes(ref, range(8, STEPS)))
