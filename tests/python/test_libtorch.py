@@ -12,7 +12,8 @@ Run:  .venv/bin/python tests/python/test_libtorch.py -v
    after training, the C++ checkpoint holds exactly the keys, nesting (planner_data), dtypes and
    shapes of Python's get_state_dict(model, optim) for the same module and optimizer, and
    Python loads it with dcp.load + set_state_dict.
-3. CppToPython / PythonToCpp: training continues across languages.
+3. CrossLanguage: training continues across languages (also from a Python checkpoint in which
+   one layer has no optimizer state yet, and into 2 C++ ranks).
    - SGD: LibTorch's and Python's updates are the same op sequence: bit-exact both ways.
    - Adam: Python's torch.optim.Adam updates exp_avg with lerp_ while LibTorch's Adam uses
      mul_().add_(), so the two differ by rounding (a few ulps after a few steps). The test is
@@ -337,6 +338,36 @@ class CrossLanguage(Case):
                     real = {i: train_step(model, optim, i) for i in range(k, STEPS)}
                     for i in range(k, STEPS):
                         self.assertTrue(math.isclose(real[i], cpp[i], rel_tol=1e-5), f"step {i}: {real[i]} vs {cpp[i]}")
+
+    def test_parameter_without_state(self):
+        """Python never stepped net4 (no optimizer state for it): the C++ strict load accepts
+        that, leaves net4 without state (LibTorch creates it at the next step) and trains on
+        exactly as LibTorch's update does in Python."""
+        d = self.sub("py-partial-state")
+
+        def make():
+            torch.manual_seed(11)
+            model = Net()
+            optim = OPTIMS["adam"](model.parameters())
+
+            def skip_net4(o):
+                model.net4.weight.grad = None
+                model.net4.bias.grad = None
+                o.step()
+
+            train_step(model, optim, 0, skip_net4)
+            return model, optim
+
+        model, optim = make()
+        msd, osd = get_state_dict(model, optim)
+        flat, _ = flatten_state_dict({"optimizer": osd})
+        self.assertFalse(any(k.startswith("optimizer.state.net4.") for k in flat))
+        self.assertIn("optimizer.state.net3.weight.exp_avg", flat)
+        dcp.save({"model": msd, "optimizer": osd, "train": {"step": 1}}, checkpoint_id=d)
+        cpp = run_cpp("--steps", 8, "--resume", d)
+        model, optim = make()
+        want = {i: train_step(model, optim, i, libtorch_adam_step) for i in range(1, 8)}
+        self.assertEqual(hexes(cpp, range(1, 8)), hexes(want, range(1, 8)))
 
     def test_python_to_cpp_sharded(self):
         """A Python checkpoint resumed by 2 C++ ranks over gloo (each loads whole tensors)."""
