@@ -4,7 +4,8 @@
 #   2. a pkg-config consumer: tests/cpp/test_dcp_hpp.cpp with `pkg-config --cflags --libs dcp`
 #      (C++17, -Wall -Wextra -Werror -pedantic, no LibTorch), run
 #   3. examples/CMakeLists.txt with find_package(dcp) from the install tree and LibTorch from
-#      .venv, built in build/cpp (kept between runs): libtorch_train, test_dcp_torch
+#      .venv, built in build/cpp (kept between runs): libtorch_train, test_dcp_torch, and
+#      test_dcp_hpp against libdcp.so and libdcp.a (dcp::dcp, dcp::dcp_static)
 #   4. test_dcp_torch, then tests/python/test_libtorch.py (resume at other world sizes over
 #      gloo, key sets against Python's get_state_dict, training continued across languages)
 # Usage: scripts/cpp-tests.sh        env: PYTHON (default .venv/bin/python), JOBS (default 2)
@@ -46,6 +47,8 @@ echo "cmake build of examples/ (find_package(dcp), LibTorch): ok ($(($(t) - T0))
 T0=$(t)
 mkdir -p "$SCRATCH/hpp2" "$SCRATCH/torch"
 build/cpp/test_dcp_hpp "$SCRATCH/hpp2" | tail -1
+mkdir -p "$SCRATCH/hpp3"
+build/cpp/test_dcp_hpp_static "$SCRATCH/hpp3" | tail -1 | sed 's/^test_dcp_hpp/test_dcp_hpp_static (libdcp.a)/'
 build/cpp/test_dcp_torch "$SCRATCH/torch"
 echo "C++ tests: ok ($(($(t) - T0)) s)"
 
