@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh machine, idempotently:
-#   - OpenMPI and valgrind from Debian's packages (when missing and apt-get is available);
+#   - OpenMPI, valgrind, g++ and pkg-config from Debian's packages (when missing and apt-get is
+#     available);
 #   - a Python venv at .venv with the packages of scripts/requirements-test.txt (torch, ~5 GB,
-#     about 2 minutes the first time; reused afterwards).
+#     about 2 minutes the first time; reused afterwards), and cmake in it (.venv/bin/cmake, from
+#     PyPI: the C++ / LibTorch tests build with it).
 # Usage: scripts/setup.sh            (also sourced by scripts/test.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +14,7 @@ setup_system() {
     command -v mpicc >/dev/null 2>&1 || missing+=(libopenmpi-dev openmpi-bin)
     command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
     command -v g++ >/dev/null 2>&1 || missing+=(g++)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
     [ ${#missing[@]} -eq 0 ] && return 0
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "setup: please install: ${missing[*]}" >&2
@@ -28,6 +31,8 @@ setup_system() {
 setup_venv() {
     local venv="$ROOT/.venv"
     if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import torch, numpy, safetensors" >/dev/null 2>&1; then
+        # A venv made before cmake joined the requirements gets it now.
+        [ -x "$venv/bin/cmake" ] || "$venv/bin/python" -m pip install -q cmake
         return 0
     fi
     python3 -m venv "$venv"
@@ -38,5 +43,5 @@ setup_venv() {
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     setup_system
     setup_venv
-    echo "setup: OpenMPI, valgrind and .venv (torch $("$ROOT/.venv/bin/python" -c 'import torch; print(torch.__version__)')) are ready"
+    echo "setup: OpenMPI, valgrind, cmake and .venv (torch $("$ROOT/.venv/bin/python" -c 'import torch; print(torch.__version__)')) are ready"
 fi

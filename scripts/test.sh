@@ -45,7 +45,7 @@ cli_tests() {
         DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
 }
 
-run_step "setup: OpenMPI, valgrind, Python venv with torch" bash -c "source scripts/setup.sh && setup_system && setup_venv"
+run_step "setup: OpenMPI, valgrind, cmake, Python venv with torch" bash -c "source scripts/setup.sh && setup_system && setup_venv"
 run_step "cargo build --release" cargo build --release
 run_step "cargo test (units, header is current, round trips, plan cache)" cargo test --release
 run_step "C API tests, C++ header, valgrind, C example" scripts/c-tests.sh
@@ -54,6 +54,7 @@ run_step "MPI example through host callbacks (mpirun -np 4, 3)" mpi_example
 run_step "interop with torch: both directions, corruption, zip64" "$PY" tests/python/test_interop.py
 run_step "seed scenarios over N processes (TCP rendezvous)" "$PY" tests/python/test_multirank.py
 run_step "interop with torch.distributed (gloo, DTensor layouts)" "$PY" tests/python/test_torch_distributed.py
+run_step "C++ / LibTorch: headers, CMake package, resume, Python" scripts/cpp-tests.sh
 
 echo "total: $(($(date +%s) - T0)) s; logs in $LOGDIR"
 if [ ${#failed[@]} -gt 0 ]; then
