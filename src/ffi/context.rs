@@ -191,6 +191,20 @@ pub unsafe extern "C" fn dcp_context_staging_bytes(ctx: *const dcp_context, pinn
     })
 }
 
+/// Sets a storage option for this context's saves and loads, over the environment's. For
+/// `s3://bucket/prefix` locations the keys are `object_store`'s S3 configuration keys, e.g.
+/// `aws_endpoint` ("http://127.0.0.1:8333"), `aws_access_key_id`, `aws_secret_access_key`,
+/// `aws_region`, `aws_allow_http` ("true"), `aws_virtual_hosted_style_request` ("false" for
+/// path-style addressing). Unknown keys are rejected at the next save or load. Not collective.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_set_storage_option(ctx: *mut dcp_context, key: *const c_char, value: *const c_char) -> dcp_status {
+    guard("dcp_context_set_storage_option", || {
+        let ctx = ref_arg(ctx, "ctx")?;
+        ctx.inner.set_storage_option(str_arg(key, "key")?, str_arg(value, "value")?);
+        Ok(())
+    })
+}
+
 /// Whether CUDA is usable in this process (a driver and at least one device). Never fails.
 #[no_mangle]
 pub extern "C" fn dcp_cuda_available() -> bool {

@@ -1,6 +1,7 @@
 //! Where checkpoint files live. The engine talks to a [`Storage`] only; the file system is the
 //! first backend, an in-memory one serves tests, object stores come later.
 
+pub mod fault;
 pub mod fs;
 pub mod mem;
 #[cfg(feature = "s3")]
@@ -53,6 +54,11 @@ pub trait Storage: Send + Sync {
     fn describe(&self, name: &str) -> String;
     /// Creates the checkpoint location if needed.
     fn prepare(&self) -> Result<()>;
+    /// Checks the location can be reached (a bucket exists and the credentials work), without
+    /// creating anything.
+    fn check_reachable(&self) -> Result<()> {
+        Ok(())
+    }
     fn exists(&self, name: &str) -> Result<bool>;
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>>;
     /// Reads a whole (small) file.
@@ -95,14 +101,14 @@ pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Arc<dyn
     }
     if location.starts_with("s3://") {
         #[cfg(feature = "s3")]
-        return Ok(Arc::new(s3::S3Storage::new(location, options)?));
+        return Ok(fault::wrap(Arc::new(s3::S3Storage::new(location, options)?)));
         #[cfg(not(feature = "s3"))]
         return Err(crate::error::Error::unsupported(format!(
             "{location}: this build of libdcp has no S3 support (the `s3` feature)"
         )));
     }
     let _ = options;
-    Ok(Arc::new(fs::FsStorage::new(location)))
+    Ok(fault::wrap(Arc::new(fs::FsStorage::new(location))))
 }
 
 #[cfg(test)]

@@ -27,16 +27,27 @@ const PART_BYTES: usize = 16 << 20;
 /// Parts in flight per uploaded file.
 const PARTS_IN_FLIGHT: usize = 8;
 
+/// libdcp's runtime for this process. A child made by fork() inherits the parent's runtime
+/// without its threads: it gets a new one (the inherited one is left alone, never dropped).
 fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .thread_name("dcp-s3")
-            .enable_all()
-            .build()
-            .expect("the S3 runtime starts")
-    })
+    static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut g = RT.lock().unwrap_or_else(|p| p.into_inner());
+    match *g {
+        Some((owner, rt)) if owner == pid => rt,
+        _ => {
+            let rt: &'static tokio::runtime::Runtime = Box::leak(Box::new(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(4)
+                    .thread_name("dcp-s3")
+                    .enable_all()
+                    .build()
+                    .expect("the S3 runtime starts"),
+            ));
+            *g = Some((pid, rt));
+            rt
+        }
+    }
 }
 
 /// Runs a future on libdcp's runtime and waits for it, from any thread (also from inside the
@@ -271,8 +282,12 @@ impl Storage for S3Storage {
         self.url(name)
     }
 
-    /// Checks that the bucket is reachable with these credentials (nothing to create).
     fn prepare(&self) -> Result<()> {
+        self.check_reachable()
+    }
+
+    /// Checks that the bucket exists and these credentials may list it.
+    fn check_reachable(&self) -> Result<()> {
         let prefix = if self.prefix.is_empty() {
             None
         } else {

@@ -78,6 +78,9 @@ class Context:
         check(lib().dcp_context_staging_bytes(self.h, ctypes.byref(p), ctypes.byref(h)))
         return p.value, h.value
 
+    def set_storage_option(self, key, value):
+        check(lib().dcp_context_set_storage_option(self.h, key.encode(), str(value).encode()))
+
     def set_staging_budget(self, nbytes):
         check(lib().dcp_context_set_staging_budget(self.h, ctypes.c_uint64(nbytes)))
 
