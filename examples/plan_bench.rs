@@ -4,7 +4,7 @@
 //!
 //!   cargo run --release --example plan_bench [RANKS] [TENSORS]
 
-use dcp::format::metadata::{default_path, EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
+use dcp::format::metadata::{default_path, StorageInfo};
 use dcp::mesh::{DeviceMesh, Placement};
 use dcp::plan::save::{GlobalPlan, LocalItem, LocalKind, LocalPlan, Plans};
 use dcp::plan::stable_hash;
@@ -62,44 +62,18 @@ fn main() {
     }
     let t_mine = t.elapsed();
 
-    // Rank 0 after the writes: every chunk into `.metadata`.
+    // Rank 0 after the writes: every chunk into `.metadata` (as the commit does it).
     let t = Instant::now();
-    let mut md = Metadata {
-        version: Some("1.0.0".into()),
-        ..Default::default()
-    };
     let mut chunks_total = 0usize;
-    for e in &plan.entries {
-        let chunks = plan.chunks_of(e);
-        chunks_total += chunks.len();
-        let dcp::plan::save::GlobalKind::Sharded { dtype, global_shape, .. } = &e.kind else {
-            unreachable!()
-        };
-        md.planner_data.push((e.fqn.clone(), e.path.clone()));
-        for (ci, c) in chunks.iter().enumerate() {
-            md.storage.push((
-                StorageIndex {
-                    fqn: e.fqn.clone(),
-                    offset: Some(c.region.offsets.clone()),
-                    index: Some(ci as u64),
-                },
-                StorageInfo {
-                    relative_path: format!("__{}_0.distcp", c.writer),
-                    offset: (ci as u64) << 20,
-                    length: c.region.numel() * 2 + 1600,
-                },
-            ));
-        }
-        md.entries.push((
-            e.fqn.clone(),
-            EntryMeta::Tensor(TensorMeta {
-                dtype: Some(*dtype),
-                dtype_name: dtype.torch_name().into(),
-                size: global_shape.clone(),
-                chunks: chunks.into_iter().map(|c| c.region).collect(),
-            }),
-        ));
-    }
+    let md = dcp::engine::save::metadata_of(&plan, "/bench", "bench", |_, _| {
+        chunks_total += 1;
+        Some(StorageInfo {
+            relative_path: format!("__{}_0.distcp", chunks_total % ranks as usize),
+            offset: (chunks_total as u64) << 20,
+            length: 1 << 20,
+        })
+    })
+    .unwrap();
     let t_md = t.elapsed();
     let t = Instant::now();
     let bytes = md.encode();

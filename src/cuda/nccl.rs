@@ -141,24 +141,18 @@ impl Comm {
 
     /// Queues sending `len` bytes at device address `buf` to rank `peer`.
     pub fn send(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
-        let a = api()?;
-        check("ncclSend", unsafe {
-            (a.send)(
-                buf as *mut c_void,
-                len,
-                ncclDataType_t::ncclUint8,
-                peer as c_int,
-                self.raw,
-                stream.raw_handle(),
-            )
-        })
+        self.p2p("ncclSend", |a| a.send, buf, len, peer, stream)
     }
 
     /// Queues receiving `len` bytes from rank `peer` into device address `buf`.
     pub fn recv(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+        self.p2p("ncclRecv", |a| a.recv, buf, len, peer, stream)
+    }
+
+    fn p2p(&self, what: &str, f: impl Fn(&Api) -> SendRecv, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
         let a = api()?;
-        check("ncclRecv", unsafe {
-            (a.recv)(
+        check(what, unsafe {
+            f(a)(
                 buf as *mut c_void,
                 len,
                 ncclDataType_t::ncclUint8,

@@ -431,6 +431,64 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
     Ok(new_save_id())
 }
 
+/// The `.metadata` of a save plan, given where each written item went (`stored(key, chunk
+/// offsets)`; offsets are `None` for objects).
+pub fn metadata_of(
+    plan: &GlobalPlan,
+    location: &str,
+    save_id: &str,
+    mut stored: impl FnMut(&str, Option<&[u64]>) -> Option<StorageInfo>,
+) -> Result<Metadata> {
+    let mut md = Metadata {
+        checkpoint_id: Some(location.to_string()),
+        save_id: Some(save_id.to_string()),
+        version: Some("1.0.0".into()),
+        ..Default::default()
+    };
+    let missing = |fqn: &str| Error::internal(format!("no rank reported writing key {fqn:?}"));
+    for e in &plan.entries {
+        md.planner_data.push((e.fqn.clone(), e.path.clone()));
+        match &e.kind {
+            GlobalKind::Object { .. } => {
+                md.entries.push((e.fqn.clone(), EntryMeta::Bytes));
+                let info = stored(&e.fqn, None).ok_or_else(|| missing(&e.fqn))?;
+                md.storage.push((
+                    StorageIndex {
+                        fqn: e.fqn.clone(),
+                        offset: None,
+                        index: None,
+                    },
+                    info,
+                ));
+            }
+            GlobalKind::Tensor { dtype, global_shape, .. } | GlobalKind::Sharded { dtype, global_shape, .. } => {
+                let chunks = plan.chunks_of(e);
+                for (ci, c) in chunks.iter().enumerate() {
+                    let info = stored(&e.fqn, Some(&c.region.offsets)).ok_or_else(|| missing(&e.fqn))?;
+                    md.storage.push((
+                        StorageIndex {
+                            fqn: e.fqn.clone(),
+                            offset: Some(c.region.offsets.clone()),
+                            index: Some(ci as u64),
+                        },
+                        info,
+                    ));
+                }
+                md.entries.push((
+                    e.fqn.clone(),
+                    EntryMeta::Tensor(TensorMeta {
+                        dtype: Some(*dtype),
+                        dtype_name: dtype.torch_name().to_string(),
+                        size: global_shape.clone(),
+                        chunks: chunks.into_iter().map(|c| c.region).collect(),
+                    }),
+                ));
+            }
+        }
+    }
+    Ok(md)
+}
+
 /// `__{rank}_{n}.distcp`, the data files torch's FileSystemWriter and libdcp write.
 pub fn is_data_file(name: &str) -> bool {
     name.strip_prefix("__")
@@ -524,71 +582,23 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
             items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
         }
     }
+    let md = metadata_of(plan, location, save_id, |fqn, offsets| {
+        items.get(&(fqn.to_string(), offsets.map(<[u64]>::to_vec))).map(|it| StorageInfo {
+            relative_path: it.file.clone(),
+            offset: it.offset,
+            length: it.length,
+        })
+    })?;
     let file_index: HashMap<&str, u32> = files.iter().enumerate().map(|(i, f)| (f.name.as_str(), i as u32)).collect();
-    let mut md = Metadata {
-        checkpoint_id: Some(location.to_string()),
-        save_id: Some(save_id.to_string()),
-        version: Some("1.0.0".into()),
-        ..Default::default()
-    };
-    let mut blocks = Vec::new();
-    let missing = |fqn: &str| Error::internal(format!("no rank reported writing key {fqn:?}"));
-    for e in &plan.entries {
-        md.planner_data.push((e.fqn.clone(), e.path.clone()));
-        match &e.kind {
-            GlobalKind::Object { .. } => {
-                md.entries.push((e.fqn.clone(), EntryMeta::Bytes));
-                let it = items.get(&(e.fqn.clone(), None)).ok_or_else(|| missing(&e.fqn))?;
-                md.storage.push((
-                    StorageIndex {
-                        fqn: e.fqn.clone(),
-                        offset: None,
-                        index: None,
-                    },
-                    StorageInfo {
-                        relative_path: it.file.clone(),
-                        offset: it.offset,
-                        length: it.length,
-                    },
-                ));
-            }
-            GlobalKind::Tensor { dtype, global_shape, .. } | GlobalKind::Sharded { dtype, global_shape, .. } => {
-                let chunks = plan.chunks_of(e);
-                md.entries.push((
-                    e.fqn.clone(),
-                    EntryMeta::Tensor(TensorMeta {
-                        dtype: Some(*dtype),
-                        dtype_name: dtype.torch_name().to_string(),
-                        size: global_shape.clone(),
-                        chunks: chunks.iter().map(|c| c.region.clone()).collect(),
-                    }),
-                ));
-                for (ci, c) in chunks.iter().enumerate() {
-                    let it = items
-                        .get(&(e.fqn.clone(), Some(c.region.offsets.clone())))
-                        .ok_or_else(|| missing(&e.fqn))?;
-                    md.storage.push((
-                        StorageIndex {
-                            fqn: e.fqn.clone(),
-                            offset: Some(c.region.offsets.clone()),
-                            index: Some(ci as u64),
-                        },
-                        StorageInfo {
-                            relative_path: it.file.clone(),
-                            offset: it.offset,
-                            length: it.length,
-                        },
-                    ));
-                    if let Some(b) = &it.block {
-                        blocks.push(sidecar::BlockRecord {
-                            file: file_index[it.file.as_str()],
-                            ..b.clone()
-                        });
-                    }
-                }
-            }
-        }
-    }
+    let blocks: Vec<sidecar::BlockRecord> = items
+        .values()
+        .filter_map(|it| {
+            it.block.as_ref().map(|b| sidecar::BlockRecord {
+                file: file_index[it.file.as_str()],
+                ..b.clone()
+            })
+        })
+        .collect();
     let md_bytes = md.encode();
     let sc = Sidecar {
         format_version: sidecar::FORMAT_VERSION,

@@ -41,15 +41,7 @@ impl ReadHandle for FsRead {
         self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > self.len) {
-            return Err(Error::corrupt(format!(
-                "{}: needs bytes {offset}..{} but the file has {} bytes (truncated?)",
-                self.path.display(),
-                offset.saturating_add(buf.len() as u64),
-                self.len
-            )));
-        }
+        super::check_range(&self.path.display(), offset, buf.len(), self.len)?;
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io(&format!("reading {} bytes at offset {offset} of", buf.len()), &self.path, e))

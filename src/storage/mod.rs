@@ -33,6 +33,17 @@ pub trait ReadHandle: Send + Sync {
     }
 }
 
+/// The error for a read past the end of a stored file (`what` names it).
+pub fn check_range(what: &dyn std::fmt::Display, offset: u64, len: usize, file_len: u64) -> Result<()> {
+    if offset.checked_add(len as u64).is_none_or(|e| e > file_len) {
+        return Err(crate::error::Error::corrupt(format!(
+            "{what}: needs bytes {offset}..{} but it has {file_len} bytes (truncated?)",
+            offset.saturating_add(len as u64)
+        )));
+    }
+    Ok(())
+}
+
 /// Alignment of direct (O_DIRECT) I/O.
 pub const DIRECT_ALIGN: usize = 4096;
 

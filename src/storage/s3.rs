@@ -185,15 +185,7 @@ impl ReadHandle for S3Read {
         self.len
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > self.len) {
-            return Err(Error::corrupt(format!(
-                "{}: needs bytes {offset}..{} but the object has {} bytes (truncated?)",
-                self.url,
-                offset + buf.len() as u64,
-                self.len
-            )));
-        }
+        super::check_range(&self.url, offset, buf.len(), self.len)?;
         if buf.is_empty() {
             return Ok(());
         }

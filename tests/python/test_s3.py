@@ -18,22 +18,11 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 
 import libdcp as L  # noqa: E402
-from multirank import full_tensor, run  # noqa: E402
+from multirank import free_ports, full_tensor, run  # noqa: E402
 from test_multirank import DUMMY, fsdp, hsdp, load_rank, model_and_adam, save_rank  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 ACCESS, SECRET, BUCKET = "libdcp-test", "libdcp-test-secret", "libdcp"
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def port_pairs(n):
