@@ -62,26 +62,38 @@ pub enum dcp_status {
     DCP_ERROR_BUSY = 16,
 }
 
+/// Every status with its name (NUL-terminated for C).
+const STATUSES: [(dcp_status, &str); 17] = {
+    use dcp_status::*;
+    [
+        (DCP_OK, "DCP_OK\0"),
+        (DCP_ERROR_NULL_ARGUMENT, "DCP_ERROR_NULL_ARGUMENT\0"),
+        (DCP_ERROR_INVALID_ARGUMENT, "DCP_ERROR_INVALID_ARGUMENT\0"),
+        (DCP_ERROR_IO, "DCP_ERROR_IO\0"),
+        (DCP_ERROR_CORRUPT, "DCP_ERROR_CORRUPT\0"),
+        (DCP_ERROR_CHECKSUM, "DCP_ERROR_CHECKSUM\0"),
+        (DCP_ERROR_NOT_FOUND, "DCP_ERROR_NOT_FOUND\0"),
+        (DCP_ERROR_MISMATCH, "DCP_ERROR_MISMATCH\0"),
+        (DCP_ERROR_ALREADY_EXISTS, "DCP_ERROR_ALREADY_EXISTS\0"),
+        (DCP_ERROR_COMM, "DCP_ERROR_COMM\0"),
+        (DCP_ERROR_TIMEOUT, "DCP_ERROR_TIMEOUT\0"),
+        (DCP_ERROR_UNSUPPORTED, "DCP_ERROR_UNSUPPORTED\0"),
+        (DCP_ERROR_CUDA, "DCP_ERROR_CUDA\0"),
+        (DCP_ERROR_INTERNAL, "DCP_ERROR_INTERNAL\0"),
+        (DCP_ERROR_BUFFER_TOO_SMALL, "DCP_ERROR_BUFFER_TOO_SMALL\0"),
+        (DCP_ERROR_NO_SPACE, "DCP_ERROR_NO_SPACE\0"),
+        (DCP_ERROR_BUSY, "DCP_ERROR_BUSY\0"),
+    ]
+};
+
 impl dcp_status {
+    /// The status of an error kind (their numbers agree, see `ErrorKind::code`).
     fn from_kind(kind: ErrorKind) -> dcp_status {
-        use dcp_status::*;
-        match kind.code() {
-            2 => DCP_ERROR_INVALID_ARGUMENT,
-            3 => DCP_ERROR_IO,
-            4 => DCP_ERROR_CORRUPT,
-            5 => DCP_ERROR_CHECKSUM,
-            6 => DCP_ERROR_NOT_FOUND,
-            7 => DCP_ERROR_MISMATCH,
-            8 => DCP_ERROR_ALREADY_EXISTS,
-            9 => DCP_ERROR_COMM,
-            10 => DCP_ERROR_TIMEOUT,
-            11 => DCP_ERROR_UNSUPPORTED,
-            12 => DCP_ERROR_CUDA,
-            14 => DCP_ERROR_BUFFER_TOO_SMALL,
-            15 => DCP_ERROR_NO_SPACE,
-            16 => DCP_ERROR_BUSY,
-            _ => DCP_ERROR_INTERNAL,
-        }
+        STATUSES
+            .iter()
+            .map(|(s, _)| *s)
+            .find(|s| *s as i32 == kind.code())
+            .unwrap_or(dcp_status::DCP_ERROR_INTERNAL)
     }
 }
 
@@ -271,47 +283,9 @@ pub extern "C" fn dcp_version() -> *const c_char {
 /// values this version does not define). Never NULL.
 #[no_mangle]
 pub extern "C" fn dcp_status_name(status: i32) -> *const c_char {
-    use dcp_status::*;
-    let all = [
-        DCP_OK,
-        DCP_ERROR_NULL_ARGUMENT,
-        DCP_ERROR_INVALID_ARGUMENT,
-        DCP_ERROR_IO,
-        DCP_ERROR_CORRUPT,
-        DCP_ERROR_CHECKSUM,
-        DCP_ERROR_NOT_FOUND,
-        DCP_ERROR_MISMATCH,
-        DCP_ERROR_ALREADY_EXISTS,
-        DCP_ERROR_COMM,
-        DCP_ERROR_TIMEOUT,
-        DCP_ERROR_UNSUPPORTED,
-        DCP_ERROR_CUDA,
-        DCP_ERROR_INTERNAL,
-        DCP_ERROR_BUFFER_TOO_SMALL,
-        DCP_ERROR_NO_SPACE,
-        DCP_ERROR_BUSY,
-    ];
-    let name: &'static str = match all.iter().find(|s| **s as i32 == status) {
-        Some(s) => match s {
-            DCP_OK => "DCP_OK\0",
-            DCP_ERROR_NULL_ARGUMENT => "DCP_ERROR_NULL_ARGUMENT\0",
-            DCP_ERROR_INVALID_ARGUMENT => "DCP_ERROR_INVALID_ARGUMENT\0",
-            DCP_ERROR_IO => "DCP_ERROR_IO\0",
-            DCP_ERROR_CORRUPT => "DCP_ERROR_CORRUPT\0",
-            DCP_ERROR_CHECKSUM => "DCP_ERROR_CHECKSUM\0",
-            DCP_ERROR_NOT_FOUND => "DCP_ERROR_NOT_FOUND\0",
-            DCP_ERROR_MISMATCH => "DCP_ERROR_MISMATCH\0",
-            DCP_ERROR_ALREADY_EXISTS => "DCP_ERROR_ALREADY_EXISTS\0",
-            DCP_ERROR_COMM => "DCP_ERROR_COMM\0",
-            DCP_ERROR_TIMEOUT => "DCP_ERROR_TIMEOUT\0",
-            DCP_ERROR_UNSUPPORTED => "DCP_ERROR_UNSUPPORTED\0",
-            DCP_ERROR_CUDA => "DCP_ERROR_CUDA\0",
-            DCP_ERROR_INTERNAL => "DCP_ERROR_INTERNAL\0",
-            DCP_ERROR_BUFFER_TOO_SMALL => "DCP_ERROR_BUFFER_TOO_SMALL\0",
-            DCP_ERROR_NO_SPACE => "DCP_ERROR_NO_SPACE\0",
-            DCP_ERROR_BUSY => "DCP_ERROR_BUSY\0",
-        },
-        None => "DCP_UNKNOWN_STATUS\0",
-    };
+    let name = STATUSES
+        .iter()
+        .find(|(s, _)| *s as i32 == status)
+        .map_or("DCP_UNKNOWN_STATUS\0", |(_, n)| n);
     name.as_ptr() as *const c_char
 }
