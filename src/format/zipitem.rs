@@ -630,6 +630,14 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         st.method == 0,
         Error::unsupported(format!("{what}: compressed tensor storage is not supported"))
     );
+    // A stored record's data is its compressed bytes: the size read must be the one bounded.
+    ensure!(
+        st.size == st.compressed_size,
+        bad(&format!(
+            "record {storage_name} is stored uncompressed but lists {} bytes and {} compressed",
+            st.size, st.compressed_size
+        ))
+    );
     let lh = fetch(st.header_offset, LOCAL_HEADER_LEN.min(len - st.header_offset))?;
     let data_offset = local_data_offset(&lh, st, len, what)?;
     let extent = crate::tensor::strided_extent_bytes(&sizes, &strides, dtype.size())?;
