@@ -395,7 +395,7 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
     if e >= 20 && le32(tail, e - 20) == EOCD64_LOCATOR_SIG {
         let eocd64 = le64(tail, e - 20 + 8);
         ensure!(
-            eocd64 >= tail_start && eocd64 + 56 <= len,
+            eocd64 >= tail_start && eocd64.checked_add(56).is_some_and(|e| e <= len),
             bad("zip64 end record outside the archive tail")
         );
         let r = (eocd64 - tail_start) as usize;
