@@ -90,6 +90,13 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 );
                 let mut covered = 0u64;
                 for chunk in &tm.chunks {
+                    chunk.check_within(&tm.size).map_err(|err| {
+                        Error::corrupt(format!(
+                            "key {:?}: the checkpoint metadata lists a chunk outside the tensor: {}",
+                            e.fqn,
+                            err.message()
+                        ))
+                    })?;
                     let Some(overlap) = chunk.intersect(&t.region) else {
                         continue;
                     };
