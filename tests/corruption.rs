@@ -425,3 +425,103 @@ fn one_changed_byte_is_an_error_or_irrelevant() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Single-byte edits of `.metadata` that keep it a valid pickle and point a load at the wrong
+/// bytes, in a checkpoint without a sidecar (torch writes none): the zip CRCs cannot catch them,
+/// since every item read is intact. Found by reasoning about where random flips could be
+/// silent; each must be an error.
+#[test]
+fn metadata_edits_that_keep_crcs_valid_are_errors() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("libdcp-corruption-md-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rng = Rng(7);
+    // Only evenly split tensors: both ranks' files have the same layout.
+    let keys: Vec<Key> = keys(&mut rng)
+        .into_iter()
+        .filter(|k| k.fqn == "model.big" || k.fqn == "model.small")
+        .collect();
+    save_fixture_tensors_only(&dir, &keys);
+    std::fs::remove_file(dir.join(".libdcp")).unwrap();
+    let md = std::fs::read(dir.join(".metadata")).unwrap();
+    let load = |dir: &Path| load_tensors(dir, &keys);
+    assert!(load(&dir).unwrap());
+
+    // (a) The second chunk of "model.big" starts at row 1280 (BININT2 00 05); one byte makes it
+    //     row 1024: the chunks overlap in rows 1024..1280 and leave rows 2304..2560 unwritten,
+    //     with the same element count as before.
+    let at = find(&md, b"M\x00\x05K\x00").expect("offsets (1280, 0) in .metadata");
+    let mut edited = md.clone();
+    edited[at + 2] = 0x04;
+    std::fs::write(dir.join(".metadata"), &edited).unwrap();
+    let r = load(&dir);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::Corrupt),
+        "overlapping chunks: {:?}",
+        r.map_err(|e| e.to_string())
+    );
+    println!("overlapping chunks: {}", r.unwrap_err());
+
+    // (b) "__1_0.distcp" -> "__0_0.distcp": rank 1's chunks now point into rank 0's file, at
+    //     offsets where rank 0 stored its own chunks of the same shapes (intact items, good CRCs).
+    let at = find(&md, b"__1_0.distcp").expect("rank 1's file name in .metadata");
+    let mut edited = md.clone();
+    edited[at + 2] = b'0';
+    std::fs::write(dir.join(".metadata"), &edited).unwrap();
+    let r = load(&dir);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::Corrupt),
+        "items read twice: {:?}",
+        r.map_err(|e| e.to_string())
+    );
+    println!("two chunks in one item: {}", r.unwrap_err());
+
+    std::fs::write(dir.join(".metadata"), &md).unwrap();
+    assert!(load(&dir).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn save_fixture_tensors_only(dir: &Path, keys: &[Key]) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::thread::scope(|s| {
+        for rank in 0..2u64 {
+            s.spawn(move || {
+                let ctx = Context::with_communicator(Box::new(
+                    TcpComm::connect(rank as usize, 2, "127.0.0.1", port, Duration::from_secs(30)).unwrap(),
+                ));
+                let mut pieces: Vec<(Vec<u64>, Vec<u64>, Vec<u8>)> = keys
+                    .iter()
+                    .map(|k| {
+                        let mut offsets = vec![0; k.shape.len()];
+                        let mut sizes = k.shape.clone();
+                        sizes[0] = k.shape[0] / 2;
+                        offsets[0] = rank * sizes[0];
+                        let b = sub_box(&k.data, &k.shape, k.dtype.size(), &offsets, &sizes);
+                        (offsets, sizes, b)
+                    })
+                    .collect();
+                let mut st = State::new();
+                for (k, (offsets, sizes, b)) in keys.iter().zip(pieces.iter_mut()) {
+                    st.add_tensor_chunk(k.fqn, TensorView::from_bytes(b, k.dtype, sizes).unwrap(), &k.shape, offsets)
+                        .unwrap();
+                }
+                save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+            });
+        }
+    });
+}
+
+fn load_tensors(dir: &Path, keys: &[Key]) -> dcp::Result<bool> {
+    let ctx = Context::local();
+    let mut bufs: Vec<Vec<u8>> = keys.iter().map(|k| vec![0xA5; k.data.len()]).collect();
+    let mut st = State::new();
+    for (k, b) in keys.iter().zip(bufs.iter_mut()) {
+        st.add_tensor(k.fqn, TensorView::from_bytes(b, k.dtype, &k.shape).unwrap()).unwrap();
+    }
+    load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default())?;
+    drop(st);
+    Ok(keys.iter().zip(&bufs).all(|(k, b)| *b == k.data))
+}
