@@ -177,6 +177,11 @@ impl TcpComm {
                     match s.read_exact(&mut ack) {
                         Ok(()) if u32::from_le_bytes(ack) == MAGIC => return Ok(s),
                         Ok(()) => return Err(Error::comm(format!("{addr}:{port} is not a libdcp rendezvous"))),
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+                            return Err(Error::comm(format!(
+                                "rank {rank} waiting for the other ranks to join at {addr}:{port}: rank 0 closed the connection (did its process exit?)"
+                            )))
+                        }
                         Err(e) => {
                             return Err(io_err(
                                 format!("rank {rank} waiting for the other ranks to join at {addr}:{port}"),
