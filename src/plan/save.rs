@@ -12,7 +12,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
-use crate::mesh::{region_at, DeviceMesh, Placement};
+use crate::mesh::{check_placements, region_at, DeviceMesh, Placement};
 use crate::region::Region;
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
@@ -102,6 +102,50 @@ impl LocalPlan {
     pub fn decode(data: &[u8], rank: usize) -> Result<LocalPlan> {
         postcard::from_bytes(data).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
     }
+
+    /// Checks what building the global plan relies on (meshes well formed, placements fit the
+    /// mesh and the tensor, boxes inside their tensors, element counts in range): a plan decoded
+    /// from another rank has not been through `State`'s checks.
+    pub fn validate(&self, whose: &str) -> Result<()> {
+        for m in &self.meshes {
+            DeviceMesh::new(m.shape(), Some(m.ranks()), Some(m.dim_names())).map_err(|e| e.context(format!("save plan of {whose}")))?;
+        }
+        for it in &self.items {
+            let ctx = |e: Error| e.context(format!("save plan of {whose}, key {:?}", it.fqn));
+            match &it.kind {
+                LocalKind::Object => {}
+                LocalKind::Tensor {
+                    dtype,
+                    global_shape,
+                    region,
+                } => {
+                    tensor_bytes(*dtype, global_shape).map_err(ctx)?;
+                    region.check_within(global_shape).map_err(ctx)?;
+                }
+                LocalKind::Sharded {
+                    dtype,
+                    global_shape,
+                    mesh,
+                    placements,
+                } => {
+                    tensor_bytes(*dtype, global_shape).map_err(ctx)?;
+                    let m = self
+                        .meshes
+                        .get(*mesh as usize)
+                        .ok_or_else(|| ctx(Error::invalid(format!("mesh {mesh} is not in the plan"))))?;
+                    check_placements(m, placements, global_shape.len()).map_err(ctx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a tensor of `shape`, checked to fit in 64 bits.
+fn tensor_bytes(dtype: DType, shape: &[u64]) -> Result<u64> {
+    crate::tensor::numel(shape)?
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| Error::invalid(format!("a {dtype} tensor of shape {shape:?} has more bytes than 64 bits count")))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -233,8 +277,16 @@ fn unravel(mut i: u64, shape: &[u32]) -> Vec<u32> {
 impl GlobalPlan {
     pub fn build(plans: Plans) -> Result<GlobalPlan> {
         match plans {
-            Plans::Uniform(p, world) => Self::build_uniform(p, world),
-            Plans::PerRank(ps) => Self::build_per_rank(ps),
+            Plans::Uniform(p, world) => {
+                p.validate("this rank")?;
+                Self::build_uniform(p, world)
+            }
+            Plans::PerRank(ps) => {
+                for (r, p) in ps.iter().enumerate() {
+                    p.validate(&format!("rank {r}"))?;
+                }
+                Self::build_per_rank(ps)
+            }
         }
     }
 
