@@ -496,7 +496,8 @@ impl GlobalPlan {
         for e in &plan.entries {
             if let GlobalKind::Sharded { dtype, .. } = &e.kind {
                 for c in plan.chunks_of(e) {
-                    preload[c.writer as usize] += c.region.numel() * dtype.size() as u64;
+                    let p = &mut preload[c.writer as usize];
+                    *p = p.saturating_add(c.region.numel() * dtype.size() as u64);
                 }
             }
         }
@@ -517,7 +518,7 @@ impl GlobalPlan {
                 .iter()
                 .min_by_key(|&&r| (load[r as usize], r))
                 .expect("a chunk has a holder");
-            load[writer as usize] += w.bytes.max(1);
+            load[writer as usize] = load[writer as usize].saturating_add(w.bytes.max(1));
             match &mut self.entries[w.entry].kind {
                 GlobalKind::Tensor { chunks, .. } => chunks[w.chunk].writer = writer,
                 GlobalKind::Object { writer: wr } => *wr = writer,
@@ -569,7 +570,7 @@ impl GlobalPlan {
                 GlobalKind::Object { .. } => continue,
             };
             for c in self.chunks_of(e) {
-                out[c.writer as usize] += c.region.numel() * elem;
+                out[c.writer as usize] = out[c.writer as usize].saturating_add(c.region.numel() * elem);
             }
         }
         out
@@ -628,7 +629,7 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
     for (r, holders) in chunks {
         r.check_within(shape)
             .map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
-        covered += r.numel();
+        covered = covered.saturating_add(r.numel());
     }
     // Sweep along dim 0: only chunks whose dim-0 ranges overlap can overlap.
     if !shape.is_empty() {
