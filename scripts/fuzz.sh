@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets/, bodies in fuzz/harness.rs) with cargo-fuzz
-# (libFuzzer) for a bounded time each, then merges inputs that add coverage into the committed
-# corpus (fuzz/corpus/<target>/, replayed by `cargo test --test fuzz_corpus`). Not part of
-# scripts/test.sh: it needs cargo-fuzz and takes minutes.
+# (libFuzzer) for a bounded time each, keeping the growing corpus in fuzz/work/<target>/, then
+# refreshes the small committed corpus (fuzz/corpus/<target>/: seeds plus a few minimised
+# inputs), which `cargo test --test fuzz_corpus` replays with fuzz/regressions/ (and
+# fuzz/work/ when present). Not part of scripts/test.sh: it needs cargo-fuzz and takes minutes.
 #
 #   usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     (default 60 s, every target)
 #   env:   FUZZ_JOBS=N     parallel fuzzing processes per target (default 1)
-#          FUZZ_MERGE=0    do not merge new inputs into fuzz/corpus/
+#          FUZZ_MERGE=0    leave fuzz/corpus/ alone; FUZZ_KEEP=N minimised inputs kept there (64)
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). Only stable Rust is needed: libFuzzer's
 # sanitizer-coverage flags are nightly-only, so the script sets RUSTC_BOOTSTRAP=1.
@@ -55,8 +56,17 @@ for t in "${TARGETS[@]}"; do
     fi
     printf '%-10s %8s %12s %10s %8s  %s\n' "$t" "$SECS" "$execs" "$eps" "$(ls "work/$t" | wc -l)" "$result"
     if [ "${FUZZ_MERGE:-1}" = 1 ] && [ $rc -eq 0 ]; then
-        # Keep the committed corpus small: only inputs that add coverage to it.
-        "$BIN/$t" -merge=1 "corpus/$t" "work/$t" >"$LOGS/$t.merge.log" 2>&1 || true
+        # The committed corpus stays small: the seeds (seed-*) and the FUZZ_KEEP (default 64)
+        # smallest inputs of a set-cover minimisation of everything found so far (min-*).
+        tmp="$(mktemp -d)"
+        "$BIN/$t" -set_cover_merge=1 "$tmp" "corpus/$t" "work/$t" >"$LOGS/$t.merge.log" 2>&1 || true
+        rm -f "corpus/$t"/min-*
+        sha1sum "corpus/$t"/seed-* 2>/dev/null | cut -d' ' -f1 >"$tmp.seeds"
+        for f in $(ls -Sr "$tmp" | head -n "${FUZZ_KEEP:-64}"); do
+            grep -qx "$f" "$tmp.seeds" || cp "$tmp/$f" "corpus/$t/min-$f"
+        done
+        rm -f "$tmp.seeds"
+        rm -rf "$tmp"
     fi
 done
 exit $status

@@ -1,7 +1,8 @@
-//! Replays the fuzz corpus (`fuzz/corpus/<target>/*`, seeds and inputs the fuzzers kept) and the
-//! crashes they found and we fixed (`fuzz/regressions/<target>/*`) through the fuzz targets'
-//! own bodies (`fuzz/harness.rs`), on stable Rust: every input must come back without a panic.
-//! The fuzzers themselves run with `scripts/fuzz.sh` (cargo-fuzz, libFuzzer).
+//! Replays the fuzz corpus (`fuzz/corpus/<target>/*`: seeds and a few minimised inputs the
+//! fuzzers found), the crashes they found and we fixed (`fuzz/regressions/<target>/*`), and the
+//! local working corpus (`fuzz/work/<target>/*`, not committed) when there is one, through the
+//! fuzz targets' own bodies (`fuzz/harness.rs`), on stable Rust: every input must come back
+//! without a panic. The fuzzers themselves run with `scripts/fuzz.sh` (cargo-fuzz, libFuzzer).
 
 #[path = "../fuzz/harness.rs"]
 mod harness;
@@ -14,7 +15,7 @@ fn every_corpus_file_runs_without_a_panic() {
     let mut total = 0;
     for (name, f) in harness::TARGETS {
         let mut n = 0;
-        for dir in ["corpus", "regressions"] {
+        for dir in ["corpus", "regressions", "work"] {
             let Ok(rd) = std::fs::read_dir(root.join(dir).join(name)) else {
                 continue;
             };
