@@ -314,8 +314,11 @@ impl TcpComm {
                     Ok(()) => Self::recv(s, seq, deadline, "rank 0"),
                     // Rank 0 may have given up on this collective already (another rank
                     // failed), sent its reason and closed: the reason names the rank at fault.
+                    // Else, if rank 0's connection is gone, say so rather than "Broken pipe".
                     Err(e) => match Self::recv(s, seq, Instant::now() + Duration::from_secs(1), "rank 0") {
-                        Err(why) if why.message().starts_with(&format!("collective #{seq} failed on rank 0")) => Err(why),
+                        Err(why) if why.kind() == ErrorKind::Comm || why.message().starts_with(&format!("collective #{seq} failed")) => {
+                            Err(why)
+                        }
                         _ => Err(io_err("sending to rank 0".into(), e)),
                     },
                 }
