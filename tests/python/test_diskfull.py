@@ -86,6 +86,9 @@ class Mounted:
         if kind == "tmpfs":
             cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", self.dir]
         else:
+            if shutil.which("mkfs.ext4") is None:
+                self.cleanup()
+                raise unittest.SkipTest("mkfs.ext4 is not installed (e2fsprogs)")
             self.image = self.dir + ".img"
             with open(self.image, "wb") as f:
                 f.truncate(size_mib << 20)
@@ -100,7 +103,8 @@ class Mounted:
             raise unittest.SkipTest(f"cannot mount a {kind} ({' '.join(cmd)}): {r.stderr.strip() or r.returncode}")
 
     def cleanup(self):
-        subprocess.run(["umount", self.dir], capture_output=True)
+        if os.path.ismount(self.dir):
+            subprocess.run(["umount", self.dir], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         if self.image and os.path.exists(self.image):
             os.remove(self.image)
