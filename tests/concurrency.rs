@@ -178,3 +178,52 @@ fn async_save_in_flight_while_loading_another_checkpoint() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A communicator of one rank that garbles what the save gathers for its commit: the list of
+/// data files a rank reports no longer names the file its large item went to (as a message
+/// from a peer of another version, or damaged in transit, could).
+struct Garbling;
+
+impl dcp::comm::Communicator for Garbling {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_gather(&self, data: &[u8]) -> dcp::Result<Vec<Vec<u8>>> {
+        let mut d = data.to_vec();
+        if let Some(at) = d.windows(12).position(|w| w == b"__0_0.distcp") {
+            d[at + 4] = b'9';
+        }
+        Ok(vec![d])
+    }
+    fn broadcast(&self, data: &[u8], _root: usize) -> dcp::Result<Vec<u8>> {
+        Ok(data.to_vec())
+    }
+    fn barrier(&self) -> dcp::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_panic_in_the_async_save_thread_completes_its_future() {
+    let dir = tmp("garbled");
+    let ctx = Context::with_communicator(Box::new(Garbling));
+    // Larger than a 4 MiB block: its item has block CRCs that name its file.
+    let mut w = values(0, 0, 3 << 20);
+    let n = w.len() as u64;
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[n]).unwrap())
+        .unwrap();
+    let fut = save_async(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = fut.clone();
+    std::thread::spawn(move || tx.send(waiter.wait().map(|_| ())).unwrap());
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the async save's future never completed (its thread died?)");
+    assert!(r.is_err());
+    assert!(!dir.join(".metadata").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -116,7 +116,10 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
     *ctx.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(future.clone());
     let (ctx2, fut2, opts2) = (ctx.clone(), future.clone(), opts.clone());
     let spawned = std::thread::Builder::new().name("dcp-async-save".into()).spawn(move || {
-        let r = write_and_commit(&ctx2, &staged.state, &p, &opts2);
+        // A panic here must still complete the future: every later call on the context waits
+        // for it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
+            .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
         ctx2.inner
             .pool
