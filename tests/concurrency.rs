@@ -207,7 +207,7 @@ impl dcp::comm::Communicator for Garbling {
 }
 
 #[test]
-fn a_panic_in_the_async_save_thread_completes_its_future() {
+fn a_garbled_commit_message_is_an_error_and_the_async_future_completes() {
     let dir = tmp("garbled");
     let ctx = Context::with_communicator(Box::new(Garbling));
     // Larger than a 4 MiB block: its item has block CRCs that name its file.
@@ -216,6 +216,15 @@ fn a_panic_in_the_async_save_thread_completes_its_future() {
     let mut st = State::new();
     st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[n]).unwrap())
         .unwrap();
+    // Synchronously: an error naming the file, not a panic.
+    let sync = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).map(|_| ())
+    }));
+    match sync {
+        Ok(Err(e)) => assert!(e.message().contains("__0_0.distcp"), "{e}"),
+        Ok(Ok(())) => panic!("a save with a garbled commit message succeeded"),
+        Err(_) => panic!("save panicked on a garbled commit message"),
+    }
     let fut = save_async(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = fut.clone();
@@ -223,7 +232,10 @@ fn a_panic_in_the_async_save_thread_completes_its_future() {
     let r = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the async save's future never completed (its thread died?)");
-    assert!(r.is_err());
+    assert!(
+        r.is_err_and(|e| e.kind() == ErrorKind::Comm),
+        "the garbled message must be reported as such"
+    );
     assert!(!dir.join(".metadata").exists());
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -522,6 +522,13 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
     let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
     for (r, bytes) in all.iter().enumerate() {
         let w = Wire::<RankWrites>::decode(bytes, r)?.into_result(r)?;
+        // A rank's items are in its own files (the sidecar's block records index them).
+        if let Some(it) = w.items.iter().find(|it| !w.files.iter().any(|f| f.name == it.file)) {
+            return Err(Error::comm(format!(
+                "rank {r} reported key {:?} in data file {:?}, which is not among the files it reported writing",
+                it.fqn, it.file
+            )));
+        }
         files.extend(w.files);
         for it in w.items {
             items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
