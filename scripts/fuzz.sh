@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets/, bodies in fuzz/harness.rs) with cargo-fuzz
 # (libFuzzer) for a bounded time each, keeping the growing corpus in fuzz/work/<target>/, then
-# refreshes the small committed corpus (fuzz/corpus/<target>/: seeds plus a few minimised
+# refreshes the small committed corpus (fuzz/corpus/<target>/: seeds plus 64 minimised
 # inputs), which `cargo test --test fuzz_corpus` replays with fuzz/regressions/ (and
 # fuzz/work/ when present). Not part of scripts/test.sh: it needs cargo-fuzz and takes minutes.
 #
@@ -56,13 +56,13 @@ for t in "${TARGETS[@]}"; do
     fi
     printf '%-10s %8s %12s %10s %8s  %s\n' "$t" "$SECS" "$execs" "$eps" "$(ls "work/$t" | wc -l)" "$result"
     if [ "${FUZZ_MERGE:-1}" = 1 ] && [ $rc -eq 0 ]; then
-        # The committed corpus stays small: the seeds (seed-*) and the FUZZ_KEEP (default 64)
-        # smallest inputs of a set-cover minimisation of everything found so far (min-*).
+        # The committed corpus stays small: the seeds (seed-*) and FUZZ_KEEP (default 64) inputs
+        # of a set-cover minimisation of everything found so far, spread over its sizes (min-*).
         tmp="$(mktemp -d)"
         "$BIN/$t" -set_cover_merge=1 "$tmp" "corpus/$t" "work/$t" >"$LOGS/$t.merge.log" 2>&1 || true
         rm -f "corpus/$t"/min-*
         sha1sum "corpus/$t"/seed-* 2>/dev/null | cut -d' ' -f1 >"$tmp.seeds"
-        for f in $(ls -Sr "$tmp" | head -n "${FUZZ_KEEP:-64}"); do
+        for f in $(ls -Sr "$tmp" | awk -v k="${FUZZ_KEEP:-64}" '{a[NR] = $0} END {s = NR / k; if (s < 1) s = 1; for (i = 1; i <= NR && n < k; i += s) {print a[int(i)]; n++}}'); do
             grep -qx "$f" "$tmp.seeds" || cp "$tmp/$f" "corpus/$t/min-$f"
         done
         rm -f "$tmp.seeds"
