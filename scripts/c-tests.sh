@@ -3,6 +3,7 @@
 #   tests/c/test_capi.c    self-checking test of every function in include/dcp.h (C11)
 #   tests/c/header_cpp.cpp the header from C++17 (included twice)
 #   examples/save_load.c   the main example
+#   tests/c/test_peer_death.c  a peer rank exiting or freezing mid-collective (default SIGPIPE)
 # then runs test_capi again under valgrind (when installed), failing on errors or definite leaks.
 #
 #   usage: scripts/c-tests.sh            (from anywhere; builds libdcp first if it is missing)
@@ -54,6 +55,11 @@ step "compile examples/save_load.c (C11)"
     -o "$OUT/save_load" "${LINK[@]}" >"$SCRATCH/cc3.log" 2>&1 || die "save_load.c does not compile" "$SCRATCH/cc3.log"
 ok
 
+step "compile tests/c/test_peer_death.c (C11)"
+"$CC" -std=c11 -Wall -Wextra -Werror -pedantic -g -Iinclude tests/c/test_peer_death.c \
+    -o "$OUT/test_peer_death" "${LINK[@]}" >"$SCRATCH/cc4.log" 2>&1 || die "test_peer_death.c does not compile" "$SCRATCH/cc4.log"
+ok
+
 # 3. Run.
 step "run header_cpp"
 "$OUT/header_cpp" >"$SCRATCH/hdr.log" 2>&1 || die "header_cpp failed" "$SCRATCH/hdr.log"
@@ -78,6 +84,13 @@ if command -v valgrind >/dev/null 2>&1; then
     fi
 else
     ok "skipped: valgrind not installed"
+fi
+
+step "run test_peer_death"
+if "$OUT/test_peer_death" "$SCRATCH/peer" >"$SCRATCH/pd.log" 2>&1; then
+    ok "$(grep '^test_peer_death:' "$SCRATCH/pd.log" | sed 's/^test_peer_death: //')"
+else
+    die "test_peer_death failed (exit $?)" "$SCRATCH/pd.log"
 fi
 
 step "run examples/save_load"

@@ -40,6 +40,13 @@ mpi_example() {
     rm -rf "$d"
 }
 
+# The reliability steps append their tables of figures here (DCP_FIGURES).
+FIGURES="$LOGDIR/reliability.txt"
+
+reliability_rust() {
+    DCP_FIGURES="$FIGURES" cargo test --release --test corruption --test fuzz_corpus --test concurrency -- --nocapture
+}
+
 cli_tests() {
     cargo test --release --test cli &&
         DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
@@ -56,8 +63,13 @@ run_step "seed scenarios over N processes (TCP rendezvous)" "$PY" tests/python/t
 run_step "interop with torch.distributed (gloo, DTensor layouts)" "$PY" tests/python/test_torch_distributed.py
 run_step "C++ / LibTorch: headers, CMake package, resume, Python" scripts/cpp-tests.sh
 run_step "S3: a local SeaweedFS server, save/load/reshard, faults" "$PY" tests/python/test_s3.py
+run_step "reliability: 1-byte corruption, fuzz corpus, concurrency (Rust)" reliability_rust
+run_step "reliability: saves killed with SIGKILL (crash consistency)" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_crash.py
+run_step "reliability: disk full (tmpfs and ext4 loop mounts; root)" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_diskfull.py
+run_step "reliability: a rank killed or frozen mid-save/load" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_rank_death.py
+run_step "reliability: C API under ASan, LSan and UBSan" scripts/asan.sh
 
-echo "total: $(($(date +%s) - T0)) s; logs in $LOGDIR"
+echo "total: $(($(date +%s) - T0)) s; logs in $LOGDIR (reliability figures: $FIGURES)"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
     exit 1

@@ -126,11 +126,11 @@ impl DeviceMesh {
 /// the end.
 pub fn chunk(size: u64, n: u64, k: u64) -> (u64, u64) {
     let full = size.div_ceil(n);
-    let start = full * k;
+    let start = full.saturating_mul(k);
     if start >= size {
         return (0, size);
     }
-    ((start + full).min(size) - start, start)
+    (start.saturating_add(full).min(size) - start, start)
 }
 
 /// Checks placements against a mesh and a tensor rank.

@@ -40,6 +40,10 @@ impl Region {
     /// Checks the box lies inside a tensor of `shape`.
     pub fn check_within(&self, shape: &[u64]) -> Result<()> {
         ensure!(
+            self.offsets.len() == self.sizes.len(),
+            Error::invalid(format!("box with {} offsets and {} sizes", self.offsets.len(), self.sizes.len()))
+        );
+        ensure!(
             self.ndim() == shape.len(),
             Error::invalid(format!("box of rank {} for a tensor of rank {}", self.ndim(), shape.len()))
         );

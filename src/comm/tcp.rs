@@ -177,6 +177,11 @@ impl TcpComm {
                     match s.read_exact(&mut ack) {
                         Ok(()) if u32::from_le_bytes(ack) == MAGIC => return Ok(s),
                         Ok(()) => return Err(Error::comm(format!("{addr}:{port} is not a libdcp rendezvous"))),
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => {
+                            return Err(Error::comm(format!(
+                                "rank {rank} waiting for the other ranks to join at {addr}:{port}: rank 0 closed the connection (did its process exit?)"
+                            )))
+                        }
                         Err(e) => {
                             return Err(io_err(
                                 format!("rank {rank} waiting for the other ranks to join at {addr}:{port}"),
@@ -305,9 +310,18 @@ impl TcpComm {
             Links::Leaf(s) => {
                 // Wait longer than rank 0 does, so its explanation arrives before our own timeout.
                 let deadline = Instant::now() + timeout + timeout / 10 + Duration::from_secs(2);
-                Self::send(s, seq, KIND_DATA, data)
-                    .map_err(|e| io_err("sending to rank 0".into(), e))
-                    .and_then(|_| Self::recv(s, seq, deadline, "rank 0"))
+                match Self::send(s, seq, KIND_DATA, data) {
+                    Ok(()) => Self::recv(s, seq, deadline, "rank 0"),
+                    // Rank 0 may have given up on this collective already (another rank
+                    // failed), sent its reason and closed: the reason names the rank at fault.
+                    // Else, if rank 0's connection is gone, say so rather than "Broken pipe".
+                    Err(e) => match Self::recv(s, seq, Instant::now() + Duration::from_secs(1), "rank 0") {
+                        Err(why) if why.kind() == ErrorKind::Comm || why.message().starts_with(&format!("collective #{seq} failed")) => {
+                            Err(why)
+                        }
+                        _ => Err(io_err("sending to rank 0".into(), e)),
+                    },
+                }
             }
         };
         if let Err(e) = &result {
@@ -444,5 +458,27 @@ mod tests {
         for e in errs {
             assert!(e.message().contains("rank 2"), "{e}");
         }
+    }
+
+    #[test]
+    fn late_rank_learns_which_rank_failed_even_when_rank_0_is_gone() {
+        // Rank 1 dies; rank 0 fails the collective, tells rank 2 why and exits; rank 2 arrives
+        // late with a large contribution, whose send fails: its error still names rank 1.
+        let port = free_port();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let r0 = std::thread::spawn(move || {
+            let c = TcpComm::connect(0, 3, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
+            let e = c.all_gather(b"x").unwrap_err();
+            drop(c);
+            tx.send(()).unwrap();
+            e
+        });
+        let r1 = std::thread::spawn(move || drop(TcpComm::connect(1, 3, "127.0.0.1", port, Duration::from_secs(5)).unwrap()));
+        let c2 = TcpComm::connect(2, 3, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
+        r1.join().unwrap();
+        rx.recv().unwrap();
+        let e = c2.all_gather(&vec![7u8; 32 << 20]).unwrap_err();
+        assert!(e.message().contains("rank 1"), "{e}");
+        assert!(r0.join().unwrap().message().contains("rank 1"));
     }
 }

@@ -116,7 +116,10 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
     *ctx.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(future.clone());
     let (ctx2, fut2, opts2) = (ctx.clone(), future.clone(), opts.clone());
     let spawned = std::thread::Builder::new().name("dcp-async-save".into()).spawn(move || {
-        let r = write_and_commit(&ctx2, &staged.state, &p, &opts2);
+        // A panic here must still complete the future: every later call on the context waits
+        // for it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
+            .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
         ctx2.inner
             .pool
@@ -577,6 +580,13 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
     let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
     for (r, bytes) in all.iter().enumerate() {
         let w = Wire::<RankWrites>::decode(bytes, r)?.into_result(r)?;
+        // A rank's items are in its own files (the sidecar's block records index them).
+        if let Some(it) = w.items.iter().find(|it| !w.files.iter().any(|f| f.name == it.file)) {
+            return Err(Error::comm(format!(
+                "rank {r} reported key {:?} in data file {:?}, which is not among the files it reported writing",
+                it.fqn, it.file
+            )));
+        }
         files.extend(w.files);
         for it in w.items {
             items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);

@@ -395,7 +395,7 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
     if e >= 20 && le32(tail, e - 20) == EOCD64_LOCATOR_SIG {
         let eocd64 = le64(tail, e - 20 + 8);
         ensure!(
-            eocd64 >= tail_start && eocd64 + 56 <= len,
+            eocd64 >= tail_start && eocd64.checked_add(56).is_some_and(|e| e <= len),
             bad("zip64 end record outside the archive tail")
         );
         let r = (eocd64 - tail_start) as usize;
@@ -629,6 +629,14 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     ensure!(
         st.method == 0,
         Error::unsupported(format!("{what}: compressed tensor storage is not supported"))
+    );
+    // A stored record's data is its compressed bytes: the size read must be the one bounded.
+    ensure!(
+        st.size == st.compressed_size,
+        bad(&format!(
+            "record {storage_name} is stored uncompressed but lists {} bytes and {} compressed",
+            st.size, st.compressed_size
+        ))
     );
     let lh = fetch(st.header_offset, LOCAL_HEADER_LEN.min(len - st.header_offset))?;
     let data_offset = local_data_offset(&lh, st, len, what)?;

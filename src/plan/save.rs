@@ -12,7 +12,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
-use crate::mesh::{region_at, DeviceMesh, Placement};
+use crate::mesh::{check_placements, region_at, DeviceMesh, Placement};
 use crate::region::Region;
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
@@ -102,6 +102,50 @@ impl LocalPlan {
     pub fn decode(data: &[u8], rank: usize) -> Result<LocalPlan> {
         postcard::from_bytes(data).map_err(|e| Error::comm(format!("rank {rank} sent an unreadable save plan: {e}")))
     }
+
+    /// Checks what building the global plan relies on (meshes well formed, placements fit the
+    /// mesh and the tensor, boxes inside their tensors, element counts in range): a plan decoded
+    /// from another rank has not been through `State`'s checks.
+    pub fn validate(&self, whose: &str) -> Result<()> {
+        for m in &self.meshes {
+            DeviceMesh::new(m.shape(), Some(m.ranks()), Some(m.dim_names())).map_err(|e| e.context(format!("save plan of {whose}")))?;
+        }
+        for it in &self.items {
+            let ctx = |e: Error| e.context(format!("save plan of {whose}, key {:?}", it.fqn));
+            match &it.kind {
+                LocalKind::Object => {}
+                LocalKind::Tensor {
+                    dtype,
+                    global_shape,
+                    region,
+                } => {
+                    tensor_bytes(*dtype, global_shape).map_err(ctx)?;
+                    region.check_within(global_shape).map_err(ctx)?;
+                }
+                LocalKind::Sharded {
+                    dtype,
+                    global_shape,
+                    mesh,
+                    placements,
+                } => {
+                    tensor_bytes(*dtype, global_shape).map_err(ctx)?;
+                    let m = self
+                        .meshes
+                        .get(*mesh as usize)
+                        .ok_or_else(|| ctx(Error::invalid(format!("mesh {mesh} is not in the plan"))))?;
+                    check_placements(m, placements, global_shape.len()).map_err(ctx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a tensor of `shape`, checked to fit in 64 bits.
+fn tensor_bytes(dtype: DType, shape: &[u64]) -> Result<u64> {
+    crate::tensor::numel(shape)?
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| Error::invalid(format!("a {dtype} tensor of shape {shape:?} has more bytes than 64 bits count")))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -233,8 +277,16 @@ fn unravel(mut i: u64, shape: &[u32]) -> Vec<u32> {
 impl GlobalPlan {
     pub fn build(plans: Plans) -> Result<GlobalPlan> {
         match plans {
-            Plans::Uniform(p, world) => Self::build_uniform(p, world),
-            Plans::PerRank(ps) => Self::build_per_rank(ps),
+            Plans::Uniform(p, world) => {
+                p.validate("this rank")?;
+                Self::build_uniform(p, world)
+            }
+            Plans::PerRank(ps) => {
+                for (r, p) in ps.iter().enumerate() {
+                    p.validate(&format!("rank {r}"))?;
+                }
+                Self::build_per_rank(ps)
+            }
         }
     }
 
@@ -444,7 +496,8 @@ impl GlobalPlan {
         for e in &plan.entries {
             if let GlobalKind::Sharded { dtype, .. } = &e.kind {
                 for c in plan.chunks_of(e) {
-                    preload[c.writer as usize] += c.region.numel() * dtype.size() as u64;
+                    let p = &mut preload[c.writer as usize];
+                    *p = p.saturating_add(c.region.numel() * dtype.size() as u64);
                 }
             }
         }
@@ -465,7 +518,7 @@ impl GlobalPlan {
                 .iter()
                 .min_by_key(|&&r| (load[r as usize], r))
                 .expect("a chunk has a holder");
-            load[writer as usize] += w.bytes.max(1);
+            load[writer as usize] = load[writer as usize].saturating_add(w.bytes.max(1));
             match &mut self.entries[w.entry].kind {
                 GlobalKind::Tensor { chunks, .. } => chunks[w.chunk].writer = writer,
                 GlobalKind::Object { writer: wr } => *wr = writer,
@@ -517,7 +570,7 @@ impl GlobalPlan {
                 GlobalKind::Object { .. } => continue,
             };
             for c in self.chunks_of(e) {
-                out[c.writer as usize] += c.region.numel() * elem;
+                out[c.writer as usize] = out[c.writer as usize].saturating_add(c.region.numel() * elem);
             }
         }
         out
@@ -576,7 +629,7 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
     for (r, holders) in chunks {
         r.check_within(shape)
             .map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
-        covered += r.numel();
+        covered = covered.saturating_add(r.numel());
     }
     // Sweep along dim 0: only chunks whose dim-0 ranges overlap can overlap.
     if !shape.is_empty() {

@@ -15,8 +15,10 @@
 
 #include "dcp.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -24,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -1321,6 +1324,9 @@ static void null_out_constructors(void) {
     EXPECT_NULL(dcp_save_options_new(NULL));
     EXPECT_NULL(dcp_load_options_new(NULL));
     EXPECT_NULL(dcp_context_new_local(NULL));
+    EXPECT_NULL(dcp_context_new_tcp(0, 1, "127.0.0.1", 1, 1000, NULL));
+    EXPECT_NULL(dcp_context_new_from_env(1000, NULL));
+    EXPECT_NULL(dcp_context_new_callbacks(0, 1, NULL, NULL, NULL, NULL, 1000, NULL));
 }
 
 static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
@@ -2101,6 +2107,459 @@ static void test_threads(const char *rt_dir) {
 
 /* ------------------------------------------------------------------------------------------ */
 
+/* ------------------------------------------------------------------------------------------ */
+/* Functions added after the first version of this suite: communicators, meshes, sharded      */
+/* tensors, CUDA marking, async saves, staging, load options. NULL and out-of-range arguments */
+/* for each, then what each is for.                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A TCP port that was free a moment ago (0 on failure). */
+static uint16_t free_port(void) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0) return 0;
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t n = sizeof a;
+    uint16_t port = 0;
+    if (bind(s, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(s, (struct sockaddr *)&a, &n) == 0)
+        port = ntohs(a.sin_port);
+    close(s);
+    return port;
+}
+
+/* Host collectives for a job of one process. */
+typedef struct {
+    int calls;
+    int fail_after; /* -1: never fail */
+} cb_data;
+
+static int32_t cb_allgather(void *ud, const void *send, void *recv, size_t len, uint64_t timeout_ms) {
+    cb_data *d = ud;
+    (void)timeout_ms;
+    if (d->fail_after >= 0 && d->calls++ >= d->fail_after) return 7;
+    if (len) memcpy(recv, send, len);
+    return 0;
+}
+
+static int32_t cb_broadcast(void *ud, void *buf, size_t len, int32_t root, uint64_t timeout_ms) {
+    cb_data *d = ud;
+    (void)buf, (void)len, (void)timeout_ms;
+    if (d->fail_after >= 0 && d->calls++ >= d->fail_after) return 7;
+    return root == 0 ? 0 : 1;
+}
+
+static int32_t cb_barrier(void *ud, uint64_t timeout_ms) {
+    cb_data *d = ud;
+    (void)timeout_ms;
+    if (d->fail_after >= 0 && d->calls++ >= d->fail_after) return 7;
+    return 0;
+}
+
+/* Saves a 4x3 float tensor and an int through `ctx`, loads them into fresh memory, compares. */
+static void roundtrip_through(dcp_context *ctx, const char *name, const dcp_load_options *lo) {
+    char dir[4096];
+    path_in(dir, sizeof dir, name);
+    float w[12], back[12];
+    for (int i = 0; i < 12; i++) w[i] = (float)i * 0.5f - 2.0f;
+    const int64_t shape[2] = {4, 3};
+    dcp_state *st = NULL;
+    OK(dcp_state_new(&st));
+    OK(dcp_state_add_tensor(st, "w", DCP_FLOAT32, 2, shape, NULL, w, sizeof w));
+    OK(dcp_state_add_int(st, "step", 42));
+    dcp_save_options *so = NULL;
+    OK(dcp_save_options_new(&so));
+    OK(dcp_save_options_set_overwrite(so, true));
+    CHECKF(OK(dcp_save(ctx, st, dir, so)), "save through %s", name);
+    dcp_save_options_free(so);
+    dcp_state_free(st);
+    memset(back, 0xA5, sizeof back);
+    OK(dcp_state_new(&st));
+    OK(dcp_state_add_tensor(st, "w", DCP_FLOAT32, 2, shape, NULL, back, sizeof back));
+    OK(dcp_state_add_int(st, "step", 0));
+    CHECKF(OK(dcp_load(ctx, st, dir, lo)), "load through %s", name);
+    int64_t step = 0;
+    OK(dcp_state_get_int(st, "step", &step));
+    CHECK(step == 42);
+    CHECKF(memcmp(w, back, sizeof w) == 0, "%s: loaded values differ", name);
+    dcp_state_free(st);
+}
+
+static void test_communicators(void) {
+    dcp_context *c = NULL;
+    int32_t r = -1, w = -1;
+    uint16_t port = free_port();
+
+    /* dcp_context_new_tcp */
+    EXPECT_NULL(dcp_context_new_tcp(0, 1, NULL, port, 1000, &c));
+    EXPECT_NULL(dcp_context_new_tcp(0, 1, "127.0.0.1", port, 1000, NULL));
+    EXPECT_INVALID(dcp_context_new_tcp(-1, 1, "127.0.0.1", port, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_tcp(1, 1, "127.0.0.1", port, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_tcp(0, 0, "127.0.0.1", port, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_tcp(0, -5, "127.0.0.1", port, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_tcp(INT32_MAX, INT32_MIN, "127.0.0.1", port, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_tcp(0, 1, "127.0.0.1", port, 0, &c));
+    CHECK(c == NULL);
+    /* Nobody listens: rank 1 of 2 gives up after the timeout, naming rank 0's address. */
+    EXPECT(dcp_context_new_tcp(1, 2, "127.0.0.1", free_port(), 300, &c), DCP_ERROR_TIMEOUT);
+    CHECK(c == NULL);
+    EXPECT(dcp_context_new_tcp(1, 2, "no.such.host.invalid", port, 300, &c), DCP_ERROR_COMM);
+    /* Rank 0 alone: nobody else to wait for. */
+    if (OK(dcp_context_new_tcp(0, 1, "127.0.0.1", port, 5000, &c)) && c) {
+        OK(dcp_context_rank(c, &r, &w));
+        CHECK(r == 0 && w == 1);
+        OK(dcp_context_barrier(c));
+        roundtrip_through(c, "comm_tcp", NULL);
+        dcp_context_free(c);
+        c = NULL;
+    }
+
+    /* dcp_context_new_from_env */
+    EXPECT_NULL(dcp_context_new_from_env(1000, NULL));
+    EXPECT_INVALID(dcp_context_new_from_env(0, &c));
+    unsetenv("RANK");
+    unsetenv("WORLD_SIZE");
+    if (OK(dcp_context_new_from_env(1000, &c)) && c) {
+        OK(dcp_context_rank(c, &r, &w));
+        CHECK(r == 0 && w == 1);
+        dcp_context_free(c);
+        c = NULL;
+    }
+    setenv("RANK", "zero", 1);
+    setenv("WORLD_SIZE", "1", 1);
+    EXPECT_MSG(dcp_context_new_from_env(1000, &c), DCP_ERROR_INVALID_ARGUMENT, "RANK");
+    setenv("RANK", "0", 1);
+    unsetenv("WORLD_SIZE");
+    EXPECT_MSG(dcp_context_new_from_env(1000, &c), DCP_ERROR_INVALID_ARGUMENT, "WORLD_SIZE");
+    setenv("WORLD_SIZE", "1", 1);
+    setenv("DCP_MASTER_PORT", "99999", 1);
+    EXPECT_INVALID(dcp_context_new_from_env(1000, &c));
+    unsetenv("DCP_MASTER_PORT");
+    unsetenv("MASTER_PORT");
+    EXPECT_MSG(dcp_context_new_from_env(1000, &c), DCP_ERROR_INVALID_ARGUMENT, "MASTER_PORT");
+    setenv("RANK", "3", 1);
+    setenv("WORLD_SIZE", "2", 1);
+    {
+        char p[16];
+        snprintf(p, sizeof p, "%u", (unsigned)free_port());
+        setenv("DCP_MASTER_PORT", p, 1);
+    }
+    EXPECT_INVALID(dcp_context_new_from_env(1000, &c));
+    setenv("RANK", "0", 1);
+    setenv("WORLD_SIZE", "1", 1);
+    if (OK(dcp_context_new_from_env(5000, &c)) && c) {
+        OK(dcp_context_rank(c, &r, &w));
+        CHECK(r == 0 && w == 1);
+        dcp_context_free(c);
+        c = NULL;
+    }
+    unsetenv("RANK");
+    unsetenv("WORLD_SIZE");
+    unsetenv("DCP_MASTER_PORT");
+    CHECK(c == NULL);
+
+    /* dcp_context_new_callbacks */
+    cb_data ok_cb = {0, -1};
+    EXPECT_NULL(dcp_context_new_callbacks(0, 1, cb_allgather, cb_broadcast, cb_barrier, &ok_cb, 1000, NULL));
+    EXPECT_NULL(dcp_context_new_callbacks(0, 1, NULL, cb_broadcast, cb_barrier, &ok_cb, 1000, &c));
+    EXPECT_NULL(dcp_context_new_callbacks(0, 1, cb_allgather, NULL, cb_barrier, &ok_cb, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_callbacks(-1, 1, cb_allgather, cb_broadcast, cb_barrier, &ok_cb, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_callbacks(2, 2, cb_allgather, cb_broadcast, cb_barrier, &ok_cb, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_callbacks(0, 0, cb_allgather, cb_broadcast, cb_barrier, &ok_cb, 1000, &c));
+    EXPECT_INVALID(dcp_context_new_callbacks(0, 1, cb_allgather, cb_broadcast, cb_barrier, &ok_cb, 0, &c));
+    CHECK(c == NULL);
+    /* barrier NULL: an all-gather stands in; user_data NULL is the host's business. */
+    if (OK(dcp_context_new_callbacks(0, 1, cb_allgather, cb_broadcast, NULL, &ok_cb, 1000, &c)) && c) {
+        OK(dcp_context_barrier(c));
+        roundtrip_through(c, "comm_callbacks", NULL);
+        dcp_context_free(c);
+        c = NULL;
+    }
+    /* A host collective that fails: every call reports it, nothing crashes. */
+    for (int after = 0; after < 6; after++) {
+        cb_data bad = {0, after};
+        if (!OK(dcp_context_new_callbacks(0, 1, cb_allgather, cb_broadcast, cb_barrier, &bad, 1000, &c)) || !c) break;
+        float v[4] = {1, 2, 3, 4};
+        const int64_t n4[1] = {4};
+        dcp_state *st = NULL;
+        OK(dcp_state_new(&st));
+        OK(dcp_state_add_tensor(st, "v", DCP_FLOAT32, 1, n4, NULL, v, sizeof v));
+        char dir[4096];
+        path_in(dir, sizeof dir, "comm_failing");
+        dcp_save_options *so = NULL;
+        OK(dcp_save_options_new(&so));
+        OK(dcp_save_options_set_overwrite(so, true));
+        int s = dcp_save(c, st, dir, so);
+        CHECKF(s == DCP_OK || s == DCP_ERROR_COMM, "save with a host collective failing after %d calls: %s (%s)", after,
+               dcp_status_name(s), dcp_last_error());
+        if (s == DCP_ERROR_COMM) CHECKF(msg_has("dcp_save"), "%s", dcp_last_error());
+        int b = dcp_context_barrier(c);
+        CHECK(b == DCP_OK || b == DCP_ERROR_COMM);
+        dcp_save_options_free(so);
+        dcp_state_free(st);
+        dcp_context_free(c);
+        c = NULL;
+    }
+
+    /* dcp_context_barrier, staging */
+    EXPECT_NULL(dcp_context_barrier(NULL));
+    EXPECT_NULL(dcp_context_set_staging_budget(NULL, 1));
+    EXPECT_NULL(dcp_context_staging_bytes(NULL, NULL, NULL));
+    if (OK(dcp_context_new_local(&c)) && c) {
+        uint64_t pinned = 1, heap = 1;
+        OK(dcp_context_barrier(c));
+        OK(dcp_context_set_staging_budget(c, 0));
+        OK(dcp_context_set_staging_budget(c, UINT64_MAX));
+        OK(dcp_context_staging_bytes(c, NULL, NULL));
+        OK(dcp_context_staging_bytes(c, &pinned, NULL));
+        OK(dcp_context_staging_bytes(c, NULL, &heap));
+        OK(dcp_context_staging_bytes(c, &pinned, &heap));
+        CHECK(pinned == 0); /* no CUDA tensors were staged */
+        dcp_context_free(c);
+        c = NULL;
+    }
+}
+
+static void test_meshes_and_sharding(dcp_context *ctx) {
+    dcp_mesh *m = NULL;
+    const int64_t one[1] = {1}, two[2] = {1, 1}, zero[1] = {0}, neg[1] = {-1}, huge[1] = {INT64_MAX};
+    const int64_t big4[4] = {65536, 65536, 65536, 65536};
+    const int32_t r0[1] = {0}, rneg[1] = {-3}, rdup[2] = {0, 0};
+    const char *names[1] = {"dp"};
+    const char *bad_names[1] = {NULL};
+
+    EXPECT_NULL(dcp_mesh_new(NULL, 1, one, NULL, NULL, &m));
+    EXPECT_NULL(dcp_mesh_new(ctx, 1, NULL, NULL, NULL, &m));
+    EXPECT_NULL(dcp_mesh_new(ctx, 1, one, NULL, NULL, NULL));
+    EXPECT_NULL(dcp_mesh_new(ctx, 1, one, NULL, bad_names, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 0, one, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, -1, one, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 17, one, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, INT32_MIN, one, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 1, zero, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 1, neg, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 1, huge, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 4, big4, NULL, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 4, big4, r0, NULL, &m));
+    EXPECT_INVALID(dcp_mesh_new(ctx, 1, one, rneg, NULL, &m));
+    {
+        const int64_t s2[1] = {2};
+        EXPECT_INVALID(dcp_mesh_new(ctx, 1, s2, rdup, NULL, &m));
+    }
+    CHECK(m == NULL);
+    dcp_mesh_free(NULL);
+    if (OK(dcp_mesh_new(ctx, 1, one, r0, names, &m)) && m) dcp_mesh_free(m);
+    m = NULL;
+    dcp_mesh *m2 = NULL;
+    OK(dcp_mesh_new(ctx, 2, two, NULL, NULL, &m2));
+    if (!OK(dcp_mesh_new(ctx, 1, one, NULL, NULL, &m)) || !m) return;
+
+    /* dcp_state_add_tensor_sharded on a mesh of this one rank. */
+    dcp_state *st = NULL;
+    OK(dcp_state_new(&st));
+    float w[6] = {1, 2, 3, 4, 5, 6}, buf[6];
+    const int64_t s23[2] = {2, 3}, s32[2] = {3, 2}, g23[2] = {2, 3}, gneg[2] = {2, -3};
+    const int32_t shard0[1] = {DCP_SHARD(0)}, repl[1] = {DCP_REPLICATE}, strided1[1] = {DCP_STRIDED_SHARD(1)};
+    const int32_t shard5[1] = {DCP_SHARD(5)}, weird[1] = {-100}, two_pl[2] = {DCP_SHARD(0), DCP_REPLICATE};
+    EXPECT_NULL(dcp_state_add_tensor_sharded(NULL, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, NULL, DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, NULL, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, NULL, sizeof w, g23, m, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, NULL, m, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, NULL, shard0));
+    EXPECT_NULL(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, NULL));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", 0, 2, s23, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", 99, 2, s23, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, -1, s23, NULL, w, sizeof w, g23, m, shard0));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w - 1, g23, m, shard0));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, gneg, m, shard0));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, shard5));
+    EXPECT_INVALID(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, weird));
+    /* The local shape must be the rank's box: here the whole [2, 3]; [3, 2] names both. */
+    EXPECT_MSG(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s32, NULL, w, sizeof w, g23, m, shard0),
+               DCP_ERROR_INVALID_ARGUMENT, "[3, 2]");
+    CHECK(msg_has("[2, 3]"));
+    size_t n = 99;
+    OK(dcp_state_len(st, &n));
+    CHECK(n == 0);
+    OK(dcp_state_add_tensor_sharded(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, shard0));
+    OK(dcp_state_add_tensor_sharded(st, "r", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, repl));
+    OK(dcp_state_add_tensor_sharded(st, "s", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m, strided1));
+    OK(dcp_state_add_tensor_sharded(st, "m2", DCP_FLOAT32, 2, s23, NULL, w, sizeof w, g23, m2, two_pl));
+    char dir[4096];
+    path_in(dir, sizeof dir, "sharded");
+    dcp_save_options *so = NULL;
+    OK(dcp_save_options_new(&so));
+    OK(dcp_save_options_set_overwrite(so, true));
+    OK(dcp_save(ctx, st, dir, so));
+    dcp_save_options_free(so);
+    dcp_state_free(st);
+    const char *keys[4] = {"w", "r", "s", "m2"};
+    for (int k = 0; k < 4; k++) {
+        memset(buf, 0xA5, sizeof buf);
+        OK(dcp_state_new(&st));
+        OK(dcp_state_add_tensor(st, keys[k], DCP_FLOAT32, 2, s23, NULL, buf, sizeof buf));
+        dcp_load_options *lo = NULL;
+        OK(dcp_load_options_new(&lo));
+        OK(dcp_load_options_set_strict(lo, true));
+        OK(dcp_load(ctx, st, dir, lo));
+        CHECKF(memcmp(buf, w, sizeof w) == 0, "sharded key %s", keys[k]);
+        dcp_load_options_free(lo);
+        dcp_state_free(st);
+    }
+    dcp_mesh_free(m);
+    dcp_mesh_free(m2);
+
+    /* dcp_state_set_cuda: no GPU here, and it must say so. */
+    OK(dcp_state_new(&st));
+    OK(dcp_state_add_tensor(st, "w", DCP_FLOAT32, 2, s23, NULL, w, sizeof w));
+    OK(dcp_state_add_int(st, "i", 1));
+    EXPECT_NULL(dcp_state_set_cuda(NULL, "w", 0, NULL));
+    EXPECT_NULL(dcp_state_set_cuda(st, NULL, 0, NULL));
+    EXPECT(dcp_state_set_cuda(st, "missing", 0, NULL), DCP_ERROR_NOT_FOUND);
+    EXPECT(dcp_state_set_cuda(st, "i", 0, NULL), DCP_ERROR_MISMATCH);
+    if (!dcp_cuda_available()) {
+        EXPECT(dcp_state_set_cuda(st, "w", 0, NULL), DCP_ERROR_UNSUPPORTED);
+        EXPECT(dcp_state_set_cuda(st, "w", 0, (void *)(uintptr_t)0x1234), DCP_ERROR_UNSUPPORTED);
+    }
+    {
+        int s = dcp_state_set_cuda(st, "w", -1, NULL);
+        CHECKF(s == DCP_ERROR_INVALID_ARGUMENT || s == DCP_ERROR_UNSUPPORTED, "set_cuda device -1: %s", dcp_status_name(s));
+        s = dcp_state_set_cuda(st, "w", INT32_MAX, NULL);
+        CHECKF(s == DCP_ERROR_INVALID_ARGUMENT || s == DCP_ERROR_UNSUPPORTED || s == DCP_ERROR_CUDA, "set_cuda device INT32_MAX: %s",
+               dcp_status_name(s));
+    }
+    /* The tensor stays a CPU tensor after the refusal: a save still works. */
+    path_in(dir, sizeof dir, "after_set_cuda");
+    OK(dcp_save(ctx, st, dir, NULL));
+    dcp_state_free(st);
+}
+
+static void test_async_and_options(dcp_context *ctx, const char *rt_dir) {
+    dcp_future *f = NULL;
+    dcp_save_options *so = NULL;
+    dcp_load_options *lo = NULL;
+    bool done = false;
+    OK(dcp_save_options_new(&so));
+    OK(dcp_load_options_new(&lo));
+
+    /* Options. */
+    EXPECT_NULL(dcp_save_options_set_wait_if_busy(NULL, true));
+    OK(dcp_save_options_set_wait_if_busy(so, false));
+    OK(dcp_save_options_set_wait_if_busy(so, true));
+    EXPECT_NULL(dcp_load_options_set_direct_io(NULL, DCP_DIRECT_IO_AUTO));
+    EXPECT_INVALID(dcp_load_options_set_direct_io(lo, 3));
+    EXPECT_INVALID(dcp_load_options_set_direct_io(lo, -1));
+    EXPECT_INVALID(dcp_load_options_set_direct_io(lo, INT32_MIN));
+    EXPECT_NULL(dcp_load_options_set_broadcast(NULL, true));
+    OK(dcp_load_options_set_broadcast(lo, false));
+    OK(dcp_load_options_set_broadcast(lo, true));
+    const int32_t modes[3] = {DCP_DIRECT_IO_AUTO, DCP_DIRECT_IO_ON, DCP_DIRECT_IO_OFF};
+    for (int i = 0; i < 3; i++) {
+        OK(dcp_load_options_set_direct_io(lo, modes[i]));
+        char name[32];
+        snprintf(name, sizeof name, "direct_io_%d", i);
+        roundtrip_through(ctx, name, lo);
+    }
+
+    /* dcp_save_async and the future. */
+    dcp_state *st = NULL;
+    OK(dcp_state_new(&st));
+    enum { N = 1 << 20 };
+    float *big = xmalloc(sizeof(float) * N);
+    for (int i = 0; i < N; i++) big[i] = (float)i;
+    const int64_t n1[1] = {N};
+    OK(dcp_state_add_tensor(st, "big", DCP_FLOAT32, 1, n1, NULL, big, sizeof(float) * N));
+    char dir[4096], dir2[4096];
+    path_in(dir, sizeof dir, "async");
+    path_in(dir2, sizeof dir2, "async2");
+    OK(dcp_save_options_set_overwrite(so, true));
+    EXPECT_NULL(dcp_save_async(NULL, st, dir, so, &f));
+    EXPECT_NULL(dcp_save_async(ctx, NULL, dir, so, &f));
+    EXPECT_NULL(dcp_save_async(ctx, st, NULL, so, &f));
+    EXPECT_NULL(dcp_save_async(ctx, st, dir, so, NULL));
+    CHECK(f == NULL);
+    EXPECT_NULL(dcp_future_wait(NULL));
+    EXPECT_NULL(dcp_future_done(NULL, &done));
+    dcp_future_free(NULL);
+    EXPECT(dcp_save_async(ctx, st, "", so, &f), DCP_ERROR_INVALID_ARGUMENT);
+    CHECK(f == NULL);
+    if (OK(dcp_save_async(ctx, st, dir, so, &f)) && f) {
+        EXPECT_NULL(dcp_future_done(f, NULL));
+        /* The caller may change its tensor at once: the checkpoint has the values of the call. */
+        for (int i = 0; i < N; i++) big[i] = -1.0f;
+        /* A second save while one is in flight: BUSY when asked not to wait (unless the first
+           finished already), else it waits. */
+        OK(dcp_save_options_set_wait_if_busy(so, false));
+        dcp_future *f2 = NULL;
+        int s = dcp_save_async(ctx, st, dir2, so, &f2);
+        CHECKF(s == DCP_OK || s == DCP_ERROR_BUSY, "second async save: %s", dcp_status_name(s));
+        if (s == DCP_ERROR_BUSY) CHECK(f2 == NULL && msg_has("in flight"));
+        OK(dcp_future_wait(f));
+        OK(dcp_future_wait(f)); /* the same status on every call */
+        OK(dcp_future_done(f, &done));
+        CHECK(done);
+        if (f2) {
+            OK(dcp_future_wait(f2));
+            dcp_future_free(f2);
+        }
+        dcp_future_free(f);
+        f = NULL;
+        OK(dcp_save_options_set_wait_if_busy(so, true));
+        float *back = xmalloc(sizeof(float) * N);
+        dcp_state *ld = NULL;
+        OK(dcp_state_new(&ld));
+        OK(dcp_state_add_tensor(ld, "big", DCP_FLOAT32, 1, n1, NULL, back, sizeof(float) * N));
+        OK(dcp_load(ctx, ld, dir, NULL));
+        bool same = true;
+        for (int i = 0; i < N && same; i++) same = back[i] == (float)i;
+        CHECKF(same, "async save did not keep the values of the call");
+        dcp_state_free(ld);
+        free(back);
+    }
+    /* An async save that fails in the background: the future reports it. */
+    {
+        char file[4096];
+        path_in(file, sizeof file, "async_not_a_dir");
+        write_whole(file, (const uint8_t *)"x", 1);
+        char under[8192];
+        file_in(under, sizeof under, file, "ckpt");
+        int s = dcp_save_async(ctx, st, under, so, &f);
+        if (s == DCP_OK && f) {
+            int w = dcp_future_wait(f);
+            CHECKF(w == DCP_ERROR_IO || w == DCP_ERROR_NOT_FOUND, "async save under a file: %s", dcp_status_name(w));
+            CHECKF(msg_has("dcp_future_wait"), "%s", dcp_last_error());
+            OK(dcp_future_done(f, &done));
+            CHECK(done);
+            dcp_future_free(f);
+            f = NULL;
+        } else {
+            CHECKF(s == DCP_ERROR_IO || s == DCP_ERROR_NOT_FOUND, "async save under a file: %s", dcp_status_name(s));
+        }
+    }
+    /* A future freed before it completes: the context waits for the save in its next call. */
+    if (OK(dcp_save_async(ctx, st, dir2, so, &f)) && f) {
+        dcp_future_free(f);
+        f = NULL;
+        dcp_state *ld = NULL;
+        float one = 0;
+        (void)one;
+        OK(dcp_state_new(&ld));
+        float *back = xmalloc(sizeof(float) * N);
+        OK(dcp_state_add_tensor(ld, "big", DCP_FLOAT32, 1, n1, NULL, back, sizeof(float) * N));
+        OK(dcp_load(ctx, ld, dir2, NULL));
+        CHECK(back[N - 1] == -1.0f);
+        dcp_state_free(ld);
+        free(back);
+    }
+    (void)rt_dir;
+    dcp_state_free(st);
+    free(big);
+    dcp_save_options_free(so);
+    dcp_load_options_free(lo);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -2132,6 +2591,9 @@ int main(int argc, char **argv) {
     test_bad_values(ctx, rt_dir);
     test_corruption(ctx);
     test_threads(rt_dir);
+    test_communicators();
+    test_meshes_and_sharding(ctx);
+    test_async_and_options(ctx, rt_dir);
 
     dcp_context_free(ctx);
 
