@@ -186,21 +186,13 @@ impl Storage for FsStorage {
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         let tmp = self.path(&format!("{name}.tmp"));
         let dst = self.path(name);
-        let write = || -> std::io::Result<()> {
-            let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            f.write_all_at(data, 0)?;
-            f.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io("writing", &tmp, e)
-        })?;
+        write_synced(&tmp, data)?;
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io("renaming into place", &dst, e))
     }
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
         let tmp = self.path(&format!("{name}.tmp"));
         let dst = self.path(name);
-        self.put_atomic(&format!("{name}.tmp"), data).map_err(|e| e.context("staging"))?;
+        write_synced(&tmp, data).map_err(|e| e.context("staging"))?;
         // A hard link fails if the destination exists: an atomic create-only rename.
         let linked = std::fs::hard_link(&tmp, &dst);
         let _ = std::fs::remove_file(&tmp);
@@ -249,4 +241,17 @@ mod tests {
         super::super::conformance::run(&FsStorage::new(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Writes `data` to a fresh file at `path` and fsyncs it; on failure the partial file is removed.
+fn write_synced(path: &Path, data: &[u8]) -> Result<()> {
+    let write = || -> std::io::Result<()> {
+        let f = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        f.write_all_at(data, 0)?;
+        f.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        Error::io("writing", path, e)
+    })
 }
