@@ -79,10 +79,59 @@ impl Region {
         Some(Region { offsets, sizes })
     }
 
+    /// Whether the two boxes share an element (what `intersect(..).is_some()` says, without
+    /// building the overlap).
+    pub fn overlaps(&self, other: &Region) -> bool {
+        self.ndim() == other.ndim()
+            && (0..self.ndim()).all(|d| {
+                let lo = self.offsets[d].max(other.offsets[d]);
+                let hi = (self.offsets[d] + self.sizes[d]).min(other.offsets[d] + other.sizes[d]);
+                lo < hi
+            })
+    }
+
     /// The same box expressed relative to the origin of `outer` (which must contain it).
     pub fn relative_to(&self, outer: &Region) -> Vec<u64> {
         self.offsets.iter().zip(&outer.offsets).map(|(a, b)| a - b).collect()
     }
+}
+
+/// Every pair `(i, j)`, `i < j`, of boxes that overlap (boxes of one rank). A sweep along the dim
+/// where their starts differ most: only boxes whose ranges meet in that dim are compared, which is
+/// linear for boxes that split a tensor along one dim. Pairs come lazily, so a caller that wants
+/// one pays for one.
+pub fn overlapping_pairs<'a>(boxes: &'a [&'a Region]) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let ndim = boxes.first().map_or(0, |b| b.ndim());
+    let d = (0..ndim)
+        .max_by_key(|&d| {
+            let mut starts: Vec<u64> = boxes.iter().map(|b| b.offsets[d]).collect();
+            starts.sort_unstable();
+            starts.dedup();
+            starts.len()
+        })
+        .unwrap_or(0);
+    // A 0-d box is one element: every pair of them meets.
+    let lo = move |i: usize| boxes[i].offsets.get(d).copied().unwrap_or(0);
+    let hi = move |i: usize| boxes[i].offsets.get(d).map_or(1, |&o| o.saturating_add(boxes[i].sizes[d]));
+    let mut order: Vec<usize> = (0..boxes.len()).collect();
+    order.sort_by_key(|&i| (lo(i), i));
+    let (mut k, mut m) = (0, 1);
+    std::iter::from_fn(move || {
+        while k < order.len() {
+            let i = order[k];
+            if m < order.len() && lo(order[m]) < hi(i) {
+                let j = order[m];
+                m += 1;
+                if boxes[i].overlaps(boxes[j]) {
+                    return Some((i.min(j), i.max(j)));
+                }
+            } else {
+                k += 1;
+                m = k + 1;
+            }
+        }
+        None
+    })
 }
 
 #[cfg(test)]
@@ -105,6 +154,22 @@ mod tests {
         let scalar = Region::full(&[]);
         assert_eq!(scalar.intersect(&scalar), Some(scalar.clone()));
         assert_eq!(scalar.numel(), 1);
+        for (x, y) in [(&a, &b), (&a, &c), (&b, &c), (&scalar, &scalar)] {
+            assert_eq!(x.overlaps(y), x.intersect(y).is_some());
+        }
+    }
+
+    #[test]
+    fn overlapping_pairs_sweep() {
+        let r = |o: [u64; 2], s: [u64; 2]| Region::new(o.to_vec(), s.to_vec()).unwrap();
+        // Column shards (every start 0 in dim 0), the last one overlapping the one before.
+        let boxes = [r([0, 0], [4, 2]), r([0, 2], [4, 2]), r([0, 4], [4, 2]), r([0, 5], [4, 2])];
+        let refs: Vec<&Region> = boxes.iter().collect();
+        assert_eq!(overlapping_pairs(&refs).collect::<Vec<_>>(), vec![(2, 3)]);
+        assert_eq!(overlapping_pairs(&refs[..3]).next(), None);
+        let scalar = Region::full(&[]);
+        assert_eq!(overlapping_pairs(&[&scalar, &scalar, &scalar]).count(), 3);
+        assert_eq!(overlapping_pairs(&[]).next(), None);
     }
 
     #[test]

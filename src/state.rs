@@ -8,7 +8,6 @@ use crate::mesh::{region_of, DeviceMesh, Placement};
 use crate::region::Region;
 use crate::tensor::TensorView;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// A registered tensor: the caller's local piece and its box in the global tensor.
 #[derive(Debug)]
@@ -18,7 +17,7 @@ pub struct TensorEntry<'a> {
     pub region: Region,
     /// The mesh and placements the region was computed from, when registered that way (every
     /// rank can then compute every other rank's box, which lets a save skip the plan exchange).
-    pub sharding: Option<Arc<Sharding>>,
+    pub sharding: Option<Sharding>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -89,6 +88,17 @@ impl<'a> State<'a> {
     /// Registers a local piece of a larger tensor: the piece is `view`, it sits at `offsets` of
     /// a global tensor of `global_shape`.
     pub fn add_tensor_chunk(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], offsets: &[u64]) -> Result<()> {
+        self.add_chunk(fqn, view, global_shape, offsets, None)
+    }
+
+    fn add_chunk(
+        &mut self,
+        fqn: &str,
+        view: TensorView<'a>,
+        global_shape: &[u64],
+        offsets: &[u64],
+        sharding: Option<Sharding>,
+    ) -> Result<()> {
         let region = Region::new(offsets.to_vec(), view.sizes().to_vec()).map_err(|e| e.context(format!("key {fqn:?}")))?;
         ensure!(
             region.ndim() == global_shape.len(),
@@ -105,7 +115,7 @@ impl<'a> State<'a> {
                 view,
                 global_shape: global_shape.to_vec(),
                 region,
-                sharding: None,
+                sharding,
             }),
         )
     }
@@ -123,23 +133,27 @@ impl<'a> State<'a> {
         placements: &[Placement],
     ) -> Result<()> {
         let region = region_of(global_shape, mesh, rank, placements).map_err(|e| e.context(format!("key {fqn:?}")))?;
-        self.add_tensor_region(fqn, view, global_shape, region)?;
-        if let Some(Entry {
-            value: EntryValue::Tensor(t),
-            ..
-        }) = self.entries.last_mut()
-        {
-            t.sharding = Some(Arc::new(Sharding {
-                mesh: mesh.clone(),
-                placements: placements.to_vec(),
-            }));
-        }
-        Ok(())
+        let sharding = Sharding {
+            mesh: mesh.clone(),
+            placements: placements.to_vec(),
+        };
+        self.add_tensor_region_sharded(fqn, view, global_shape, region, Some(sharding))
     }
 
     /// Registers a tensor whose local piece must have the box `region` (computed from a mesh and
     /// placements); a view of another shape is rejected with both shapes in the message.
     pub fn add_tensor_region(&mut self, fqn: &str, view: TensorView<'a>, global_shape: &[u64], region: Region) -> Result<()> {
+        self.add_tensor_region_sharded(fqn, view, global_shape, region, None)
+    }
+
+    fn add_tensor_region_sharded(
+        &mut self,
+        fqn: &str,
+        view: TensorView<'a>,
+        global_shape: &[u64],
+        region: Region,
+        sharding: Option<Sharding>,
+    ) -> Result<()> {
         ensure!(
             view.sizes() == region.sizes.as_slice(),
             Error::invalid(format!(
@@ -149,7 +163,7 @@ impl<'a> State<'a> {
                 region.offsets
             ))
         );
-        self.add_tensor_chunk(fqn, view, global_shape, &region.offsets)
+        self.add_chunk(fqn, view, global_shape, &region.offsets, sharding)
     }
 
     pub fn add_object(&mut self, fqn: &str, value: ObjectValue) -> Result<()> {
@@ -187,39 +201,29 @@ impl<'a> State<'a> {
     }
 
     /// Marks a registered tensor as CUDA memory of device `ordinal` (its pointer is a device
-    /// pointer), with the caller's stream (0: none).
+    /// pointer), with the caller's stream (0: none). On failure the entry keeps its CPU view.
     pub fn set_cuda(&mut self, fqn: &str, ordinal: i32, stream: usize) -> Result<()> {
-        let i = *self
-            .index
-            .get(fqn)
-            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))?;
+        let i = self.position(fqn)?;
         let EntryValue::Tensor(t) = &mut self.entries[i].value else {
             return Err(Error::mismatch(format!("key {fqn:?} is not a tensor")));
         };
-        // Rebuild the view as a CUDA view; on failure the entry keeps its CPU view.
-        let cpu = unsafe {
-            TensorView::from_raw(
-                t.view.as_ptr(),
-                t.view.nbytes(),
-                t.view.dtype(),
-                t.view.sizes(),
-                Some(t.view.strides()),
-                crate::tensor::Device::Cpu,
-            )?
-        };
-        t.view = cpu.into_cuda(ordinal, stream).map_err(|e| e.context(format!("key {fqn:?}")))?;
-        Ok(())
+        t.view.set_cuda(ordinal, stream).map_err(|e| e.context(format!("key {fqn:?}")))
     }
 
     /// Sets the key's path in the nested state dict, for torch's `planner_data`.
     pub fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
         ensure!(!path.is_empty(), Error::invalid(format!("key {fqn:?}: empty path")));
-        let i = *self
-            .index
-            .get(fqn)
-            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))?;
+        let i = self.position(fqn)?;
         self.entries[i].path = Some(path);
         Ok(())
+    }
+
+    /// The index of a registered key.
+    fn position(&self, fqn: &str) -> Result<usize> {
+        self.index
+            .get(fqn)
+            .copied()
+            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))
     }
 
     pub fn len(&self) -> usize {

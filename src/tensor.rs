@@ -311,16 +311,16 @@ impl<'a> TensorView<'a> {
         self.stream
     }
 
-    /// The same view, as memory of CUDA device `ordinal` (the pointer is a device pointer),
-    /// with the caller's stream (`0` for none). Checks that the driver is present and that the
-    /// view's bytes lie in one allocation of that device.
-    pub fn into_cuda(mut self, ordinal: i32, stream: usize) -> Result<Self> {
+    /// Makes this view memory of CUDA device `ordinal` (the pointer is a device pointer), with
+    /// the caller's stream (`0` for none). Checks that the driver is present and that the view's
+    /// bytes lie in one allocation of that device; on failure the view is left as it was.
+    pub fn set_cuda(&mut self, ordinal: i32, stream: usize) -> Result<()> {
         let extent = strided_extent_bytes(&self.sizes, &self.strides, self.dtype.size())?;
         crate::cuda::driver().map_err(|e| Error::unsupported(format!("CUDA tensors cannot be used here: {}", e.message())))?;
         crate::cuda::check_device_range(ordinal, self.ptr as u64, extent)?;
         self.device = Device::Cuda(ordinal);
         self.stream = stream;
-        Ok(self)
+        Ok(())
     }
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr

@@ -688,29 +688,18 @@ pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
             Err(e) => out.push(format!("chunk {i} {}", e.message())),
         }
     }
-    // Sweep along dim 0 (the usual sharding dim): only chunks whose dim-0 ranges meet are
-    // compared, which is linear for row-sharded tensors.
     let nonempty: Vec<usize> = inside.iter().copied().filter(|&i| !chunks[i].is_empty()).collect();
-    let mut order = nonempty.clone();
-    let lo = |i: usize| chunks[i].offsets.first().copied().unwrap_or(0);
-    let hi = |i: usize| chunks[i].offsets.first().map(|o| o + chunks[i].sizes[0]).unwrap_or(1);
-    order.sort_by_key(|&i| (lo(i), i));
+    let boxes: Vec<&Region> = nonempty.iter().map(|&i| &chunks[i]).collect();
     let mut overlaps = 0usize;
-    for (a, &i) in order.iter().enumerate() {
-        for &j in &order[a + 1..] {
-            if lo(j) >= hi(i) {
-                break;
-            }
-            if let Some(o) = chunks[i].intersect(&chunks[j]) {
-                overlaps += 1;
-                if overlaps <= 10 {
-                    let (x, y) = (i.min(j), i.max(j));
-                    out.push(format!(
-                        "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?}",
-                        chunks[x].offsets, chunks[x].sizes, chunks[y].offsets, chunks[y].sizes, o.offsets, o.sizes
-                    ));
-                }
-            }
+    for (a, b) in crate::region::overlapping_pairs(&boxes) {
+        overlaps += 1;
+        if overlaps <= 10 {
+            let (x, y) = (nonempty[a], nonempty[b]);
+            let o = chunks[x].intersect(&chunks[y]).expect("the pair overlaps");
+            out.push(format!(
+                "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?}",
+                chunks[x].offsets, chunks[x].sizes, chunks[y].offsets, chunks[y].sizes, o.offsets, o.sizes
+            ));
         }
     }
     if overlaps > 10 {

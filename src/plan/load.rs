@@ -3,7 +3,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, MetadataLookup, StorageInfo};
-use crate::region::Region;
+use crate::region::{overlapping_pairs, Region};
 use crate::state::{EntryValue, State};
 
 /// One saved chunk to read, and where its overlap with registered boxes goes.
@@ -117,7 +117,9 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 }
                 // Equal counts leave a gap exactly when two saved chunks overlap (a damaged
                 // .metadata that no checksum covers): then part of the box would go unwritten.
-                if let Some((a, b)) = overlapping_pair(plan.chunks[first..].iter().map(|c| &c.targets[0].1)) {
+                let overlaps: Vec<&Region> = plan.chunks[first..].iter().map(|c| &c.targets[0].1).collect();
+                let pair = overlapping_pairs(&overlaps).next();
+                if let Some((a, b)) = pair {
                     let (a, b) = (&plan.chunks[first + a].chunk, &plan.chunks[first + b].chunk);
                     return Err(Error::corrupt(format!(
                         "key {:?}: the checkpoint metadata lists overlapping chunks (offsets {:?} sizes {:?} and offsets {:?} sizes {:?})",
@@ -164,37 +166,4 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
         }
     }
     Ok(plan)
-}
-
-/// Two boxes of `boxes` that overlap, if any: a sweep along the dim where their starts differ
-/// most, so that only boxes whose ranges meet in that dim are compared (linear for boxes that
-/// split a tensor along one dim).
-fn overlapping_pair<'r>(boxes: impl Iterator<Item = &'r Region>) -> Option<(usize, usize)> {
-    let boxes: Vec<&Region> = boxes.collect();
-    let ndim = boxes.first()?.ndim();
-    if boxes.len() < 2 || ndim == 0 {
-        return (boxes.len() >= 2).then_some((0, 1));
-    }
-    let d = (0..ndim)
-        .max_by_key(|&d| {
-            let mut starts: Vec<u64> = boxes.iter().map(|b| b.offsets[d]).collect();
-            starts.sort_unstable();
-            starts.dedup();
-            starts.len()
-        })
-        .unwrap_or(0);
-    let mut order: Vec<usize> = (0..boxes.len()).collect();
-    order.sort_by_key(|&i| boxes[i].offsets[d]);
-    for (k, &i) in order.iter().enumerate() {
-        let end = boxes[i].offsets[d].saturating_add(boxes[i].sizes[d]);
-        for &j in &order[k + 1..] {
-            if boxes[j].offsets[d] >= end {
-                break;
-            }
-            if boxes[i].intersect(boxes[j]).is_some() {
-                return Some((i.min(j), i.max(j)));
-            }
-        }
-    }
-    None
 }

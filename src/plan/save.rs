@@ -13,11 +13,11 @@
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
 use crate::mesh::{check_placements, region_at, DeviceMesh, Placement};
-use crate::region::Region;
+use crate::region::{overlapping_pairs, Region};
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum LocalKind {
@@ -54,29 +54,16 @@ pub struct LocalPlan {
 impl LocalPlan {
     pub fn from_state(state: &State) -> LocalPlan {
         let mut meshes: Vec<DeviceMesh> = Vec::new();
-        let mut mesh_index: HashMap<*const DeviceMesh, u32> = HashMap::new();
         let mut items: Vec<LocalItem> = Vec::with_capacity(state.len());
         for e in state.entries() {
             let kind = match &e.value {
                 EntryValue::Tensor(t) => match &t.sharding {
-                    Some(sh) => {
-                        let key: *const DeviceMesh = &sh.mesh;
-                        let idx = *mesh_index
-                            .entry(key)
-                            .or_insert_with(|| match meshes.iter().position(|m| *m == sh.mesh) {
-                                Some(i) => i as u32,
-                                None => {
-                                    meshes.push(sh.mesh.clone());
-                                    meshes.len() as u32 - 1
-                                }
-                            });
-                        LocalKind::Sharded {
-                            dtype: t.view.dtype(),
-                            global_shape: t.global_shape.clone(),
-                            mesh: idx,
-                            placements: sh.placements.clone(),
-                        }
-                    }
+                    Some(sh) => LocalKind::Sharded {
+                        dtype: t.view.dtype(),
+                        global_shape: t.global_shape.clone(),
+                        mesh: intern(&mut meshes, &sh.mesh),
+                        placements: sh.placements.clone(),
+                    },
                     None => LocalKind::Tensor {
                         dtype: t.view.dtype(),
                         global_shape: t.global_shape.clone(),
@@ -138,6 +125,17 @@ impl LocalPlan {
             }
         }
         Ok(())
+    }
+}
+
+/// The index of `m` in `meshes`, added at the end if it is not there yet.
+fn intern(meshes: &mut Vec<DeviceMesh>, m: &DeviceMesh) -> u32 {
+    match meshes.iter().position(|x| x == m) {
+        Some(i) => i as u32,
+        None => {
+            meshes.push(m.clone());
+            meshes.len() as u32 - 1
+        }
     }
 }
 
@@ -425,15 +423,8 @@ impl GlobalPlan {
                         ranks.sort_unstable();
                         mesh_ranks.sort_unstable();
                         if ranks == mesh_ranks {
-                            let idx = match meshes.iter().position(|m| m == mesh) {
-                                Some(i) => i as u32,
-                                None => {
-                                    meshes.push(mesh.clone());
-                                    meshes.len() as u32 - 1
-                                }
-                            };
                             let spec = ShardedTensor {
-                                mesh: idx,
+                                mesh: intern(&mut meshes, mesh),
                                 placements: placements.to_vec(),
                                 rotation: entry as u64,
                             };
@@ -631,29 +622,21 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
             .map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
         covered = covered.saturating_add(r.numel());
     }
-    // Sweep along dim 0: only chunks whose dim-0 ranges overlap can overlap.
     if !shape.is_empty() {
-        let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_by_key(|&i| chunks[i].0.offsets[0]);
-        let mut active: Vec<usize> = Vec::new();
-        for &i in &order {
-            let r = &chunks[i].0;
-            active.retain(|&j| chunks[j].0.offsets[0] + chunks[j].0.sizes[0] > r.offsets[0]);
-            for &j in &active {
-                if let Some(x) = r.intersect(&chunks[j].0) {
-                    return Err(Error::invalid(format!(
-                        "key {fqn:?}: the piece of rank {} (offsets {:?}, sizes {:?}) overlaps the piece of rank {} (offsets {:?}, sizes {:?}) in {} elements",
-                        chunks[i].1[0],
-                        r.offsets,
-                        r.sizes,
-                        chunks[j].1[0],
-                        chunks[j].0.offsets,
-                        chunks[j].0.sizes,
-                        x.numel()
-                    )));
-                }
-            }
-            active.push(i);
+        let boxes: Vec<&Region> = chunks.iter().map(|c| &c.0).collect();
+        let pair = overlapping_pairs(&boxes).next();
+        if let Some((i, j)) = pair {
+            let (r, x) = (&chunks[i].0, chunks[i].0.intersect(&chunks[j].0).expect("the pair overlaps"));
+            return Err(Error::invalid(format!(
+                "key {fqn:?}: the piece of rank {} (offsets {:?}, sizes {:?}) overlaps the piece of rank {} (offsets {:?}, sizes {:?}) in {} elements",
+                chunks[i].1[0],
+                r.offsets,
+                r.sizes,
+                chunks[j].1[0],
+                chunks[j].0.offsets,
+                chunks[j].0.sizes,
+                x.numel()
+            )));
         }
     } else if chunks.len() > 1 {
         return Err(Error::invalid(format!("key {fqn:?}: a 0-d tensor registered as several pieces")));
