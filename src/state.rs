@@ -181,15 +181,7 @@ impl<'a> State<'a> {
     /// Registers a plain Python value given in literal syntax, e.g. `(0.9, 0.999)`.
     pub fn add_literal(&mut self, fqn: &str, literal: &str) -> Result<()> {
         let v = PyValue::parse_literal(literal).map_err(|e| e.context(format!("key {fqn:?}")))?;
-        self.add_object(
-            fqn,
-            match v {
-                PyValue::Bytes(b) => ObjectValue::Bytes(b),
-                PyValue::Int(i) => ObjectValue::Int(i),
-                PyValue::Float(f) => ObjectValue::Float(f),
-                other => ObjectValue::Py(other),
-            },
-        )
+        self.add_object(fqn, v.into())
     }
     /// Registers an opaque pickle, stored byte for byte as the item's `data.pkl`.
     pub fn add_pickle(&mut self, fqn: &str, pickle: &[u8]) -> Result<()> {

@@ -105,14 +105,6 @@ impl PickleWriter {
         self.out
     }
 
-    pub fn len(&self) -> usize {
-        self.out.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
-    }
-
     fn op(&mut self, code: u8) -> &mut Self {
         self.out.push(code);
         self
@@ -361,7 +353,6 @@ pub enum Node {
     Call {
         callable: NodeId,
         args: NodeId,
-        newobj: bool,
         state: Option<NodeId>,
     },
     /// A persistent id (torch.save's storage references).
@@ -434,6 +425,14 @@ impl<'a> Vm<'a> {
         let n = self.u64()?;
         usize::try_from(n).map_err(|_| self.err("length does not fit in memory"))
     }
+    /// A text argument read as a number.
+    fn line_num<T: std::str::FromStr>(&self, l: &[u8], what: &str) -> Result<T> {
+        std::str::from_utf8(l)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| self.err(what))
+    }
+
     fn line(&mut self) -> Result<&'a [u8]> {
         let rest = &self.data[self.pos..];
         let n = rest
@@ -544,12 +543,7 @@ impl<'a> Vm<'a> {
                     let node = match l {
                         b"00" => Node::Bool(false),
                         b"01" => Node::Bool(true),
-                        _ => Node::Int(
-                            std::str::from_utf8(l)
-                                .ok()
-                                .and_then(|s| s.parse().ok())
-                                .ok_or_else(|| self.err("bad INT"))?,
-                        ),
+                        _ => Node::Int(self.line_num(l, "bad INT")?),
                     };
                     self.push(node)
                 }
@@ -565,10 +559,7 @@ impl<'a> Vm<'a> {
                 }
                 op::FLOAT => {
                     let l = self.line()?;
-                    let v: f64 = std::str::from_utf8(l)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| self.err("bad FLOAT"))?;
+                    let v: f64 = self.line_num(l, "bad FLOAT")?;
                     self.push(Node::Float(v))
                 }
                 op::SHORT_BINUNICODE => {
@@ -594,28 +585,18 @@ impl<'a> Vm<'a> {
                     let s = self.utf8(l)?;
                     self.push(Node::Str(s))
                 }
-                op::SHORT_BINBYTES => {
+                op::SHORT_BINBYTES | op::SHORT_BINSTRING => {
                     let n = self.u8()? as usize;
                     let b = self.take(n)?.to_vec();
                     self.push(Node::Bytes(b))
                 }
-                op::BINBYTES => {
+                op::BINBYTES | op::BINSTRING => {
                     let n = self.u32()? as usize;
                     let b = self.take(n)?.to_vec();
                     self.push(Node::Bytes(b))
                 }
                 op::BINBYTES8 | op::BYTEARRAY8 => {
                     let n = self.len64()?;
-                    let b = self.take(n)?.to_vec();
-                    self.push(Node::Bytes(b))
-                }
-                op::SHORT_BINSTRING => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.push(Node::Bytes(b))
-                }
-                op::BINSTRING => {
-                    let n = self.u32()? as usize;
                     let b = self.take(n)?.to_vec();
                     self.push(Node::Bytes(b))
                 }
@@ -720,34 +701,15 @@ impl<'a> Vm<'a> {
                     };
                     self.push(g)
                 }
-                op::REDUCE => {
+                op::REDUCE | op::NEWOBJ | op::NEWOBJ_EX => {
+                    if code == op::NEWOBJ_EX {
+                        self.pop()?; // kwargs
+                    }
                     let args = self.pop()?;
                     let callable = self.pop()?;
                     self.push(Node::Call {
                         callable,
                         args,
-                        newobj: false,
-                        state: None,
-                    })
-                }
-                op::NEWOBJ => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.push(Node::Call {
-                        callable,
-                        args,
-                        newobj: true,
-                        state: None,
-                    })
-                }
-                op::NEWOBJ_EX => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.push(Node::Call {
-                        callable,
-                        args,
-                        newobj: true,
                         state: None,
                     })
                 }
@@ -784,10 +746,7 @@ impl<'a> Vm<'a> {
                 }
                 op::PUT => {
                     let l = self.line()?;
-                    let i: u32 = std::str::from_utf8(l)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| self.err("bad PUT"))?;
+                    let i: u32 = self.line_num(l, "bad PUT")?;
                     self.memo_put(i)?
                 }
                 op::BINGET => {
@@ -800,10 +759,7 @@ impl<'a> Vm<'a> {
                 }
                 op::GET => {
                     let l = self.line()?;
-                    let i: u32 = std::str::from_utf8(l)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| self.err("bad GET"))?;
+                    let i: u32 = self.line_num(l, "bad GET")?;
                     self.memo_get(i)?
                 }
                 other => {

@@ -182,18 +182,7 @@ impl fmt::Display for PyValue {
                 }
                 f.write_str("'")
             }
-            PyValue::Bytes(b) => {
-                f.write_str("b'")?;
-                for &c in b {
-                    match c {
-                        b'\'' => f.write_str("\\'")?,
-                        b'\\' => f.write_str("\\\\")?,
-                        0x20..=0x7e => write!(f, "{}", c as char)?,
-                        _ => write!(f, "\\x{c:02x}")?,
-                    }
-                }
-                f.write_str("'")
-            }
+            PyValue::Bytes(b) => BytesLiteral(b).fmt(f),
             PyValue::List(items) => {
                 f.write_str("[")?;
                 for (i, it) in items.iter().enumerate() {
@@ -228,6 +217,24 @@ impl fmt::Display for PyValue {
                 f.write_str("}")
             }
         }
+    }
+}
+
+/// `b'...'`, as Python writes a `bytes` object.
+struct BytesLiteral<'b>(&'b [u8]);
+
+impl fmt::Display for BytesLiteral<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("b'")?;
+        for &c in self.0 {
+            match c {
+                b'\'' => f.write_str("\\'")?,
+                b'\\' => f.write_str("\\\\")?,
+                0x20..=0x7e => write!(f, "{}", c as char)?,
+                _ => write!(f, "\\x{c:02x}")?,
+            }
+        }
+        f.write_str("'")
     }
 }
 
@@ -439,6 +446,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn object_values_pickle_and_print_as_their_plain_values() {
+        for v in [
+            PyValue::Bytes(vec![0, b'\'', 200]),
+            PyValue::Int(-7),
+            PyValue::Float(0.5),
+            PyValue::Str("x".into()),
+        ] {
+            let o = ObjectValue::from(v.clone());
+            assert_eq!(o.to_pickle(), v.to_pickle());
+            assert_eq!(o.literal(), Some(v.to_string()));
+            assert_eq!(ObjectValue::from_pickle(&v.to_pickle(), "t").unwrap(), o);
+        }
+        assert_eq!(ObjectValue::Pickle(b"N.".to_vec()).literal(), None);
+    }
+
+    #[test]
     fn pickle_roundtrip() {
         let v = PyValue::Dict(vec![
             (PyValue::Str("lr".into()), PyValue::Float(0.1)),
@@ -512,23 +535,48 @@ pub enum ObjectValue {
 impl ObjectValue {
     /// The pickle stored as the item's `data.pkl`.
     pub fn to_pickle(&self) -> Vec<u8> {
+        // The same protocol as `PyValue::to_pickle`.
+        let mut w = PickleWriter::new(2);
         match self {
-            ObjectValue::Bytes(b) => PyValue::Bytes(b.clone()).to_pickle(),
-            ObjectValue::Int(v) => PyValue::Int(*v).to_pickle(),
-            ObjectValue::Float(v) => PyValue::Float(*v).to_pickle(),
-            ObjectValue::Py(v) => v.to_pickle(),
-            ObjectValue::Pickle(p) => p.clone(),
+            ObjectValue::Bytes(b) => {
+                w.bytes(b);
+            }
+            ObjectValue::Int(v) => {
+                w.int(*v);
+            }
+            ObjectValue::Float(v) => {
+                w.float(*v);
+            }
+            ObjectValue::Py(v) => v.write(&mut w),
+            ObjectValue::Pickle(p) => return p.clone(),
         }
+        w.finish()
     }
 
     pub fn from_pickle(data: &[u8], what: &str) -> Result<ObjectValue> {
-        Ok(match PyValue::from_pickle(data, what) {
-            Ok(Some(PyValue::Bytes(b))) => ObjectValue::Bytes(b),
-            Ok(Some(PyValue::Int(v))) => ObjectValue::Int(v),
-            Ok(Some(PyValue::Float(v))) => ObjectValue::Float(v),
-            Ok(Some(v)) => ObjectValue::Py(v),
-            // Anything else, including pickles with opcodes the VM does not run, stays opaque.
-            Ok(None) | Err(_) => ObjectValue::Pickle(data.to_vec()),
+        Ok(match pickle::parse(data, what) {
+            Ok(g) => Self::from_graph(&g, data),
+            // Pickles with opcodes the VM does not run stay opaque.
+            Err(_) => ObjectValue::Pickle(data.to_vec()),
+        })
+    }
+
+    /// The value of a parsed pickle (`raw` is its bytes, kept when it is not a plain value).
+    pub fn from_graph(g: &Graph, raw: &[u8]) -> ObjectValue {
+        match PyValue::from_graph(g, g.root, 0) {
+            Some(v) => v.into(),
+            None => ObjectValue::Pickle(raw.to_vec()),
+        }
+    }
+
+    /// The value in Python literal syntax; `None` for a pickle, which has none.
+    pub fn literal(&self) -> Option<String> {
+        Some(match self {
+            ObjectValue::Bytes(b) => BytesLiteral(b).to_string(),
+            ObjectValue::Int(i) => PyValue::Int(*i).to_string(),
+            ObjectValue::Float(f) => PyValue::Float(*f).to_string(),
+            ObjectValue::Py(p) => p.to_string(),
+            ObjectValue::Pickle(_) => return None,
         })
     }
 
@@ -539,6 +587,18 @@ impl ObjectValue {
             ObjectValue::Float(_) => "float",
             ObjectValue::Py(_) => "object",
             ObjectValue::Pickle(_) => "pickle",
+        }
+    }
+}
+
+impl From<PyValue> for ObjectValue {
+    /// Bytes, ints and floats get their own variants; other plain values stay `Py`.
+    fn from(v: PyValue) -> ObjectValue {
+        match v {
+            PyValue::Bytes(b) => ObjectValue::Bytes(b),
+            PyValue::Int(i) => ObjectValue::Int(i),
+            PyValue::Float(f) => ObjectValue::Float(f),
+            other => ObjectValue::Py(other),
         }
     }
 }

@@ -590,12 +590,10 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         )
     );
     let graph = pickle::parse(&pkl_bytes, what)?;
-    let Some(((module, func), args, _)) = graph.as_call(graph.root) else {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
+    let (func, args) = match graph.as_call(graph.root) {
+        Some(((module, func), args, _)) if module == "torch._utils" && func.starts_with("_rebuild_tensor") => (func, args),
+        _ => return Ok(ItemContent::Object(ObjectValue::from_graph(&graph, &pkl_bytes))),
     };
-    if module != "torch._utils" || !func.starts_with("_rebuild_tensor") {
-        return Ok(ItemContent::Object(ObjectValue::from_pickle(&pkl_bytes, what)?));
-    }
     let bad = |m: &str| Error::corrupt(format!("{what}: tensor pickle: {m}"));
     let args = graph.as_seq(args).ok_or_else(|| bad("arguments are not a tuple"))?;
     ensure!(args.len() >= 4, bad("too few arguments"));
