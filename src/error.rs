@@ -8,63 +8,42 @@ use std::path::Path;
 /// are part of the ABI and are never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
+#[repr(i32)]
 pub enum ErrorKind {
     /// An argument is out of range or inconsistent (wrong size, unknown enum value, bad shape).
-    InvalidArgument,
+    InvalidArgument = 2,
     /// An operating-system I/O call failed.
-    Io,
+    Io = 3,
     /// A checkpoint file is malformed or truncated.
-    Corrupt,
+    Corrupt = 4,
     /// Stored data does not match its checksum.
-    Checksum,
+    Checksum = 5,
     /// A key, file or checkpoint does not exist.
-    NotFound,
+    NotFound = 6,
     /// Saved and registered state disagree (dtype, shape, kind).
-    Mismatch,
+    Mismatch = 7,
     /// A committed checkpoint is already at the destination and overwrite is off.
-    AlreadyExists,
+    AlreadyExists = 8,
     /// A peer rank failed or the communicator broke.
-    Comm,
+    Comm = 9,
     /// A collective did not complete in time.
-    Timeout,
+    Timeout = 10,
     /// The operation is valid but not supported here (no CUDA driver, unknown dtype in a file).
-    Unsupported,
+    Unsupported = 11,
     /// A CUDA call failed.
-    Cuda,
+    Cuda = 12,
     /// A bug in libdcp (a caught panic, a broken invariant).
-    Internal,
+    Internal = 13,
     /// A caller buffer is too small; the message says how large it must be.
-    BufferTooSmall,
+    BufferTooSmall = 14,
     /// The file system is full (ENOSPC / EDQUOT).
-    NoSpace,
+    NoSpace = 15,
     /// Another operation is in flight (an async save) and the options say not to wait.
-    Busy,
+    Busy = 16,
 }
 
 impl ErrorKind {
-    /// The `dcp_status` value of this kind (stable ABI numbers).
-    pub fn code(self) -> i32 {
-        use ErrorKind::*;
-        match self {
-            InvalidArgument => 2,
-            Io => 3,
-            Corrupt => 4,
-            Checksum => 5,
-            NotFound => 6,
-            Mismatch => 7,
-            AlreadyExists => 8,
-            Comm => 9,
-            Timeout => 10,
-            Unsupported => 11,
-            Cuda => 12,
-            Internal => 13,
-            BufferTooSmall => 14,
-            NoSpace => 15,
-            Busy => 16,
-        }
-    }
-
-    pub fn from_code(code: i32) -> ErrorKind {
+    const ALL: [ErrorKind; 15] = {
         use ErrorKind::*;
         [
             InvalidArgument,
@@ -83,9 +62,16 @@ impl ErrorKind {
             NoSpace,
             Busy,
         ]
-        .into_iter()
-        .find(|k| k.code() == code)
-        .unwrap_or(Internal)
+    };
+
+    /// The `dcp_status` value of this kind (stable ABI numbers).
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The kind of a `dcp_status` value; `Internal` for a number that is no kind's.
+    pub fn from_code(code: i32) -> ErrorKind {
+        Self::ALL.into_iter().find(|k| k.code() == code).unwrap_or(ErrorKind::Internal)
     }
 }
 

@@ -71,6 +71,14 @@ impl DType {
         }
     }
 
+    /// Bytes of a dense tensor of `shape`; `None` when that does not fit in 64 bits.
+    pub fn nbytes(self, shape: &[u64]) -> Option<u64> {
+        shape
+            .iter()
+            .try_fold(1u64, |acc, &s| acc.checked_mul(s))?
+            .checked_mul(self.size() as u64)
+    }
+
     /// The attribute name in the `torch` module (`torch.float32` is pickled as `torch float32`).
     pub fn torch_name(self) -> &'static str {
         use DType::*;
@@ -226,8 +234,7 @@ unsafe impl Sync for TensorView<'_> {}
 impl<'a> TensorView<'a> {
     /// A contiguous CPU tensor over a mutable byte slice.
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
-        let strides = contiguous_strides(sizes);
-        unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, Some(&strides), Device::Cpu) }
+        unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, None, Device::Cpu) }
     }
 
     /// A contiguous CPU tensor over a typed slice (`f32`, `i64`, ...); the dtype must have the
@@ -243,8 +250,7 @@ impl<'a> TensorView<'a> {
         );
         let nbytes = std::mem::size_of_val(data);
         let ptr = data.as_mut_ptr() as *mut u8;
-        let strides = contiguous_strides(sizes);
-        unsafe { Self::from_raw(ptr, nbytes, dtype, sizes, Some(&strides), Device::Cpu) }
+        unsafe { Self::from_raw(ptr, nbytes, dtype, sizes, None, Device::Cpu) }
     }
 
     /// A view of raw memory.
@@ -330,6 +336,10 @@ impl<'a> TensorView<'a> {
     }
     pub fn numel(&self) -> u64 {
         self.sizes.iter().product()
+    }
+    /// Bytes of the view's elements, packed densely.
+    pub fn data_bytes(&self) -> u64 {
+        self.numel() * self.dtype.size() as u64
     }
     /// True when the elements are dense and in row-major order.
     pub fn is_contiguous(&self) -> bool {

@@ -380,7 +380,7 @@ fn my_entries<'s, 'a>(state: &'s State<'a>, plan: &GlobalPlan, rank: usize) -> R
     for e in &plan.entries {
         let mine = match &e.kind {
             GlobalKind::Object { writer } => *writer as usize == rank,
-            _ => !plan.chunks_written_by(e, rank as u32).is_empty(),
+            _ => plan.writes_any(e, rank as u32),
         };
         if mine {
             out.push(

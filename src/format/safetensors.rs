@@ -202,9 +202,8 @@ pub fn parse_header(head: &[u8], file_len: u64, what: &str) -> Result<Header> {
             (Some(s), Some(e)) if s <= e => (s, e),
             _ => return Err(bad(format!("tensor {name:?}: bad data_offsets"))),
         };
-        let want = numel(&shape)
-            .ok()
-            .and_then(|n| n.checked_mul(dtype.size() as u64))
+        let want = dtype
+            .nbytes(&shape)
             .ok_or_else(|| bad(format!("tensor {name:?}: shape {shape:?} overflows")))?;
         ensure!(
             end - start == want,

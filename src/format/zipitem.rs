@@ -274,7 +274,7 @@ impl TensorItemLayout {
     /// `item_start` is the item's offset in its file; the payload starts on a multiple of
     /// `payload_align` in the file.
     pub fn new(dtype: DType, sizes: &[u64], item_start: u64, payload_align: u64, seed: u64) -> Self {
-        let payload_len = sizes.iter().product::<u64>() * dtype.size() as u64;
+        let payload_len = dtype.nbytes(sizes).expect("a planned tensor's byte count fits in 64 bits");
         let mut z = ZipBuilder::new(item_start);
         z.small_record(&rec("data.pkl"), &tensor_pickle(dtype, sizes));
         z.small_record(&rec(".format_version"), b"1");

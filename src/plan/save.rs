@@ -225,12 +225,12 @@ impl ShardedTensor {
         (s, r, n)
     }
 
-    /// Whether the rank at `coord` writes its shard.
-    pub fn writes(&self, mesh: &DeviceMesh, coord: &[u32], global_shape: &[u64]) -> bool {
+    /// The shard the rank at `coord` writes, if it writes one.
+    pub fn writes(&self, mesh: &DeviceMesh, coord: &[u32], global_shape: &[u64]) -> Option<Region> {
         let region = region_at(global_shape, mesh.shape(), coord, &self.placements);
         let (s, r, n) = self.split_coord(mesh, coord);
         let keep = !region.is_empty() || (global_shape.iter().product::<u64>() == 0 && s == 0);
-        keep && r == (s + self.rotation) % n
+        (keep && r == (s + self.rotation) % n).then_some(region)
     }
 
     /// Every distinct non-empty chunk with its writer, in shard order.
@@ -530,17 +530,24 @@ impl GlobalPlan {
     pub fn chunks_written_by(&self, e: &GlobalEntry, rank: u32) -> Vec<Region> {
         match &e.kind {
             GlobalKind::Tensor { chunks, .. } => chunks.iter().filter(|c| c.writer == rank).map(|c| c.region.clone()).collect(),
-            GlobalKind::Sharded { global_shape, spec, .. } => {
-                let mesh = self.mesh(spec);
-                match mesh.coordinate_of(rank) {
-                    Some(coord) if spec.writes(mesh, &coord, global_shape) => {
-                        vec![region_at(global_shape, mesh.shape(), &coord, &spec.placements)]
-                    }
-                    _ => vec![],
-                }
-            }
+            GlobalKind::Sharded { global_shape, spec, .. } => self.sharded_writes(spec, global_shape, rank).into_iter().collect(),
             GlobalKind::Object { .. } => vec![],
         }
+    }
+
+    /// Whether `rank` writes any chunk of a tensor entry (what `chunks_written_by` says, without
+    /// collecting the regions).
+    pub fn writes_any(&self, e: &GlobalEntry, rank: u32) -> bool {
+        match &e.kind {
+            GlobalKind::Tensor { chunks, .. } => chunks.iter().any(|c| c.writer == rank),
+            GlobalKind::Sharded { global_shape, spec, .. } => self.sharded_writes(spec, global_shape, rank).is_some(),
+            GlobalKind::Object { .. } => false,
+        }
+    }
+
+    fn sharded_writes(&self, spec: &ShardedTensor, global_shape: &[u64], rank: u32) -> Option<Region> {
+        let mesh = self.mesh(spec);
+        spec.writes(mesh, &mesh.coordinate_of(rank)?, global_shape)
     }
 
     /// All chunks of a tensor entry with their writers (expands sharded entries).
