@@ -256,7 +256,7 @@ impl TcpComm {
 
     /// Rank 0 collects every rank's contribution, runs `reply` over them, and sends each rank
     /// its answer. Leaves send theirs and wait for the answer. One exchange per collective.
-    fn exchange(&self, data: &[u8], reply: impl Fn(&[Vec<u8>]) -> Vec<u8>) -> Result<Vec<u8>> {
+    fn exchange(&self, data: &[u8], reply: impl FnOnce(Vec<Vec<u8>>) -> Vec<u8>) -> Result<Vec<u8>> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = &inner.broken {
             return Err(Error::new(
@@ -284,7 +284,7 @@ impl TcpComm {
                 }
                 match failure {
                     None => {
-                        let out = reply(&all);
+                        let out = reply(all);
                         let mut send_err = None;
                         for (i, s) in peers.iter_mut().enumerate() {
                             if let Err(e) = Self::send(s, seq, KIND_DATA, &out) {
@@ -363,7 +363,7 @@ impl Communicator for TcpComm {
         self.world
     }
     fn all_gather(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let packed = self.exchange(data, pack)?;
+        let packed = self.exchange(data, |all| pack(&all))?;
         unpack(&packed, self.world)
     }
     fn broadcast(&self, data: &[u8], root: usize) -> Result<Vec<u8>> {
@@ -371,7 +371,7 @@ impl Communicator for TcpComm {
             return Err(Error::invalid(format!("broadcast root {root} is not a rank of {}", self.world)));
         }
         let mine = if self.rank == root { data } else { &[] };
-        self.exchange(mine, |all| all[root].clone())
+        self.exchange(mine, |mut all| all.swap_remove(root))
     }
     fn barrier(&self) -> Result<()> {
         self.exchange(&[], |_| Vec::new()).map(|_| ())
@@ -383,9 +383,8 @@ impl Communicator for TcpComm {
         }
         // Only rank 0 needs the contributions: the others get an empty acknowledgement.
         let mut kept = None;
-        let cell = std::cell::RefCell::new(&mut kept);
         self.exchange(data, |all| {
-            **cell.borrow_mut() = Some(all.to_vec());
+            kept = Some(all);
             Vec::new()
         })?;
         Ok(kept)

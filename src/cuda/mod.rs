@@ -199,7 +199,6 @@ impl PinnedBuf {
     /// Allocates through device `ordinal`'s primary context (PORTABLE: usable with every
     /// device), so a process that uses one GPU creates no context on another.
     pub fn new(len: usize, ordinal: i32) -> Result<PinnedBuf> {
-        driver()?;
         activate(ordinal)?;
         let ptr = unsafe { result::malloc_host(len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE) }
             .map_err(|e| cuda_err(&format!("allocating {len} bytes of pinned host memory"), e))?;

@@ -11,7 +11,6 @@ use std::sync::OnceLock;
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> ncclResult_t;
 type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> ncclResult_t;
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> ncclResult_t;
-type Broadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, *mut c_void) -> ncclResult_t;
 type GetErrorString = unsafe extern "C" fn(ncclResult_t) -> *const c_char;
 type SendRecv = unsafe extern "C" fn(*mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, *mut c_void) -> ncclResult_t;
 type Group = unsafe extern "C" fn() -> ncclResult_t;
@@ -21,7 +20,6 @@ struct Api {
     get_unique_id: GetUniqueId,
     comm_init_rank: CommInitRank,
     comm_destroy: CommDestroy,
-    broadcast: Broadcast,
     send: SendRecv,
     recv: SendRecv,
     error_string: GetErrorString,
@@ -49,7 +47,6 @@ fn api() -> Result<&'static Api> {
                         get_unique_id: std::mem::transmute::<*const (), GetUniqueId>(sym("ncclGetUniqueId")?),
                         comm_init_rank: std::mem::transmute::<*const (), CommInitRank>(sym("ncclCommInitRank")?),
                         comm_destroy: std::mem::transmute::<*const (), CommDestroy>(sym("ncclCommDestroy")?),
-                        broadcast: std::mem::transmute::<*const (), Broadcast>(sym("ncclBroadcast")?),
                         send: std::mem::transmute::<*const (), SendRecv>(sym("ncclSend")?),
                         recv: std::mem::transmute::<*const (), SendRecv>(sym("ncclRecv")?),
                         error_string: std::mem::transmute::<*const (), GetErrorString>(sym("ncclGetErrorString")?),
@@ -97,7 +94,6 @@ pub fn unique_id() -> Result<Vec<u8>> {
 pub struct Comm {
     raw: ncclComm_t,
     pub rank: usize,
-    pub nranks: usize,
 }
 unsafe impl Send for Comm {}
 unsafe impl Sync for Comm {}
@@ -119,24 +115,7 @@ impl Comm {
         check("ncclCommInitRank", unsafe {
             (a.comm_init_rank)(&mut raw, nranks as c_int, uid, rank as c_int)
         })?;
-        Ok(Comm { raw, rank, nranks })
-    }
-
-    /// Broadcasts `len` bytes at device address `buf` from `root` to every rank (in place),
-    /// queued on `stream`.
-    pub fn broadcast(&self, buf: u64, len: usize, root: usize, stream: &super::Stream) -> Result<()> {
-        let a = api()?;
-        check("ncclBroadcast", unsafe {
-            (a.broadcast)(
-                buf as *const c_void,
-                buf as *mut c_void,
-                len,
-                ncclDataType_t::ncclUint8,
-                root as c_int,
-                self.raw,
-                stream.raw_handle(),
-            )
-        })
+        Ok(Comm { raw, rank })
     }
 
     /// Queues sending `len` bytes at device address `buf` to rank `peer`.
@@ -163,7 +142,7 @@ impl Comm {
         })
     }
 
-    /// Runs `f` (several broadcasts) as one NCCL group.
+    /// Runs `f` (several sends and receives) as one NCCL group.
     pub fn group<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let a = api()?;
         check("ncclGroupStart", unsafe { (a.group_start)() })?;

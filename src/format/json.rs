@@ -35,12 +35,6 @@ impl Value {
             _ => None,
         }
     }
-    pub fn as_i64(&self) -> Option<i64> {
-        match self {
-            Value::Number(n) => n.parse().ok(),
-            _ => None,
-        }
-    }
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Number(n) => n.parse().ok(),

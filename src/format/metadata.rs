@@ -90,9 +90,15 @@ impl Metadata {
         for (i, (k, _)) in self.entries.iter().enumerate() {
             entries.insert(k.clone(), i);
         }
-        let mut storage = HashMap::with_capacity(self.storage.len());
+        let mut storage: HashMap<String, KeyStorage> = HashMap::new();
         for (i, (idx, _)) in self.storage.iter().enumerate() {
-            storage.insert((idx.fqn.clone(), idx.offset.clone()), i);
+            let key = storage.entry(idx.fqn.clone()).or_default();
+            match &idx.offset {
+                None => key.object = Some(i),
+                Some(o) => {
+                    key.chunks.insert(o.clone(), i);
+                }
+            }
         }
         MetadataLookup { entries, storage }
     }
@@ -100,7 +106,17 @@ impl Metadata {
 
 pub struct MetadataLookup {
     entries: HashMap<String, usize>,
-    storage: HashMap<(String, Option<Vec<u64>>), usize>,
+    /// Key -> its storage entries; nested so that lookups need no owned key.
+    storage: HashMap<String, KeyStorage>,
+}
+
+/// Positions in `Metadata::storage` of one key's entries.
+#[derive(Default)]
+struct KeyStorage {
+    /// The entry without chunk offsets (an object).
+    object: Option<usize>,
+    /// Chunk offsets -> entry.
+    chunks: HashMap<Vec<u64>, usize>,
 }
 
 impl MetadataLookup {
@@ -112,9 +128,12 @@ impl MetadataLookup {
         self.entries.get(fqn).map(|&i| &md.entries[i].1)
     }
     pub fn storage<'m>(&self, md: &'m Metadata, fqn: &str, offset: Option<&[u64]>) -> Option<&'m StorageInfo> {
-        self.storage
-            .get(&(fqn.to_string(), offset.map(|o| o.to_vec())))
-            .map(|&i| &md.storage[i].1)
+        let key = self.storage.get(fqn)?;
+        let i = match offset {
+            None => key.object?,
+            Some(o) => *key.chunks.get(o)?,
+        };
+        Some(&md.storage[i].1)
     }
 }
 

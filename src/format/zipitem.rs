@@ -66,7 +66,6 @@ impl ZipBuilder {
     /// A local header whose data starts at an offset aligned to `align`, measured in the file
     /// (`absolute`) or in the archive. Returns the data offset within the archive.
     fn local_header(&mut self, name: &str, align: u64, absolute: bool) -> u64 {
-        let header_offset = self.pos;
         let unpadded = self.pos + LOCAL_HEADER_LEN + name.len() as u64 + 4;
         let origin = if absolute { self.base } else { 0 };
         let pad = (align - (origin + unpadded) % align) % align;
@@ -87,7 +86,6 @@ impl ZipBuilder {
         put16(&mut h, pad as u16);
         h.resize(h.len() + pad as usize, b'Z');
         self.emit(&h);
-        let _ = header_offset;
         self.pos
     }
 

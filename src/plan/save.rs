@@ -441,7 +441,7 @@ impl GlobalPlan {
                         }
                     }
                     let mut regions: BTreeMap<Region, Vec<u32>> = BTreeMap::new();
-                    for ((r, it), _) in holders.iter().zip(&specs) {
+                    for (r, it) in &holders {
                         regions
                             .entry(region_of_item(&it.kind, &plans[*r as usize], *r)?)
                             .or_default()
