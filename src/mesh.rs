@@ -103,13 +103,8 @@ impl DeviceMesh {
     }
 
     /// Coordinates of the `pos`-th position (row-major).
-    pub fn coordinate_at(&self, mut pos: usize) -> Vec<u32> {
-        let mut c = vec![0u32; self.shape.len()];
-        for d in (0..self.shape.len()).rev() {
-            c[d] = (pos % self.shape[d] as usize) as u32;
-            pos /= self.shape[d] as usize;
-        }
-        c
+    pub fn coordinate_at(&self, pos: usize) -> Vec<u32> {
+        unravel(pos as u64, &self.shape)
     }
 
     /// The global rank at `coord`.
@@ -120,6 +115,16 @@ impl DeviceMesh {
         }
         self.ranks[pos]
     }
+}
+
+/// Coordinates of the `i`-th position (row-major) of a grid of `shape`.
+pub fn unravel(mut i: u64, shape: &[u32]) -> Vec<u32> {
+    let mut c = vec![0u32; shape.len()];
+    for d in (0..shape.len()).rev() {
+        c[d] = (i % shape[d] as u64) as u32;
+        i /= shape[d] as u64;
+    }
+    c
 }
 
 /// torch.chunk's split of `size` into `n`: (size, offset) of chunk `k`. An empty chunk sits at

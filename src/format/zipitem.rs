@@ -274,10 +274,7 @@ impl TensorItemLayout {
     pub fn new(dtype: DType, sizes: &[u64], item_start: u64, payload_align: u64, seed: u64) -> Self {
         let payload_len = dtype.nbytes(sizes).expect("a planned tensor's byte count fits in 64 bits");
         let mut z = ZipBuilder::new(item_start);
-        z.small_record(&rec("data.pkl"), &tensor_pickle(dtype, sizes));
-        z.small_record(&rec(".format_version"), b"1");
-        z.small_record(&rec(".storage_alignment"), b"64");
-        z.small_record(&rec("byteorder"), b"little");
+        head_records(&mut z, &tensor_pickle(dtype, sizes));
         let header_offset = z.pos;
         z.local_header(&rec("data/0"), payload_align.max(RECORD_ALIGN), true);
         let prefix = std::mem::take(&mut z.out);
@@ -289,8 +286,7 @@ impl TensorItemLayout {
             size: payload_len,
             crc: 0,
         });
-        z.small_record(&rec("version"), b"3\n");
-        z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
+        tail_records(&mut z, seed);
         let crc_cd = z.finish(Some(&rec("data/0"))).expect("data/0 is in the directory");
         TensorItemLayout {
             prefix,
@@ -322,14 +318,24 @@ impl TensorItemLayout {
 /// A complete item holding a pickled object (torch.save of bytes, an int, a float...).
 pub fn object_item(value: &ObjectValue, seed: u64) -> Vec<u8> {
     let mut z = ZipBuilder::new(0);
-    z.small_record(&rec("data.pkl"), &value.to_pickle());
+    head_records(&mut z, &value.to_pickle());
+    tail_records(&mut z, seed);
+    z.finish(None);
+    z.out
+}
+
+/// The records torch.save writes before the storages: the pickle and the format facts.
+fn head_records(z: &mut ZipBuilder, pickle: &[u8]) {
+    z.small_record(&rec("data.pkl"), pickle);
     z.small_record(&rec(".format_version"), b"1");
     z.small_record(&rec(".storage_alignment"), b"64");
     z.small_record(&rec("byteorder"), b"little");
+}
+
+/// The records torch.save writes after the storages.
+fn tail_records(z: &mut ZipBuilder, seed: u64) {
     z.small_record(&rec("version"), b"3\n");
     z.small_record(&rec(".data/serialization_id"), serialization_id(seed).as_bytes());
-    z.finish(None);
-    z.out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
-use crate::mesh::{check_placements, region_at, DeviceMesh, Placement};
+use crate::mesh::{check_placements, region_at, unravel, DeviceMesh, Placement};
 use crate::region::{overlapping_pairs, Region};
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
@@ -263,15 +263,6 @@ impl ShardedTensor {
     }
 }
 
-fn unravel(mut i: u64, shape: &[u32]) -> Vec<u32> {
-    let mut c = vec![0u32; shape.len()];
-    for d in (0..shape.len()).rev() {
-        c[d] = (i % shape[d] as u64) as u32;
-        i /= shape[d] as u64;
-    }
-    c
-}
-
 impl GlobalPlan {
     pub fn build(plans: Plans) -> Result<GlobalPlan> {
         match plans {
@@ -483,15 +474,7 @@ impl GlobalPlan {
             entries,
         };
         // Ranks already write their analytic shards: count those bytes before balancing the rest.
-        let mut preload = vec![0u64; world as usize];
-        for e in &plan.entries {
-            if let GlobalKind::Sharded { dtype, .. } = &e.kind {
-                for c in plan.chunks_of(e) {
-                    let p = &mut preload[c.writer as usize];
-                    *p = p.saturating_add(c.region.numel() * dtype.size() as u64);
-                }
-            }
-        }
+        let preload = plan.bytes_written(|k| matches!(k, GlobalKind::Sharded { .. }));
         plan.assign(work, &preload);
         Ok(plan)
     }
@@ -561,8 +544,13 @@ impl GlobalPlan {
 
     /// Bytes of tensor data each rank writes.
     pub fn bytes_per_rank(&self) -> Vec<u64> {
+        self.bytes_written(|_| true)
+    }
+
+    /// Bytes of tensor data each rank writes for the entries of the kinds `counted` picks.
+    fn bytes_written(&self, counted: impl Fn(&GlobalKind) -> bool) -> Vec<u64> {
         let mut out = vec![0u64; self.world_size as usize];
-        for e in &self.entries {
+        for e in self.entries.iter().filter(|e| counted(&e.kind)) {
             let elem = match &e.kind {
                 GlobalKind::Tensor { dtype, .. } | GlobalKind::Sharded { dtype, .. } => dtype.size() as u64,
                 GlobalKind::Object { .. } => continue,
