@@ -6,7 +6,7 @@ use super::broadcast::{self, Broadcasts};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::save::sync_devices;
 use super::save::METADATA_FILE;
-use super::staging::StagingPool;
+use super::staging::{PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
 use super::write::DeviceStreams;
 use super::Context;
@@ -264,7 +264,9 @@ fn execute_plan(
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
-                        let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).acquire(window_buffer_len(), gpu)?;
+                        // Dropped in reverse order: the streams (finishing their copies) before
+                        // the buffer goes back to the pool.
+                        let buf = PoolBuf::acquire(pool, window_buffer_len(), gpu)?;
                         let mut streams = DeviceStreams::default();
                         let mut rd = Reader {
                             files: &files,
@@ -273,36 +275,30 @@ fn execute_plan(
                             buf: &buf,
                             streams: &mut streams,
                         };
-                        let r = (|| -> Result<()> {
-                            loop {
-                                if failed.load(Ordering::Relaxed) {
-                                    return Ok(());
-                                }
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(c) = plan.chunks.get(i) else { return Ok(()) };
-                                let targets: Vec<Target> = c
-                                    .targets
-                                    .iter()
-                                    .map(|(ei, overlap)| match &entries[*ei].value {
-                                        EntryValue::Tensor(t) => Ok(Target {
-                                            view: &t.view,
-                                            region: &t.region,
-                                            overlap: overlap.clone(),
-                                        }),
-                                        EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
-                                    })
-                                    .collect::<Result<_>>()?;
-                                let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
-                                if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
-                                    failed.store(true, Ordering::Relaxed);
-                                    return Err(e);
-                                }
+                        loop {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(());
                             }
-                        })();
-                        drop(rd);
-                        drop(streams);
-                        pool.lock().unwrap_or_else(|p| p.into_inner()).release(buf);
-                        r
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(c) = plan.chunks.get(i) else { return Ok(()) };
+                            let targets: Vec<Target> = c
+                                .targets
+                                .iter()
+                                .map(|(ei, overlap)| match &entries[*ei].value {
+                                    EntryValue::Tensor(t) => Ok(Target {
+                                        view: &t.view,
+                                        region: &t.region,
+                                        overlap: overlap.clone(),
+                                    }),
+                                    EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
+                                })
+                                .collect::<Result<_>>()?;
+                            let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
+                            if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
                     })
                 })
                 .collect();

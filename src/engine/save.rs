@@ -8,9 +8,9 @@
 //!    then a directory fsync. Without `.metadata` a directory is not a checkpoint.
 
 use super::future::SaveFuture;
-use super::staging::HostBuf;
+use super::staging::{self, HostBuf, PoolBuf};
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_files, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
+use super::write::{layout_files, with_host_extent, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
@@ -121,11 +121,7 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
             .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
-        ctx2.inner
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(staged.into_arena());
+        staging::lock(&ctx2.inner.pool).release(staged.into_arena());
         fut2.complete(r.map(|bytes_written| SaveReport {
             bytes_written,
             plan_cached,
@@ -211,17 +207,9 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
         Device::Cuda(o) => Some(o),
         Device::Cpu => None,
     });
-    let arena = ctx
-        .inner
-        .pool
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .acquire(total as usize, pinned)?;
-    let copied = copy_into_arena(ctx, &tensors, &offsets, &arena);
-    if let Err(e) = copied {
-        ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(arena);
-        return Err(e);
-    }
+    let arena = PoolBuf::acquire(&ctx.inner.pool, total as usize, pinned)?;
+    copy_into_arena(ctx, &tensors, &offsets, &arena)?;
+    // Dropped before `arena` (back to the pool) on an error: its views point into it.
     let mut staged = State::new();
     for ((entry, t), off) in tensors.iter().zip(&offsets) {
         let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
@@ -240,7 +228,10 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
     for (fqn, v) in objects {
         staged.add_object(&fqn, v)?;
     }
-    Ok(Staged { state: staged, arena })
+    Ok(Staged {
+        state: staged,
+        arena: arena.into_inner(),
+    })
 }
 
 /// Copies tensors (dense, row-major) into the arena: device tensors by asynchronous copies,
@@ -267,16 +258,7 @@ fn copy_into_arena(
             Device::Cuda(ordinal) => {
                 // Strided device memory: its whole extent to the host, then gathered densely.
                 let s = streams.get(ordinal, t.view.stream())?;
-                let extent = crate::tensor::strided_extent_bytes(t.view.sizes(), t.view.strides(), t.view.dtype().size())? as usize;
-                let host = ctx
-                    .inner
-                    .pool
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .acquire(extent, Some(ordinal))?;
-                let r = (|| -> Result<()> {
-                    unsafe { s.d2h(host.slice(extent), t.view.as_ptr() as u64)? };
-                    s.synchronize()?;
+                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |host, extent| {
                     let local = unsafe {
                         TensorView::from_raw(
                             host.as_ptr(),
@@ -291,9 +273,8 @@ fn copy_into_arena(
                         std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n)
                     });
                     Ok(())
-                })();
-                ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(host);
-                r.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
+                })
+                .map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
             }
             Device::Cpu => host.push((t, off as usize, n)),
         }
