@@ -18,7 +18,7 @@ use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
-use crate::storage::Storage;
+use crate::storage::{tmp_name, Storage};
 use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -406,8 +406,10 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
         storage.remove(METADATA_FILE)?;
         storage.sync_dir()?;
     }
+    // Left behind by a save that died while committing.
+    let staged = [tmp_name(METADATA_FILE), tmp_name(sidecar::FILE_NAME)];
     for name in storage.list()? {
-        if is_data_file(&name) || name == sidecar::FILE_NAME || name == ".metadata.tmp" || name == ".libdcp.tmp" {
+        if is_data_file(&name) || name == sidecar::FILE_NAME || staged.contains(&name) {
             storage.remove(&name)?;
         }
     }

@@ -44,6 +44,11 @@ pub fn check_range(what: &dyn std::fmt::Display, offset: u64, len: usize, file_l
     Ok(())
 }
 
+/// The temporary name a small file is staged under before it is renamed to `name`.
+pub fn tmp_name(name: &str) -> String {
+    format!("{name}.tmp")
+}
+
 /// Alignment of direct (O_DIRECT) I/O.
 pub const DIRECT_ALIGN: usize = 4096;
 
