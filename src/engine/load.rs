@@ -115,8 +115,7 @@ pub fn decode_opened(storage: &dyn Storage, md: &[u8], sc: Option<&[u8]>) -> Res
         },
     };
     if let Some(s) = &sidecar {
-        let crc = crc32fast::hash(md);
-        if md.len() as u64 != s.metadata_len || crc != s.metadata_crc32 {
+        if let Some(crc) = s.metadata_mismatch(md) {
             return Err(Error::new(
                 ErrorKind::Checksum,
                 format!(
@@ -163,15 +162,13 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
         Ok((o, plan))
     });
     let bcast = broadcast::arrange(comm, state, planned.as_mut().ok().map(|(_, p)| p), opts.broadcast_replicated)?;
+    // Kept for the NCCL fallback below, which reads from the same checkpoint.
+    let mut opened = None;
     let local = planned.and_then(|(o, plan)| {
-        execute_plan(
-            &Files::new(storage.clone(), o.sidecar.as_ref()),
-            &o,
-            state,
-            plan,
-            opts,
-            &ctx.inner.pool,
-        )
+        let files = Files::new(storage.clone(), o.sidecar.as_ref());
+        let r = execute_plan(&files, &o, state, plan, opts, &ctx.inner.pool);
+        opened = Some((o, files));
+        r
     });
     let mut report = local.as_ref().ok().cloned();
     // Every read must have succeeded before the broadcasts, which have no timeout.
@@ -187,16 +184,11 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
         } else {
             // NCCL failed somewhere: every rank reads what it was to receive.
             let Broadcasts { skipped, .. } = b;
-            let r = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|o| {
-                execute_plan(
-                    &Files::new(storage.clone(), o.sidecar.as_ref()),
-                    &o,
-                    state,
-                    skipped,
-                    opts,
-                    &ctx.inner.pool,
-                )
-            });
+            // This rank's reads succeeded (all agreed), so its checkpoint is open.
+            let r = match &opened {
+                Some((o, files)) => execute_plan(files, o, state, skipped, opts, &ctx.inner.pool),
+                None => Err(Error::internal("the NCCL fallback found no opened checkpoint")),
+            };
             agree(comm, r.map(|_| ()))?;
         }
     }

@@ -202,8 +202,7 @@ impl Verifier<'_> {
             }
         };
         self.report.sidecar = true;
-        let crc = crc32fast::hash(md);
-        if md.len() as u64 != sc.metadata_len || crc != sc.metadata_crc32 {
+        if let Some(crc) = sc.metadata_mismatch(md) {
             self.add(problem(
                 None,
                 Some(METADATA_FILE),

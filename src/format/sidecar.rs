@@ -54,6 +54,13 @@ pub struct BlockRecord {
 }
 
 impl Sidecar {
+    /// The CRC-32 of `md` when it is not the `.metadata` this sidecar was committed with
+    /// (another length or checksum); `None` when it matches.
+    pub fn metadata_mismatch(&self, md: &[u8]) -> Option<u32> {
+        let crc = crc32fast::hash(md);
+        (md.len() as u64 != self.metadata_len || crc != self.metadata_crc32).then_some(crc)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let payload = postcard::to_allocvec(self).expect("sidecar serialises");
         let mut out = Vec::with_capacity(payload.len() + 24);
