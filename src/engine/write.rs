@@ -8,7 +8,7 @@ use super::staging::{HostBuf, PoolBuf, StagingPool, ALIGN};
 use crate::cuda;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
-use crate::format::sidecar::{BlockRecord, BLOCK_SIZE};
+use crate::format::sidecar::{BlockHasher, BlockRecord, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
 use crate::plan::runs::{dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
@@ -220,49 +220,40 @@ impl FileWriter<'_, '_> {
     }
 }
 
-/// CRC-32 of a payload, and per-block CRCs when it is larger than one block.
+/// CRC-32 of a payload, and per-block CRCs when it is larger than one block (the whole CRC is
+/// then combined from the blocks').
 struct PayloadCrc {
-    big: bool,
     total: crc32fast::Hasher,
-    cur: crc32fast::Hasher,
-    in_block: u64,
-    blocks: Vec<u32>,
+    /// Per-block hashing, for payloads larger than one block.
+    blocks: Option<(BlockHasher, Vec<u32>)>,
 }
 
 impl PayloadCrc {
     fn new(len: u64) -> Self {
         PayloadCrc {
-            big: len > BLOCK_SIZE,
             total: crc32fast::Hasher::new(),
-            cur: crc32fast::Hasher::new(),
-            in_block: 0,
-            blocks: Vec::new(),
+            blocks: (len > BLOCK_SIZE).then(|| (BlockHasher::new(BLOCK_SIZE), Vec::new())),
         }
     }
-    fn update(&mut self, mut data: &[u8]) {
-        if !self.big {
-            self.total.update(data);
-            return;
-        }
-        while !data.is_empty() {
-            let k = ((BLOCK_SIZE - self.in_block) as usize).min(data.len());
-            self.cur.update(&data[..k]);
-            self.in_block += k as u64;
-            data = &data[k..];
-            if self.in_block == BLOCK_SIZE {
-                let done = std::mem::replace(&mut self.cur, crc32fast::Hasher::new());
+    fn update(&mut self, data: &[u8]) {
+        match &mut self.blocks {
+            None => self.total.update(data),
+            Some((h, crcs)) => h.update(data, |_, done, _| {
                 self.total.combine(&done);
-                self.blocks.push(done.finalize());
-                self.in_block = 0;
-            }
+                crcs.push(done.finalize());
+            }),
         }
     }
-    fn finish(mut self) -> (u32, Option<Vec<u32>>) {
-        if self.big && self.in_block > 0 {
-            self.total.combine(&self.cur);
-            self.blocks.push(self.cur.finalize());
-        }
-        (self.total.finalize(), self.big.then_some(self.blocks))
+    fn finish(self) -> (u32, Option<Vec<u32>>) {
+        let mut total = self.total;
+        let blocks = self.blocks.map(|(h, mut crcs)| {
+            h.finish(|_, done, _| {
+                total.combine(&done);
+                crcs.push(done.finalize());
+            });
+            crcs
+        });
+        (total.finalize(), blocks)
     }
 }
 
