@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, TensorRecord};
-use crate::plan::runs::{BoxRuns, Run};
+use crate::plan::runs::{byte_strides, BoxRuns, Run};
 use crate::region::Region;
 use crate::storage::DIRECT_ALIGN;
 use crate::storage::{ReadHandle, Storage};
@@ -254,13 +254,13 @@ pub(crate) fn read_chunk(
     }
 
     // Runs from the payload (a) to each target (b, addressed by absolute pointer).
-    let saved_strides: Vec<u64> = rec.strides.iter().map(|s| s * elem).collect();
+    let saved_strides = byte_strides(&rec.strides, elem);
     let mut runs: Vec<(Run, *mut u8, usize)> = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
         let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
-        let dst_strides: Vec<u64> = t.view.strides().iter().map(|s| s * elem).collect();
+        let dst_strides = byte_strides(t.view.strides(), elem);
         let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
         let ptr = t.view.as_ptr();
         BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr, ti)));

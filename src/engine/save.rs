@@ -15,6 +15,7 @@ use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
+use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
@@ -307,11 +308,11 @@ fn copy_dense(view: &TensorView, dst: &mut [u8]) {
         unsafe { std::ptr::copy_nonoverlapping(view.as_ptr(), dst.as_mut_ptr(), dst.len()) };
         return;
     }
-    let elem = view.dtype().size();
-    let src_strides = crate::tensor::byte_strides(view.strides(), elem);
-    let dst_strides = crate::tensor::byte_strides(&crate::tensor::contiguous_strides(view.sizes()), elem);
-    let sizes: Vec<usize> = view.sizes().iter().map(|&s| s as usize).collect();
-    unsafe { crate::tensor::copy_strided(view.as_ptr(), &src_strides, dst.as_mut_ptr(), &dst_strides, &sizes, elem) };
+    let elem = view.dtype().size() as u64;
+    let src_strides = byte_strides(view.strides(), elem);
+    let dst_strides = dense_byte_strides(view.sizes(), elem);
+    let (src, dst) = (view.as_ptr() as *const u8, dst.as_mut_ptr());
+    BoxRuns::new(view.sizes(), &src_strides, &dst_strides, 0, 0, elem).for_each(|r| unsafe { r.copy(src, dst, elem, 0, 0) });
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.

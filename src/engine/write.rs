@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{BlockHasher, BlockRecord, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
-use crate::plan::runs::{dense_byte_strides, BoxRuns, Run};
+use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
 use crate::tensor::{strided_extent_bytes, Device, TensorView};
 use serde::{Deserialize, Serialize};
@@ -268,7 +268,7 @@ struct HostGather {
 impl HostGather {
     fn new(base: *const u8, view: &TensorView) -> Self {
         let elem = view.dtype().size() as u64;
-        let a: Vec<u64> = view.strides().iter().map(|s| s * elem).collect();
+        let a = byte_strides(view.strides(), elem);
         let b = dense_byte_strides(view.sizes(), elem);
         let mut runs = Vec::new();
         BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
