@@ -280,7 +280,7 @@ fn execute_plan(
                                     EntryValue::Tensor(t) => Ok(Target {
                                         view: &t.view,
                                         region: &t.region,
-                                        overlap: overlap.clone(),
+                                        overlap,
                                     }),
                                     EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
                                 })
@@ -305,7 +305,7 @@ fn execute_plan(
     }
 
     // Flags only go up here: a load may run in passes (see the NCCL fallback).
-    let missing = plan.missing.clone();
+    let missing = plan.missing;
     let mut loaded: Vec<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
     for (i, e) in state.entries().iter().enumerate() {
         if matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn)) {

@@ -116,7 +116,7 @@ pub struct Target<'v, 'a> {
     /// The view's box in global coordinates.
     pub region: &'v Region,
     /// The overlap with the saved chunk, in global coordinates.
-    pub overlap: Region,
+    pub overlap: &'v Region,
 }
 
 /// How a payload is verified: per block (from the sidecar), as a whole (the zip CRC), or not.
@@ -241,7 +241,7 @@ pub(crate) fn read_chunk(
     // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
     // into it.
     if let [t] = targets {
-        let whole = saved_dense && t.overlap == *chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
+        let whole = saved_dense && t.overlap == chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
         if whole
             && t.view.device() == Device::Cpu
             && t.view.is_contiguous()

@@ -320,7 +320,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     let comm = ctx.communicator();
     let local = LocalPlan::from_state(state);
     let encoded = local.encode();
-    let check = validate_local(state, opts).map(|_| stable_hash(&encoded));
+    let check = validate_local(opts).map(|_| stable_hash(&encoded));
     let hashes = comm.all_gather(&Wire::from_result(check).encode())?;
     let mut all = Vec::with_capacity(hashes.len());
     for (r, h) in hashes.iter().enumerate() {
@@ -349,7 +349,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     Ok((plan, false))
 }
 
-fn validate_local(_state: &State, opts: &SaveOptions) -> Result<()> {
+fn validate_local(opts: &SaveOptions) -> Result<()> {
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
     }

@@ -18,10 +18,6 @@ use std::sync::Mutex;
 
 pub const SEGMENT_ALIGN: u64 = ALIGN as u64;
 
-fn align_up(v: u64, a: u64) -> u64 {
-    v.div_ceil(a) * a
-}
-
 pub enum ItemBody<'s, 'a> {
     Tensor {
         view: &'s TensorView<'a>,
@@ -106,7 +102,7 @@ pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threa
         }
         acc += weight(&src);
         let file = files.last_mut().expect("a file exists");
-        let offset = align_up(file.len, RECORD_ALIGN);
+        let offset = file.len.next_multiple_of(RECORD_ALIGN);
         let item_seed = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let item = match src {
             ItemSource::Tensor { fqn, view, offsets } => {
@@ -211,7 +207,7 @@ impl FileWriter<'_, '_> {
     /// final length afterwards). The buffer goes back to its pool.
     fn finish(mut self) -> Result<()> {
         if let Some(a) = self.handle.direct_alignment() {
-            let padded = align_up(self.filled as u64, a as u64) as usize;
+            let padded = self.filled.next_multiple_of(a);
             let filled = self.filled;
             unsafe { self.buf.slice(padded)[filled..].fill(0) };
             self.filled = padded;
@@ -347,7 +343,7 @@ pub fn write_files(
 
 fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, pool: &Mutex<StagingPool>) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, opts.direct)?;
-    let buffer_bytes = align_up(opts.buffer_bytes.max(ALIGN) as u64, SEGMENT_ALIGN) as usize;
+    let buffer_bytes = opts.buffer_bytes.max(ALIGN).next_multiple_of(ALIGN);
     let pinned = file.items.iter().find_map(|i| match &i.body {
         ItemBody::Tensor { view, .. } => match view.device() {
             Device::Cuda(o) => Some(o),
