@@ -561,7 +561,7 @@ fn write_rank(
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
 fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>, overwrite: bool) -> Result<()> {
     let mut files = Vec::new();
-    let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
+    let mut written: Vec<ItemWritten> = Vec::new();
     for (r, bytes) in all.iter().enumerate() {
         let w = Wire::<RankWrites>::decode(bytes, r)?.into_result(r)?;
         // A rank's items are in its own files (the sidecar's block records index them).
@@ -572,12 +572,15 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
             )));
         }
         files.extend(w.files);
-        for it in w.items {
-            items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
-        }
+        written.extend(w.items);
     }
+    // By key and chunk; a later report of the same one replaces an earlier.
+    let items: HashMap<(&str, Option<&[u64]>), &ItemWritten> = written
+        .iter()
+        .map(|it| ((it.fqn.as_str(), it.chunk_offsets.as_deref()), it))
+        .collect();
     let md = metadata_of(plan, location, save_id, |fqn, offsets| {
-        items.get(&(fqn.to_string(), offsets.map(<[u64]>::to_vec))).map(|it| StorageInfo {
+        items.get(&(fqn, offsets)).map(|it| StorageInfo {
             relative_path: it.file.clone(),
             offset: it.offset,
             length: it.length,
@@ -588,8 +591,12 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
         .values()
         .filter_map(|it| {
             it.block.as_ref().map(|b| sidecar::BlockRecord {
+                fqn: it.fqn.clone(),
+                chunk_offsets: it.chunk_offsets.clone().unwrap_or_default(),
                 file: file_index[it.file.as_str()],
-                ..b.clone()
+                payload_offset: b.payload_offset,
+                payload_len: b.payload_len,
+                crcs: b.crcs.clone(),
             })
         })
         .collect();

@@ -8,7 +8,7 @@ use super::staging::{HostBuf, PoolBuf, StagingPool, ALIGN};
 use crate::cuda;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
-use crate::format::sidecar::{BlockHasher, BlockRecord, BLOCK_SIZE};
+use crate::format::sidecar::{BlockHasher, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
 use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
@@ -70,8 +70,16 @@ pub struct ItemWritten {
     pub file: String,
     pub offset: u64,
     pub length: u64,
-    /// Per-block payload CRCs of large tensor items (file index filled in by the committer).
-    pub block: Option<BlockRecord>,
+    /// Per-block payload CRCs of a large tensor item (the committer makes its sidecar record).
+    pub block: Option<PayloadBlocks>,
+}
+
+/// Where a large tensor item's payload lies in its file, and the CRC-32 of each of its blocks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PayloadBlocks {
+    pub payload_offset: u64,
+    pub payload_len: u64,
+    pub crcs: Vec<u32>,
 }
 
 /// Files never split below this size: small checkpoints stay in one file per rank.
@@ -384,10 +392,7 @@ fn write_items(
                 let payload_offset = w.pos();
                 let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool)?;
                 w.put(&layout.trailer(crc))?;
-                block = blocks.map(|crcs| BlockRecord {
-                    fqn: item.fqn.to_string(),
-                    chunk_offsets: item.chunk_offsets.clone().unwrap_or_default(),
-                    file: 0,
+                block = blocks.map(|crcs| PayloadBlocks {
                     payload_offset,
                     payload_len: layout.payload_len,
                     crcs,
