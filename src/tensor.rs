@@ -358,52 +358,6 @@ pub fn is_contiguous(sizes: &[u64], strides: &[u64]) -> bool {
     true
 }
 
-/// Copies a box of `sizes` elements between two strided layouts (strides in bytes), fusing
-/// dimensions that are contiguous in both so the inner loop is one memcpy.
-///
-/// # Safety
-/// Every element addressed through `src`/`dst` with the given sizes and strides must be in bounds
-/// of valid memory, and the two regions must not overlap.
-pub unsafe fn copy_strided(src: *const u8, src_strides: &[usize], dst: *mut u8, dst_strides: &[usize], sizes: &[usize], elem: usize) {
-    if sizes.iter().any(|&s| s == 0) {
-        return;
-    }
-    // Drop size-1 dims, then fuse dims from the inside out while both sides stay dense.
-    let mut dims: Vec<(usize, usize, usize)> = sizes
-        .iter()
-        .zip(src_strides)
-        .zip(dst_strides)
-        .filter(|((&n, _), _)| n != 1)
-        .map(|((&n, &s), &d)| (n, s, d))
-        .collect();
-    let mut run = elem;
-    while let Some(&(n, s, d)) = dims.last() {
-        if s == run && d == run {
-            run *= n;
-            dims.pop();
-        } else {
-            break;
-        }
-    }
-    copy_rec(src, dst, &dims, run);
-}
-
-unsafe fn copy_rec(src: *const u8, dst: *mut u8, dims: &[(usize, usize, usize)], run: usize) {
-    match dims.split_first() {
-        None => std::ptr::copy_nonoverlapping(src, dst, run),
-        Some((&(n, s, d), rest)) => {
-            for i in 0..n {
-                copy_rec(src.add(i * s), dst.add(i * d), rest, run);
-            }
-        }
-    }
-}
-
-/// Element strides to byte strides.
-pub fn byte_strides(strides: &[u64], elem: usize) -> Vec<usize> {
-    strides.iter().map(|&s| s as usize * elem).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,15 +373,6 @@ mod tests {
         }
         assert!(DType::try_from(0).is_err());
         assert!(DType::try_from(99).is_err());
-    }
-
-    #[test]
-    fn strided_copy_transpose() {
-        // src 2x3 row-major, copy into dst as its transpose view (dst strides (1,2)).
-        let src: Vec<u8> = (0..6).collect();
-        let mut dst = vec![0u8; 6];
-        unsafe { copy_strided(src.as_ptr(), &[3, 1], dst.as_mut_ptr(), &[1, 2], &[2, 3], 1) };
-        assert_eq!(dst, vec![0, 3, 1, 4, 2, 5]);
     }
 
     #[test]

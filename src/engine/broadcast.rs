@@ -51,8 +51,13 @@ pub(crate) struct Broadcasts {
 impl Broadcasts {
     /// Entries this rank received rather than read.
     pub fn received_entries(&self, me: usize) -> Vec<usize> {
-        self.transfers.iter().filter(|t| t.reader != me).map(|t| t.entry).collect()
+        received(&self.transfers, me).collect()
     }
+}
+
+/// Entries of `transfers` that rank `me` receives rather than reads.
+fn received(transfers: &[Transfer], me: usize) -> impl Iterator<Item = usize> + '_ {
+    transfers.iter().filter(move |t| t.reader != me).map(|t| t.entry)
 }
 
 /// Collective (when the job has several ranks): agrees on the shared boxes and their readers,
@@ -135,7 +140,7 @@ pub(crate) fn arrange(comm: &dyn Communicator, state: &State, plan: Option<&mut 
     }
     let mut skipped = LoadPlan::default();
     if let Some(plan) = plan {
-        let receive: std::collections::HashSet<usize> = transfers.iter().filter(|t| t.reader != me).map(|t| t.entry).collect();
+        let receive: std::collections::HashSet<usize> = received(&transfers, me).collect();
         for c in &mut plan.chunks {
             let (mine, kept): (Vec<_>, Vec<_>) = c.targets.drain(..).partition(|(ei, _)| receive.contains(ei));
             c.targets = kept;

@@ -6,7 +6,7 @@ use super::broadcast::{self, Broadcasts};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::save::sync_devices;
 use super::save::METADATA_FILE;
-use super::staging::StagingPool;
+use super::staging::{PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
 use super::write::DeviceStreams;
 use super::Context;
@@ -115,8 +115,7 @@ pub fn decode_opened(storage: &dyn Storage, md: &[u8], sc: Option<&[u8]>) -> Res
         },
     };
     if let Some(s) = &sidecar {
-        let crc = crc32fast::hash(md);
-        if md.len() as u64 != s.metadata_len || crc != s.metadata_crc32 {
+        if let Some(crc) = s.metadata_mismatch(md) {
             return Err(Error::new(
                 ErrorKind::Checksum,
                 format!(
@@ -163,15 +162,13 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
         Ok((o, plan))
     });
     let bcast = broadcast::arrange(comm, state, planned.as_mut().ok().map(|(_, p)| p), opts.broadcast_replicated)?;
+    // Kept for the NCCL fallback below, which reads from the same checkpoint.
+    let mut opened = None;
     let local = planned.and_then(|(o, plan)| {
-        execute_plan(
-            &Files::new(storage.clone(), o.sidecar.as_ref()),
-            &o,
-            state,
-            plan,
-            opts,
-            &ctx.inner.pool,
-        )
+        let files = Files::new(storage.clone(), o.sidecar.as_ref());
+        let r = execute_plan(&files, &o, state, plan, opts, &ctx.inner.pool);
+        opened = Some((o, files));
+        r
     });
     let mut report = local.as_ref().ok().cloned();
     // Every read must have succeeded before the broadcasts, which have no timeout.
@@ -187,16 +184,11 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
         } else {
             // NCCL failed somewhere: every rank reads what it was to receive.
             let Broadcasts { skipped, .. } = b;
-            let r = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|o| {
-                execute_plan(
-                    &Files::new(storage.clone(), o.sidecar.as_ref()),
-                    &o,
-                    state,
-                    skipped,
-                    opts,
-                    &ctx.inner.pool,
-                )
-            });
+            // This rank's reads succeeded (all agreed), so its checkpoint is open.
+            let r = match &opened {
+                Some((o, files)) => execute_plan(files, o, state, skipped, opts, &ctx.inner.pool),
+                None => Err(Error::internal("the NCCL fallback found no opened checkpoint")),
+            };
             agree(comm, r.map(|_| ()))?;
         }
     }
@@ -264,7 +256,9 @@ fn execute_plan(
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     s.spawn(|| -> Result<()> {
-                        let buf = pool.lock().unwrap_or_else(|p| p.into_inner()).acquire(window_buffer_len(), gpu)?;
+                        // Dropped in reverse order: the streams (finishing their copies) before
+                        // the buffer goes back to the pool.
+                        let buf = PoolBuf::acquire(pool, window_buffer_len(), gpu)?;
                         let mut streams = DeviceStreams::default();
                         let mut rd = Reader {
                             files: &files,
@@ -273,36 +267,30 @@ fn execute_plan(
                             buf: &buf,
                             streams: &mut streams,
                         };
-                        let r = (|| -> Result<()> {
-                            loop {
-                                if failed.load(Ordering::Relaxed) {
-                                    return Ok(());
-                                }
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(c) = plan.chunks.get(i) else { return Ok(()) };
-                                let targets: Vec<Target> = c
-                                    .targets
-                                    .iter()
-                                    .map(|(ei, overlap)| match &entries[*ei].value {
-                                        EntryValue::Tensor(t) => Ok(Target {
-                                            view: &t.view,
-                                            region: &t.region,
-                                            overlap: overlap.clone(),
-                                        }),
-                                        EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
-                                    })
-                                    .collect::<Result<_>>()?;
-                                let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
-                                if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
-                                    failed.store(true, Ordering::Relaxed);
-                                    return Err(e);
-                                }
+                        loop {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(());
                             }
-                        })();
-                        drop(rd);
-                        drop(streams);
-                        pool.lock().unwrap_or_else(|p| p.into_inner()).release(buf);
-                        r
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(c) = plan.chunks.get(i) else { return Ok(()) };
+                            let targets: Vec<Target> = c
+                                .targets
+                                .iter()
+                                .map(|(ei, overlap)| match &entries[*ei].value {
+                                    EntryValue::Tensor(t) => Ok(Target {
+                                        view: &t.view,
+                                        region: &t.region,
+                                        overlap,
+                                    }),
+                                    EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
+                                })
+                                .collect::<Result<_>>()?;
+                            let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
+                            if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
                     })
                 })
                 .collect();
@@ -317,7 +305,7 @@ fn execute_plan(
     }
 
     // Flags only go up here: a load may run in passes (see the NCCL fallback).
-    let missing = plan.missing.clone();
+    let missing = plan.missing;
     let mut loaded: Vec<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
     for (i, e) in state.entries().iter().enumerate() {
         if matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn)) {

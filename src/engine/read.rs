@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, TensorRecord};
-use crate::plan::runs::{BoxRuns, Run};
+use crate::plan::runs::{byte_strides, BoxRuns, Run};
 use crate::region::Region;
 use crate::storage::DIRECT_ALIGN;
 use crate::storage::{ReadHandle, Storage};
@@ -116,7 +116,7 @@ pub struct Target<'v, 'a> {
     /// The view's box in global coordinates.
     pub region: &'v Region,
     /// The overlap with the saved chunk, in global coordinates.
-    pub overlap: Region,
+    pub overlap: &'v Region,
 }
 
 /// How a payload is verified: per block (from the sidecar), as a whole (the zip CRC), or not.
@@ -153,28 +153,31 @@ pub fn window_buffer_len() -> usize {
 /// Reads `len` payload bytes at absolute file offset `abs` into the window buffer `buf`,
 /// directly (O_DIRECT) when the policy says so and the request can be aligned; returns them.
 fn read_window<'b>(direct: DirectIo, buf: &'b HostBuf, file: &dyn ReadHandle, abs: u64, len: usize) -> Result<&'b [u8]> {
-    {
+    if use_direct(direct, file, abs, len as u64) {
         let a = DIRECT_ALIGN as u64;
-        let use_direct = match direct {
-            DirectIo::Off => false,
-            DirectIo::On => true,
-            DirectIo::Auto => len >= (1 << 20) && file.cached_fraction(abs, len as u64).is_some_and(|f| f < 0.5),
-        };
-        if use_direct {
-            let lo = abs / a * a;
-            let hi = (abs + len as u64).div_ceil(a) * a;
-            let span = (hi - lo) as usize;
-            if span <= buf.capacity() {
-                let dst = unsafe { buf.slice(span) };
-                if file.read_direct(lo, dst)? {
-                    let skip = (abs - lo) as usize;
-                    return Ok(&dst[skip..skip + len]);
-                }
+        let lo = abs / a * a;
+        let hi = (abs + len as u64).div_ceil(a) * a;
+        let span = (hi - lo) as usize;
+        if span <= buf.capacity() {
+            let dst = unsafe { buf.slice(span) };
+            if file.read_direct(lo, dst)? {
+                let skip = (abs - lo) as usize;
+                return Ok(&dst[skip..skip + len]);
             }
         }
-        let dst = unsafe { buf.slice(len) };
-        file.read_at(abs, dst)?;
-        Ok(dst)
+    }
+    let dst = unsafe { buf.slice(len) };
+    file.read_at(abs, dst)?;
+    Ok(dst)
+}
+
+/// Whether `len` bytes at `abs` are read bypassing the page cache: always with `On`; with
+/// `Auto` when the range is large and mostly not cached (the page-cache probe runs last).
+fn use_direct(direct: DirectIo, file: &dyn ReadHandle, abs: u64, len: u64) -> bool {
+    match direct {
+        DirectIo::Off => false,
+        DirectIo::On => true,
+        DirectIo::Auto => len >= (1 << 20) && file.cached_fraction(abs, len).is_some_and(|f| f < 0.5),
     }
 }
 
@@ -238,10 +241,12 @@ pub(crate) fn read_chunk(
     // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
     // into it.
     if let [t] = targets {
-        let whole = saved_dense && t.overlap == *chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
-        let cold = rd.direct == DirectIo::On
-            || (rd.direct == DirectIo::Auto && file.cached_fraction(payload_abs, rec.data_len).is_some_and(|f| f < 0.5));
-        if whole && t.view.device() == Device::Cpu && t.view.is_contiguous() && !(cold && rec.data_len >= 1 << 20) {
+        let whole = saved_dense && t.overlap == chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
+        if whole
+            && t.view.device() == Device::Cpu
+            && t.view.is_contiguous()
+            && !(rec.data_len >= 1 << 20 && use_direct(rd.direct, file.as_ref(), payload_abs, rec.data_len))
+        {
             let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
             file.read_at(payload_abs, dst)?;
             return verify_bytes(&check, 0, dst, true, &what, payload_abs);
@@ -249,13 +254,13 @@ pub(crate) fn read_chunk(
     }
 
     // Runs from the payload (a) to each target (b, addressed by absolute pointer).
-    let saved_strides: Vec<u64> = rec.strides.iter().map(|s| s * elem).collect();
+    let saved_strides = byte_strides(&rec.strides, elem);
     let mut runs: Vec<(Run, *mut u8, usize)> = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
         let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
-        let dst_strides: Vec<u64> = t.view.strides().iter().map(|s| s * elem).collect();
+        let dst_strides = byte_strides(t.view.strides(), elem);
         let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
         let ptr = t.view.as_ptr();
         BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr, ti)));
@@ -283,6 +288,11 @@ pub(crate) fn read_chunk(
     let mut whole = crc32fast::Hasher::new();
     let mut next_run = 0usize;
     let mut big: Option<Vec<u8>> = None;
+    // Device targets: each one's stream (resolved on its first copy), the device made current
+    // last, and which targets the current window copied to.
+    let mut streams: Vec<Option<cuda::Stream>> = targets.iter().map(|_| None).collect();
+    let mut current: Option<i32> = None;
+    let mut copied_to = vec![false; targets.len()];
     for (lo, hi) in ranges {
         let mut w0 = lo;
         while w0 < hi {
@@ -299,7 +309,6 @@ pub(crate) fn read_chunk(
                 Check::Whole(_) => whole.update(data),
                 _ => verify_bytes(&check, w0, data, false, &what, payload_abs)?,
             }
-            let mut used_streams: Vec<cuda::Stream> = Vec::new();
             while next_run < runs.len() {
                 let (run, ptr, ti) = runs[next_run];
                 if run.a >= w1 {
@@ -311,9 +320,19 @@ pub(crate) fn read_chunk(
                     match view.device() {
                         Device::Cpu => unsafe { h.copy(data.as_ptr(), ptr, elem, w0, 0) },
                         Device::Cuda(ordinal) => {
-                            let s = rd.streams.get(ordinal, view.stream())?;
-                            copy_run_to_device(&s, &h, data, w0, ptr as u64, elem).map_err(|e| e.context(format!("key {fqn:?}")))?;
-                            used_streams.push(s);
+                            let s = match &mut streams[ti] {
+                                Some(s) => {
+                                    if current != Some(ordinal) {
+                                        cuda::activate(ordinal)?;
+                                    }
+                                    s
+                                }
+                                // `get` makes the device current.
+                                slot => slot.insert(rd.streams.get(ordinal, view.stream())?),
+                            };
+                            current = Some(ordinal);
+                            copy_run_to_device(s, &h, data, w0, ptr as u64, elem).map_err(|e| e.context(format!("key {fqn:?}")))?;
+                            copied_to[ti] = true;
                         }
                     }
                 }
@@ -326,8 +345,14 @@ pub(crate) fn read_chunk(
                 }
             }
             // The window buffer is reused next: its copies to the device must be done.
-            for s in &used_streams {
-                s.synchronize()?;
+            let mut synced: Vec<*mut std::ffi::c_void> = Vec::new();
+            for (copied, s) in copied_to.iter_mut().zip(&streams) {
+                if let (true, Some(s)) = (std::mem::take(copied), s) {
+                    if !synced.contains(&s.raw_handle()) {
+                        s.synchronize()?;
+                        synced.push(s.raw_handle());
+                    }
+                }
             }
             w0 = w1;
         }

@@ -8,17 +8,18 @@
 //!    then a directory fsync. Without `.metadata` a directory is not a checkpoint.
 
 use super::future::SaveFuture;
-use super::staging::HostBuf;
+use super::staging::{self, HostBuf, PoolBuf};
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_files, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
+use super::write::{layout_files, with_host_extent, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
+use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
-use crate::storage::Storage;
+use crate::storage::{tmp_name, Storage};
 use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -121,11 +122,7 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
             .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
-        ctx2.inner
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(staged.into_arena());
+        staging::lock(&ctx2.inner.pool).release(staged.into_arena());
         fut2.complete(r.map(|bytes_written| SaveReport {
             bytes_written,
             plan_cached,
@@ -211,17 +208,9 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
         Device::Cuda(o) => Some(o),
         Device::Cpu => None,
     });
-    let arena = ctx
-        .inner
-        .pool
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .acquire(total as usize, pinned)?;
-    let copied = copy_into_arena(ctx, &tensors, &offsets, &arena);
-    if let Err(e) = copied {
-        ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(arena);
-        return Err(e);
-    }
+    let arena = PoolBuf::acquire(&ctx.inner.pool, total as usize, pinned)?;
+    copy_into_arena(ctx, &tensors, &offsets, &arena)?;
+    // Dropped before `arena` (back to the pool) on an error: its views point into it.
     let mut staged = State::new();
     for ((entry, t), off) in tensors.iter().zip(&offsets) {
         let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
@@ -240,7 +229,10 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
     for (fqn, v) in objects {
         staged.add_object(&fqn, v)?;
     }
-    Ok(Staged { state: staged, arena })
+    Ok(Staged {
+        state: staged,
+        arena: arena.into_inner(),
+    })
 }
 
 /// Copies tensors (dense, row-major) into the arena: device tensors by asynchronous copies,
@@ -267,16 +259,7 @@ fn copy_into_arena(
             Device::Cuda(ordinal) => {
                 // Strided device memory: its whole extent to the host, then gathered densely.
                 let s = streams.get(ordinal, t.view.stream())?;
-                let extent = crate::tensor::strided_extent_bytes(t.view.sizes(), t.view.strides(), t.view.dtype().size())? as usize;
-                let host = ctx
-                    .inner
-                    .pool
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .acquire(extent, Some(ordinal))?;
-                let r = (|| -> Result<()> {
-                    unsafe { s.d2h(host.slice(extent), t.view.as_ptr() as u64)? };
-                    s.synchronize()?;
+                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |host, extent| {
                     let local = unsafe {
                         TensorView::from_raw(
                             host.as_ptr(),
@@ -291,9 +274,8 @@ fn copy_into_arena(
                         std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n)
                     });
                     Ok(())
-                })();
-                ctx.inner.pool.lock().unwrap_or_else(|e| e.into_inner()).release(host);
-                r.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
+                })
+                .map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
             }
             Device::Cpu => host.push((t, off as usize, n)),
         }
@@ -326,11 +308,11 @@ fn copy_dense(view: &TensorView, dst: &mut [u8]) {
         unsafe { std::ptr::copy_nonoverlapping(view.as_ptr(), dst.as_mut_ptr(), dst.len()) };
         return;
     }
-    let elem = view.dtype().size();
-    let src_strides = crate::tensor::byte_strides(view.strides(), elem);
-    let dst_strides = crate::tensor::byte_strides(&crate::tensor::contiguous_strides(view.sizes()), elem);
-    let sizes: Vec<usize> = view.sizes().iter().map(|&s| s as usize).collect();
-    unsafe { crate::tensor::copy_strided(view.as_ptr(), &src_strides, dst.as_mut_ptr(), &dst_strides, &sizes, elem) };
+    let elem = view.dtype().size() as u64;
+    let src_strides = byte_strides(view.strides(), elem);
+    let dst_strides = dense_byte_strides(view.sizes(), elem);
+    let (src, dst) = (view.as_ptr() as *const u8, dst.as_mut_ptr());
+    BoxRuns::new(view.sizes(), &src_strides, &dst_strides, 0, 0, elem).for_each(|r| unsafe { r.copy(src, dst, elem, 0, 0) });
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
@@ -338,7 +320,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     let comm = ctx.communicator();
     let local = LocalPlan::from_state(state);
     let encoded = local.encode();
-    let check = validate_local(state, opts).map(|_| stable_hash(&encoded));
+    let check = validate_local(opts).map(|_| stable_hash(&encoded));
     let hashes = comm.all_gather(&Wire::from_result(check).encode())?;
     let mut all = Vec::with_capacity(hashes.len());
     for (r, h) in hashes.iter().enumerate() {
@@ -367,7 +349,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     Ok((plan, false))
 }
 
-fn validate_local(_state: &State, opts: &SaveOptions) -> Result<()> {
+fn validate_local(opts: &SaveOptions) -> Result<()> {
     if opts.threads == 0 || opts.threads > 1024 {
         return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
     }
@@ -425,8 +407,10 @@ fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
         storage.remove(METADATA_FILE)?;
         storage.sync_dir()?;
     }
+    // Left behind by a save that died while committing.
+    let staged = [tmp_name(METADATA_FILE), tmp_name(sidecar::FILE_NAME)];
     for name in storage.list()? {
-        if is_data_file(&name) || name == sidecar::FILE_NAME || name == ".metadata.tmp" || name == ".libdcp.tmp" {
+        if is_data_file(&name) || name == sidecar::FILE_NAME || staged.contains(&name) {
             storage.remove(&name)?;
         }
     }
@@ -577,7 +561,7 @@ fn write_rank(
 /// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
 fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>, overwrite: bool) -> Result<()> {
     let mut files = Vec::new();
-    let mut items: HashMap<(String, Option<Vec<u64>>), ItemWritten> = HashMap::new();
+    let mut written: Vec<ItemWritten> = Vec::new();
     for (r, bytes) in all.iter().enumerate() {
         let w = Wire::<RankWrites>::decode(bytes, r)?.into_result(r)?;
         // A rank's items are in its own files (the sidecar's block records index them).
@@ -588,12 +572,15 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
             )));
         }
         files.extend(w.files);
-        for it in w.items {
-            items.insert((it.fqn.clone(), it.chunk_offsets.clone()), it);
-        }
+        written.extend(w.items);
     }
+    // By key and chunk; a later report of the same one replaces an earlier.
+    let items: HashMap<(&str, Option<&[u64]>), &ItemWritten> = written
+        .iter()
+        .map(|it| ((it.fqn.as_str(), it.chunk_offsets.as_deref()), it))
+        .collect();
     let md = metadata_of(plan, location, save_id, |fqn, offsets| {
-        items.get(&(fqn.to_string(), offsets.map(<[u64]>::to_vec))).map(|it| StorageInfo {
+        items.get(&(fqn, offsets)).map(|it| StorageInfo {
             relative_path: it.file.clone(),
             offset: it.offset,
             length: it.length,
@@ -604,8 +591,12 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
         .values()
         .filter_map(|it| {
             it.block.as_ref().map(|b| sidecar::BlockRecord {
+                fqn: it.fqn.clone(),
+                chunk_offsets: it.chunk_offsets.clone().unwrap_or_default(),
                 file: file_index[it.file.as_str()],
-                ..b.clone()
+                payload_offset: b.payload_offset,
+                payload_len: b.payload_len,
+                crcs: b.crcs.clone(),
             })
         })
         .collect();

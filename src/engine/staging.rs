@@ -5,6 +5,8 @@
 use crate::cuda::PinnedBuf;
 use crate::error::{Error, ErrorKind, Result};
 use std::alloc::Layout;
+use std::ops::Deref;
+use std::sync::{Mutex, MutexGuard};
 
 pub const ALIGN: usize = 4096;
 
@@ -155,6 +157,46 @@ impl StagingPool {
 impl Default for StagingPool {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Locks a pool; one left poisoned by a panicking thread is still usable (it only holds
+/// buffers).
+pub(crate) fn lock(pool: &Mutex<StagingPool>) -> MutexGuard<'_, StagingPool> {
+    pool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A buffer taken from a pool, given back to it when dropped.
+pub(crate) struct PoolBuf<'p> {
+    pool: &'p Mutex<StagingPool>,
+    buf: Option<HostBuf>,
+}
+
+impl<'p> PoolBuf<'p> {
+    /// [`StagingPool::acquire`] through `pool`'s lock (held only while acquiring).
+    pub(crate) fn acquire(pool: &'p Mutex<StagingPool>, len: usize, pin_for: Option<i32>) -> Result<PoolBuf<'p>> {
+        let buf = lock(pool).acquire(len, pin_for)?;
+        Ok(PoolBuf { pool, buf: Some(buf) })
+    }
+
+    /// The buffer, no longer given back on drop: its new owner releases it.
+    pub(crate) fn into_inner(mut self) -> HostBuf {
+        self.buf.take().expect("a PoolBuf holds its buffer until dropped")
+    }
+}
+
+impl Deref for PoolBuf<'_> {
+    type Target = HostBuf;
+    fn deref(&self) -> &HostBuf {
+        self.buf.as_ref().expect("a PoolBuf holds its buffer until dropped")
+    }
+}
+
+impl Drop for PoolBuf<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            lock(self.pool).release(b);
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use super::save::{is_data_file, METADATA_FILE};
 use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
-use crate::format::sidecar::{self, BlockRecord, Sidecar};
+use crate::format::sidecar::{self, BlockHasher, BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
 use crate::region::Region;
 use crate::storage::{self, ReadHandle, Storage};
@@ -202,8 +202,7 @@ impl Verifier<'_> {
             }
         };
         self.report.sidecar = true;
-        let crc = crc32fast::hash(md);
-        if md.len() as u64 != sc.metadata_len || crc != sc.metadata_crc32 {
+        if let Some(crc) = sc.metadata_mismatch(md) {
             self.add(problem(
                 None,
                 Some(METADATA_FILE),
@@ -588,27 +587,20 @@ impl Verifier<'_> {
     ) -> std::result::Result<u32, String> {
         let mut whole = crc32fast::Hasher::new();
         let mut buf = vec![0u8; (len as usize).min(PIECE)];
-        let mut blk = crc32fast::Hasher::new();
-        let (mut blk_idx, mut blk_fill) = (0usize, 0u64);
+        let mut blocks = block.map(|(b, bs)| (b, bs, BlockHasher::new(bs)));
         let mut pos = 0u64;
         let start_done = self.done;
         while pos < len {
             let n = ((len - pos) as usize).min(PIECE);
             item.read_into(off + pos, &mut buf[..n]).map_err(|e| e.to_string())?;
             whole.update(&buf[..n]);
-            if let Some((b, bs)) = block {
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let take = (rest.len() as u64).min(bs - blk_fill) as usize;
-                    blk.update(&rest[..take]);
-                    blk_fill += take as u64;
-                    rest = &rest[take..];
-                    if blk_fill == bs || (pos + n as u64 == len && rest.is_empty()) {
-                        let got = std::mem::replace(&mut blk, crc32fast::Hasher::new()).finalize();
-                        self.check_block(b, bs, blk_idx, blk_fill, got, key, file);
-                        blk_idx += 1;
-                        blk_fill = 0;
-                    }
+            if let Some((b, bs, mut hasher)) = blocks.take() {
+                let mut check = |i: usize, h: crc32fast::Hasher, filled: u64| self.check_block(b, bs, i, filled, h.finalize(), key, file);
+                hasher.update(&buf[..n], &mut check);
+                if pos + n as u64 == len {
+                    hasher.finish(check);
+                } else {
+                    blocks = Some((b, bs, hasher));
                 }
             }
             pos += n as u64;

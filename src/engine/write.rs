@@ -4,23 +4,19 @@
 //! it is contiguous and, for O_DIRECT, aligned) or from CUDA memory (copied to page-locked
 //! buffers first).
 
-use super::staging::{HostBuf, StagingPool, ALIGN};
+use super::staging::{HostBuf, PoolBuf, StagingPool, ALIGN};
 use crate::cuda;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
-use crate::format::sidecar::{BlockRecord, BLOCK_SIZE};
+use crate::format::sidecar::{BlockHasher, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
-use crate::plan::runs::{dense_byte_strides, BoxRuns, Run};
+use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
 use crate::tensor::{strided_extent_bytes, Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
 pub const SEGMENT_ALIGN: u64 = ALIGN as u64;
-
-fn align_up(v: u64, a: u64) -> u64 {
-    v.div_ceil(a) * a
-}
 
 pub enum ItemBody<'s, 'a> {
     Tensor {
@@ -74,8 +70,16 @@ pub struct ItemWritten {
     pub file: String,
     pub offset: u64,
     pub length: u64,
-    /// Per-block payload CRCs of large tensor items (file index filled in by the committer).
-    pub block: Option<BlockRecord>,
+    /// Per-block payload CRCs of a large tensor item (the committer makes its sidecar record).
+    pub block: Option<PayloadBlocks>,
+}
+
+/// Where a large tensor item's payload lies in its file, and the CRC-32 of each of its blocks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PayloadBlocks {
+    pub payload_offset: u64,
+    pub payload_len: u64,
+    pub crcs: Vec<u32>,
 }
 
 /// Files never split below this size: small checkpoints stay in one file per rank.
@@ -106,7 +110,7 @@ pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threa
         }
         acc += weight(&src);
         let file = files.last_mut().expect("a file exists");
-        let offset = align_up(file.len, RECORD_ALIGN);
+        let offset = file.len.next_multiple_of(RECORD_ALIGN);
         let item_seed = seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let item = match src {
             ItemSource::Tensor { fqn, view, offsets } => {
@@ -134,15 +138,15 @@ pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threa
 }
 
 /// Sequential writer of one file through an aligned buffer.
-struct FileWriter<'h> {
+struct FileWriter<'h, 'p> {
     handle: &'h dyn WriteHandle,
-    buf: HostBuf,
+    buf: PoolBuf<'p>,
     cap: usize,
     start: u64,
     filled: usize,
 }
 
-impl<'h> FileWriter<'h> {
+impl FileWriter<'_, '_> {
     fn pos(&self) -> u64 {
         self.start + self.filled as u64
     }
@@ -208,62 +212,52 @@ impl<'h> FileWriter<'h> {
         Ok(true)
     }
     /// Writes what is left; with O_DIRECT the last block is padded (the caller sets the file's
-    /// final length afterwards).
-    fn finish(mut self) -> Result<HostBuf> {
+    /// final length afterwards). The buffer goes back to its pool.
+    fn finish(mut self) -> Result<()> {
         if let Some(a) = self.handle.direct_alignment() {
-            let padded = align_up(self.filled as u64, a as u64) as usize;
+            let padded = self.filled.next_multiple_of(a);
             let filled = self.filled;
             unsafe { self.buf.slice(padded)[filled..].fill(0) };
             self.filled = padded;
         }
-        self.flush()?;
-        Ok(self.buf)
+        self.flush()
     }
 }
 
-/// CRC-32 of a payload, and per-block CRCs when it is larger than one block.
+/// CRC-32 of a payload, and per-block CRCs when it is larger than one block (the whole CRC is
+/// then combined from the blocks').
 struct PayloadCrc {
-    big: bool,
     total: crc32fast::Hasher,
-    cur: crc32fast::Hasher,
-    in_block: u64,
-    blocks: Vec<u32>,
+    /// Per-block hashing, for payloads larger than one block.
+    blocks: Option<(BlockHasher, Vec<u32>)>,
 }
 
 impl PayloadCrc {
     fn new(len: u64) -> Self {
         PayloadCrc {
-            big: len > BLOCK_SIZE,
             total: crc32fast::Hasher::new(),
-            cur: crc32fast::Hasher::new(),
-            in_block: 0,
-            blocks: Vec::new(),
+            blocks: (len > BLOCK_SIZE).then(|| (BlockHasher::new(BLOCK_SIZE), Vec::new())),
         }
     }
-    fn update(&mut self, mut data: &[u8]) {
-        if !self.big {
-            self.total.update(data);
-            return;
-        }
-        while !data.is_empty() {
-            let k = ((BLOCK_SIZE - self.in_block) as usize).min(data.len());
-            self.cur.update(&data[..k]);
-            self.in_block += k as u64;
-            data = &data[k..];
-            if self.in_block == BLOCK_SIZE {
-                let done = std::mem::replace(&mut self.cur, crc32fast::Hasher::new());
+    fn update(&mut self, data: &[u8]) {
+        match &mut self.blocks {
+            None => self.total.update(data),
+            Some((h, crcs)) => h.update(data, |_, done, _| {
                 self.total.combine(&done);
-                self.blocks.push(done.finalize());
-                self.in_block = 0;
-            }
+                crcs.push(done.finalize());
+            }),
         }
     }
-    fn finish(mut self) -> (u32, Option<Vec<u32>>) {
-        if self.big && self.in_block > 0 {
-            self.total.combine(&self.cur);
-            self.blocks.push(self.cur.finalize());
-        }
-        (self.total.finalize(), self.big.then_some(self.blocks))
+    fn finish(self) -> (u32, Option<Vec<u32>>) {
+        let mut total = self.total;
+        let blocks = self.blocks.map(|(h, mut crcs)| {
+            h.finish(|_, done, _| {
+                total.combine(&done);
+                crcs.push(done.finalize());
+            });
+            crcs
+        });
+        (total.finalize(), blocks)
     }
 }
 
@@ -278,7 +272,7 @@ struct HostGather {
 impl HostGather {
     fn new(base: *const u8, view: &TensorView) -> Self {
         let elem = view.dtype().size() as u64;
-        let a: Vec<u64> = view.strides().iter().map(|s| s * elem).collect();
+        let a = byte_strides(view.strides(), elem);
         let b = dense_byte_strides(view.sizes(), elem);
         let mut runs = Vec::new();
         BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
@@ -357,7 +351,7 @@ pub fn write_files(
 
 fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, pool: &Mutex<StagingPool>) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, opts.direct)?;
-    let buffer_bytes = align_up(opts.buffer_bytes.max(ALIGN) as u64, SEGMENT_ALIGN) as usize;
+    let buffer_bytes = opts.buffer_bytes.max(ALIGN).next_multiple_of(ALIGN);
     let pinned = file.items.iter().find_map(|i| match &i.body {
         ItemBody::Tensor { view, .. } => match view.device() {
             Device::Cuda(o) => Some(o),
@@ -371,10 +365,6 @@ fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, poo
     Ok((file.len, written))
 }
 
-fn lock(pool: &Mutex<StagingPool>) -> std::sync::MutexGuard<'_, StagingPool> {
-    pool.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn write_items(
     handle: &dyn WriteHandle,
     items: &[PlacedItem],
@@ -383,59 +373,43 @@ fn write_items(
     pinned: Option<i32>,
     pool: &Mutex<StagingPool>,
 ) -> Result<Vec<ItemWritten>> {
-    let buf = lock(pool).acquire(buffer_bytes, pinned)?;
     let mut w = FileWriter {
         handle,
         cap: buffer_bytes,
-        buf,
+        buf: PoolBuf::acquire(pool, buffer_bytes, pinned)?,
         start: 0,
         filled: 0,
     };
     let mut streams = DeviceStreams::default();
     let mut out = Vec::with_capacity(items.len());
-    let result = (|| -> Result<()> {
-        for item in items {
-            w.zeros_to(item.offset)?;
-            let mut block = None;
-            match &item.body {
-                ItemBody::Object(bytes) => w.put(bytes)?,
-                ItemBody::Tensor { view, layout } => {
-                    w.put(&layout.prefix)?;
-                    let payload_offset = w.pos();
-                    let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool)?;
-                    w.put(&layout.trailer(crc))?;
-                    block = blocks.map(|crcs| BlockRecord {
-                        fqn: item.fqn.to_string(),
-                        chunk_offsets: item.chunk_offsets.clone().unwrap_or_default(),
-                        file: 0,
-                        payload_offset,
-                        payload_len: layout.payload_len,
-                        crcs,
-                    });
-                }
+    for item in items {
+        w.zeros_to(item.offset)?;
+        let mut block = None;
+        match &item.body {
+            ItemBody::Object(bytes) => w.put(bytes)?,
+            ItemBody::Tensor { view, layout } => {
+                w.put(&layout.prefix)?;
+                let payload_offset = w.pos();
+                let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool)?;
+                w.put(&layout.trailer(crc))?;
+                block = blocks.map(|crcs| PayloadBlocks {
+                    payload_offset,
+                    payload_len: layout.payload_len,
+                    crcs,
+                });
             }
-            out.push(ItemWritten {
-                fqn: item.fqn.to_string(),
-                chunk_offsets: item.chunk_offsets.clone(),
-                file: file.to_string(),
-                offset: item.offset,
-                length: item.len(),
-                block,
-            });
         }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            let buf = w.finish()?;
-            lock(pool).release(buf);
-            Ok(out)
-        }
-        Err(e) => {
-            lock(pool).release(w.buf);
-            Err(e)
-        }
+        out.push(ItemWritten {
+            fqn: item.fqn.to_string(),
+            chunk_offsets: item.chunk_offsets.clone(),
+            file: file.to_string(),
+            offset: item.offset,
+            length: item.len(),
+            block,
+        });
     }
+    w.finish()?;
+    Ok(out)
 }
 
 /// Pieces of a device payload copied and written at a time.
@@ -465,52 +439,37 @@ fn write_device_payload(
             Ok(())
         });
     }
-    // One lock per acquisition: a guard held across both would deadlock.
-    let first = lock(pool).acquire(DEVICE_PIECE, Some(ordinal))?;
-    let second = match lock(pool).acquire(DEVICE_PIECE, Some(ordinal)) {
-        Ok(b) => b,
-        Err(e) => {
-            lock(pool).release(first);
-            return Err(e);
-        }
+    let bufs = [
+        PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
+        PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
+    ];
+    w.flush()?;
+    let piece = |i: u64| {
+        (
+            i * DEVICE_PIECE as u64,
+            ((len - i * DEVICE_PIECE as u64) as usize).min(DEVICE_PIECE),
+        )
     };
-    let bufs = [first, second];
-    let r = (|| -> Result<()> {
-        w.flush()?;
-        let piece = |i: u64| {
-            (
-                i * DEVICE_PIECE as u64,
-                ((len - i * DEVICE_PIECE as u64) as usize).min(DEVICE_PIECE),
-            )
-        };
-        let n = len.div_ceil(DEVICE_PIECE as u64);
-        let (o0, l0) = piece(0);
-        unsafe { stream.d2h(bufs[0].slice(l0), src + o0)? };
-        for i in 0..n {
-            stream.synchronize()?;
-            let (_, li) = piece(i);
-            if i + 1 < n {
-                let (on, ln) = piece(i + 1);
-                unsafe { stream.d2h(bufs[((i + 1) % 2) as usize].slice(ln), src + on)? };
-            }
-            let data = unsafe { bufs[(i % 2) as usize].slice(li) };
-            crc.update(data);
-            // Whole pieces go straight to the file; the last one's unaligned tail is buffered.
-            let bulk = match w.handle.direct_alignment() {
-                Some(a) => li / a * a,
-                None => li,
-            };
-            w.handle.write_at(w.start, &data[..bulk])?;
-            w.start += bulk as u64;
-            w.put(&data[bulk..])?;
+    let n = len.div_ceil(DEVICE_PIECE as u64);
+    let (o0, l0) = piece(0);
+    unsafe { stream.d2h(bufs[0].slice(l0), src + o0)? };
+    for i in 0..n {
+        stream.synchronize()?;
+        let (_, li) = piece(i);
+        if i + 1 < n {
+            let (on, ln) = piece(i + 1);
+            unsafe { stream.d2h(bufs[((i + 1) % 2) as usize].slice(ln), src + on)? };
         }
-        Ok(())
-    })();
-    let mut p = lock(pool);
-    for b in bufs {
-        p.release(b);
+        let data = unsafe { bufs[(i % 2) as usize].slice(li) };
+        crc.update(data);
+        // Whole pieces go straight to the file (pool buffers are aligned, and so is the
+        // position: checked above, then advanced by whole pieces); the last one's unaligned
+        // tail, or a last piece too small to bother, is buffered.
+        if !w.write_through(data)? {
+            w.put(data)?;
+        }
     }
-    r
+    Ok(())
 }
 
 /// Writes a view's dense payload; returns its CRC-32 and, for large payloads, block CRCs.
@@ -545,21 +504,32 @@ fn write_payload(
         Device::Cuda(ordinal) => {
             // Strided device memory: bring its whole extent over once, gather on the host.
             let stream = streams.get(ordinal, view.stream())?;
-            let extent = strided_extent_bytes(view.sizes(), view.strides(), view.dtype().size())? as usize;
-            let host = lock(pool).acquire(extent, Some(ordinal))?;
-            let copied = (|| -> Result<()> {
-                unsafe { stream.d2h(host.slice(extent), view.as_ptr() as u64)? };
-                stream.synchronize()?;
+            with_host_extent(pool, &stream, view, ordinal, |host, _| {
                 let mut g = HostGather::new(host.as_ptr(), view);
                 w.produce(len, |off, dst| {
                     g.fill(off, dst);
                     crc.update(dst);
                     Ok(())
                 })
-            })();
-            lock(pool).release(host);
-            copied?;
+            })?;
         }
     }
     Ok(crc.finish())
+}
+
+/// Copies the whole memory extent of a strided device view (on `stream`, device `ordinal`) into
+/// a page-locked pool buffer and calls `f(buffer, extent bytes)`: the view's elements lie in
+/// it at their strides from its start.
+pub(crate) fn with_host_extent<R>(
+    pool: &Mutex<StagingPool>,
+    stream: &cuda::Stream,
+    view: &TensorView,
+    ordinal: i32,
+    f: impl FnOnce(&HostBuf, usize) -> Result<R>,
+) -> Result<R> {
+    let extent = strided_extent_bytes(view.sizes(), view.strides(), view.dtype().size())? as usize;
+    let host = PoolBuf::acquire(pool, extent, Some(ordinal))?;
+    unsafe { stream.d2h(host.slice(extent), view.as_ptr() as u64)? };
+    stream.synchronize()?;
+    f(&host, extent)
 }

@@ -54,6 +54,13 @@ pub struct BlockRecord {
 }
 
 impl Sidecar {
+    /// The CRC-32 of `md` when it is not the `.metadata` this sidecar was committed with
+    /// (another length or checksum); `None` when it matches.
+    pub fn metadata_mismatch(&self, md: &[u8]) -> Option<u32> {
+        let crc = crc32fast::hash(md);
+        (md.len() as u64 != self.metadata_len || crc != self.metadata_crc32).then_some(crc)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let payload = postcard::to_allocvec(self).expect("sidecar serialises");
         let mut out = Vec::with_capacity(payload.len() + 24);
@@ -110,9 +117,51 @@ impl Sidecar {
     }
 }
 
-/// CRC-32 of each `block`-byte piece of `data`.
-pub fn block_crcs(data: &[u8], block: u64) -> Vec<u32> {
-    data.chunks(block as usize).map(crc32fast::hash).collect()
+/// Hashes a byte stream, fed in slices of any size, block by block: each completed block's
+/// hasher goes to a callback with the block's index and length.
+pub struct BlockHasher {
+    block_size: u64,
+    cur: crc32fast::Hasher,
+    filled: u64,
+    index: usize,
+}
+
+impl BlockHasher {
+    pub fn new(block_size: u64) -> Self {
+        BlockHasher {
+            block_size,
+            cur: crc32fast::Hasher::new(),
+            filled: 0,
+            index: 0,
+        }
+    }
+
+    /// Hashes `data`; calls `block(index, hasher, len)` for every block it completes.
+    pub fn update(&mut self, mut data: &[u8], mut block: impl FnMut(usize, crc32fast::Hasher, u64)) {
+        while !data.is_empty() {
+            let k = ((self.block_size - self.filled) as usize).min(data.len());
+            self.cur.update(&data[..k]);
+            self.filled += k as u64;
+            data = &data[k..];
+            if self.filled == self.block_size {
+                self.emit(&mut block);
+            }
+        }
+    }
+
+    /// Ends the stream: the last, partial block (if any) goes to `block`.
+    pub fn finish(mut self, mut block: impl FnMut(usize, crc32fast::Hasher, u64)) {
+        if self.filled > 0 {
+            self.emit(&mut block);
+        }
+    }
+
+    fn emit(&mut self, block: &mut impl FnMut(usize, crc32fast::Hasher, u64)) {
+        let done = std::mem::replace(&mut self.cur, crc32fast::Hasher::new());
+        block(self.index, done, self.filled);
+        self.index += 1;
+        self.filled = 0;
+    }
 }
 
 #[cfg(test)]
@@ -161,6 +210,25 @@ mod tests {
         }
         for cut in 0..enc.len() {
             assert!(Sidecar::decode(&enc[..cut], "t").is_err());
+        }
+    }
+
+    #[test]
+    fn block_hasher_matches_whole_blocks() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for piece in [1, 3, 64, 100, 1000] {
+            let mut h = BlockHasher::new(100);
+            let mut got = Vec::new();
+            for p in data[..950].chunks(piece) {
+                h.update(p, |i, c, n| got.push((i, c.finalize(), n)));
+            }
+            h.finish(|i, c, n| got.push((i, c.finalize(), n)));
+            let want: Vec<_> = data[..950]
+                .chunks(100)
+                .enumerate()
+                .map(|(i, b)| (i, crc32fast::hash(b), b.len() as u64))
+                .collect();
+            assert_eq!(got, want, "pieces of {piece}");
         }
     }
 

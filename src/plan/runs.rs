@@ -165,9 +165,14 @@ impl BoxRuns {
     }
 }
 
+/// Element strides to byte strides.
+pub fn byte_strides(strides: &[u64], elem: u64) -> Vec<u64> {
+    strides.iter().map(|s| s * elem).collect()
+}
+
 /// Row-major byte strides of a dense array of `sizes`.
 pub fn dense_byte_strides(sizes: &[u64], elem: u64) -> Vec<u64> {
-    crate::tensor::contiguous_strides(sizes).into_iter().map(|s| s * elem).collect()
+    byte_strides(&crate::tensor::contiguous_strides(sizes), elem)
 }
 
 #[cfg(test)]

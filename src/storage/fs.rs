@@ -184,13 +184,13 @@ impl Storage for FsStorage {
         Ok(Arc::new(FsWrite { file, direct: false, path }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
-        let tmp = self.path(&format!("{name}.tmp"));
+        let tmp = self.path(&super::tmp_name(name));
         let dst = self.path(name);
         write_synced(&tmp, data)?;
         std::fs::rename(&tmp, &dst).map_err(|e| Error::io("renaming into place", &dst, e))
     }
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
-        let tmp = self.path(&format!("{name}.tmp"));
+        let tmp = self.path(&super::tmp_name(name));
         let dst = self.path(name);
         write_synced(&tmp, data).map_err(|e| e.context("staging"))?;
         // A hard link fails if the destination exists: an atomic create-only rename.

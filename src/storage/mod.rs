@@ -44,6 +44,23 @@ pub fn check_range(what: &dyn std::fmt::Display, offset: u64, len: usize, file_l
     Ok(())
 }
 
+/// `put_new` for a backend without an atomic create-only write: checks, then `put_atomic`
+/// (another writer may slip in between).
+pub fn put_new_checked<S: Storage + ?Sized>(storage: &S, name: &str, data: &[u8]) -> Result<()> {
+    if storage.exists(name)? {
+        return Err(crate::error::Error::new(
+            crate::error::ErrorKind::AlreadyExists,
+            format!("{} already exists", storage.describe(name)),
+        ));
+    }
+    storage.put_atomic(name, data)
+}
+
+/// The temporary name a small file is staged under before it is renamed to `name`.
+pub fn tmp_name(name: &str) -> String {
+    format!("{name}.tmp")
+}
+
 /// Alignment of direct (O_DIRECT) I/O.
 pub const DIRECT_ALIGN: usize = 4096;
 
@@ -85,13 +102,7 @@ pub trait Storage: Send + Sync {
     /// Like `put_atomic`, but fails with `AlreadyExists` when `name` exists: the commit of a
     /// save that must not replace a checkpoint.
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
-        if self.exists(name)? {
-            return Err(crate::error::Error::new(
-                crate::error::ErrorKind::AlreadyExists,
-                format!("{} already exists", self.describe(name)),
-            ));
-        }
-        self.put_atomic(name, data)
+        put_new_checked(self, name, data)
     }
     /// Removes a file; a missing file is not an error.
     fn remove(&self, name: &str) -> Result<()>;

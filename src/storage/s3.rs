@@ -123,6 +123,11 @@ impl S3Storage {
         }
     }
 
+    /// The prefix as a listing path; `None` for the bucket's root.
+    fn prefix_path(&self) -> Option<ObjPath> {
+        (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()))
+    }
+
     fn url(&self, name: &str) -> String {
         match (self.prefix.is_empty(), name.is_empty()) {
             (true, _) => format!("s3://{}/{name}", self.bucket),
@@ -224,13 +229,13 @@ impl WriteHandle for S3Write {
                 self.url, st.written
             )));
         }
-        let url = self.url.clone();
+        let url = &self.url;
         let upload = st
             .upload
             .as_mut()
             .ok_or_else(|| Error::internal(format!("{url}: write after the upload finished")))?;
         // Bounded memory: wait until fewer than PARTS_IN_FLIGHT parts are uploading.
-        block(upload.wait_for_capacity(PARTS_IN_FLIGHT)).map_err(|e| s3_err("uploading a part of", &url, e))?;
+        block(upload.wait_for_capacity(PARTS_IN_FLIGHT)).map_err(|e| s3_err("uploading a part of", url, e))?;
         let _in_runtime = runtime().enter();
         upload.write(data);
         st.written += data.len() as u64;
@@ -280,19 +285,16 @@ impl Storage for S3Storage {
 
     /// Checks that the bucket exists and these credentials may list it.
     fn check_reachable(&self) -> Result<()> {
-        let prefix = if self.prefix.is_empty() {
-            None
-        } else {
-            Some(ObjPath::from(self.prefix.as_str()))
-        };
-        block(self.store.list_with_delimiter(prefix.as_ref())).map(|_| ()).map_err(|e| {
-            let text = e.to_string();
-            if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
-                Error::not_found(format!("bucket {:?} does not exist ({}): {text}", self.bucket, self.url("")))
-            } else {
-                s3_err("listing", &self.url(""), e)
-            }
-        })
+        block(self.store.list_with_delimiter(self.prefix_path().as_ref()))
+            .map(|_| ())
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("NoSuchBucket") || matches!(e, object_store::Error::NotFound { .. }) {
+                    Error::not_found(format!("bucket {:?} does not exist ({}): {text}", self.bucket, self.url("")))
+                } else {
+                    s3_err("listing", &self.url(""), e)
+                }
+            })
     }
 
     fn exists(&self, name: &str) -> Result<bool> {
@@ -343,10 +345,7 @@ impl Storage for S3Storage {
 
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
         if !self.conditional_put_works() {
-            if self.exists(name)? {
-                return Err(Error::new(ErrorKind::AlreadyExists, format!("{} already exists", self.url(name))));
-            }
-            return self.put_atomic(name, data);
+            return super::put_new_checked(self, name, data);
         }
         let opts = PutOptions {
             mode: PutMode::Create,
@@ -375,12 +374,7 @@ impl Storage for S3Storage {
     }
 
     fn list(&self) -> Result<Vec<String>> {
-        let prefix = if self.prefix.is_empty() {
-            None
-        } else {
-            Some(ObjPath::from(self.prefix.as_str()))
-        };
-        let listed = block(self.store.list_with_delimiter(prefix.as_ref())).map_err(|e| s3_err("listing", &self.url(""), e))?;
+        let listed = block(self.store.list_with_delimiter(self.prefix_path().as_ref())).map_err(|e| s3_err("listing", &self.url(""), e))?;
         Ok(listed
             .objects
             .into_iter()
