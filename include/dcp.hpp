@@ -65,6 +65,32 @@ inline void check(dcp_status s) {
 
 inline const int64_t *dims_or_null(const std::vector<int64_t> &v) { return v.empty() ? nullptr : v.data(); }
 
+/**
+ * A value copied out with a size query first: `copy(buf, cap, &len, &kind)` is a call of
+ * dcp_state_get_bytes or dcp_checkpoint_read_bytes for one key.
+ */
+template <class F> std::string fetch_bytes(F copy, dcp_value_kind *kind) {
+    size_t n = 0;
+    int32_t k = 0;
+    dcp_status s = copy(nullptr, 0, &n, &k);
+    if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) check(s);
+    std::string out(n, '\0');
+    if (n) check(copy(&out[0], n, &n, &k));
+    if (kind) *kind = static_cast<dcp_value_kind>(k);
+    return out;
+}
+
+/** Like fetch_bytes for literal text: `copy(buf, cap, &len)` (dcp_*_literal; `cap` counts the NUL). */
+template <class F> std::string fetch_literal(F copy) {
+    size_t n = 0;
+    dcp_status s = copy(nullptr, 0, &n);
+    if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) check(s);
+    std::string out(n + 1, '\0');
+    check(copy(&out[0], out.size(), &n));
+    out.resize(n);
+    return out;
+}
+
 } // namespace detail
 
 /** The library version, e.g. "0.1.0". */
@@ -174,6 +200,24 @@ private:
     std::string error_;
 };
 
+namespace detail {
+/**
+ * Throws dcp::Error for the failed status `s`, adding the host communicator's message (if
+ * any) to the thread's last libdcp message; `clear` then resets the communicator's message.
+ */
+[[noreturn]] inline void throw_status(dcp_status s, const std::shared_ptr<Communicator> &comm, bool clear) {
+    std::string msg = last_error_message(s);
+    if (comm) {
+        std::string extra = comm->error();
+        if (!extra.empty()) {
+            msg += " (host communicator: " + extra + ")";
+            if (clear) comm->clear_error();
+        }
+    }
+    throw Error(s, msg);
+}
+} // namespace detail
+
 // ------------------------------------------------------------------------------------------------
 // Context
 // ------------------------------------------------------------------------------------------------
@@ -266,16 +310,7 @@ public:
 
     /** Like detail::check, adding the communicator's own message to communication failures. */
     void check(dcp_status s) const {
-        if (s == DCP_OK) return;
-        std::string msg = detail::last_error_message(s);
-        if (comm_) {
-            std::string extra = comm_->error();
-            if (!extra.empty()) {
-                msg += " (host communicator: " + extra + ")";
-                comm_->clear_error();
-            }
-        }
-        throw Error(s, msg);
+        if (s != DCP_OK) detail::throw_status(s, comm_, /*clear=*/true);
     }
 
     dcp_context *get() const noexcept { return h_; }
@@ -484,24 +519,13 @@ public:
     }
     /** Raw bytes of a bytes value; the pickle of any other value. */
     std::string get_bytes(const std::string &fqn, dcp_value_kind *kind = nullptr) const {
-        size_t n = 0;
-        int32_t k = 0;
-        dcp_status s = dcp_state_get_bytes(h_, fqn.c_str(), nullptr, 0, &n, &k);
-        if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) detail::check(s);
-        std::string out(n, '\0');
-        if (n) detail::check(dcp_state_get_bytes(h_, fqn.c_str(), &out[0], n, &n, &k));
-        if (kind) *kind = static_cast<dcp_value_kind>(k);
-        return out;
+        return detail::fetch_bytes(
+            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_state_get_bytes(h_, fqn.c_str(), buf, cap, n, k); }, kind);
     }
     /** The value as Python literal text ("(0.9, 0.999)", "False", "None"). */
     std::string get_literal(const std::string &fqn) const {
-        size_t n = 0;
-        dcp_status s = dcp_state_get_literal(h_, fqn.c_str(), nullptr, 0, &n);
-        if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) detail::check(s);
-        std::string out(n + 1, '\0');
-        detail::check(dcp_state_get_literal(h_, fqn.c_str(), &out[0], out.size(), &n));
-        out.resize(n);
-        return out;
+        return detail::fetch_literal(
+            [&](char *buf, size_t cap, size_t *n) { return dcp_state_get_literal(h_, fqn.c_str(), buf, cap, n); });
     }
     /** Whether the last load filled this entry. */
     bool loaded(const std::string &fqn) const {
@@ -631,13 +655,7 @@ public:
     void wait() const {
         require();
         dcp_status s = dcp_future_wait(h_);
-        if (s == DCP_OK) return;
-        std::string msg = detail::last_error_message(s);
-        if (comm_) {
-            std::string extra = comm_->error();
-            if (!extra.empty()) msg += " (host communicator: " + extra + ")";
-        }
-        throw Error(s, msg);
+        if (s != DCP_OK) detail::throw_status(s, comm_, /*clear=*/false);
     }
     /** Whether the save has completed (successfully or not). */
     bool done() const {
@@ -770,14 +788,9 @@ public:
                                                  detail::dims_or_null(strides), dst, dst_nbytes));
     }
     std::string read_bytes(const std::string &fqn, dcp_value_kind *kind = nullptr) const {
-        size_t n = 0;
-        int32_t k = 0;
-        dcp_status s = dcp_checkpoint_read_bytes(h_, fqn.c_str(), nullptr, 0, &n, &k);
-        if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) detail::check(s);
-        std::string out(n, '\0');
-        if (n) detail::check(dcp_checkpoint_read_bytes(h_, fqn.c_str(), &out[0], n, &n, &k));
-        if (kind) *kind = static_cast<dcp_value_kind>(k);
-        return out;
+        return detail::fetch_bytes(
+            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_checkpoint_read_bytes(h_, fqn.c_str(), buf, cap, n, k); },
+            kind);
     }
     int64_t read_int(const std::string &fqn) const {
         int64_t v = 0;
@@ -790,13 +803,8 @@ public:
         return v;
     }
     std::string read_literal(const std::string &fqn) const {
-        size_t n = 0;
-        dcp_status s = dcp_checkpoint_read_literal(h_, fqn.c_str(), nullptr, 0, &n);
-        if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) detail::check(s);
-        std::string out(n + 1, '\0');
-        detail::check(dcp_checkpoint_read_literal(h_, fqn.c_str(), &out[0], out.size(), &n));
-        out.resize(n);
-        return out;
+        return detail::fetch_literal(
+            [&](char *buf, size_t cap, size_t *n) { return dcp_checkpoint_read_literal(h_, fqn.c_str(), buf, cap, n); });
     }
 
     dcp_checkpoint *get() const noexcept { return h_; }

@@ -525,8 +525,21 @@ public:
      */
     Checkpointer &add_optimizer(torch::optim::Optimizer &optimizer, torch::nn::Module &module,
                                 const std::string &prefix = "optimizer.", LayoutFn layout = nullptr) {
-        if (!dynamic_cast<torch::optim::Adam *>(&optimizer) && !dynamic_cast<torch::optim::AdamW *>(&optimizer) &&
-            !dynamic_cast<torch::optim::SGD *>(&optimizer))
+        using torch::optim::Optimizer;
+        void (*reg)(detail::Built &, Optimizer &, torch::nn::Module &, const std::string &, const LayoutFn &);
+        if (dynamic_cast<torch::optim::AdamW *>(&optimizer))
+            reg = [](detail::Built &b, Optimizer &o, torch::nn::Module &m, const std::string &pre, const LayoutFn &layout) {
+                register_adam<torch::optim::AdamWParamState, torch::optim::AdamWOptions>(b, o, m, pre, layout, true);
+            };
+        else if (dynamic_cast<torch::optim::Adam *>(&optimizer))
+            reg = [](detail::Built &b, Optimizer &o, torch::nn::Module &m, const std::string &pre, const LayoutFn &layout) {
+                register_adam<torch::optim::AdamParamState, torch::optim::AdamOptions>(b, o, m, pre, layout, false);
+            };
+        else if (dynamic_cast<torch::optim::SGD *>(&optimizer))
+            reg = [](detail::Built &b, Optimizer &o, torch::nn::Module &m, const std::string &pre, const LayoutFn &layout) {
+                register_sgd(b, static_cast<torch::optim::SGD &>(o), m, pre, layout);
+            };
+        else
             throw Error(DCP_ERROR_UNSUPPORTED, "add_optimizer: only torch::optim::Adam, AdamW and SGD are supported");
         if (!layout)
             for (const auto &ml : module_layouts_)
@@ -534,7 +547,7 @@ public:
         std::string pre = detail::normalize_prefix(prefix);
         torch::optim::Optimizer *opt = &optimizer;
         torch::nn::Module *m = &module;
-        registrars_.push_back([opt, m, pre, layout](detail::Built &b) { register_optimizer(b, *opt, *m, pre, layout); });
+        registrars_.push_back([reg, opt, m, pre, layout](detail::Built &b) { reg(b, *opt, *m, pre, layout); });
         return *this;
     }
     template <class M> Checkpointer &add_optimizer(torch::optim::Optimizer &optimizer, torch::nn::ModuleHolder<M> &module,
@@ -653,6 +666,36 @@ private:
         return names;
     }
 
+    /** The fqn of parameter `p` of param group `gi` in the module (`names`: param_names). */
+    static const std::string &param_fqn(const std::unordered_map<const void *, std::string> &names, const at::Tensor &p, size_t gi) {
+        auto it = names.find(p.unsafeGetTensorImpl());
+        if (it == names.end())
+            throw Error(DCP_ERROR_INVALID_ARGUMENT, "add_optimizer: a parameter of param group " + std::to_string(gi) + " (shape " +
+                                                        c10::str(p.sizes()) + ") is not a parameter of the module");
+        return it->second;
+    }
+
+    /**
+     * The optimizer's state of parameter `p`, or NULL. On a load, missing state is created (as
+     * `init` sets it up) and `created` receives how to remove it again; otherwise `created` is
+     * left empty.
+     */
+    template <class PS, class Init>
+    static PS *state_for(torch::optim::Optimizer &opt, const at::Tensor &p, bool load, Init init, std::function<void()> &created) {
+        auto *states = &opt.state();
+        void *key = p.unsafeGetTensorImpl();
+        auto it = states->find(key);
+        PS *ps = it == states->end() ? nullptr : static_cast<PS *>(it->second.get());
+        if (!ps && load) {
+            auto s = std::make_unique<PS>();
+            init(*s);
+            ps = s.get();
+            (*states)[key] = std::move(s);
+            created = [states, key] { states->erase(key); };
+        }
+        return ps;
+    }
+
     template <class ParamState, class Options>
     static void register_adam(detail::Built &b, torch::optim::Optimizer &opt, torch::nn::Module &m, const std::string &pre,
                               const LayoutFn &layout, bool decoupled) {
@@ -665,32 +708,23 @@ private:
             auto &options = static_cast<Options &>(groups[gi].options());
             std::vector<std::string> fqns;
             for (auto &p : groups[gi].params()) {
-                auto it_name = names.find(p.unsafeGetTensorImpl());
-                if (it_name == names.end())
-                    throw Error(DCP_ERROR_INVALID_ARGUMENT, "add_optimizer: a parameter of param group " + std::to_string(gi) +
-                                                                " (shape " + c10::str(p.sizes()) + ") is not a parameter of the module");
-                const std::string &name = it_name->second;
+                const std::string &name = param_fqn(names, p, gi);
                 fqns.push_back(name);
                 const std::string base = pre + "state." + name + ".";
                 auto path = [&](const char *leaf) { return concat(parts, {"state", name, leaf}); };
                 at::Tensor param = p.detach();
                 Layout lay = layout ? layout(name, param) : Layout::whole();
 
-                auto &states = opt.state();
-                void *key = p.unsafeGetTensorImpl();
-                auto it = states.find(key);
-                ParamState *ps = it == states.end() ? nullptr : static_cast<ParamState *>(it->second.get());
-                bool created = false;
-                if (!ps && load) {
-                    auto s = std::make_unique<ParamState>();
-                    s->step(0);
-                    s->exp_avg(at::zeros_like(param, at::MemoryFormat::Preserve));
-                    s->exp_avg_sq(at::zeros_like(param, at::MemoryFormat::Preserve));
-                    if (options.amsgrad()) s->max_exp_avg_sq(at::zeros_like(param, at::MemoryFormat::Preserve));
-                    ps = s.get();
-                    states[key] = std::move(s);
-                    created = true;
-                }
+                std::function<void()> created;
+                ParamState *ps = state_for<ParamState>(
+                    opt, p, load,
+                    [&](ParamState &s) {
+                        s.step(0);
+                        s.exp_avg(at::zeros_like(param, at::MemoryFormat::Preserve));
+                        s.exp_avg_sq(at::zeros_like(param, at::MemoryFormat::Preserve));
+                        if (options.amsgrad()) s.max_exp_avg_sq(at::zeros_like(param, at::MemoryFormat::Preserve));
+                    },
+                    created);
                 if (ps && options.amsgrad() && !ps->max_exp_avg_sq().defined())
                     ps->max_exp_avg_sq(at::zeros_like(param, at::MemoryFormat::Preserve));
                 // Python keeps `step` as a 0-d float32 tensor; LibTorch as an int64.
@@ -705,7 +739,7 @@ private:
                 slot("exp_avg", ps ? ps->exp_avg() : at::Tensor());
                 slot("exp_avg_sq", ps ? ps->exp_avg_sq() : at::Tensor());
                 if (options.amsgrad()) slot("max_exp_avg_sq", ps ? ps->max_exp_avg_sq() : at::Tensor());
-                if (created) b.created.push_back({keys, [&states, key] { states.erase(key); }});
+                if (created) b.created.push_back({keys, created});
                 if (load) {
                     std::string fqn = base + "step";
                     b.apply.push_back([ps, step, fqn](const State &st) {
@@ -760,31 +794,20 @@ private:
             auto &options = static_cast<torch::optim::SGDOptions &>(groups[gi].options());
             std::vector<std::string> fqns;
             for (auto &p : groups[gi].params()) {
-                auto it_name = names.find(p.unsafeGetTensorImpl());
-                if (it_name == names.end())
-                    throw Error(DCP_ERROR_INVALID_ARGUMENT, "add_optimizer: a parameter of param group " + std::to_string(gi) +
-                                                                " (shape " + c10::str(p.sizes()) + ") is not a parameter of the module");
-                const std::string &name = it_name->second;
+                const std::string &name = param_fqn(names, p, gi);
                 fqns.push_back(name);
                 if (options.momentum() == 0) continue; // no state, as in Python
                 at::Tensor param = p.detach();
-                auto &states = opt.state();
-                void *key = p.unsafeGetTensorImpl();
-                auto it = states.find(key);
-                auto *ps = it == states.end() ? nullptr : static_cast<torch::optim::SGDParamState *>(it->second.get());
-                bool created = false;
-                if (!ps && load) {
-                    auto s = std::make_unique<torch::optim::SGDParamState>();
-                    s->momentum_buffer(at::zeros_like(param, at::MemoryFormat::Preserve));
-                    ps = s.get();
-                    states[key] = std::move(s);
-                    created = true;
-                }
+                std::function<void()> created;
+                auto *ps = state_for<torch::optim::SGDParamState>(
+                    opt, p, load,
+                    [&](torch::optim::SGDParamState &s) { s.momentum_buffer(at::zeros_like(param, at::MemoryFormat::Preserve)); },
+                    created);
                 if (ps && !ps->momentum_buffer().defined()) ps->momentum_buffer(at::zeros_like(param, at::MemoryFormat::Preserve));
                 at::Tensor buf = ps ? ps->momentum_buffer() : at::zeros_like(param, at::MemoryFormat::Contiguous);
                 const std::string fqn = pre + "state." + name + ".momentum_buffer";
                 b.tensor(fqn, buf, layout ? layout(name, param) : Layout::whole(), concat(parts, {"state", name, "momentum_buffer"}));
-                if (created) b.created.push_back({{fqn}, [&states, key] { states.erase(key); }});
+                if (created) b.created.push_back({{fqn}, created});
             }
             auto *o = &options;
             std::vector<detail::Hyper> hs;
@@ -853,18 +876,6 @@ private:
                                                         " in the checkpoint, but this optimizer's group holds " +
                                                         detail::py_str_list(fqns));
             });
-    }
-
-    static void register_optimizer(detail::Built &b, torch::optim::Optimizer &opt, torch::nn::Module &m, const std::string &pre,
-                                   const LayoutFn &layout) {
-        if (dynamic_cast<torch::optim::AdamW *>(&opt))
-            register_adam<torch::optim::AdamWParamState, torch::optim::AdamWOptions>(b, opt, m, pre, layout, true);
-        else if (dynamic_cast<torch::optim::Adam *>(&opt))
-            register_adam<torch::optim::AdamParamState, torch::optim::AdamOptions>(b, opt, m, pre, layout, false);
-        else if (auto *sgd = dynamic_cast<torch::optim::SGD *>(&opt))
-            register_sgd(b, *sgd, m, pre, layout);
-        else
-            throw Error(DCP_ERROR_UNSUPPORTED, "only torch::optim::Adam, AdamW and SGD are supported");
     }
 
     Context ctx_;

@@ -5,7 +5,7 @@
 use super::load::{execute, open_local, LoadOptions, Opened};
 use super::read::{read_object, Files};
 use crate::error::{Error, Result};
-use crate::format::metadata::{EntryMeta, Metadata};
+use crate::format::metadata::{EntryMeta, Metadata, StorageInfo};
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::Sidecar;
 use crate::region::Region;
@@ -30,6 +30,14 @@ pub struct KeyInfo<'c> {
     pub dtype_name: &'c str,
     pub shape: &'c [u64],
     pub chunks: &'c [Region],
+}
+
+impl KeyInfo<'_> {
+    /// Element bytes of a tensor; `None` for objects, unknown dtypes and shapes whose size
+    /// overflows.
+    pub fn nbytes(&self) -> Option<u64> {
+        crate::tensor::numel(self.shape).ok()?.checked_mul(self.dtype?.size() as u64)
+    }
 }
 
 pub struct Checkpoint {
@@ -104,23 +112,42 @@ impl Checkpoint {
         (0..self.len()).filter_map(|i| self.key(i))
     }
 
-    pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
-        self.key(self.opened.lookup.entry_index(fqn)?)
+    /// Position of `fqn` among the keys.
+    pub fn index_of(&self, fqn: &str) -> Option<usize> {
+        self.opened.lookup.entry_index(fqn)
     }
 
-    fn tensor_key(&self, fqn: &str) -> Result<KeyInfo<'_>> {
+    pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
+        self.key(self.index_of(fqn)?)
+    }
+
+    /// Where the item of `fqn` (a tensor chunk at `offsets`, or an object with `None`) is stored.
+    pub fn storage_info(&self, fqn: &str, offsets: Option<&[u64]>) -> Option<&StorageInfo> {
+        self.opened.lookup.storage(&self.opened.metadata, fqn, offsets)
+    }
+
+    /// The key `fqn`, which must be of kind `kind`.
+    fn key_of(&self, fqn: &str, kind: KeyKind) -> Result<KeyInfo<'_>> {
         let k = self
             .find(fqn)
             .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
-        if k.kind != KeyKind::Tensor {
-            return Err(Error::mismatch(format!("key {fqn:?} is an object, not a tensor")));
+        if k.kind != kind {
+            return Err(Error::mismatch(match kind {
+                KeyKind::Tensor => format!("key {fqn:?} is an object, not a tensor"),
+                KeyKind::Object => format!("key {fqn:?} is a tensor, not an object"),
+            }));
         }
         Ok(k)
     }
 
     /// Reads the box of `fqn` at `offsets` with the view's sizes into `view` (any strides).
     pub fn read_tensor_into(&self, fqn: &str, offsets: &[u64], view: TensorView<'_>, verify: bool) -> Result<()> {
-        let k = self.tensor_key(fqn)?;
+        let k = self.key_of(fqn, KeyKind::Tensor)?;
+        self.read_box(k, offsets, view, verify)
+    }
+
+    fn read_box(&self, k: KeyInfo<'_>, offsets: &[u64], view: TensorView<'_>, verify: bool) -> Result<()> {
+        let fqn = k.fqn;
         let shape = k.shape.to_vec();
         let mut state = State::new();
         state.add_tensor_chunk(fqn, view, &shape, offsets)?;
@@ -139,7 +166,7 @@ impl Checkpoint {
 
     /// Reads a whole tensor into a new buffer of its dtype's bytes.
     pub fn read_tensor(&self, fqn: &str) -> Result<(DType, Vec<u64>, Vec<u8>)> {
-        let k = self.tensor_key(fqn)?;
+        let k = self.key_of(fqn, KeyKind::Tensor)?;
         let dtype = k
             .dtype
             .ok_or_else(|| Error::unsupported(format!("key {fqn:?}: dtype torch.{} is not supported", k.dtype_name)))?;
@@ -147,21 +174,14 @@ impl Checkpoint {
         let n = crate::tensor::numel(&shape)? as usize * dtype.size();
         let mut buf = vec![0u8; n];
         let view = TensorView::from_bytes(&mut buf, dtype, &shape)?;
-        self.read_tensor_into(fqn, &vec![0; shape.len()], view, true)?;
+        self.read_box(k, &vec![0; shape.len()], view, true)?;
         Ok((dtype, shape, buf))
     }
 
     pub fn read_object(&self, fqn: &str) -> Result<ObjectValue> {
-        let k = self
-            .find(fqn)
-            .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not in the checkpoint at {}", self.location)))?;
-        if k.kind != KeyKind::Object {
-            return Err(Error::mismatch(format!("key {fqn:?} is a tensor, not an object")));
-        }
+        self.key_of(fqn, KeyKind::Object)?;
         let info = self
-            .opened
-            .lookup
-            .storage(&self.opened.metadata, fqn, None)
+            .storage_info(fqn, None)
             .ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
         read_object(&self.files, fqn, info)
     }

@@ -1,7 +1,7 @@
-use super::state::{copy_literal, literal_of, object_as_double, object_as_int, object_bytes};
-use super::{copy_out, dcp_status, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
+use super::state::{copy_literal, copy_object, cpu_view, literal_of, object_as_double, object_as_int, strides_arg};
+use super::{dcp_status, dims_arg, free_box, guard, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::engine::{Checkpoint, KeyKind};
-use crate::tensor::{numel, Device, TensorView};
+use crate::tensor::numel;
 use std::ffi::{c_char, c_void, CString};
 
 /// A checkpoint opened read-only. Thread safety: reads may run concurrently from several
@@ -81,11 +81,7 @@ pub unsafe extern "C" fn dcp_checkpoint_open(path: *const c_char, out: *mut *mut
 /// Frees an open checkpoint. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_free(ckpt: *mut dcp_checkpoint) {
-    guard_void(|| {
-        if !ckpt.is_null() {
-            drop(Box::from_raw(ckpt));
-        }
-    })
+    free_box(ckpt)
 }
 
 /// Number of keys.
@@ -129,9 +125,8 @@ pub unsafe extern "C" fn dcp_checkpoint_find(ckpt: *const dcp_checkpoint, fqn: *
         let c = ref_arg(ckpt, "ckpt")?;
         let fqn = str_arg(fqn, "fqn")?;
         let i = c
-            .names
-            .iter()
-            .position(|n| n.as_bytes() == fqn.as_bytes())
+            .inner
+            .index_of(fqn)
             .ok_or_else(|| crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint")))?;
         *mut_arg(index, "index")? = i;
         Ok(())
@@ -199,17 +194,9 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
         } else {
             (dims_arg(offsets, ndim, "offsets")?, dims_arg(sizes, ndim, "sizes")?)
         };
-        let strides = if strides.is_null() {
-            None
-        } else {
-            Some(dims_arg(strides, ndim, "strides")?)
-        };
+        let strides = strides_arg(strides, ndim)?;
         numel(&sizes)?;
-        let nbytes = usize::try_from(dst_nbytes).map_err(|_| invalid("dst_nbytes does not fit in memory"))?;
-        if dst.is_null() && sizes.iter().all(|&s| s > 0) {
-            return Err(super::null("dst"));
-        }
-        let view = TensorView::from_raw(dst as *mut u8, nbytes, dtype, &sizes, strides.as_deref(), Device::Cpu)?;
+        let view = cpu_view(dtype, &sizes, strides.as_deref(), dst, dst_nbytes, ("dst", "dst_nbytes"))?;
         c.inner.read_tensor_into(fqn, &offsets, view, true)?;
         Ok(())
     })
@@ -234,12 +221,7 @@ pub unsafe extern "C" fn dcp_checkpoint_read_bytes(
     guard("dcp_checkpoint_read_bytes", || {
         let c = ref_arg(ckpt, "ckpt")?;
         let v = object(c, str_arg(fqn, "fqn")?)?;
-        // `kind` is written with `len`: on success and on a size query (BUFFER_TOO_SMALL).
-        mut_arg(len, "len")?;
-        if let Some(k) = kind.as_mut() {
-            *k = super::state::value_kind(&v);
-        }
-        copy_out(&object_bytes(&v), buf as *mut u8, cap, len)
+        copy_object(&v, buf, cap, len, kind)
     })
 }
 

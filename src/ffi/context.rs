@@ -1,4 +1,4 @@
-use super::{dcp_status, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
+use super::{dcp_status, dims_arg, free_box, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::comm::callbacks::{CallbackComm, HostCallbacks};
 use crate::comm::tcp::{env_settings, TcpComm};
 use crate::engine::Context;
@@ -53,12 +53,18 @@ pub unsafe extern "C" fn dcp_context_new_tcp(
     guard("dcp_context_new_tcp", || {
         let addr = str_arg(master_addr, "master_addr")?;
         mut_arg(out, "out")?;
-        if rank < 0 || world_size < 1 || rank >= world_size {
-            return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
-        }
-        let comm = TcpComm::connect(rank as usize, world_size as usize, addr, port, timeout_arg(timeout_ms)?)?;
+        let (rank, world_size) = rank_arg(rank, world_size)?;
+        let comm = TcpComm::connect(rank, world_size, addr, port, timeout_arg(timeout_ms)?)?;
         new_context(out, Box::new(comm))
     })
+}
+
+/// `rank` and `world_size` checked to be a rank of that world.
+fn rank_arg(rank: i32, world_size: i32) -> FfiResult<(usize, usize)> {
+    if rank < 0 || world_size < 1 || rank >= world_size {
+        return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
+    }
+    Ok((rank as usize, world_size as usize))
 }
 
 /// Like `dcp_context_new_tcp` with torchrun's environment: `RANK`, `WORLD_SIZE`,
@@ -109,12 +115,10 @@ pub unsafe extern "C" fn dcp_context_new_callbacks(
         let all_gather = allgather.ok_or_else(|| super::null("allgather"))?;
         let broadcast = broadcast.ok_or_else(|| super::null("broadcast"))?;
         timeout_arg(timeout_ms)?;
-        if rank < 0 || world_size < 1 || rank >= world_size {
-            return Err(invalid(format!("rank {rank} is not in a world of size {world_size}")));
-        }
+        let (rank, world_size) = rank_arg(rank, world_size)?;
         let comm = CallbackComm::new(
-            rank as usize,
-            world_size as usize,
+            rank,
+            world_size,
             timeout_ms,
             HostCallbacks {
                 all_gather,
@@ -278,9 +282,5 @@ pub unsafe extern "C" fn dcp_mesh_new(
 /// Frees a mesh. NULL is a no-op. States that registered tensors with it keep their own copy.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_mesh_free(mesh: *mut dcp_mesh) {
-    guard_void(|| {
-        if !mesh.is_null() {
-            drop(Box::from_raw(mesh));
-        }
-    })
+    free_box(mesh)
 }

@@ -114,9 +114,5 @@ pub unsafe extern "C" fn dcp_future_done(future: *const dcp_future, done: *mut b
 /// collective and in `dcp_context_free`. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_free(future: *mut dcp_future) {
-    super::guard_void(|| {
-        if !future.is_null() {
-            drop(Box::from_raw(future));
-        }
-    })
+    super::free_box(future)
 }

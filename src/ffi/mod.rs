@@ -200,6 +200,23 @@ pub(crate) fn guard_void(body: impl FnOnce()) {
     let _ = catch_unwind(AssertUnwindSafe(body));
 }
 
+/// The body of every `_free` function: drops a box made by `Box::into_raw`; NULL is a no-op.
+pub(crate) unsafe fn free_box<T>(p: *mut T) {
+    guard_void(|| {
+        if !p.is_null() {
+            drop(Box::from_raw(p));
+        }
+    })
+}
+
+/// Threads per rank of save and load options, 1..=1024.
+pub(crate) fn threads_arg(threads: u32) -> FfiResult<usize> {
+    if !(1..=1024).contains(&threads) {
+        return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
+    }
+    Ok(threads as usize)
+}
+
 pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> FfiResult<&'a str> {
     if p.is_null() {
         return Err(null(name));

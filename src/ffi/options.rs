@@ -1,5 +1,5 @@
-use super::{dcp_status, guard, guard_void, invalid, mut_arg};
-use crate::engine::{LoadOptions, SaveOptions};
+use super::{dcp_status, free_box, guard, invalid, mut_arg, threads_arg};
+use crate::engine::{DirectIo, LoadOptions, SaveOptions};
 
 /// Options of `dcp_save`. Defaults: overwrite off, 4 writer threads, O_DIRECT on where the file
 /// system allows it. Thread safety: not shared; one thread at a time.
@@ -28,11 +28,7 @@ pub unsafe extern "C" fn dcp_save_options_new(out: *mut *mut dcp_save_options) -
 /// Frees save options. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_free(opts: *mut dcp_save_options) {
-    guard_void(|| {
-        if !opts.is_null() {
-            drop(Box::from_raw(opts));
-        }
-    })
+    free_box(opts)
 }
 
 /// Replace a committed checkpoint at the destination. Off (the default), saving where a
@@ -49,10 +45,8 @@ pub unsafe extern "C" fn dcp_save_options_set_overwrite(opts: *mut dcp_save_opti
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_set_threads(opts: *mut dcp_save_options, threads: u32) -> dcp_status {
     guard("dcp_save_options_set_threads", || {
-        if !(1..=1024).contains(&threads) {
-            return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
-        }
-        mut_arg(opts, "opts")?.inner.threads = threads as usize;
+        let threads = threads_arg(threads)?;
+        mut_arg(opts, "opts")?.inner.threads = threads;
         Ok(())
     })
 }
@@ -101,11 +95,7 @@ pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -
 /// Frees load options. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_free(opts: *mut dcp_load_options) {
-    guard_void(|| {
-        if !opts.is_null() {
-            drop(Box::from_raw(opts));
-        }
-    })
+    free_box(opts)
 }
 
 /// Strict (default): every registered key must be in the checkpoint with the same dtype and
@@ -134,9 +124,9 @@ pub unsafe extern "C" fn dcp_load_options_set_direct_io(opts: *mut dcp_load_opti
     guard("dcp_load_options_set_direct_io", || {
         let o = mut_arg(opts, "opts")?;
         o.inner.direct_io = match mode {
-            0 => crate::engine::DirectIo::Auto,
-            1 => crate::engine::DirectIo::On,
-            2 => crate::engine::DirectIo::Off,
+            m if m == dcp_direct_io::DCP_DIRECT_IO_AUTO as i32 => DirectIo::Auto,
+            m if m == dcp_direct_io::DCP_DIRECT_IO_ON as i32 => DirectIo::On,
+            m if m == dcp_direct_io::DCP_DIRECT_IO_OFF as i32 => DirectIo::Off,
             other => return Err(invalid(format!("direct I/O mode {other} is not a dcp_direct_io value"))),
         };
         Ok(())
@@ -159,10 +149,8 @@ pub unsafe extern "C" fn dcp_load_options_set_broadcast(opts: *mut dcp_load_opti
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_threads(opts: *mut dcp_load_options, threads: u32) -> dcp_status {
     guard("dcp_load_options_set_threads", || {
-        if !(1..=1024).contains(&threads) {
-            return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
-        }
-        mut_arg(opts, "opts")?.inner.threads = threads as usize;
+        let threads = threads_arg(threads)?;
+        mut_arg(opts, "opts")?.inner.threads = threads;
         Ok(())
     })
 }

@@ -1,5 +1,5 @@
 use super::{
-    bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, guard, guard_void, invalid, mut_arg, ref_arg, str_arg, FfiError, FfiResult,
+    bytes_arg, copy_out, dcp_status, dcp_value_kind, dims_arg, free_box, guard, invalid, mut_arg, ref_arg, str_arg, FfiError, FfiResult,
 };
 use crate::format::metadata::PathPart;
 use crate::format::pyobj::ObjectValue;
@@ -42,11 +42,7 @@ pub unsafe extern "C" fn dcp_state_new(out: *mut *mut dcp_state) -> dcp_status {
 /// Frees a state (not the tensor memory it refers to). NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_state_free(state: *mut dcp_state) {
-    guard_void(|| {
-        if !state.is_null() {
-            drop(Box::from_raw(state));
-        }
-    })
+    free_box(state)
 }
 
 unsafe fn view_arg(
@@ -59,23 +55,35 @@ unsafe fn view_arg(
 ) -> FfiResult<TensorView<'static>> {
     let dtype = DType::try_from(dtype)?;
     let sizes = dims_arg(sizes, ndim, "sizes")?;
-    let strides = if strides.is_null() {
-        None
+    let strides = strides_arg(strides, ndim)?;
+    cpu_view(dtype, &sizes, strides.as_deref(), data, nbytes, ("data", "nbytes"))
+}
+
+/// `ndim` strides in elements; NULL: contiguous (`None`).
+pub(crate) unsafe fn strides_arg(strides: *const i64, ndim: i32) -> FfiResult<Option<Vec<u64>>> {
+    if strides.is_null() {
+        Ok(None)
     } else {
-        Some(dims_arg(strides, ndim, "strides")?)
-    };
-    let nbytes = usize::try_from(nbytes).map_err(|_| invalid("nbytes does not fit in memory"))?;
-    if data.is_null() && sizes.iter().all(|&s| s > 0) {
-        return Err(super::null("data"));
+        Ok(Some(dims_arg(strides, ndim, "strides")?))
     }
-    Ok(TensorView::from_raw(
-        data as *mut u8,
-        nbytes,
-        dtype,
-        &sizes,
-        strides.as_deref(),
-        Device::Cpu,
-    )?)
+}
+
+/// A view of caller CPU memory: `data` of `nbytes` bytes (`names`: how errors call the two
+/// arguments). `data` may be NULL only when the view has no elements.
+pub(crate) unsafe fn cpu_view(
+    dtype: DType,
+    sizes: &[u64],
+    strides: Option<&[u64]>,
+    data: *mut c_void,
+    nbytes: u64,
+    names: (&str, &str),
+) -> FfiResult<TensorView<'static>> {
+    let (data_name, nbytes_name) = names;
+    let nbytes = usize::try_from(nbytes).map_err(|_| invalid(format!("{nbytes_name} does not fit in memory")))?;
+    if data.is_null() && sizes.iter().all(|&s| s > 0) {
+        return Err(super::null(data_name));
+    }
+    Ok(TensorView::from_raw(data as *mut u8, nbytes, dtype, sizes, strides, Device::Cpu)?)
 }
 
 /// `view_arg` with errors prefixed by the key.
@@ -394,13 +402,18 @@ pub unsafe extern "C" fn dcp_state_get_bytes(
 ) -> dcp_status {
     guard("dcp_state_get_bytes", || {
         let v = ref_arg(state, "state")?.inner.object(str_arg(fqn, "fqn")?)?;
-        // `kind` is written with `len`: on success and on a size query (BUFFER_TOO_SMALL).
-        mut_arg(len, "len")?;
-        if let Some(k) = kind.as_mut() {
-            *k = value_kind(v);
-        }
-        copy_out(&object_bytes(v), buf as *mut u8, cap, len)
+        copy_object(v, buf, cap, len, kind)
     })
+}
+
+/// The body of `dcp_state_get_bytes` and `dcp_checkpoint_read_bytes`.
+pub(crate) unsafe fn copy_object(v: &ObjectValue, buf: *mut c_void, cap: usize, len: *mut usize, kind: *mut i32) -> FfiResult {
+    // `kind` is written with `len`: on success and on a size query (BUFFER_TOO_SMALL).
+    mut_arg(len, "len")?;
+    if let Some(k) = kind.as_mut() {
+        *k = value_kind(v);
+    }
+    copy_out(&object_bytes(v), buf as *mut u8, cap, len)
 }
 
 /// Copies a non-tensor value as Python literal text (NUL-terminated; `*len` excludes the NUL

@@ -238,15 +238,8 @@ fn to_safetensors(args: &Args) -> CliResult {
         for &i in &order {
             let p = &plan[i];
             let (dtype, shape, data) = ck.read_tensor(p.fqn).map_err(|e| fail(e.to_string()))?;
-            debug_assert!(dtype == p.src && shape == p.shape);
-            if data.len() as u64 * p.dst.size() as u64 != p.bytes * p.src.size() as u64 {
-                return Err(fail(format!(
-                    "key {:?}: read {} bytes for a tensor of shape {:?}",
-                    p.fqn,
-                    data.len(),
-                    p.shape
-                )));
-            }
+            // read_tensor allocates numel x src.size() bytes; p.bytes is numel x dst.size().
+            debug_assert!(dtype == p.src && shape == p.shape && data.len() as u64 * p.dst.size() as u64 == p.bytes * p.src.size() as u64);
             if p.dst == p.src {
                 w.write_all(&data).map_err(io_err)?;
             } else {

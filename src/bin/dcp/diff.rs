@@ -6,7 +6,6 @@ use crate::args::{CliError, CliResult};
 use crate::cast::{components, int_value};
 use crate::progress::Progress;
 use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue, PyValue};
-use std::collections::{HashMap, HashSet};
 
 pub const HELP: &str = "\
 usage: dcp diff A B
@@ -42,11 +41,6 @@ fn float_str(x: f64) -> String {
     } else {
         format!("{x:e}")
     }
-}
-
-fn shape_str(s: &[u64]) -> String {
-    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
-    format!("[{}]", parts.join(", "))
 }
 
 /// How two equally shaped tensors of one dtype differ.
@@ -104,7 +98,7 @@ fn cannot_compare(fqn: &str, e: &dcp::Error) -> String {
 }
 
 fn tensor_bytes(k: &KeyInfo) -> u64 {
-    k.dtype.map(|d| k.shape.iter().product::<u64>() * d.size() as u64).unwrap_or(0)
+    k.nbytes().unwrap_or(0)
 }
 
 pub fn run(args: crate::args::Args) -> CliResult {
@@ -114,13 +108,9 @@ pub fn run(args: crate::args::Args) -> CliResult {
     let fail = |e: dcp::Error| CliError::fail("diff", e);
     let ca = Checkpoint::open(a).map_err(fail)?;
     let cb = Checkpoint::open(b).map_err(fail)?;
-    let in_a: HashSet<&str> = ca.keys().map(|k| k.fqn).collect();
-    // Checkpoint::find is a linear search: index B once.
-    let b_keys: HashMap<&str, KeyInfo> = cb.keys().map(|k| (k.fqn, k)).collect();
-    let find_b = |fqn: &str| b_keys.get(fqn).cloned();
     let total: u64 = ca
         .keys()
-        .filter_map(|k| find_b(k.fqn).map(|kb| (k, kb)))
+        .filter_map(|k| cb.find(k.fqn).map(|kb| (k, kb)))
         .filter(|(k, kb)| k.kind == KeyKind::Tensor && kb.kind == KeyKind::Tensor && k.dtype_name == kb.dtype_name && k.shape == kb.shape)
         .map(|(k, kb)| tensor_bytes(&k) + tensor_bytes(&kb))
         .sum();
@@ -129,7 +119,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
     let (mut only_a, mut only_b, mut changed, mut equal) = (0, 0, 0, 0);
     for ka in ca.keys() {
         let fqn = ka.fqn;
-        let Some(kb) = find_b(fqn) else {
+        let Some(kb) = cb.find(fqn) else {
             bar.println(&format!("only in A: {fqn}"));
             only_a += 1;
             continue;
@@ -141,7 +131,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
                     what.push(format!("dtype {} (A) vs {} (B)", ka.dtype_name, kb.dtype_name));
                 }
                 if ka.shape != kb.shape {
-                    what.push(format!("shape {} (A) vs {} (B)", shape_str(ka.shape), shape_str(kb.shape)));
+                    what.push(format!("shape {:?} (A) vs {:?} (B)", ka.shape, kb.shape));
                 }
                 if !what.is_empty() {
                     Some(format!("differs: {fqn}: {}", what.join(", ")))
@@ -176,7 +166,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
         }
     }
     for kb in cb.keys() {
-        if !in_a.contains(kb.fqn) {
+        if ca.find(kb.fqn).is_none() {
             bar.println(&format!("only in B: {}", kb.fqn));
             only_b += 1;
         }

@@ -6,7 +6,7 @@ use crate::args::{Args, CliError, CliResult};
 use crate::progress::{human_bytes, stderr_is_terminal, Progress};
 use dcp::format::json;
 use dcp::format::safetensors::{header_len, parse_header};
-use dcp::{Context, Device, SaveOptions, State, TensorView};
+use dcp::{Context, Device, ErrorKind, SaveOptions, State, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,13 +159,6 @@ pub fn run(args: &Args) -> CliResult {
         return Err(fail("the input files hold no tensors"));
     }
     let overwrite = args.flag("overwrite");
-    let committed = Path::new(out).join(".metadata").exists();
-    if committed && !overwrite {
-        return Err(fail(format!(
-            "a checkpoint already exists at {out} (use --overwrite to replace it)"
-        )));
-    }
-
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = (stderr_is_terminal() && bytes_written().is_some()).then(|| {
         let stop = stop.clone();
@@ -187,7 +180,11 @@ pub fn run(args: &Args) -> CliResult {
     if let Some(w) = watcher {
         let _ = w.join();
     }
-    saved.map_err(fail)?;
+    saved.map_err(|e| match e.kind() {
+        // Without overwrite the engine refuses a committed checkpoint at `out`.
+        ErrorKind::AlreadyExists => fail(format!("a checkpoint already exists at {out} (use --overwrite to replace it)")),
+        _ => fail(e),
+    })?;
     drop(state);
     drop(maps);
     println!(

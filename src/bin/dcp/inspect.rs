@@ -4,7 +4,6 @@
 use crate::args::{CliError, CliResult};
 use crate::progress::human_bytes;
 use dcp::format::json::quote;
-use dcp::format::metadata::StorageInfo;
 use dcp::{Checkpoint, KeyKind};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -45,11 +44,6 @@ struct FileRow {
     size: Option<u64>,
 }
 
-fn shape_str(s: &[u64]) -> String {
-    let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
-    format!("[{}]", parts.join(", "))
-}
-
 fn json_list(s: &[u64]) -> String {
     let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
     format!("[{}]", parts.join(","))
@@ -68,11 +62,9 @@ pub fn run(args: crate::args::Args) -> CliResult {
     };
     let ck = Checkpoint::open(dir).map_err(|e| CliError::fail("inspect", e))?;
     let md = ck.metadata();
-    let mut storage: HashMap<(&str, Option<&[u64]>), &StorageInfo> = HashMap::new();
     let mut per_key: HashMap<&str, u64> = HashMap::new();
     let mut files: BTreeMap<&str, FileRow> = BTreeMap::new();
     for (idx, info) in &md.storage {
-        storage.insert((&idx.fqn, idx.offset.as_deref()), info);
         *per_key.entry(&idx.fqn).or_default() += info.length;
         let f = files.entry(&info.relative_path).or_default();
         f.items += 1;
@@ -95,7 +87,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
             shape: k.shape,
             chunks: k.chunks,
             bytes: match k.kind {
-                KeyKind::Tensor => k.dtype.map(|d| k.shape.iter().product::<u64>() * d.size() as u64),
+                KeyKind::Tensor => k.nbytes(),
                 KeyKind::Object => per_key.get(k.fqn).copied(),
             },
             stored: per_key.get(k.fqn).copied().unwrap_or(0),
@@ -108,34 +100,54 @@ pub fn run(args: crate::args::Args) -> CliResult {
         r.1 += f.items;
         r.2 += f.stored;
     }
-    let writer = ck.sidecar().map(|s| s.writer.clone()).unwrap_or_else(|| "torch".to_string());
-    let chunks = args.flag("chunks");
-    let chunk_storage = |fqn: &str, off: &[u64]| storage.get(&(fqn, Some(off))).copied();
-    let cs: Option<&ChunkStorage> = if chunks { Some(&chunk_storage) } else { None };
-    let out = if args.flag("json") {
-        to_json(&ck, dir, &writer, &rows, &files, &ranks, cs)
-    } else {
-        to_text(&ck, dir, &writer, &rows, &files, &ranks, cs)
+    let tensors = rows.iter().filter(|r| r.kind == KeyKind::Tensor).count();
+    let report = Report {
+        ck: &ck,
+        dir,
+        writer: ck.sidecar().map(|s| s.writer.clone()).unwrap_or_else(|| "torch".to_string()),
+        tensors,
+        tensor_bytes: rows.iter().filter(|r| r.kind == KeyKind::Tensor).filter_map(|r| r.bytes).sum(),
+        stored: files.values().map(|f| f.stored).sum(),
+        rows,
+        files,
+        ranks,
+        chunks: args.flag("chunks"),
     };
+    let out = if args.flag("json") { to_json(&report) } else { to_text(&report) };
     print!("{out}");
     Ok(())
 }
 
-type ChunkStorage<'a> = dyn Fn(&str, &[u64]) -> Option<&'a StorageInfo> + 'a;
+/// What `inspect` prints, as text or JSON.
+struct Report<'c> {
+    ck: &'c Checkpoint,
+    dir: &'c str,
+    writer: String,
+    rows: Vec<KeyRow<'c>>,
+    files: BTreeMap<&'c str, FileRow>,
+    ranks: BTreeMap<Option<u64>, (u64, u64, u64)>,
+    /// List every chunk with where it is stored (`--chunks`).
+    chunks: bool,
+    tensors: usize,
+    tensor_bytes: u64,
+    stored: u64,
+}
 
-fn to_text(
-    ck: &Checkpoint,
-    dir: &str,
-    writer: &str,
-    rows: &[KeyRow],
-    files: &BTreeMap<&str, FileRow>,
-    ranks: &BTreeMap<Option<u64>, (u64, u64, u64)>,
-    chunk_storage: Option<&ChunkStorage>,
-) -> String {
+fn to_text(report: &Report) -> String {
+    let Report {
+        ck,
+        dir,
+        ref writer,
+        ref rows,
+        ref files,
+        ref ranks,
+        chunks,
+        tensors,
+        tensor_bytes,
+        stored,
+    } = *report;
     let md = ck.metadata();
     let mut o = String::new();
-    let tensors = rows.iter().filter(|r| r.kind == KeyKind::Tensor).count();
-    let tensor_bytes: u64 = rows.iter().filter(|r| r.kind == KeyKind::Tensor).filter_map(|r| r.bytes).sum();
     let _ = writeln!(o, "checkpoint  {dir}");
     let mut w = format!("{writer} (metadata version {}", md.version.as_deref().unwrap_or("unknown"));
     if let Some(sc) = ck.sidecar() {
@@ -149,7 +161,6 @@ fn to_text(
         human_bytes(tensor_bytes),
         rows.len() - tensors
     );
-    let stored: u64 = files.values().map(|f| f.stored).sum();
     let nf = files.len();
     let _ = writeln!(
         o,
@@ -166,7 +177,7 @@ fn to_text(
                 r.fqn.to_string(),
                 "tensor".into(),
                 r.dtype.to_string(),
-                shape_str(r.shape),
+                format!("{:?}", r.shape),
                 r.chunks.len().to_string(),
                 r.bytes.map(human_bytes).unwrap_or_else(|| "?".into()),
             ],
@@ -211,12 +222,13 @@ fn to_text(
     for (row, r) in table.iter().zip(rows) {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         let _ = writeln!(o, "{}", line(&cells));
-        if let Some(cs) = chunk_storage {
+        if chunks {
             for c in r.chunks {
-                let at = cs(r.fqn, &c.offsets)
+                let at = ck
+                    .storage_info(r.fqn, Some(&c.offsets))
                     .map(|s| format!("{} at {} (+{})", s.relative_path, s.offset, s.length))
                     .unwrap_or_else(|| "no storage entry".into());
-                let _ = writeln!(o, "    chunk offsets {} sizes {}: {at}", shape_str(&c.offsets), shape_str(&c.sizes));
+                let _ = writeln!(o, "    chunk offsets {:?} sizes {:?}: {at}", c.offsets, c.sizes);
             }
         }
     }
@@ -242,15 +254,19 @@ fn to_text(
     o
 }
 
-fn to_json(
-    ck: &Checkpoint,
-    dir: &str,
-    writer: &str,
-    rows: &[KeyRow],
-    files: &BTreeMap<&str, FileRow>,
-    ranks: &BTreeMap<Option<u64>, (u64, u64, u64)>,
-    chunk_storage: Option<&ChunkStorage>,
-) -> String {
+fn to_json(report: &Report) -> String {
+    let Report {
+        ck,
+        dir,
+        ref writer,
+        ref rows,
+        ref files,
+        ref ranks,
+        chunks,
+        tensors,
+        tensor_bytes,
+        stored,
+    } = *report;
     let md = ck.metadata();
     let opt_str = |s: Option<&str>| s.map(quote).unwrap_or_else(|| "null".into());
     let opt_num = |n: Option<u64>| n.map(|v| v.to_string()).unwrap_or_else(|| "null".into());
@@ -278,14 +294,14 @@ fn to_json(
             o.push_str(", \"dtype\": null, \"shape\": null, \"chunks\": null");
         }
         let _ = write!(o, ", \"bytes\": {}, \"stored_bytes\": {}", opt_num(r.bytes), r.stored);
-        if let (Some(cs), KeyKind::Tensor) = (chunk_storage, r.kind) {
+        if chunks && r.kind == KeyKind::Tensor {
             o.push_str(", \"chunk_list\": [");
             for (j, c) in r.chunks.iter().enumerate() {
                 if j > 0 {
                     o.push_str(", ");
                 }
                 let _ = write!(o, "{{\"offsets\": {}, \"sizes\": {}", json_list(&c.offsets), json_list(&c.sizes));
-                match cs(r.fqn, &c.offsets) {
+                match ck.storage_info(r.fqn, Some(&c.offsets)) {
                     Some(s) => {
                         let _ = write!(
                             o,
@@ -324,14 +340,13 @@ fn to_json(
             opt_num(*rank)
         );
     }
-    let tensors = rows.iter().filter(|r| r.kind == KeyKind::Tensor).count();
     let _ = write!(
         o,
         "\n  ],\n  \"totals\": {{\"keys\": {}, \"tensors\": {tensors}, \"objects\": {}, \"tensor_bytes\": {}, \"stored_bytes\": {}, \"files\": {}}}\n}}\n",
         rows.len(),
         rows.len() - tensors,
-        rows.iter().filter(|r| r.kind == KeyKind::Tensor).filter_map(|r| r.bytes).sum::<u64>(),
-        files.values().map(|f| f.stored).sum::<u64>(),
+        tensor_bytes,
+        stored,
         files.len()
     );
     o
