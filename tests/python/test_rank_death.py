@@ -60,9 +60,14 @@ class RankDeath(unittest.TestCase):
         # A checkpoint for the load scenarios, saved by 3 ranks.
         cls.ckpt = os.path.join(cls.tmp, "ckpt")
         port = free_port()
-        pids = [fork(lambda r=r: cls.save_rank(r, port, cls.ckpt, None)) for r in range(WORLD)]
+        res = [os.path.join(cls.tmp, f"fixture-{r}") for r in range(WORLD)]
+        pids = [fork(lambda r=r: cls.save_rank(r, port, cls.ckpt, res[r])) for r in range(WORLD)]
         st = reap(pids, time.monotonic() + 120)
         assert all(v == 0 for v in st.values()), st
+        for f in res:
+            text = read(f) if os.path.exists(f) else "no result"
+            assert text == "ok", f"the fixture save failed: {text}"
+            os.remove(f)
 
     @classmethod
     def tearDownClass(cls):
