@@ -316,6 +316,13 @@ class KeyInfo(ctypes.Structure):
                 ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)), ("num_chunks", ctypes.c_size_t)]
 
 
+def poison(t):
+    """Fills a contiguous tensor's bytes with 0xA5 (any dtype and device, 0-d and empty too), so
+    that a load that writes nothing into it cannot pass for a correct one; returns it."""
+    t.view(-1).view(torch.uint8).fill_(0xA5)
+    return t
+
+
 class Checkpoint:
     def __init__(self, path):
         self.h = ctypes.c_void_p()
@@ -337,7 +344,7 @@ class Checkpoint:
 
     def read_tensor(self, fqn, like, offsets=None):
         """Reads into a fresh tensor shaped like `like` (dtype and box sizes); offsets default 0."""
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        out = poison(torch.empty_like(like, memory_format=torch.contiguous_format))
         offs = offsets or [0] * out.dim()
         check(lib().dcp_checkpoint_read_tensor(self.h, fqn.encode(), out.dim(), _dims(offs), _dims(list(out.shape)), None,
                                                ctypes.c_void_p(out.data_ptr()), ctypes.c_uint64(out.numel() * out.element_size())))
