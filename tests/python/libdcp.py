@@ -316,6 +316,16 @@ class KeyInfo(ctypes.Structure):
                 ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)), ("num_chunks", ctypes.c_size_t)]
 
 
+def append_figures(lines):
+    """Prints a table of figures (lines of text) and appends it to the file $DCP_FIGURES names,
+    where scripts/test.sh collects the reliability tables."""
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if os.environ.get("DCP_FIGURES"):
+        with open(os.environ["DCP_FIGURES"], "a") as f:
+            f.write(text + "\n")
+
+
 def poison(t):
     """Fills a contiguous tensor's bytes with 0xA5 (any dtype and device, 0-d and empty too), so
     that a load that writes nothing into it cannot pass for a correct one; returns it."""

@@ -269,11 +269,7 @@ class CrashConsistency(unittest.TestCase):
             total = sum(r[1] for r in TABLE)
             lines.append(f"{'total':<44} {total:>6} {sum(r[2] for r in TABLE):>9} {sum(r[3] for r in TABLE):>8} "
                          f"{sum(r[4] for r in TABLE):>5}  no mixed or broken loads")
-            text = "\n".join(lines)
-            print(text, flush=True)
-            if os.environ.get("DCP_FIGURES"):
-                with open(os.environ["DCP_FIGURES"], "a") as f:
-                    f.write(text + "\n")
+            L.append_figures(lines)
 
     @classmethod
     def run_save(cls, path, v, overwrite=False, world=1):
