@@ -326,6 +326,33 @@ def append_figures(lines):
             f.write(text + "\n")
 
 
+def raw_bytes(t):
+    """The tensor's elements, in logical (row-major) order, as uint8."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def find_in_files(d, needle, limit=-1):
+    """(path, offset) of `needle` in the checkpoint's data files (searching the first `limit` bytes)."""
+    for name in sorted(os.listdir(d)):
+        if name.startswith("."):
+            continue
+        p = os.path.join(d, name)
+        with open(p, "rb") as f:
+            data = f.read(limit)
+        i = data.find(needle)
+        if i >= 0:
+            return p, i
+    raise AssertionError(f"pattern not found in {d}")
+
+
+def xor_byte(path, offset, mask=0x01):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
 def poison(t):
     """Fills a contiguous tensor's bytes with 0xA5 (any dtype and device, 0-d and empty too), so
     that a load that writes nothing into it cannot pass for a correct one; returns it."""
