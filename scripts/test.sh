@@ -13,6 +13,16 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 failed=()
 T0=$(date +%s)
 
+# ", N skipped" when the log shows skipped tests: unittest's "OK (skipped=N)" summaries, and the
+# "SKIPPED: why" lines that the scripts print for a check they could not run.
+skipped_in() {
+    local n
+    n=$(awk '/^(OK|FAILED) \(.*skipped=[0-9]+/ { match($0, /skipped=[0-9]+/); n += substr($0, RSTART + 8, RLENGTH - 8) }
+             /SKIPPED: / { n++ }
+             END { print n + 0 }' "$1")
+    if [ "$n" -gt 0 ]; then echo ", $n skipped"; fi
+}
+
 run_step() {
     local name="$1"
     shift
@@ -20,7 +30,7 @@ run_step() {
     local t=$(date +%s)
     printf '%-62s' "$name ..."
     if "$@" >"$log" 2>&1; then
-        echo "ok ($(($(date +%s) - t)) s)"
+        echo "ok ($(($(date +%s) - t)) s$(skipped_in "$log"))"
     else
         echo "FAILED ($(($(date +%s) - t)) s)"
         tail -n 60 "$log" | sed 's/^/    /'
@@ -28,14 +38,20 @@ run_step() {
     fi
 }
 
+# Functions run by run_step are called as an `if` condition, where `set -e` is off: every
+# command whose failure must fail the step ends in `|| return 1`.
 mpi_example() {
-    mkdir -p build
+    mkdir -p build || return 1
     mpicc -std=c11 -Wall -Wextra -Werror -Iinclude examples/mpi_save_load.c -o build/mpi_save_load \
-        -Ltarget/release -ldcp -Wl,-rpath,"$ROOT/target/release" -lm
-    local d
-    d="$(mktemp -d)"
+        -Ltarget/release -ldcp -Wl,-rpath,"$ROOT/target/release" -lm || return 1
+    local d n
+    d="$(mktemp -d)" || return 1
     for n in 4 3; do
-        timeout 300 mpirun --oversubscribe -np "$n" build/mpi_save_load "$d/ckpt"
+        timeout 300 mpirun --oversubscribe -np "$n" build/mpi_save_load "$d/ckpt" || {
+            echo "mpi_example: mpirun -np $n failed"
+            rm -rf "$d"
+            return 1
+        }
     done
     rm -rf "$d"
 }
@@ -52,7 +68,7 @@ cli_tests() {
         DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
 }
 
-run_step "setup: OpenMPI, valgrind, cmake, Python venv with torch" bash -c "source scripts/setup.sh && setup_system && setup_venv"
+run_step "setup: OpenMPI, valgrind, cmake, Python venv with torch" bash -c "source scripts/setup.sh; setup_system; setup_venv"
 run_step "cargo build --release" cargo build --release
 run_step "cargo test (units, header is current, round trips, plan cache)" cargo test --release
 run_step "C API tests, C++ header, valgrind, C example" scripts/c-tests.sh

@@ -312,6 +312,9 @@ fn run_mode(name: &str, dir: &Path, keys: &[Key], with_sidecar: bool, per_class:
             t.trials += 1;
             t.verify_flagged += !report_v.is_ok() as usize;
             let what = format!("{name}: {} byte {at} of {file} ^= {mask:#04x}", class.label());
+            if class.is_payload() && report_v.is_ok() {
+                failures.push(format!("{what}: dcp verify passes it"));
+            }
             match loaded {
                 Ok(true) => {
                     t.exact += 1;

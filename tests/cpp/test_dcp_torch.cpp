@@ -66,6 +66,14 @@ static at::Tensor random_tensor(at::ScalarType t, std::vector<int64_t> shape, in
     return bytes.view(t);
 }
 
+/** A tensor of bytes 0xA5 (a load that writes nothing into it cannot pass), any dtype and device:
+ *  made as bytes and viewed, since CUDA has no fill kernels for some dtypes (uint16/32/64). */
+static at::Tensor poisoned(std::vector<int64_t> shape, at::ScalarType t, const at::Device &device) {
+    std::vector<int64_t> bshape = shape;
+    bshape.back() *= static_cast<int64_t>(c10::elementSize(t));
+    return at::full(bshape, 0xA5, at::TensorOptions().dtype(at::kByte).device(device)).view(t);
+}
+
 static void test_dtypes(const at::Device &device) {
     const std::vector<at::ScalarType> types = {
         at::kFloat, at::kDouble, at::kHalf, at::kBFloat16, at::kFloat8_e4m3fn, at::kFloat8_e5m2, at::kLong, at::kInt, at::kShort,
@@ -96,11 +104,9 @@ static void test_dtypes(const at::Device &device) {
     std::vector<at::Tensor> got, got_t, got_e;
     for (size_t i = 0; i < types.size(); ++i) {
         std::string name = c10::toString(types[i]);
-        // at::empty: CUDA has no fill kernels for some of these dtypes (uint16/32/64); the load
-        // writes every element anyway.
-        got.push_back(at::empty({10, 6}, at::TensorOptions().dtype(types[i]).device(device)).t());
-        got_t.push_back(at::empty({6, 10}, at::TensorOptions().dtype(types[i]).device(device)));
-        got_e.push_back(at::empty({6, 3}, at::TensorOptions().dtype(types[i]).device(device)));
+        got.push_back(poisoned({10, 6}, types[i], device).t());
+        got_t.push_back(poisoned({6, 10}, types[i], device));
+        got_e.push_back(poisoned({6, 3}, types[i], device));
         dcp::add_tensor(ld, "plain." + name, got.back());
         dcp::add_tensor(ld, "transposed." + name, got_t.back());
         dcp::add_tensor(ld, "every3." + name, got_e.back());
@@ -118,7 +124,7 @@ static void test_dtypes(const at::Device &device) {
     // A box of a saved tensor (add_tensor_chunk), and a shard over a 1-rank mesh.
     at::Tensor box = at::zeros({2, 4}, at::TensorOptions().dtype(at::kFloat).device(device));
     auto mesh = std::make_shared<dcp::Mesh>(ctx, std::vector<int64_t>{1});
-    at::Tensor shard = at::empty({6, 10}, at::TensorOptions().dtype(at::kInt).device(device));
+    at::Tensor shard = poisoned({6, 10}, at::kInt, device);
     dcp::State part;
     dcp::add_tensor_chunk(part, "plain.Float", box, {6, 10}, {3, 5});
     dcp::add_tensor_sharded(part, "plain.Int", shard, {6, 10}, *mesh, {dcp::Shard(0)});

@@ -73,19 +73,17 @@ def worker_load(rank, world, port, path, spec_keys):
         shape, dtype = SPEC[k]
         full = value(k, shape, dtype)
         if len(shape) == 0:
-            buf = torch.empty((), dtype=dtype, device="cuda")
+            buf = L.poison(torch.empty((), dtype=dtype, device="cuda"))
             st.add_tensor_any(k, buf)
             want[k] = (buf, full)
             continue
         off, rows = shard0(shape, rank, world)
         if k == "model.uneven":
             # A transposed destination on the GPU: stored (257, rows) and seen as (rows, 257).
-            store = torch.empty((shape[1], rows), dtype=dtype, device="cuda")
+            store = L.poison(torch.empty((shape[1], rows), dtype=dtype, device="cuda"))
             buf = store.t()
         else:
-            buf = torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device="cuda")
-        if buf.numel() and dtype.is_floating_point:
-            buf.fill_(float("nan")) if dtype != torch.float8_e4m3fn else buf.view(torch.uint8).fill_(0x7F)
+            buf = L.poison(torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device="cuda"))
         st.add_tensor_any(k, buf, global_shape=list(shape), offsets=[off] + [0] * (len(shape) - 1))
         want[k] = (buf, full[off:off + rows])
     L.load(ctx, st, path)
@@ -148,7 +146,7 @@ class Gpu(unittest.TestCase):
             run_workers(world, self.path, list(SPEC))
         # torch reads what libdcp wrote from GPU memory.
         import torch.distributed.checkpoint as dcp
-        sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in tensors.items()}
+        sd = {k: L.poison(torch.empty(v.shape, dtype=v.dtype)) for k, v in tensors.items()}
         dcp.load(sd, checkpoint_id=self.path)
         for k, v in tensors.items():
             a, b = sd[k].contiguous().reshape(-1), v.cpu().contiguous().reshape(-1)
@@ -166,6 +164,10 @@ class Gpu(unittest.TestCase):
                 t.add_(1.0)
             elif t.numel() and t.dtype == torch.int64:
                 t.add_(7)
+            elif t.dtype == torch.bool:
+                t.logical_not_()
+            elif t.dtype == torch.float8_e4m3fn:
+                t.view(torch.uint8).bitwise_xor_(1)
         f.wait()
         run_workers(1, self.path, list(SPEC))
         pinned, _ = ctx.staging_bytes()

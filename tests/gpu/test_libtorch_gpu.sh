@@ -74,17 +74,59 @@ mkdir -p "$SCRATCH/hpp" "$SCRATCH/torch"
 "$BIN/test_dcp_hpp" "$SCRATCH/hpp" | tail -1
 "$BIN/test_dcp_torch" "$SCRATCH/torch"
 
+# Two checkpoints hold the same keys, the same tensor bytes and the same other values (read by
+# torch's own DCP reader).
+same_checkpoint() {
+    "$PY" - "$1" "$2" "$SCRATCH" <<'EOF'
+import os, sys, warnings
+import torch
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+warnings.filterwarnings("ignore")
+
+def flat(d, name):
+    f = os.path.join(sys.argv[3], name + ".pt")
+    dcp_to_torch_save(d, f)
+    return flatten_state_dict(torch.load(f, weights_only=False))[0]
+
+a, b = flat(sys.argv[1], "a"), flat(sys.argv[2], "b")
+assert sorted(a) == sorted(b), f"keys differ: {sorted(set(a) ^ set(b))}"
+n = 0
+for k, v in a.items():
+    if torch.is_tensor(v):
+        w = b[k]
+        assert (v.dtype, v.shape) == (w.dtype, w.shape), f"{k}: {v.dtype} {v.shape} vs {w.dtype} {w.shape}"
+        same = torch.equal(v.contiguous().reshape(-1).view(torch.uint8), w.contiguous().reshape(-1).view(torch.uint8))
+        assert same, f"{k}: the bytes differ"
+        n += 1
+    else:
+        assert v == b[k], f"{k}: {v!r} vs {b[k]!r}"
+assert n > 0, "no tensors compared"
+print(f"{sys.argv[2]}: {n} tensors bit-identical to {sys.argv[1]}")
+EOF
+}
+
 export CUBLAS_WORKSPACE_CONFIG=:4096:8
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     T0=$(t)
     "$BIN/libtorch_train" --device cuda --steps 12 --save-at 5 --save "$SCRATCH/cuda-ckpt" >"$SCRATCH/full.txt"
     "$BIN/libtorch_train" --device cuda --steps 12 --resume "$SCRATCH/cuda-ckpt" >"$SCRATCH/resumed.txt"
+    # 12 losses, the last 7 (steps 5..11) identical after the resume.
+    if [ "$(grep -c '^step ' "$SCRATCH/full.txt")" -ne 12 ] || [ "$(grep -c '^step ' "$SCRATCH/resumed.txt")" -ne 7 ]; then
+        echo "FAILED: expected 12 and 7 loss lines, got:" >&2
+        cat "$SCRATCH/full.txt" "$SCRATCH/resumed.txt" >&2
+        exit 1
+    fi
     if ! diff <(tail -n 7 "$SCRATCH/full.txt") "$SCRATCH/resumed.txt"; then
         echo "FAILED: CUDA resume differs from the uninterrupted run" >&2
         exit 1
     fi
-    # The CUDA checkpoint resumes on CPU too (the arithmetic differs there, so no comparison).
-    "$BIN/libtorch_train" --device cpu --steps 8 --resume "$SCRATCH/cuda-ckpt" >/dev/null
+    # The CUDA checkpoint resumes on CPU too: saved again at once from CPU memory, it holds the
+    # same bytes; training on runs (its arithmetic differs from CUDA's, so no loss comparison).
+    "$BIN/libtorch_train" --device cpu --steps 5 --resume "$SCRATCH/cuda-ckpt" --save-at 5 --save "$SCRATCH/cpu-ckpt" >/dev/null
+    same_checkpoint "$SCRATCH/cuda-ckpt" "$SCRATCH/cpu-ckpt"
+    "$BIN/libtorch_train" --device cpu --steps 8 --resume "$SCRATCH/cuda-ckpt" >"$SCRATCH/cpu.txt"
+    [ "$(grep -c '^step ' "$SCRATCH/cpu.txt")" -eq 3 ] || { echo "FAILED: the CPU resume trained no steps 5..7" >&2; exit 1; }
     echo "libtorch_train --device cuda: resumed losses of steps 5..11 bit-identical ($(($(t) - T0)) s)"
     sed 's/^/    /' "$SCRATCH/resumed.txt"
 else

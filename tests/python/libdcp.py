@@ -316,6 +316,50 @@ class KeyInfo(ctypes.Structure):
                 ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)), ("num_chunks", ctypes.c_size_t)]
 
 
+def append_figures(lines):
+    """Prints a table of figures (lines of text) and appends it to the file $DCP_FIGURES names,
+    where scripts/test.sh collects the reliability tables."""
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if os.environ.get("DCP_FIGURES"):
+        with open(os.environ["DCP_FIGURES"], "a") as f:
+            f.write(text + "\n")
+
+
+def raw_bytes(t):
+    """The tensor's elements, in logical (row-major) order, as uint8."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def find_in_files(d, needle, limit=-1):
+    """(path, offset) of `needle` in the checkpoint's data files (searching the first `limit` bytes)."""
+    for name in sorted(os.listdir(d)):
+        if name.startswith("."):
+            continue
+        p = os.path.join(d, name)
+        with open(p, "rb") as f:
+            data = f.read(limit)
+        i = data.find(needle)
+        if i >= 0:
+            return p, i
+    raise AssertionError(f"pattern not found in {d}")
+
+
+def xor_byte(path, offset, mask=0x01):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
+def poison(t):
+    """Fills a contiguous tensor's bytes with 0xA5 (any dtype and device, 0-d and empty too), so
+    that a load that writes nothing into it cannot pass for a correct one; returns it."""
+    t.view(-1).view(torch.uint8).fill_(0xA5)
+    return t
+
+
 class Checkpoint:
     def __init__(self, path):
         self.h = ctypes.c_void_p()
@@ -337,7 +381,7 @@ class Checkpoint:
 
     def read_tensor(self, fqn, like, offsets=None):
         """Reads into a fresh tensor shaped like `like` (dtype and box sizes); offsets default 0."""
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        out = poison(torch.empty_like(like, memory_format=torch.contiguous_format))
         offs = offsets or [0] * out.dim()
         check(lib().dcp_checkpoint_read_tensor(self.h, fqn.encode(), out.dim(), _dims(offs), _dims(list(out.shape)), None,
                                                ctypes.c_void_p(out.data_ptr()), ctypes.c_uint64(out.numel() * out.element_size())))

@@ -44,9 +44,11 @@ def _entry(q, rank, world, port, fn, args):
         os._exit(0)
 
 
-def run(world, fn, *args, timeout=180):
+def run(world, fn, *args, timeout=180, may_vanish=()):
     """Runs fn(rank, world, port, *args) in `world` forked processes; returns [result per rank]
-    (None for a rank that exited without one) or raises with every failing rank's traceback."""
+    or raises with every failing rank's traceback. A rank that exits without a result, or with a
+    non-zero exit status (a signal included), fails the run unless it is in `may_vanish`; such a
+    rank's result is None."""
     import queue
     import time
 
@@ -59,7 +61,7 @@ def run(world, fn, *args, timeout=180):
     procs = [ctx.Process(target=_entry, args=(q, r, world, port, fn, args)) for r in range(world)]
     for p in procs:
         p.start()
-    results, errors = {}, {}
+    results, errors, no_result = {}, {}, set()
     deadline = time.monotonic() + timeout
     try:
         while len(results) + len(errors) < world:
@@ -78,12 +80,20 @@ def run(world, fn, *args, timeout=180):
                         rank, status, value = q.get(timeout=1.0)
                         (results if status == "ok" else errors)[rank] = value
                     except queue.Empty:
+                        no_result.add(r)
                         results[r] = None
     finally:
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=30)
+    for r, p in enumerate(procs):
+        if r in may_vanish or r in errors:
+            continue
+        if r in no_result or p.exitcode != 0:
+            why = "without a result" if r in no_result else "after its result"
+            errors[r] = f"rank {r} exited {why}, exit code {p.exitcode} (a negative code is a signal)\n"
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
     return [results[r] for r in range(world)]

@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
 
+from libdcp import find_in_files, raw_bytes, xor_byte  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DCP = os.environ.get("DCP_BIN") or os.path.join(ROOT, "target", "release", "dcp")
 FLOATS = {torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
@@ -46,13 +48,9 @@ def ok(*args):
     return r
 
 
-def bits(t):
-    """The tensor's bytes in logical order (bitwise comparison for any dtype, NaN included)."""
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+    """Same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw_bytes(a), raw_bytes(b))
 
 
 class Model(nn.Module):
@@ -180,14 +178,10 @@ class Cli(unittest.TestCase):
         bad = self.sub("flipped")
         shutil.copytree(self.path, bad)
         key = "model.net.0.weight"
-        data_file = os.path.join(bad, "__0_0.distcp")
-        with open(data_file, "rb") as f:
-            blob = f.read()
-        at = blob.find(self.tensors[key].numpy().tobytes())
+        data_file, at = find_in_files(bad, self.tensors[key].numpy().tobytes())
+        self.assertEqual(os.path.basename(data_file), "__0_0.distcp")
         self.assertGreater(at, 0)
-        with open(data_file, "r+b") as f:
-            f.seek(at + 17)
-            f.write(bytes([blob[at + 17] ^ 0x20]))
+        xor_byte(data_file, at + 17, 0x20)
         # torch's own loader does not notice.
         loaded = {key: torch.zeros_like(self.tensors[key])}
         dcp.load(loaded, checkpoint_id=bad)

@@ -4,7 +4,8 @@ Every trial saves version v of a ~100 MB state (11 float32 tensors, a bf16 one, 
 objects) in forked processes and kills them: after a random delay drawn over the whole save
 (calibrated from a complete save), or right after a file-system event of the commit protocol
 (inotify: a data file created or closed, `.libdcp.tmp` created, `.libdcp` renamed into place,
-`.metadata.tmp` created, `.metadata` renamed or, when overwriting, deleted). Then, in this
+`.metadata.tmp` created, `.metadata` hard-linked into a new directory or, when overwriting,
+deleted or renamed into place; a trial whose event never comes fails). Then, in this
 process:
 
 - the previous checkpoint (another directory, saved before the trials) loads bit-exact;
@@ -268,11 +269,7 @@ class CrashConsistency(unittest.TestCase):
             total = sum(r[1] for r in TABLE)
             lines.append(f"{'total':<44} {total:>6} {sum(r[2] for r in TABLE):>9} {sum(r[3] for r in TABLE):>8} "
                          f"{sum(r[4] for r in TABLE):>5}  no mixed or broken loads")
-            text = "\n".join(lines)
-            print(text, flush=True)
-            if os.environ.get("DCP_FIGURES"):
-                with open(os.environ["DCP_FIGURES"], "a") as f:
-                    f.write(text + "\n")
+            L.append_figures(lines)
 
     @classmethod
     def run_save(cls, path, v, overwrite=False, world=1):
@@ -304,11 +301,12 @@ class CrashConsistency(unittest.TestCase):
         t0 = time.monotonic()
         pids = [save_proc(path, v, overwrite, res[r], r, world, port) for r in range(world)]
         victims = kill[-1]
+        seen = True
         try:
             if kill[0] == "delay":
                 time.sleep(max(0.0, t0 + kill[1] - time.monotonic()))
             else:
-                watch.wait_for(kill[1], kill[2], t0 + 60)
+                seen = watch.wait_for(kill[1], kill[2], t0 + 60)
             for r in victims:
                 try:
                     os.kill(pids[r], signal.SIGKILL)
@@ -318,6 +316,8 @@ class CrashConsistency(unittest.TestCase):
             if watch:
                 watch.close()
         statuses = reap(pids, time.monotonic() + TIMEOUT_S + 15)
+        # Without the event, the kill came after the save and the trial tested nothing.
+        self.assertTrue(seen, f"no {kill[1]} event for {kill[2]} within 60 s of the save's start")
         out = {}
         for r in range(world):
             if r in victims:
@@ -360,7 +360,7 @@ class CrashConsistency(unittest.TestCase):
     # --- scenarios ----------------------------------------------------------------------------
     def test_1_new_directory(self):
         events = [("create", "__0_0.distcp"), ("close", "__0_0.distcp"), ("create", ".libdcp.tmp"),
-                  ("moved_to", ".libdcp"), ("create", ".metadata.tmp"), ("moved_to", ".metadata")]
+                  ("moved_to", ".libdcp"), ("create", ".metadata.tmp"), ("create", ".metadata")]
         kills = self.plan(int(24 * SCALE), 1, events, [0])
         counts = {"committed": 0, "refused": 0}
         for i, kill in enumerate(kills):
@@ -400,7 +400,7 @@ class CrashConsistency(unittest.TestCase):
                       "old = still the previous version"))
 
     def test_3_multirank_all_killed(self):
-        events = [("create", "__1_0.distcp"), ("create", ".libdcp.tmp"), ("moved_to", ".libdcp"), ("moved_to", ".metadata")]
+        events = [("create", "__1_0.distcp"), ("create", ".libdcp.tmp"), ("moved_to", ".libdcp"), ("create", ".metadata")]
         counts = {"committed": 0, "refused": 0}
         n = 0
         for world, n_delay in ((2, int(6 * SCALE)), (3, int(6 * SCALE))):

@@ -133,11 +133,7 @@ class DiskFull(unittest.TestCase):
                      f"{'file system':<12} {'room left':>10}  {'ENOSPC on':<18} {'status':<20} outcome"]
             for r in ROWS:
                 lines.append(f"{r[0]:<12} {r[1]:>10}  {r[2]:<18} {r[3]:<20} {r[4]}")
-            text = "\n".join(lines)
-            print(text, flush=True)
-            if os.environ.get("DCP_FIGURES"):
-                with open(os.environ["DCP_FIGURES"], "a") as f:
-                    f.write(text + "\n")
+            L.append_figures(lines)
 
     def one_case(self, fs, kind, leave, label, mode="sync"):
         prev = os.path.join(fs.dir, f"prev-{label}")

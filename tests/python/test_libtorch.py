@@ -45,6 +45,8 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict  # noqa
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
 
+import libdcp as L  # noqa: E402
+
 BIN = os.environ.get("LIBTORCH_TRAIN") or os.path.join(ROOT, "build", "cpp", "libtorch_train")
 STEPS, SAVE_AT = 12, 5
 
@@ -281,6 +283,16 @@ class KeySets(Case):
                         steps_loaded = {float(s["step"]) for s in optim.state.values()}
                         self.assertEqual(steps_loaded, {float(steps)})
                         self.assertTrue(all(s["step"].dtype == torch.float32 for s in optim.state.values()))
+                    # Every tensor Python now holds (parameters, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                    # momentum buffers, steps) has the bytes the C++ program saved, read with libdcp.
+                    got, _ = flatten_state_dict(dict(zip(("model", "optimizer"), get_state_dict(model, optim))))
+                    ck = L.Checkpoint(d)
+                    tensor_keys = {k for k, md in saved.items() if isinstance(md, TensorStorageMetadata)}
+                    self.assertEqual({k for k, v in got.items() if torch.is_tensor(v)}, tensor_keys)
+                    for k in tensor_keys:
+                        v = got[k].detach().contiguous()
+                        want = ck.read_tensor(k, v)
+                        self.assertTrue(torch.equal(v.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), k)
 
 
 class CrossLanguage(Case):
@@ -376,6 +388,10 @@ class CrossLanguage(Case):
         one = run_cpp("--steps", 8, "--resume", d)
         two = run_cpp("--steps", 8, "--resume", d, world=2)
         self.assertEqual(hexes(two, range(3, 8)), hexes(one, range(3, 8)))
+        # Against an independent reader: Python resumed from the same checkpoint through torch's
+        # dcp.load, with LibTorch's Adam update.
+        want = self._python_resume(d, "adam", libtorch_adam_step, 3, 8)
+        self.assertEqual(hexes(two, range(3, 8)), hexes(want, range(3, 8)))
 
 
 if __name__ == "__main__":

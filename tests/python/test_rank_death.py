@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import libdcp as L  # noqa: E402
 from multirank import free_port  # noqa: E402
-from test_crash import Inotify, fork, read, reap  # noqa: E402
+from test_crash import Inotify, fork, read, reap, rows  # noqa: E402
 
 torch.set_num_threads(1)
 TIMEOUT_S = 3
@@ -36,15 +36,10 @@ def tensors():
     return {f"w{i}": torch.randn(3072, 1024, generator=g) for i in range(8)}  # 96 MiB
 
 
-def rows(t, rank):
-    n = -(-t.shape[0] // WORLD)
-    return t[rank * n:(rank + 1) * n].contiguous(), rank * n
-
-
 def register(st, ts, rank, fresh=False):
     keep = []
     for k, t in ts.items():
-        piece, lo = rows(t, rank)
+        piece, lo = rows(t, rank, WORLD)
         if fresh:
             piece = torch.empty_like(piece)
         keep.append(piece)
@@ -60,9 +55,14 @@ class RankDeath(unittest.TestCase):
         # A checkpoint for the load scenarios, saved by 3 ranks.
         cls.ckpt = os.path.join(cls.tmp, "ckpt")
         port = free_port()
-        pids = [fork(lambda r=r: cls.save_rank(r, port, cls.ckpt, None)) for r in range(WORLD)]
+        res = [os.path.join(cls.tmp, f"fixture-{r}") for r in range(WORLD)]
+        pids = [fork(lambda r=r: cls.save_rank(r, port, cls.ckpt, res[r])) for r in range(WORLD)]
         st = reap(pids, time.monotonic() + 120)
         assert all(v == 0 for v in st.values()), st
+        for f in res:
+            text = read(f) if os.path.exists(f) else "no result"
+            assert text == "ok", f"the fixture save failed: {text}"
+            os.remove(f)
 
     @classmethod
     def tearDownClass(cls):
@@ -72,11 +72,7 @@ class RankDeath(unittest.TestCase):
                      f"{'operation':<8} {'victim':<16} {'survivors':<22} {'slowest':>8}  message (one survivor)"]
             for r in ROWS:
                 lines.append(f"{r[0]:<8} {r[1]:<16} {r[2]:<22} {r[3]:>7.1f}s  {r[4]}")
-            text = "\n".join(lines)
-            print(text, flush=True)
-            if os.environ.get("DCP_FIGURES"):
-                with open(os.environ["DCP_FIGURES"], "a") as f:
-                    f.write(text + "\n")
+            L.append_figures(lines)
 
     @classmethod
     def save_rank(cls, rank, port, path, result):

@@ -147,7 +147,7 @@ class S3(unittest.TestCase):
                    "model.h": torch.randn(33, 5).to(torch.bfloat16), "model.t": torch.randn(5, 6).t()}
         ctx = L.Context()
         L.save(ctx, state_of(tensors, {"blob": b"\x00\x01bytes", "step": 42}), url)
-        out = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in tensors.items()}
+        out = {k: L.poison(torch.empty(v.shape, dtype=v.dtype)) for k, v in tensors.items()}
         st = state_of(out, {"blob": b"", "step": 0})
         L.load(ctx, st, url)
         for k in tensors:
@@ -181,7 +181,7 @@ class S3(unittest.TestCase):
         self.assertEqual(cm.exception.status, 8)
         self.assertIn("checkpoint already exists", cm.exception.message)
         L.save(ctx, state_of({"w": torch.ones(4)}), url, overwrite=True)
-        out = torch.empty(4)
+        out = L.poison(torch.empty(4))
         L.load(ctx, state_of({"w": out}), url)
         self.assertTrue(torch.equal(out, torch.ones(4)))
 
@@ -259,7 +259,7 @@ class S3(unittest.TestCase):
                 t = time.time()
                 L.save(ctx, state_of(data), where, threads=8)
                 ts = time.time() - t
-                out = {k: torch.empty_like(v) for k, v in data.items()}
+                out = {k: L.poison(torch.empty_like(v)) for k, v in data.items()}
                 t = time.time()
                 L.load(ctx, state_of(out), where, threads=8)
                 tl = time.time() - t

@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module  # noqa: E402
 
 import libdcp as L  # noqa: E402
-from multirank import coord_of, full_tensor, register, run, torch_box  # noqa: E402
+from multirank import expected, full_tensor, register, run  # noqa: E402
+from test_multirank import fsdp, fsdp_tp, hsdp, tp_colwise_rowwise  # noqa: E402
 
 warnings.filterwarnings("ignore")
 R, S, SS = L.REPLICATE, L.Shard, L.StridedShard
@@ -88,9 +89,9 @@ def torch_saves_libdcp_loads(rank, world, port, path, kind, load_layout):
                 held[k] = (got, full)
         L.load(ctx, st, path)
         for k, ((local, sizes, offsets), full) in held.items():
-            want = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
-            assert torch.equal(local, want), f"rank {rank}: {k} differs"
-        return len(held)
+            want = expected(full, sizes, offsets).contiguous()
+            assert torch.equal(local.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), f"rank {rank}: {k} differs"
+        return sorted(held)
     finally:
         dist.destroy_process_group()
 
@@ -117,25 +118,8 @@ def libdcp_saves_torch_loads(rank, world, port, path, save_layout, kind):
         dist.destroy_process_group()
 
 
-def fsdp_layout(k, shape, r, w):
-    return ("mesh", [w], None, [S(0)])
-
-
-def hsdp_layout(k, shape, r, w):
-    return ("mesh", [2, w // 2], None, [R, S(0)])
-
-
-def tp_layout(k, shape, r, w):
-    return ("mesh", [w], None, {"model.net1.weight": [S(0)], "model.net1.bias": [S(0)], "model.net2.weight": [S(1)]}.get(k, [R]))
-
-
-def fsdp_tp_layout(k, shape, r, w):
-    mesh = [2, w // 2]
-    if k in ("model.net1.weight", "model.net1.bias"):
-        return ("mesh", mesh, None, [SS(0), S(0)])
-    if k == "model.net2.weight":
-        return ("mesh", mesh, None, [S(0), S(1)])
-    return ("mesh", mesh, None, [S(0), R])
+# The layouts of test_multirank (the same placements for these keys, whose names it maps).
+fsdp_layout, hsdp_layout, tp_layout, fsdp_tp_layout = fsdp(None), hsdp, tp_colwise_rowwise, fsdp_tp  # fsdp(w) ignores w
 
 
 def rank0_full(k, shape, r, w):
@@ -153,22 +137,27 @@ class TorchDistributedInterop(unittest.TestCase):
     def fresh(self):
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def torch_to_libdcp(self, world, kind, load_layout):
+        """torch saves under `kind`, libdcp loads under `load_layout`: every key compared somewhere."""
+        res = run(world, torch_saves_libdcp_loads, self.path, kind, load_layout)
+        self.assertEqual(set().union(*res), {f"model.{k}" for k in MLP().state_dict()})
+
     def test_torch_tp_to_libdcp_fsdp(self):
         for world in (2, 4):
             with self.subTest(world=world):
                 self.fresh()
-                run(world, torch_saves_libdcp_loads, self.path, "tp", fsdp_layout)
+                self.torch_to_libdcp(world, "tp", fsdp_layout)
 
     def test_torch_fsdp2_to_libdcp_tp_and_rank0(self):
         for world in (2, 4):
             with self.subTest(world=world):
                 self.fresh()
-                run(world, torch_saves_libdcp_loads, self.path, "fsdp", tp_layout)
+                self.torch_to_libdcp(world, "fsdp", tp_layout)
                 self.fresh()
-                run(world, torch_saves_libdcp_loads, self.path, "fsdp", rank0_full)
+                self.torch_to_libdcp(world, "fsdp", rank0_full)
 
     def test_torch_hsdp_to_libdcp_fsdp(self):
-        run(4, torch_saves_libdcp_loads, self.path, "hsdp", fsdp_layout)
+        self.torch_to_libdcp(4, "hsdp", fsdp_layout)
 
     def test_libdcp_fsdp_to_torch_tp(self):
         for world in (2, 4):
