@@ -435,16 +435,8 @@ pub unsafe extern "C" fn dcp_state_get_literal(
 }
 
 pub(crate) fn literal_of(fqn: &str, v: &ObjectValue) -> FfiResult<String> {
-    use crate::format::pyobj::PyValue;
-    Ok(match v {
-        ObjectValue::Bytes(b) => PyValue::Bytes(b.clone()).to_string(),
-        ObjectValue::Int(i) => PyValue::Int(*i).to_string(),
-        ObjectValue::Float(f) => PyValue::Float(*f).to_string(),
-        ObjectValue::Py(p) => p.to_string(),
-        ObjectValue::Pickle(_) => {
-            return Err(crate::Error::unsupported(format!("key {fqn:?} holds a pickled object that has no literal form")).into())
-        }
-    })
+    v.literal()
+        .ok_or_else(|| crate::Error::unsupported(format!("key {fqn:?} holds a pickled object that has no literal form")).into())
 }
 
 pub(crate) unsafe fn copy_literal(text: &str, buf: *mut c_char, cap: usize, len: *mut usize) -> FfiResult {

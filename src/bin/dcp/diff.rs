@@ -5,7 +5,7 @@
 use crate::args::{CliError, CliResult};
 use crate::cast::{components, int_value};
 use crate::progress::Progress;
-use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue, PyValue};
+use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue};
 
 pub const HELP: &str = "\
 usage: dcp diff A B
@@ -21,11 +21,8 @@ options:
 
 fn describe(v: &ObjectValue) -> String {
     let s = match v {
-        ObjectValue::Bytes(b) => PyValue::Bytes(b.clone()).to_string(),
-        ObjectValue::Int(i) => i.to_string(),
-        ObjectValue::Float(f) => PyValue::Float(*f).to_string(),
-        ObjectValue::Py(p) => p.to_string(),
         ObjectValue::Pickle(p) => format!("<pickled object, {} bytes>", p.len()),
+        v => v.literal().unwrap_or_default(),
     };
     if s.chars().count() > 60 {
         format!("{}...", s.chars().take(57).collect::<String>())
