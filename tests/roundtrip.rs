@@ -187,7 +187,10 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(&data_file, &m).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
-    assert!(e.message().contains("\"w\"") && e.message().contains(data_file.file_name().unwrap().to_str().unwrap()), "{e}");
+    assert!(
+        e.message().contains("\"w\"") && e.message().contains(data_file.file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
     // A truncated data file.
     std::fs::write(&data_file, &pristine[..pristine.len() / 2]).unwrap();
     let e = try_load().unwrap_err();

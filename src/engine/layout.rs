@@ -24,7 +24,11 @@ const TOKEN_LEN: usize = 12;
 
 /// The per-save token of a save id: its first hex digits.
 pub fn token_of(save_id: &str) -> String {
-    let hex: String = save_id.chars().filter(|c| c.is_ascii_hexdigit()).map(|c| c.to_ascii_lowercase()).collect();
+    let hex: String = save_id
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
     format!("{hex:0<TOKEN_LEN$}")[..TOKEN_LEN].to_string()
 }
 
@@ -70,7 +74,11 @@ pub fn rank_of_data_file(name: &str) -> Option<u64> {
 
 /// Whether `name` is a libdcp sidecar (the legacy `.libdcp` or a per-save `.libdcp_{token}`).
 pub fn is_sidecar(name: &str) -> bool {
-    name == LEGACY_SIDECAR || name.strip_prefix(sidecar::FILE_NAME).and_then(|r| r.strip_prefix('_')).is_some_and(is_token)
+    name == LEGACY_SIDECAR
+        || name
+            .strip_prefix(sidecar::FILE_NAME)
+            .and_then(|r| r.strip_prefix('_'))
+            .is_some_and(is_token)
 }
 
 /// The token shared by every data file `md` references, when they all carry the same one.
@@ -132,7 +140,11 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Vec<u8>> {
                     storage.describe("")
                 )
             } else {
-                format!("no checkpoint at {}: {} does not exist", storage.describe(""), storage.describe(METADATA_FILE))
+                format!(
+                    "no checkpoint at {}: {} does not exist",
+                    storage.describe(""),
+                    storage.describe(METADATA_FILE)
+                )
             }))
         }
         Err(e) => Err(e),
@@ -180,24 +192,24 @@ pub fn decode(storage: &dyn Storage, raw: &RawCheckpoint) -> Result<Opened> {
 const MAX_SIDECAR_CANDIDATES: usize = 16;
 
 /// When `.metadata` does not parse, the sidecar cannot be found through it: a sidecar in the
-/// location recorded for a `.metadata` of this length but another checksum says the metadata
-/// is damaged (a checksum error rather than a parse error).
+/// location recorded for another `.metadata` says the metadata is damaged (a checksum error
+/// rather than a parse error).
 fn damaged_metadata(storage: &dyn Storage, md: &[u8]) -> Option<Error> {
     let names = storage.list().ok()?;
     for name in names.iter().filter(|n| is_sidecar(n)).take(MAX_SIDECAR_CANDIDATES) {
         let Ok(bytes) = storage.read_all(name) else { continue };
         let Ok(sc) = Sidecar::decode(&bytes, name) else { continue };
-        if sc.metadata_len == md.len() as u64 {
-            if let Some(crc) = sc.metadata_mismatch(md) {
-                return Some(Error::new(
-                    ErrorKind::Checksum,
-                    format!(
-                        "{} does not parse and does not match the checksum in sidecar {name} (CRC-32 {crc:08x}, expected {:08x}): the metadata is damaged",
-                        storage.describe(METADATA_FILE),
-                        sc.metadata_crc32
-                    ),
-                ));
-            }
+        if let Some(crc) = sc.metadata_mismatch(md) {
+            return Some(Error::new(
+                ErrorKind::Checksum,
+                format!(
+                    "{} does not parse and does not match sidecar {name} ({} bytes, CRC-32 {crc:08x}; expected {} bytes, {:08x}): the metadata is damaged",
+                    storage.describe(METADATA_FILE),
+                    md.len(),
+                    sc.metadata_len,
+                    sc.metadata_crc32
+                ),
+            ));
         }
     }
     None
@@ -286,8 +298,12 @@ fn already_exists(storage: &dyn Storage) -> Error {
 /// The data files and sidecar of the checkpoint committed at `storage`, as far as its metadata
 /// can be read (a damaged one names nothing: its files stay).
 fn files_of_committed(storage: &dyn Storage) -> Vec<String> {
-    let Ok(bytes) = storage.read_all(METADATA_FILE) else { return Vec::new() };
-    let Ok(md) = decode_metadata(storage, &bytes) else { return Vec::new() };
+    let Ok(bytes) = storage.read_all(METADATA_FILE) else {
+        return Vec::new();
+    };
+    let Ok(md) = decode_metadata(storage, &bytes) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = md
         .storage
         .iter()
@@ -323,9 +339,9 @@ pub fn commit(
     let sc_name = sidecar_name(&prepared.token);
     let published = (|| {
         for f in files {
-            let h = storage.open_read(f.name).map_err(|e| {
-                e.context(format!("data file {} vanished before the commit", storage.describe(f.name)))
-            })?;
+            let h = storage
+                .open_read(f.name)
+                .map_err(|e| e.context(format!("data file {} vanished before the commit", storage.describe(f.name))))?;
             if h.len() != f.len {
                 return Err(Error::corrupt(format!(
                     "data file {} has {} bytes at the commit, but {} were written (another process changed it)",
@@ -415,7 +431,10 @@ mod tests {
         assert!(!is_data_file("__a_0.distcp"));
         assert!(!is_data_file("__0_.distcp"));
         assert!(!is_data_file("x.distcp"));
-        assert_eq!(parse_data_file(&data_file_name(4, 2, "00ff00ff00ff")), Some((4, 2, Some("00ff00ff00ff"))));
+        assert_eq!(
+            parse_data_file(&data_file_name(4, 2, "00ff00ff00ff")),
+            Some((4, 2, Some("00ff00ff00ff")))
+        );
         assert_eq!(rank_of_data_file("__7_1.distcp"), Some(7));
     }
 

@@ -3,9 +3,9 @@
 //! all ranks agree on the outcome.
 
 use super::broadcast::{self, Broadcasts};
+use super::layout::{self, RawCheckpoint};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::save::sync_devices;
-use super::layout::{self, RawCheckpoint};
 use super::staging::{PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
 use super::write::DeviceStreams;

@@ -535,7 +535,11 @@ fn commit(
         .map(|(r, bytes)| Wire::<RankWrites>::decode(bytes, r).and_then(|w| w.into_result(r)))
         .collect();
     // Ranks that failed removed their own files; these are the others'.
-    let own: Vec<String> = reports.iter().flatten().flat_map(|w| w.files.iter().map(|f| f.name.clone())).collect();
+    let own: Vec<String> = reports
+        .iter()
+        .flatten()
+        .flat_map(|w| w.files.iter().map(|f| f.name.clone()))
+        .collect();
     let records = reports
         .into_iter()
         .collect::<Result<Vec<_>>>()
