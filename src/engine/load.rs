@@ -5,10 +5,9 @@
 use super::broadcast::{self, Broadcasts};
 use super::layout::{self, RawCheckpoint};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
-use super::save::sync_devices;
-use super::staging::{PoolBuf, StagingPool};
+use super::staging::{first_cuda_device, sync_devices, DeviceStreams, PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
-use super::write::DeviceStreams;
+use super::workers::for_each_parallel;
 use super::Context;
 use crate::error::{Error, Result};
 use crate::format::sidecar::{self, BlockRecord};
@@ -16,9 +15,7 @@ use crate::plan::load::plan_load;
 use crate::plan::load::LoadPlan;
 use crate::state::{EntryValue, State};
 use crate::storage::Storage;
-use crate::tensor::Device;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -177,75 +174,59 @@ fn execute_plan(
 
     {
         let entries = state.entries();
-        let gpu = plan
-            .chunks
-            .iter()
-            .flat_map(|c| &c.targets)
-            .find_map(|(ei, _)| match &entries[*ei].value {
-                EntryValue::Tensor(t) => match t.view.device() {
-                    Device::Cuda(o) => Some(o),
-                    Device::Cpu => None,
-                },
-                _ => None,
-            });
         // Device buffers may still be in use by the caller's kernels.
         sync_devices(entries.iter().filter_map(|e| match &e.value {
             EntryValue::Tensor(t) => Some(&t.view),
             _ => None,
         }))?;
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let threads = opts.threads.min(plan.chunks.len()).max(1);
-        let results: Vec<Result<()>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| -> Result<()> {
-                        // Dropped in reverse order: the streams (finishing their copies) before
-                        // the buffer goes back to the pool.
-                        let buf = PoolBuf::acquire(pool, window_buffer_len(), gpu)?;
-                        let mut streams = DeviceStreams::default();
-                        let mut rd = Reader {
-                            files: &files,
-                            verify: opts.verify,
-                            direct: opts.direct_io,
-                            buf: &buf,
-                            streams: &mut streams,
-                        };
-                        loop {
-                            if failed.load(Ordering::Relaxed) {
-                                return Ok(());
-                            }
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(c) = plan.chunks.get(i) else { return Ok(()) };
-                            let targets: Vec<Target> = c
-                                .targets
-                                .iter()
-                                .map(|(ei, overlap)| match &entries[*ei].value {
-                                    EntryValue::Tensor(t) => Ok(Target {
-                                        view: &t.view,
-                                        region: &t.region,
-                                        overlap,
-                                    }),
-                                    EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
-                                })
-                                .collect::<Result<_>>()?;
-                            let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
-                            if let Err(e) = read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets) {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a reader thread panicked"))))
-                .collect()
-        });
-        for r in results {
-            r?;
+        // Dropped in field order: the streams (finishing their copies) before the buffer goes
+        // back to the pool.
+        struct ReaderState<'p> {
+            streams: DeviceStreams,
+            buf: PoolBuf<'p>,
         }
+        let gpu = first_cuda_device(
+            plan.chunks
+                .iter()
+                .flat_map(|c| &c.targets)
+                .filter_map(|(ei, _)| match &entries[*ei].value {
+                    EntryValue::Tensor(t) => Some(&t.view),
+                    _ => None,
+                }),
+        );
+        for_each_parallel(
+            &plan.chunks,
+            opts.threads,
+            || {
+                Ok(ReaderState {
+                    streams: DeviceStreams::default(),
+                    buf: PoolBuf::acquire(pool, window_buffer_len(), gpu)?,
+                })
+            },
+            |st, c| {
+                let targets: Vec<Target> = c
+                    .targets
+                    .iter()
+                    .map(|(ei, overlap)| match &entries[*ei].value {
+                        EntryValue::Tensor(t) => Ok(Target {
+                            view: &t.view,
+                            region: &t.region,
+                            overlap,
+                        }),
+                        EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
+                    })
+                    .collect::<Result<_>>()?;
+                let mut rd = Reader {
+                    files,
+                    verify: opts.verify,
+                    direct: opts.direct_io,
+                    buf: &mut st.buf,
+                    streams: &mut st.streams,
+                };
+                let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
+                read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets)
+            },
+        )?;
     }
 
     // Flags only go up here: a load may run in passes (see the NCCL fallback).

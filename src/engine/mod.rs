@@ -11,6 +11,7 @@ pub mod save;
 pub mod staging;
 pub mod verify;
 mod wire;
+mod workers;
 mod write;
 
 use crate::comm::local::LocalComm;

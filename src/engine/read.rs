@@ -1,18 +1,17 @@
 //! Reading saved chunks into registered buffers: locate the payload, read only the byte ranges
 //! the overlaps need (widened to checksum units), verify, scatter.
 
-use super::staging::HostBuf;
-use super::write::DeviceStreams;
+use super::staging::{DeviceStreams, HostBuf};
 use crate::cuda;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};
-use crate::format::zipitem::{self, ItemContent, ItemSource};
+use crate::format::zipitem::{self, ItemContent, ItemSource, TensorRecord};
 use crate::plan::runs::{byte_strides, BoxRuns, Run};
 use crate::region::Region;
 use crate::storage::DIRECT_ALIGN;
 use crate::storage::{ReadHandle, Storage};
-use crate::tensor::{is_contiguous, Device, TensorView};
+use crate::tensor::{is_contiguous, DType, Device, TensorView};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -141,7 +140,7 @@ pub(crate) struct Reader<'f> {
     pub verify: bool,
     pub direct: DirectIo,
     /// The window buffer: WINDOW bytes plus room to align direct reads.
-    pub buf: &'f HostBuf,
+    pub buf: &'f mut HostBuf,
     pub(crate) streams: &'f mut DeviceStreams,
 }
 
@@ -152,23 +151,19 @@ pub fn window_buffer_len() -> usize {
 
 /// Reads `len` payload bytes at absolute file offset `abs` into the window buffer `buf`,
 /// directly (O_DIRECT) when the policy says so and the request can be aligned; returns them.
-fn read_window<'b>(direct: DirectIo, buf: &'b HostBuf, file: &dyn ReadHandle, abs: u64, len: usize) -> Result<&'b [u8]> {
+fn read_window<'b>(direct: DirectIo, buf: &'b mut HostBuf, file: &dyn ReadHandle, abs: u64, len: usize) -> Result<&'b [u8]> {
     if use_direct(direct, file, abs, len as u64) {
         let a = DIRECT_ALIGN as u64;
         let lo = abs / a * a;
         let hi = (abs + len as u64).div_ceil(a) * a;
         let span = (hi - lo) as usize;
-        if span <= buf.capacity() {
-            let dst = unsafe { buf.slice(span) };
-            if file.read_direct(lo, dst)? {
-                let skip = (abs - lo) as usize;
-                return Ok(&dst[skip..skip + len]);
-            }
+        if span <= buf.capacity() && file.read_direct(lo, buf.bytes_mut(span))? {
+            let skip = (abs - lo) as usize;
+            return Ok(&buf.bytes(span)[skip..skip + len]);
         }
     }
-    let dst = unsafe { buf.slice(len) };
-    file.read_at(abs, dst)?;
-    Ok(dst)
+    file.read_at(abs, buf.bytes_mut(len))?;
+    Ok(buf.bytes(len))
 }
 
 /// Whether `len` bytes at `abs` are read bypassing the page cache: always with `On`; with
@@ -181,23 +176,28 @@ fn use_direct(direct: DirectIo, file: &dyn ReadHandle, abs: u64, len: u64) -> bo
     }
 }
 
-/// Reads one saved chunk into its targets.
-pub(crate) fn read_chunk(
-    rd: &mut Reader,
-    sidecar_blocks: Option<(&BlockRecord, u64)>,
-    fqn: &str,
-    chunk: &Region,
+/// A saved chunk's payload, located and checked against the metadata.
+struct Located<'b> {
+    /// Absolute offset of the payload in its file.
+    payload_abs: u64,
+    rec: TensorRecord,
+    check: Check<'b>,
+    /// The payload is dense and row-major (partial reads can address any element).
+    dense: bool,
+}
+
+/// Finds a chunk's payload from its zip item; a sidecar block record must agree with the item
+/// (it only adds per-block checksums). Dtype and shape must be what the metadata says.
+fn locate<'b>(
+    file: &dyn ReadHandle,
     info: &StorageInfo,
-    targets: &[Target],
-) -> Result<()> {
-    let files = rd.files;
-    let file = files.get(&info.relative_path)?;
-    let what = item_what(files, fqn, info);
-    check_item_bounds(file.as_ref(), info, &what)?;
-    let elem_expected = targets.first().map(|t| t.view.dtype());
-    // Where the payload is and how it is laid out: always from the item itself; a sidecar
-    // block record must agree with it (it only adds per-block checksums).
-    let rec = match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
+    what: &str,
+    sidecar_blocks: Option<(&'b BlockRecord, u64)>,
+    chunk: &Region,
+    dtype: DType,
+    verify: bool,
+) -> Result<Located<'b>> {
+    let rec = match zipitem::read_item(&ItemSlice { file, info }, info.length, what)? {
         ItemContent::Tensor(rec) => rec,
         ItemContent::Object(_) => {
             return Err(Error::mismatch(format!(
@@ -214,148 +214,222 @@ pub(crate) fn read_chunk(
             )));
         }
     }
-    if Some(rec.dtype) != elem_expected || rec.sizes != chunk.sizes {
+    if rec.dtype != dtype || rec.sizes != chunk.sizes {
         return Err(Error::corrupt(format!(
-            "{what}: holds a {} tensor of shape {:?}, but the metadata describes a {} chunk of shape {:?}",
-            rec.dtype,
-            rec.sizes,
-            elem_expected.map(|d| d.to_string()).unwrap_or_default(),
-            chunk.sizes
+            "{what}: holds a {} tensor of shape {:?}, but the metadata describes a {dtype} chunk of shape {:?}",
+            rec.dtype, rec.sizes, chunk.sizes
         )));
     }
-    let check = if !rd.verify {
-        Check::None
-    } else if let Some((b, bs)) = sidecar_blocks {
-        Check::Blocks(b, bs)
-    } else {
-        Check::Whole(rec.crc)
+    let check = match sidecar_blocks {
+        _ if !verify => Check::None,
+        Some((b, bs)) => Check::Blocks(b, bs),
+        None => Check::Whole(rec.crc),
     };
+    let dense = rec.storage_offset == 0 && is_contiguous(&rec.sizes, &rec.strides);
+    Ok(Located {
+        payload_abs,
+        rec,
+        check,
+        dense,
+    })
+}
+
+/// Element runs from the payload (a: byte offset in the payload) to each target (b: byte
+/// offset from the target view's pointer), sorted by payload offset; with the target index.
+fn target_runs(rec: &TensorRecord, chunk: &Region, targets: &[Target]) -> Vec<(Run, usize)> {
     let elem = rec.dtype.size() as u64;
-    let saved_dense = rec.storage_offset == 0 && is_contiguous(&rec.sizes, &rec.strides);
-
-    // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
-    // into it.
-    if let [t] = targets {
-        let whole = saved_dense && t.overlap == chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
-        if whole
-            && t.view.device() == Device::Cpu
-            && t.view.is_contiguous()
-            && !(rec.data_len >= 1 << 20 && use_direct(rd.direct, file.as_ref(), payload_abs, rec.data_len))
-        {
-            let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
-            file.read_at(payload_abs, dst)?;
-            return verify_bytes(&check, 0, dst, true, &what, payload_abs);
-        }
-    }
-
-    // Runs from the payload (a) to each target (b, addressed by absolute pointer).
     let saved_strides = byte_strides(&rec.strides, elem);
-    let mut runs: Vec<(Run, *mut u8, usize)> = Vec::new();
+    let mut runs = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         let rel_saved = t.overlap.relative_to(chunk);
         let rel_dst = t.overlap.relative_to(t.region);
         let a_base = (rec.storage_offset + rel_saved.iter().zip(&rec.strides).map(|(o, s)| o * s).sum::<u64>()) * elem;
         let dst_strides = byte_strides(t.view.strides(), elem);
         let b_base = rel_dst.iter().zip(&dst_strides).map(|(o, s)| o * s).sum::<u64>();
-        let ptr = t.view.as_ptr();
-        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ptr, ti)));
+        BoxRuns::new(&t.overlap.sizes, &saved_strides, &dst_strides, a_base, b_base, elem).for_each(|r| runs.push((r, ti)));
     }
-    runs.sort_by_key(|(r, _, _)| r.a);
+    runs.sort_by_key(|(r, _)| r.a);
+    runs
+}
 
-    // Byte ranges of the payload to read.
-    let unit = match (&check, saved_dense) {
-        (_, false) | (Check::Whole(_), _) => rec.data_len.max(1),
-        (Check::Blocks(_, bs), _) => *bs,
-        (Check::None, _) => 1,
-    };
+/// The payload byte ranges to read for `runs` (sorted by payload offset): each run widened to
+/// whole checksum units of `unit` bytes, neighbours closer than [`COALESCE_GAP`] merged, then
+/// cut into windows of at most `max_window` bytes at unit boundaries.
+fn plan_windows(runs: &[(Run, usize)], elem: u64, unit: u64, data_len: u64, max_window: u64) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for (r, _, _) in &runs {
+    for (r, _) in runs {
         let lo = r.a / unit * unit;
-        let hi = ((r.a + r.a_span(elem)).div_ceil(unit) * unit).min(rec.data_len);
+        let hi = ((r.a + r.a_span(elem)).div_ceil(unit) * unit).min(data_len);
         match ranges.last_mut() {
             Some(last) if lo <= last.1 + COALESCE_GAP => last.1 = last.1.max(hi),
             _ => ranges.push((lo, hi)),
         }
     }
-    // Windows: ranges cut into pieces of at most WINDOW bytes at unit boundaries. A strided
-    // saved layout must be in memory at once (rare: torch writes transposed views as they are).
-    let max_window = if saved_dense { (WINDOW / unit).max(1) * unit } else { u64::MAX };
-    let mut whole = crc32fast::Hasher::new();
-    let mut next_run = 0usize;
-    let mut big: Option<Vec<u8>> = None;
-    // Device targets: each one's stream (resolved on its first copy), the device made current
-    // last, and which targets the current window copied to.
-    let mut streams: Vec<Option<cuda::Stream>> = targets.iter().map(|_| None).collect();
-    let mut current: Option<i32> = None;
-    let mut copied_to = vec![false; targets.len()];
+    let mut windows = Vec::new();
     for (lo, hi) in ranges {
         let mut w0 = lo;
         while w0 < hi {
-            let w1 = (w0 + max_window).min(hi);
-            let n = (w1 - w0) as usize;
-            let data: &[u8] = if n <= WINDOW as usize {
-                read_window(rd.direct, rd.buf, file.as_ref(), payload_abs + w0, n)?
-            } else {
-                let v = big.insert(vec![0u8; n]);
-                file.read_at(payload_abs + w0, v)?;
-                v
-            };
-            match &check {
-                Check::Whole(_) => whole.update(data),
-                _ => verify_bytes(&check, w0, data, false, &what, payload_abs)?,
-            }
-            while next_run < runs.len() {
-                let (run, ptr, ti) = runs[next_run];
-                if run.a >= w1 {
-                    break;
-                }
-                let (head, tail) = run.split(w1, true);
-                if let Some(h) = head {
-                    let view = targets[ti].view;
-                    match view.device() {
-                        Device::Cpu => unsafe { h.copy(data.as_ptr(), ptr, elem, w0, 0) },
-                        Device::Cuda(ordinal) => {
-                            let s = match &mut streams[ti] {
-                                Some(s) => {
-                                    if current != Some(ordinal) {
-                                        cuda::activate(ordinal)?;
-                                    }
-                                    s
-                                }
-                                // `get` makes the device current.
-                                slot => slot.insert(rd.streams.get(ordinal, view.stream())?),
-                            };
-                            current = Some(ordinal);
-                            copy_run_to_device(s, &h, data, w0, ptr as u64, elem).map_err(|e| e.context(format!("key {fqn:?}")))?;
-                            copied_to[ti] = true;
-                        }
-                    }
-                }
-                match tail {
-                    Some(t) => {
-                        runs[next_run].0 = t;
-                        break;
-                    }
-                    None => next_run += 1,
-                }
-            }
-            // The window buffer is reused next: its copies to the device must be done.
-            let mut synced: Vec<*mut std::ffi::c_void> = Vec::new();
-            for (copied, s) in copied_to.iter_mut().zip(&streams) {
-                if let (true, Some(s)) = (std::mem::take(copied), s) {
-                    if !synced.contains(&s.raw_handle()) {
-                        s.synchronize()?;
-                        synced.push(s.raw_handle());
-                    }
-                }
-            }
+            let w1 = w0.saturating_add(max_window).min(hi);
+            windows.push((w0, w1));
             w0 = w1;
         }
     }
-    if let Check::Whole(expected) = check {
+    windows
+}
+
+/// Copies window bytes to the targets: host targets directly, device targets on their streams
+/// (synchronized before the window buffer is reused).
+struct Scatter<'t, 'v, 'a, 's> {
+    targets: &'t [Target<'v, 'a>],
+    device_streams: &'s mut DeviceStreams,
+    /// Each target's stream, resolved on its first copy.
+    streams: Vec<Option<cuda::Stream>>,
+    /// The device made current last.
+    current: Option<i32>,
+    copied_to: Vec<bool>,
+}
+
+impl<'t, 'v, 'a, 's> Scatter<'t, 'v, 'a, 's> {
+    fn new(targets: &'t [Target<'v, 'a>], device_streams: &'s mut DeviceStreams) -> Self {
+        Scatter {
+            targets,
+            device_streams,
+            streams: targets.iter().map(|_| None).collect(),
+            current: None,
+            copied_to: vec![false; targets.len()],
+        }
+    }
+
+    /// Copies `run` (whose payload bytes lie in `window`, which starts at payload offset `w0`)
+    /// into target `ti`.
+    fn copy(&mut self, run: &Run, ti: usize, window: &[u8], w0: u64, elem: u64) -> Result<()> {
+        let view = self.targets[ti].view;
+        let ptr = view.as_ptr();
+        match view.device() {
+            // SAFETY: the run was built from the target's overlap within its registered view
+            // (shape and strides checked at registration), and lies within `window` (it was
+            // split at the window's end); the caller's buffer is not read or written by anyone
+            // else during a load.
+            Device::Cpu => unsafe { run.copy(window.as_ptr(), ptr, elem, w0, 0) },
+            Device::Cuda(ordinal) => {
+                let s = match &mut self.streams[ti] {
+                    Some(s) => {
+                        if self.current != Some(ordinal) {
+                            cuda::activate(ordinal)?;
+                        }
+                        s
+                    }
+                    // `get` makes the device current.
+                    slot => slot.insert(self.device_streams.get(ordinal, view.stream())?),
+                };
+                self.current = Some(ordinal);
+                copy_run_to_device(s, run, window, w0, ptr as u64, elem)?;
+                self.copied_to[ti] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the window's copies to the devices: the window buffer is reused next.
+    fn finish_window(&mut self) -> Result<()> {
+        let mut synced: Vec<*mut std::ffi::c_void> = Vec::new();
+        for (copied, s) in self.copied_to.iter_mut().zip(&self.streams) {
+            if let (true, Some(s)) = (std::mem::take(copied), s) {
+                if !synced.contains(&s.raw_handle()) {
+                    s.synchronize()?;
+                    synced.push(s.raw_handle());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads one saved chunk into its targets.
+pub(crate) fn read_chunk(
+    rd: &mut Reader,
+    sidecar_blocks: Option<(&BlockRecord, u64)>,
+    fqn: &str,
+    chunk: &Region,
+    info: &StorageInfo,
+    targets: &[Target],
+) -> Result<()> {
+    let files = rd.files;
+    let file = files.get(&info.relative_path)?;
+    let what = item_what(files, fqn, info);
+    check_item_bounds(file.as_ref(), info, &what)?;
+    let dtype = targets
+        .first()
+        .map(|t| t.view.dtype())
+        .ok_or_else(|| Error::internal("no target"))?;
+    let item = locate(file.as_ref(), info, &what, sidecar_blocks, chunk, dtype, rd.verify)?;
+    let (rec, elem) = (&item.rec, dtype.size() as u64);
+
+    // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
+    // into it.
+    if let [t] = targets {
+        let whole = item.dense && t.overlap == chunk && t.region == chunk && rec.data_len == chunk.numel() * elem;
+        if whole
+            && t.view.device() == Device::Cpu
+            && t.view.is_contiguous()
+            && !(rec.data_len >= 1 << 20 && use_direct(rd.direct, file.as_ref(), item.payload_abs, rec.data_len))
+        {
+            // SAFETY: a contiguous host view of the chunk's whole box spans exactly `data_len`
+            // bytes from its pointer; the caller's buffer is ours during the load.
+            let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
+            file.read_at(item.payload_abs, dst)?;
+            return verify_bytes(&item.check, 0, dst, true, &what, item.payload_abs);
+        }
+    }
+
+    let mut runs = target_runs(rec, chunk, targets);
+    let unit = match (&item.check, item.dense) {
+        (_, false) | (Check::Whole(_), _) => rec.data_len.max(1),
+        (Check::Blocks(_, bs), _) => *bs,
+        (Check::None, _) => 1,
+    };
+    // A strided saved layout must be in memory at once (rare: torch writes transposed views as
+    // they are).
+    let max_window = if item.dense { (WINDOW / unit).max(1) * unit } else { u64::MAX };
+    let mut whole = crc32fast::Hasher::new();
+    let mut next_run = 0usize;
+    let mut big: Option<Vec<u8>> = None;
+    let mut sink = Scatter::new(targets, rd.streams);
+    for (w0, w1) in plan_windows(&runs, elem, unit, rec.data_len, max_window) {
+        let n = (w1 - w0) as usize;
+        let data: &[u8] = if n <= WINDOW as usize {
+            read_window(rd.direct, rd.buf, file.as_ref(), item.payload_abs + w0, n)?
+        } else {
+            let v = big.insert(vec![0u8; n]);
+            file.read_at(item.payload_abs + w0, v)?;
+            v
+        };
+        match &item.check {
+            Check::Whole(_) => whole.update(data),
+            check => verify_bytes(check, w0, data, false, &what, item.payload_abs)?,
+        }
+        while let Some(&(run, ti)) = runs.get(next_run) {
+            if run.a >= w1 {
+                break;
+            }
+            let (head, tail) = run.split(w1, true);
+            if let Some(h) = head {
+                sink.copy(&h, ti, data, w0, elem).map_err(|e| e.context(format!("key {fqn:?}")))?;
+            }
+            match tail {
+                Some(t) => {
+                    runs[next_run].0 = t;
+                    break;
+                }
+                None => next_run += 1,
+            }
+        }
+        sink.finish_window()?;
+    }
+    if let Check::Whole(expected) = item.check {
         let got = whole.finalize();
         if got != expected {
-            return Err(checksum_error(&what, payload_abs, rec.data_len, got, expected));
+            return Err(checksum_error(&what, item.payload_abs, rec.data_len, got, expected));
         }
     }
     Ok(())
@@ -366,10 +440,14 @@ fn copy_run_to_device(s: &cuda::Stream, run: &Run, window: &[u8], w0: u64, dst: 
     let src = (run.a - w0) as usize;
     if run.a_step == elem && run.b_step == elem {
         let n = (run.count * elem) as usize;
+        // SAFETY: `dst + run.b..` lies in the registered device view (the run comes from its
+        // overlap); the window slice stays alive and unchanged until `finish_window`
+        // synchronizes the stream.
         return unsafe { s.h2d(dst + run.b, &window[src..src + n]) };
     }
     for i in 0..run.count as usize {
         let a = src + i * run.a_step as usize;
+        // SAFETY: as above, element by element.
         unsafe { s.h2d(dst + run.b + i as u64 * run.b_step, &window[a..a + elem as usize])? };
     }
     Ok(())
@@ -413,5 +491,38 @@ fn verify_bytes(check: &Check, off: u64, data: &[u8], is_whole: bool, what: &str
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(a: u64, count: u64) -> (Run, usize) {
+        (
+            Run {
+                a,
+                b: 0,
+                count,
+                a_step: 4,
+                b_step: 4,
+            },
+            0,
+        )
+    }
+
+    #[test]
+    fn windows_widen_to_units_coalesce_and_split() {
+        // Two runs 100 bytes apart coalesce; a third far away stands alone.
+        let runs = [run(0, 10), run(140, 10), run(10 << 20, 1)];
+        assert_eq!(
+            plan_windows(&runs, 4, 1, 64 << 20, u64::MAX),
+            vec![(0, 180), (10 << 20, (10 << 20) + 4)]
+        );
+        // Widened to 64-byte units, never past the payload.
+        assert_eq!(plan_windows(&[run(70, 2)], 4, 64, 100, u64::MAX), vec![(64, 100)]);
+        // Cut into windows at unit boundaries.
+        assert_eq!(plan_windows(&[run(0, 64)], 4, 64, 256, 128), vec![(0, 128), (128, 256)]);
+        assert!(plan_windows(&[], 4, 1, 100, 8).is_empty());
     }
 }

@@ -12,14 +12,13 @@
 
 use super::future::SaveFuture;
 use super::layout::{self, PreparedLocation, WrittenFile};
-use super::staging::{self, HostBuf, PoolBuf};
+use super::staging::{self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, PoolBuf};
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_files, with_host_extent, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
+use super::write::{layout_files, write_files, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
 use crate::error::{Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
-use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
@@ -206,34 +205,29 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
         }
     }
     sync_devices(tensors.iter().map(|(_, t)| &t.view))?;
-    let align = super::staging::ALIGN as u64;
-    let mut offsets = Vec::with_capacity(tensors.len());
-    let mut total = 0u64;
-    for (_, t) in &tensors {
-        offsets.push(total);
-        total += (t.view.numel() * t.view.dtype().size() as u64).next_multiple_of(align);
-    }
-    let pinned = tensors.iter().find_map(|(_, t)| match t.view.device() {
-        Device::Cuda(o) => Some(o),
-        Device::Cpu => None,
-    });
-    let arena = PoolBuf::acquire(&ctx.inner.pool, total as usize, pinned)?;
-    copy_into_arena(ctx, &tensors, &offsets, &arena)?;
+    let align = staging::ALIGN;
+    let lens: Vec<usize> = tensors
+        .iter()
+        .map(|(_, t)| (t.view.numel() * t.view.dtype().size() as u64) as usize)
+        .collect();
+    let total: usize = lens.iter().map(|n| n.next_multiple_of(align)).sum();
+    let mut arena = PoolBuf::acquire(&ctx.inner.pool, total, first_cuda_device(tensors.iter().map(|(_, t)| &t.view)))?;
+    // Each tensor's dense bytes, at aligned offsets: pieces of `n` bytes, each followed by its
+    // padding.
+    let pieces = lens.iter().flat_map(|&n| [n, n.next_multiple_of(align) - n]);
+    let mut slots = arena.split(pieces).into_iter().step_by(2).collect::<Vec<_>>();
+    copy_into_arena(ctx, &tensors, &mut slots)?;
+    drop(slots);
     // Dropped before `arena` (back to the pool) on an error: its views point into it.
     let mut staged = State::new();
-    for ((entry, t), off) in tensors.iter().zip(&offsets) {
-        let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
-        let view = unsafe {
-            TensorView::from_raw(
-                arena.as_ptr().add(*off as usize),
-                n,
-                t.view.dtype(),
-                t.view.sizes(),
-                None,
-                Device::Cpu,
-            )?
-        };
+    let mut off = 0usize;
+    for ((entry, t), n) in tensors.iter().zip(&lens) {
+        // SAFETY: bytes `off..off + n` of the arena hold this tensor's dense payload; the arena
+        // outlives the staged state (`Staged` drops the state first) and nothing writes it
+        // while the state exists.
+        let view = unsafe { TensorView::from_raw(arena.as_ptr().add(off), *n, t.view.dtype(), t.view.sizes(), None, Device::Cpu)? };
         staged.add_tensor_chunk(&entry.fqn, view, &t.global_shape, &t.region.offsets)?;
+        off += n.next_multiple_of(align);
     }
     for (fqn, v) in objects {
         staged.add_object(&fqn, v)?;
@@ -244,34 +238,32 @@ fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result
     })
 }
 
-/// Copies tensors (dense, row-major) into the arena: device tensors by asynchronous copies,
-/// host tensors by several threads.
-fn copy_into_arena(
-    ctx: &Context,
-    tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)],
-    offsets: &[u64],
-    arena: &HostBuf,
-) -> Result<()> {
-    let base = arena.as_ptr() as usize;
+/// Copies tensors (dense, row-major) into their slots of the arena: device tensors by
+/// asynchronous copies, host tensors by several threads.
+fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], slots: &mut [&mut [u8]]) -> Result<()> {
     let mut streams = DeviceStreams::default();
     let mut used = Vec::new();
     let mut host = Vec::new();
-    for ((entry, t), &off) in tensors.iter().zip(offsets) {
-        let n = (t.view.numel() * t.view.dtype().size() as u64) as usize;
+    for ((entry, t), dst) in tensors.iter().zip(slots.iter_mut()) {
+        let key = |e: Error| e.context(format!("key {:?}", entry.fqn));
         match t.view.device() {
             Device::Cuda(ordinal) if t.view.is_contiguous() => {
                 let s = streams.get(ordinal, t.view.stream())?;
-                let dst = unsafe { std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n) };
-                unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
+                // SAFETY: the view's payload is registered device memory of `dst.len()` bytes;
+                // `dst` is this tensor's slot, not touched until the synchronize below.
+                unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(key)?;
                 used.push(s);
             }
             Device::Cuda(ordinal) => {
                 // Strided device memory: its whole extent to the host, then gathered densely.
                 let s = streams.get(ordinal, t.view.stream())?;
-                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |host, extent| {
+                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |extent_buf, extent| {
+                    let copy = extent_buf.bytes(extent);
+                    // SAFETY: `copy` holds the view's whole strided extent, so the view's
+                    // shape and strides address only bytes inside it; it lives for this call.
                     let local = unsafe {
                         TensorView::from_raw(
-                            host.as_ptr(),
+                            copy.as_ptr() as *mut u8,
                             extent,
                             t.view.dtype(),
                             t.view.sizes(),
@@ -279,27 +271,24 @@ fn copy_into_arena(
                             Device::Cpu,
                         )?
                     };
-                    copy_dense(&local, unsafe {
-                        std::slice::from_raw_parts_mut((base + off as usize) as *mut u8, n)
-                    });
+                    copy_dense(&local, dst);
                     Ok(())
                 })
-                .map_err(|e| e.context(format!("key {:?}", entry.fqn)))?;
+                .map_err(key)?;
             }
-            Device::Cpu => host.push((t, off as usize, n)),
+            Device::Cpu => host.push((t, dst)),
         }
     }
-    // Host copies, spread over threads by bytes.
+    // Host copies, spread over threads.
     let threads = 4usize.min(host.len()).max(1);
+    let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, job) in host.into_iter().enumerate() {
+        parts[i % threads].push(job);
+    }
     std::thread::scope(|s| {
-        for part in 0..threads {
-            let host = &host;
+        for part in parts {
             s.spawn(move || {
-                for (i, (t, off, n)) in host.iter().enumerate() {
-                    if i % threads != part {
-                        continue;
-                    }
-                    let dst = unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, *n) };
+                for (t, dst) in part {
                     copy_dense(&t.view, dst);
                 }
             });
@@ -309,19 +298,6 @@ fn copy_into_arena(
         s.synchronize()?;
     }
     Ok(())
-}
-
-/// A host view's elements, dense and row-major, into `dst`.
-fn copy_dense(view: &TensorView, dst: &mut [u8]) {
-    if view.is_contiguous() {
-        unsafe { std::ptr::copy_nonoverlapping(view.as_ptr(), dst.as_mut_ptr(), dst.len()) };
-        return;
-    }
-    let elem = view.dtype().size() as u64;
-    let src_strides = byte_strides(view.strides(), elem);
-    let dst_strides = dense_byte_strides(view.sizes(), elem);
-    let (src, dst) = (view.as_ptr() as *const u8, dst.as_mut_ptr());
-    BoxRuns::new(view.sizes(), &src_strides, &dst_strides, 0, 0, elem).for_each(|r| unsafe { r.copy(src, dst, elem, 0, 0) });
 }
 
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
@@ -382,21 +358,6 @@ fn my_entries<'s, 'a>(state: &'s State<'a>, plan: &GlobalPlan, rank: usize) -> R
         }
     }
     Ok(out)
-}
-
-/// Waits for the work queued on the devices of CUDA tensors registered without a stream, so
-/// copies see the caller's finished results.
-pub(crate) fn sync_devices<'a>(views: impl Iterator<Item = &'a TensorView<'a>>) -> Result<()> {
-    let mut done = Vec::new();
-    for v in views {
-        if let Device::Cuda(o) = v.device() {
-            if v.stream() == 0 && !done.contains(&o) {
-                crate::cuda::synchronize_device(o)?;
-                done.push(o);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The `.metadata` of a save plan, given where each written item went (`stored(key, chunk

@@ -4,15 +4,15 @@
 //! it is contiguous and, for O_DIRECT, aligned) or from CUDA memory (copied to page-locked
 //! buffers first).
 
-use super::staging::{HostBuf, PoolBuf, StagingPool, ALIGN};
+use super::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, ALIGN};
+use super::workers::for_each_parallel;
 use crate::cuda;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{BlockHasher, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
-use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns, Run};
 use crate::storage::{Storage, WriteHandle};
-use crate::tensor::{strided_extent_bytes, Device, TensorView};
+use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
@@ -158,8 +158,7 @@ impl FileWriter<'_, '_> {
     }
     fn flush(&mut self) -> Result<()> {
         if self.filled > 0 {
-            let data = unsafe { self.buf.slice(self.filled) };
-            self.handle.write_at(self.start, data)?;
+            self.handle.write_at(self.start, self.buf.bytes(self.filled))?;
             self.start += self.filled as u64;
             self.filled = 0;
         }
@@ -170,7 +169,7 @@ impl FileWriter<'_, '_> {
         let mut done = 0u64;
         while done < n {
             let k = (self.cap - self.filled).min((n - done) as usize);
-            let dst = unsafe { &mut self.buf.slice(self.filled + k)[self.filled..] };
+            let dst = &mut self.buf.bytes_mut(self.filled + k)[self.filled..];
             f(done, dst)?;
             self.filled += k;
             done += k as u64;
@@ -223,7 +222,7 @@ impl FileWriter<'_, '_> {
         if let Some(a) = self.handle.direct_alignment() {
             let padded = self.filled.next_multiple_of(a);
             let filled = self.filled;
-            unsafe { self.buf.slice(padded)[filled..].fill(0) };
+            self.buf.bytes_mut(padded)[filled..].fill(0);
             self.filled = padded;
         }
         self.flush()
@@ -267,71 +266,6 @@ impl PayloadCrc {
     }
 }
 
-/// Copies a strided host view into its dense row-major payload, piece by piece.
-struct HostGather {
-    base: *const u8,
-    elem: u64,
-    runs: Vec<Run>,
-    next: usize,
-}
-
-impl HostGather {
-    fn new(base: *const u8, view: &TensorView) -> Self {
-        let elem = view.dtype().size() as u64;
-        let a = byte_strides(view.strides(), elem);
-        let b = dense_byte_strides(view.sizes(), elem);
-        let mut runs = Vec::new();
-        BoxRuns::new(view.sizes(), &a, &b, 0, 0, elem).for_each(|r| runs.push(r));
-        HostGather { base, elem, runs, next: 0 }
-    }
-
-    /// Fills `dst` with payload bytes starting at `off`; calls come in increasing `off`.
-    fn fill(&mut self, off: u64, dst: &mut [u8]) {
-        let end = off + dst.len() as u64;
-        while self.next < self.runs.len() {
-            let run = self.runs[self.next];
-            if run.b >= end {
-                break;
-            }
-            let (head, tail) = run.split(end, false);
-            if let Some(h) = head {
-                // `h` starts at or after `off`: pieces before `off` were written by earlier calls.
-                unsafe { h.copy(self.base, dst.as_mut_ptr(), self.elem, 0, off) };
-            }
-            match tail {
-                Some(t) => {
-                    self.runs[self.next] = t;
-                    break;
-                }
-                None => self.next += 1,
-            }
-        }
-    }
-}
-
-/// Streams of the CUDA devices one writer thread copies from (the caller's, or its own).
-#[derive(Default)]
-pub(crate) struct DeviceStreams {
-    own: Vec<(i32, cuda::Stream)>,
-}
-
-impl DeviceStreams {
-    /// Activates `ordinal` on this thread and returns the stream to copy on.
-    pub(crate) fn get(&mut self, ordinal: i32, caller: usize) -> Result<cuda::Stream> {
-        cuda::activate(ordinal)?;
-        if caller != 0 {
-            return Ok(cuda::Stream::borrowed(caller));
-        }
-        if let Some((_, s)) = self.own.iter().find(|(o, _)| *o == ordinal) {
-            return Ok(cuda::Stream::borrowed(s.raw_handle() as usize));
-        }
-        let s = cuda::Stream::new(ordinal)?;
-        let h = s.raw_handle() as usize;
-        self.own.push((ordinal, s));
-        Ok(cuda::Stream::borrowed(h))
-    }
-}
-
 pub struct WriteOptions {
     pub direct: bool,
     pub buffer_bytes: usize,
@@ -345,26 +279,17 @@ pub fn write_files(
     opts: &WriteOptions,
     pool: &Mutex<StagingPool>,
 ) -> Result<Vec<(u64, Vec<ItemWritten>)>> {
-    let results: Vec<Result<(u64, Vec<ItemWritten>)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = files.iter().map(|f| s.spawn(move || write_file(storage, f, opts, pool))).collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err(Error::internal("a writer thread panicked"))))
-            .collect()
-    });
-    results.into_iter().collect()
+    // A thread per file: parallel appends to separate files do not contend.
+    for_each_parallel(files, files.len(), || Ok(()), |_, f| write_file(storage, f, opts, pool))
 }
 
 fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, pool: &Mutex<StagingPool>) -> Result<(u64, Vec<ItemWritten>)> {
     let handle = storage.create(&file.name, opts.direct)?;
     let buffer_bytes = opts.buffer_bytes.max(ALIGN).next_multiple_of(ALIGN);
-    let pinned = file.items.iter().find_map(|i| match &i.body {
-        ItemBody::Tensor { view, .. } => match view.device() {
-            Device::Cuda(o) => Some(o),
-            Device::Cpu => None,
-        },
+    let pinned = first_cuda_device(file.items.iter().filter_map(|i| match &i.body {
+        ItemBody::Tensor { view, .. } => Some(*view),
         ItemBody::Object(_) => None,
-    });
+    }));
     let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool)?;
     handle.set_len(file.len)?;
     handle.sync()?;
@@ -439,13 +364,15 @@ fn write_device_payload(
     let aligned = w.handle.direct_alignment().is_none_or(|a| w.pos() % a as u64 == 0);
     if len < (4 << 20) || !aligned {
         return w.produce(len, |off, dst| {
+            // SAFETY: `src + off..` lies in the device payload of `len` bytes the caller
+            // registered; `dst` is the writer's buffer, borrowed until the synchronize below.
             unsafe { stream.d2h(dst, src + off)? };
             stream.synchronize()?;
             crc.update(dst);
             Ok(())
         });
     }
-    let bufs = [
+    let mut bufs = [
         PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
         PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
     ];
@@ -458,15 +385,21 @@ fn write_device_payload(
     };
     let n = len.div_ceil(DEVICE_PIECE as u64);
     let (o0, l0) = piece(0);
-    unsafe { stream.d2h(bufs[0].slice(l0), src + o0)? };
+    // SAFETY (both copies): the source ranges lie in the registered device payload of `len`
+    // bytes; each piece's host buffer is not touched by the host until the synchronize at the
+    // top of the iteration that reads it, and the other buffer is the one being written.
+    unsafe { stream.d2h(bufs[0].bytes_mut(l0), src + o0)? };
     for i in 0..n {
         stream.synchronize()?;
         let (_, li) = piece(i);
+        let [even, odd] = &mut bufs;
+        let (current, next) = if i % 2 == 0 { (even, odd) } else { (odd, even) };
         if i + 1 < n {
             let (on, ln) = piece(i + 1);
-            unsafe { stream.d2h(bufs[((i + 1) % 2) as usize].slice(ln), src + on)? };
+            // SAFETY: see above.
+            unsafe { stream.d2h(next.bytes_mut(ln), src + on)? };
         }
-        let data = unsafe { bufs[(i % 2) as usize].slice(li) };
+        let data = current.bytes(li);
         crc.update(data);
         // Whole pieces go straight to the file (pool buffers are aligned, and so is the
         // position: checked above, then advanced by whole pieces); the last one's unaligned
@@ -489,6 +422,9 @@ fn write_payload(
     let mut crc = PayloadCrc::new(len);
     match view.device() {
         Device::Cpu if view.is_contiguous() => {
+            // SAFETY: a contiguous host view spans its `len` payload bytes from its pointer
+            // (checked when it was made); the caller keeps them alive and unchanged during the
+            // save.
             let data = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u8, len as usize) };
             crc.update(data);
             if !w.write_through(data)? {
@@ -521,21 +457,4 @@ fn write_payload(
         }
     }
     Ok(crc.finish())
-}
-
-/// Copies the whole memory extent of a strided device view (on `stream`, device `ordinal`) into
-/// a page-locked pool buffer and calls `f(buffer, extent bytes)`: the view's elements lie in
-/// it at their strides from its start.
-pub(crate) fn with_host_extent<R>(
-    pool: &Mutex<StagingPool>,
-    stream: &cuda::Stream,
-    view: &TensorView,
-    ordinal: i32,
-    f: impl FnOnce(&HostBuf, usize) -> Result<R>,
-) -> Result<R> {
-    let extent = strided_extent_bytes(view.sizes(), view.strides(), view.dtype().size())? as usize;
-    let host = PoolBuf::acquire(pool, extent, Some(ordinal))?;
-    unsafe { stream.d2h(host.slice(extent), view.as_ptr() as u64)? };
-    stream.synchronize()?;
-    f(&host, extent)
 }

@@ -152,7 +152,7 @@ class RankDeath(unittest.TestCase):
         port = free_port()
         pids = [fork(lambda r=r: self.save_rank(r, port, path, res[r])) for r in range(WORLD)]
         # Strike while the victim writes its data file (its own first write).
-        self.assertTrue(watch.wait_for("create", f"__{victim}_0.distcp", time.monotonic() + 60))
+        self.assertTrue(watch.wait_for("create", f"__{victim}_0_*.distcp", time.monotonic() + 60))
         os.kill(pids[victim], signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
         watch.close()
         self.survivors("save", victim, how, res, pids)

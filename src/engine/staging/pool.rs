@@ -1,72 +1,11 @@
-//! Host buffers for I/O and staging: 4096-aligned (O_DIRECT), page-locked when CUDA is in play
-//! (fast, asynchronous device copies). A pool per context keeps them across saves and loads
-//! ("cached staging"), pinning at most `budget` bytes; beyond that it hands out ordinary memory.
+//! The staging pool: a context's host buffers kept across saves and loads ("cached staging"),
+//! pinning at most `budget` bytes; beyond that it hands out ordinary memory.
 
+use super::arena::{AlignedBuf, HostBuf, ALIGN};
 use crate::cuda::PinnedBuf;
-use crate::error::{Error, ErrorKind, Result};
-use std::alloc::Layout;
-use std::ops::Deref;
+use crate::error::Result;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Mutex, MutexGuard};
-
-pub const ALIGN: usize = 4096;
-
-/// 4096-aligned heap memory.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    cap: usize,
-}
-unsafe impl Send for AlignedBuf {}
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    pub fn new(cap: usize) -> Result<AlignedBuf> {
-        let cap = cap.max(1).next_multiple_of(ALIGN);
-        let layout = Layout::from_size_align(cap, ALIGN).map_err(|e| Error::invalid(format!("buffer size {cap}: {e}")))?;
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        if ptr.is_null() {
-            return Err(Error::new(ErrorKind::NoSpace, format!("cannot allocate a {cap}-byte host buffer")));
-        }
-        Ok(AlignedBuf { ptr, cap })
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        unsafe { std::alloc::dealloc(self.ptr, Layout::from_size_align_unchecked(self.cap, ALIGN)) }
-    }
-}
-
-pub enum HostBuf {
-    Heap(AlignedBuf),
-    Pinned(PinnedBuf),
-}
-
-impl HostBuf {
-    pub fn as_ptr(&self) -> *mut u8 {
-        match self {
-            HostBuf::Heap(b) => b.ptr,
-            HostBuf::Pinned(b) => b.as_ptr(),
-        }
-    }
-    pub fn capacity(&self) -> usize {
-        match self {
-            HostBuf::Heap(b) => b.cap,
-            HostBuf::Pinned(b) => b.len(),
-        }
-    }
-    pub fn is_pinned(&self) -> bool {
-        matches!(self, HostBuf::Pinned(_))
-    }
-    /// The first `len` bytes.
-    ///
-    /// # Safety
-    /// Callers must not hold two overlapping mutable slices of the same buffer.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, len: usize) -> &mut [u8] {
-        assert!(len <= self.capacity());
-        std::slice::from_raw_parts_mut(self.as_ptr(), len)
-    }
-}
 
 /// Buffers kept between operations of one context.
 pub struct StagingPool {
@@ -127,7 +66,7 @@ impl StagingPool {
             }
         }
         let b = AlignedBuf::new(len)?;
-        self.heap_bytes += b.cap as u64;
+        self.heap_bytes += b.capacity() as u64;
         Ok(HostBuf::Heap(b))
     }
 
@@ -140,7 +79,7 @@ impl StagingPool {
         for b in self.free.drain(..) {
             match &b {
                 HostBuf::Pinned(p) => self.pinned_bytes -= p.len() as u64,
-                HostBuf::Heap(h) => self.heap_bytes -= h.cap as u64,
+                HostBuf::Heap(h) => self.heap_bytes -= h.capacity() as u64,
             }
         }
     }
@@ -192,6 +131,12 @@ impl Deref for PoolBuf<'_> {
     }
 }
 
+impl DerefMut for PoolBuf<'_> {
+    fn deref_mut(&mut self) -> &mut HostBuf {
+        self.buf.as_mut().expect("a PoolBuf holds its buffer until dropped")
+    }
+}
+
 impl Drop for PoolBuf<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
@@ -202,7 +147,9 @@ impl Drop for PoolBuf<'_> {
 
 /// Half of physical memory: pinned memory cannot be swapped, so it must not take it all.
 fn default_budget() -> u64 {
+    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if pages > 0 && size > 0 {
         pages as u64 * size as u64 / 2

@@ -1,0 +1,14 @@
+//! Staging: the host buffers bytes pass through between caller memory (host or CUDA) and
+//! storage, the pool that keeps them across operations, the device side of those copies, and
+//! the strided gather into dense payloads.
+
+mod arena;
+mod device;
+mod gather;
+mod pool;
+
+pub use arena::{AlignedBuf, HostBuf, ALIGN};
+pub(crate) use device::{first_cuda_device, sync_devices, with_host_extent, DeviceStreams};
+pub(crate) use gather::{copy_dense, HostGather};
+pub(crate) use pool::{lock, PoolBuf};
+pub use pool::{PoolStats, StagingPool};
