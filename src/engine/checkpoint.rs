@@ -2,8 +2,8 @@
 //! key (or a box of it) into a caller buffer without registering anything — the counterpart of
 //! torch's `_load_state_dict_from_keys`.
 
+use super::load::read::{read_object, Files};
 use super::load::{execute, open_local, LoadOptions, Opened};
-use super::read::{read_object, Files};
 use crate::error::{Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageInfo};
 use crate::format::pyobj::ObjectValue;

@@ -1,18 +1,15 @@
 //! Save, load and inspection: the operations a caller runs, built on planning, formats, storage
 //! and communication.
 
-mod broadcast;
 pub mod checkpoint;
 pub mod future;
 pub mod layout;
 pub mod load;
-pub mod read;
 pub mod save;
 pub mod staging;
 pub mod verify;
 mod wire;
 mod workers;
-mod write;
 
 use crate::comm::local::LocalComm;
 use crate::comm::Communicator;
@@ -22,8 +19,8 @@ use std::sync::{Arc, Mutex};
 
 pub use checkpoint::{Checkpoint, KeyInfo, KeyKind};
 pub use future::SaveFuture;
+pub use load::DirectIo;
 pub use load::{load, LoadOptions, LoadReport};
-pub use read::DirectIo;
 pub use save::{save, save_async, SaveOptions, SaveReport};
 pub use staging::PoolStats;
 

@@ -3,9 +3,9 @@
 //! others, instead of every rank reading the same bytes. Used when every rank can (NCCL loads,
 //! each rank loads into CUDA tensors); otherwise every rank reads for itself.
 
-use super::wire::Wire;
 use crate::comm::Communicator;
 use crate::cuda::{self, nccl};
+use crate::engine::wire::Wire;
 use crate::error::{Error, Result};
 use crate::plan::load::LoadPlan;
 use crate::plan::stable_hash;
@@ -166,7 +166,7 @@ pub(crate) fn world_comm(cell: &Mutex<Option<Arc<nccl::Comm>>>, comm: &dyn Commu
     if let Some(c) = g.as_ref() {
         return Ok(c.clone());
     }
-    let id = super::wire::broadcast_result(comm, 0, if comm.rank() == 0 { nccl::unique_id() } else { Ok(Vec::new()) })?;
+    let id = crate::engine::wire::broadcast_result(comm, 0, if comm.rank() == 0 { nccl::unique_id() } else { Ok(Vec::new()) })?;
     let c = Arc::new(nccl::Comm::init(&id, comm.rank(), comm.world_size(), device)?);
     *g = Some(c.clone());
     Ok(c)

@@ -2,19 +2,24 @@
 //! each rank plans its own reads, reads only the bytes its boxes overlap, verifies CRC-32s, and
 //! all ranks agree on the outcome.
 
-use super::broadcast::{self, Broadcasts};
+mod broadcast;
+pub(crate) mod read;
+
 use super::layout::{self, RawCheckpoint};
-use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::staging::{first_cuda_device, sync_devices, DeviceStreams, PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
 use super::workers::for_each_parallel;
 use super::Context;
+use broadcast::Broadcasts;
+use read::{read_chunk, read_object, window_buffer_len, Files, Reader, Target};
+
 use crate::error::{Error, Result};
 use crate::format::sidecar::{self, BlockRecord};
 use crate::plan::load::plan_load;
 use crate::plan::load::LoadPlan;
 use crate::state::{EntryValue, State};
 use crate::storage::Storage;
+pub use read::DirectIo;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

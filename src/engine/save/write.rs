@@ -4,9 +4,9 @@
 //! it is contiguous and, for O_DIRECT, aligned) or from CUDA memory (copied to page-locked
 //! buffers first).
 
-use super::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, ALIGN};
-use super::workers::for_each_parallel;
 use crate::cuda;
+use crate::engine::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, ALIGN};
+use crate::engine::workers::for_each_parallel;
 use crate::error::Result;
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{BlockHasher, BLOCK_SIZE};
@@ -108,7 +108,7 @@ pub fn layout_files<'s, 'a>(
     for (i, src) in sources.into_iter().enumerate() {
         if acc >= target && (files.len() as u64) < nfiles {
             files.push(FileLayout {
-                name: super::layout::data_file_name(rank, files.len(), token),
+                name: crate::engine::layout::data_file_name(rank, files.len(), token),
                 items: Vec::new(),
                 len: 0,
             });

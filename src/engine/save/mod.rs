@@ -10,24 +10,27 @@
 //!    only then removes the replaced checkpoint's files. Without `.metadata` a directory is not a
 //!    checkpoint.
 
+mod records;
+mod stage;
+mod write;
+
 use super::future::SaveFuture;
 use super::layout::{self, PreparedLocation, WrittenFile};
-use super::staging::{self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, PoolBuf};
+use super::staging::{self, sync_devices};
 use super::wire::{broadcast_result, Wire};
-use super::write::{layout_files, write_files, ItemSource, ItemWritten, WriteOptions};
-use super::{writer_version, Context};
+use super::Context;
 use crate::error::{Error, Result};
-use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
-use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
+use crate::format::sidecar::FileRecord;
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
 use crate::storage::Storage;
-use crate::tensor::{Device, TensorView};
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use records::{commit_records, RankWrites};
 use std::sync::Arc;
 use std::time::Instant;
+use write::{layout_files, write_files, ItemSource, WriteOptions};
+
+pub use records::metadata_of;
 
 pub use super::layout::{is_data_file, METADATA_FILE};
 
@@ -70,12 +73,6 @@ pub struct SaveReport {
     pub seconds: f64,
 }
 
-#[derive(Serialize, Deserialize)]
-struct RankWrites {
-    files: Vec<FileRecord>,
-    items: Vec<ItemWritten>,
-}
-
 /// What the foreground part of a save agreed on.
 struct Prepared {
     plan: Arc<GlobalPlan>,
@@ -113,7 +110,7 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
     ctx.settle(opts.wait_if_busy)?;
     let p = prepare_save(ctx, state, ctx.open_storage(location)?, location, opts)?;
     // Stage what this rank writes; every rank reports, so all stop together on a failure.
-    let staged = stage(ctx, state, &p.plan, ctx.rank());
+    let staged = stage::stage(ctx, state, &p.plan, ctx.rank());
     let staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
     let blocked = t0.elapsed().as_secs_f64();
     let future = SaveFuture::new();
@@ -180,126 +177,6 @@ fn write_and_commit(ctx: &Context, state: &State, p: &Prepared, opts: &SaveOptio
     Ok(bytes_written)
 }
 
-/// This rank's written items, copied into one staging buffer (page-locked when CUDA tensors
-/// are involved), and a state of views into it.
-struct Staged {
-    // Declared before `arena`: its views point into it.
-    state: State<'static>,
-    arena: HostBuf,
-}
-
-impl Staged {
-    fn into_arena(self) -> HostBuf {
-        drop(self.state);
-        self.arena
-    }
-}
-
-fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result<Staged> {
-    let mut tensors = Vec::new();
-    let mut objects = Vec::new();
-    for entry in my_entries(state, plan, rank)? {
-        match &entry.value {
-            EntryValue::Tensor(t) => tensors.push((entry, t)),
-            EntryValue::Object(v) => objects.push((entry.fqn.clone(), v.clone())),
-        }
-    }
-    sync_devices(tensors.iter().map(|(_, t)| &t.view))?;
-    let align = staging::ALIGN;
-    let lens: Vec<usize> = tensors
-        .iter()
-        .map(|(_, t)| (t.view.numel() * t.view.dtype().size() as u64) as usize)
-        .collect();
-    let total: usize = lens.iter().map(|n| n.next_multiple_of(align)).sum();
-    let mut arena = PoolBuf::acquire(&ctx.inner.pool, total, first_cuda_device(tensors.iter().map(|(_, t)| &t.view)))?;
-    // Each tensor's dense bytes, at aligned offsets: pieces of `n` bytes, each followed by its
-    // padding.
-    let pieces = lens.iter().flat_map(|&n| [n, n.next_multiple_of(align) - n]);
-    let mut slots = arena.split(pieces).into_iter().step_by(2).collect::<Vec<_>>();
-    copy_into_arena(ctx, &tensors, &mut slots)?;
-    drop(slots);
-    // Dropped before `arena` (back to the pool) on an error: its views point into it.
-    let mut staged = State::new();
-    let mut off = 0usize;
-    for ((entry, t), n) in tensors.iter().zip(&lens) {
-        // SAFETY: bytes `off..off + n` of the arena hold this tensor's dense payload; the arena
-        // outlives the staged state (`Staged` drops the state first) and nothing writes it
-        // while the state exists.
-        let view = unsafe { TensorView::from_raw(arena.as_ptr().add(off), *n, t.view.dtype(), t.view.sizes(), None, Device::Cpu)? };
-        staged.add_tensor_chunk(&entry.fqn, view, &t.global_shape, &t.region.offsets)?;
-        off += n.next_multiple_of(align);
-    }
-    for (fqn, v) in objects {
-        staged.add_object(&fqn, v)?;
-    }
-    Ok(Staged {
-        state: staged,
-        arena: arena.into_inner(),
-    })
-}
-
-/// Copies tensors (dense, row-major) into their slots of the arena: device tensors by
-/// asynchronous copies, host tensors by several threads.
-fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], slots: &mut [&mut [u8]]) -> Result<()> {
-    let mut streams = DeviceStreams::default();
-    let mut used = Vec::new();
-    let mut host = Vec::new();
-    for ((entry, t), dst) in tensors.iter().zip(slots.iter_mut()) {
-        let key = |e: Error| e.context(format!("key {:?}", entry.fqn));
-        match t.view.device() {
-            Device::Cuda(ordinal) if t.view.is_contiguous() => {
-                let s = streams.get(ordinal, t.view.stream())?;
-                // SAFETY: the view's payload is registered device memory of `dst.len()` bytes;
-                // `dst` is this tensor's slot, not touched until the synchronize below.
-                unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(key)?;
-                used.push(s);
-            }
-            Device::Cuda(ordinal) => {
-                // Strided device memory: its whole extent to the host, then gathered densely.
-                let s = streams.get(ordinal, t.view.stream())?;
-                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |extent_buf, extent| {
-                    let copy = extent_buf.bytes(extent);
-                    // SAFETY: `copy` holds the view's whole strided extent, so the view's
-                    // shape and strides address only bytes inside it; it lives for this call.
-                    let local = unsafe {
-                        TensorView::from_raw(
-                            copy.as_ptr() as *mut u8,
-                            extent,
-                            t.view.dtype(),
-                            t.view.sizes(),
-                            Some(t.view.strides()),
-                            Device::Cpu,
-                        )?
-                    };
-                    copy_dense(&local, dst);
-                    Ok(())
-                })
-                .map_err(key)?;
-            }
-            Device::Cpu => host.push((t, dst)),
-        }
-    }
-    // Host copies, spread over threads.
-    let threads = 4usize.min(host.len()).max(1);
-    let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, job) in host.into_iter().enumerate() {
-        parts[i % threads].push(job);
-    }
-    std::thread::scope(|s| {
-        for part in parts {
-            s.spawn(move || {
-                for (t, dst) in part {
-                    copy_dense(&t.view, dst);
-                }
-            });
-        }
-    });
-    for s in &used {
-        s.synchronize()?;
-    }
-    Ok(())
-}
-
 /// Steps 1: agree on local validity and plan hashes; reuse or rebuild the global plan.
 fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<GlobalPlan>, bool)> {
     let comm = ctx.communicator();
@@ -358,64 +235,6 @@ fn my_entries<'s, 'a>(state: &'s State<'a>, plan: &GlobalPlan, rank: usize) -> R
         }
     }
     Ok(out)
-}
-
-/// The `.metadata` of a save plan, given where each written item went (`stored(key, chunk
-/// offsets)`; offsets are `None` for objects).
-pub fn metadata_of(
-    plan: &GlobalPlan,
-    location: &str,
-    save_id: &str,
-    mut stored: impl FnMut(&str, Option<&[u64]>) -> Option<StorageInfo>,
-) -> Result<Metadata> {
-    let mut md = Metadata {
-        checkpoint_id: Some(location.to_string()),
-        save_id: Some(save_id.to_string()),
-        version: Some("1.0.0".into()),
-        ..Default::default()
-    };
-    let missing = |fqn: &str| Error::internal(format!("no rank reported writing key {fqn:?}"));
-    for e in &plan.entries {
-        md.planner_data.push((e.fqn.clone(), e.path.clone()));
-        match &e.kind {
-            GlobalKind::Object { .. } => {
-                md.entries.push((e.fqn.clone(), EntryMeta::Bytes));
-                let info = stored(&e.fqn, None).ok_or_else(|| missing(&e.fqn))?;
-                md.storage.push((
-                    StorageIndex {
-                        fqn: e.fqn.clone(),
-                        offset: None,
-                        index: None,
-                    },
-                    info,
-                ));
-            }
-            GlobalKind::Tensor { dtype, global_shape, .. } | GlobalKind::Sharded { dtype, global_shape, .. } => {
-                let chunks = plan.chunks_of(e);
-                for (ci, c) in chunks.iter().enumerate() {
-                    let info = stored(&e.fqn, Some(&c.region.offsets)).ok_or_else(|| missing(&e.fqn))?;
-                    md.storage.push((
-                        StorageIndex {
-                            fqn: e.fqn.clone(),
-                            offset: Some(c.region.offsets.clone()),
-                            index: Some(ci as u64),
-                        },
-                        info,
-                    ));
-                }
-                md.entries.push((
-                    e.fqn.clone(),
-                    EntryMeta::Tensor(TensorMeta {
-                        dtype: Some(*dtype),
-                        dtype_name: dtype.torch_name().to_string(),
-                        size: global_shape.clone(),
-                        chunks: chunks.into_iter().map(|c| c.region).collect(),
-                    }),
-                ));
-            }
-        }
-    }
-    Ok(md)
 }
 
 /// Step 3: this rank's items, in plan order, into one file.
@@ -515,61 +334,4 @@ fn commit(
             Err(e)
         }
     }
-}
-
-/// The sidecar and `.metadata` bytes of a save, from what every rank reports having written.
-fn commit_records(plan: &GlobalPlan, location: &str, save_id: &str, ranks: Vec<RankWrites>) -> Result<(Sidecar, Vec<u8>)> {
-    let mut files = Vec::new();
-    let mut written: Vec<ItemWritten> = Vec::new();
-    for (r, w) in ranks.into_iter().enumerate() {
-        // A rank's items are in its own files (the sidecar's block records index them).
-        if let Some(it) = w.items.iter().find(|it| !w.files.iter().any(|f| f.name == it.file)) {
-            return Err(Error::comm(format!(
-                "rank {r} reported key {:?} in data file {:?}, which is not among the files it reported writing",
-                it.fqn, it.file
-            )));
-        }
-        files.extend(w.files);
-        written.extend(w.items);
-    }
-    // By key and chunk; a later report of the same one replaces an earlier.
-    let items: HashMap<(&str, Option<&[u64]>), &ItemWritten> = written
-        .iter()
-        .map(|it| ((it.fqn.as_str(), it.chunk_offsets.as_deref()), it))
-        .collect();
-    let md = metadata_of(plan, location, save_id, |fqn, offsets| {
-        items.get(&(fqn, offsets)).map(|it| StorageInfo {
-            relative_path: it.file.clone(),
-            offset: it.offset,
-            length: it.length,
-        })
-    })?;
-    let file_index: HashMap<&str, u32> = files.iter().enumerate().map(|(i, f)| (f.name.as_str(), i as u32)).collect();
-    let blocks: Vec<sidecar::BlockRecord> = items
-        .values()
-        .filter_map(|it| {
-            it.block.as_ref().map(|b| sidecar::BlockRecord {
-                fqn: it.fqn.clone(),
-                chunk_offsets: it.chunk_offsets.clone().unwrap_or_default(),
-                file: file_index[it.file.as_str()],
-                payload_offset: b.payload_offset,
-                payload_len: b.payload_len,
-                crcs: b.crcs.clone(),
-            })
-        })
-        .collect();
-    let md_bytes = md.encode();
-    let sc = Sidecar {
-        format_version: sidecar::FORMAT_VERSION,
-        writer: writer_version(),
-        save_id: save_id.to_string(),
-        world_size: plan.world_size,
-        metadata_len: md_bytes.len() as u64,
-        metadata_crc32: crc32fast::hash(&md_bytes),
-        plan_hash: plan.hash(),
-        block_size: BLOCK_SIZE,
-        files,
-        blocks,
-    };
-    Ok((sc, md_bytes))
 }

@@ -1,8 +1,8 @@
 //! Reading saved chunks into registered buffers: locate the payload, read only the byte ranges
 //! the overlaps need (widened to checksum units), verify, scatter.
 
-use super::staging::{DeviceStreams, HostBuf};
 use crate::cuda;
+use crate::engine::staging::{DeviceStreams, HostBuf};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};

@@ -1,0 +1,131 @@
+//! The async save's staging copy: this rank's items copied into one host arena (page-locked
+//! when CUDA tensors are involved), and a state of views into it, so the caller may change its
+//! tensors once the save call returns.
+
+use super::my_entries;
+use crate::engine::staging::{self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, PoolBuf};
+use crate::engine::Context;
+use crate::error::{Error, Result};
+use crate::plan::save::GlobalPlan;
+use crate::state::{EntryValue, State};
+use crate::tensor::{Device, TensorView};
+
+/// This rank's written items, copied into one staging buffer (page-locked when CUDA tensors
+/// are involved), and a state of views into it.
+pub(super) struct Staged {
+    // Declared before `arena`: its views point into it.
+    pub(super) state: State<'static>,
+    arena: HostBuf,
+}
+
+impl Staged {
+    pub(super) fn into_arena(self) -> HostBuf {
+        drop(self.state);
+        self.arena
+    }
+}
+
+pub(super) fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize) -> Result<Staged> {
+    let mut tensors = Vec::new();
+    let mut objects = Vec::new();
+    for entry in my_entries(state, plan, rank)? {
+        match &entry.value {
+            EntryValue::Tensor(t) => tensors.push((entry, t)),
+            EntryValue::Object(v) => objects.push((entry.fqn.clone(), v.clone())),
+        }
+    }
+    sync_devices(tensors.iter().map(|(_, t)| &t.view))?;
+    let align = staging::ALIGN;
+    let lens: Vec<usize> = tensors
+        .iter()
+        .map(|(_, t)| (t.view.numel() * t.view.dtype().size() as u64) as usize)
+        .collect();
+    let total: usize = lens.iter().map(|n| n.next_multiple_of(align)).sum();
+    let mut arena = PoolBuf::acquire(&ctx.inner.pool, total, first_cuda_device(tensors.iter().map(|(_, t)| &t.view)))?;
+    // Each tensor's dense bytes, at aligned offsets: pieces of `n` bytes, each followed by its
+    // padding.
+    let pieces = lens.iter().flat_map(|&n| [n, n.next_multiple_of(align) - n]);
+    let mut slots = arena.split(pieces).into_iter().step_by(2).collect::<Vec<_>>();
+    copy_into_arena(ctx, &tensors, &mut slots)?;
+    drop(slots);
+    // Dropped before `arena` (back to the pool) on an error: its views point into it.
+    let mut staged = State::new();
+    let mut off = 0usize;
+    for ((entry, t), n) in tensors.iter().zip(&lens) {
+        // SAFETY: bytes `off..off + n` of the arena hold this tensor's dense payload; the arena
+        // outlives the staged state (`Staged` drops the state first) and nothing writes it
+        // while the state exists.
+        let view = unsafe { TensorView::from_raw(arena.as_ptr().add(off), *n, t.view.dtype(), t.view.sizes(), None, Device::Cpu)? };
+        staged.add_tensor_chunk(&entry.fqn, view, &t.global_shape, &t.region.offsets)?;
+        off += n.next_multiple_of(align);
+    }
+    for (fqn, v) in objects {
+        staged.add_object(&fqn, v)?;
+    }
+    Ok(Staged {
+        state: staged,
+        arena: arena.into_inner(),
+    })
+}
+
+/// Copies tensors (dense, row-major) into their slots of the arena: device tensors by
+/// asynchronous copies, host tensors by several threads.
+fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], slots: &mut [&mut [u8]]) -> Result<()> {
+    let mut streams = DeviceStreams::default();
+    let mut used = Vec::new();
+    let mut host = Vec::new();
+    for ((entry, t), dst) in tensors.iter().zip(slots.iter_mut()) {
+        let key = |e: Error| e.context(format!("key {:?}", entry.fqn));
+        match t.view.device() {
+            Device::Cuda(ordinal) if t.view.is_contiguous() => {
+                let s = streams.get(ordinal, t.view.stream())?;
+                // SAFETY: the view's payload is registered device memory of `dst.len()` bytes;
+                // `dst` is this tensor's slot, not touched until the synchronize below.
+                unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(key)?;
+                used.push(s);
+            }
+            Device::Cuda(ordinal) => {
+                // Strided device memory: its whole extent to the host, then gathered densely.
+                let s = streams.get(ordinal, t.view.stream())?;
+                with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |extent_buf, extent| {
+                    let copy = extent_buf.bytes(extent);
+                    // SAFETY: `copy` holds the view's whole strided extent, so the view's
+                    // shape and strides address only bytes inside it; it lives for this call.
+                    let local = unsafe {
+                        TensorView::from_raw(
+                            copy.as_ptr() as *mut u8,
+                            extent,
+                            t.view.dtype(),
+                            t.view.sizes(),
+                            Some(t.view.strides()),
+                            Device::Cpu,
+                        )?
+                    };
+                    copy_dense(&local, dst);
+                    Ok(())
+                })
+                .map_err(key)?;
+            }
+            Device::Cpu => host.push((t, dst)),
+        }
+    }
+    // Host copies, spread over threads.
+    let threads = 4usize.min(host.len()).max(1);
+    let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, job) in host.into_iter().enumerate() {
+        parts[i % threads].push(job);
+    }
+    std::thread::scope(|s| {
+        for part in parts {
+            s.spawn(move || {
+                for (t, dst) in part {
+                    copy_dense(&t.view, dst);
+                }
+            });
+        }
+    });
+    for s in &used {
+        s.synchronize()?;
+    }
+    Ok(())
+}
