@@ -85,14 +85,21 @@ impl Metadata {
     pub fn decode(data: &[u8], what: &str) -> Result<Metadata> {
         let g = pickle::parse(data, what)?;
         let budget = Self::decode_budget(data.len(), what);
-        Decoder { g: &g, what, budget: &budget }.metadata()
+        Decoder {
+            g: &g,
+            what,
+            budget: &budget,
+        }
+        .metadata()
     }
 
     /// What decoding a `.metadata` of `input` bytes may materialise: 32 bytes per input byte
-    /// plus 64 MiB. torch's files (and libdcp's) decode to a few bytes per input byte (a chunk
-    /// of about 30 pickle bytes becomes a `Region` of about 100), millions of chunks included.
+    /// plus 4 MiB. torch's files (and libdcp's) decode to about 5 bytes per input byte (a chunk
+    /// of about 40 pickle bytes becomes a `Region` of about 100, a storage entry of 95 a
+    /// `StorageIndex` and `StorageInfo` with their strings), millions of chunks included; only
+    /// keys longer than about a kilobyte, each in many chunks, would come near the limit.
     pub fn decode_budget(input: usize, what: &str) -> Budget {
-        Budget::new(what, input, 32, 64 << 20)
+        Budget::new(what, input, 32, 4 << 20)
     }
 
     /// Lookup tables for loading: key -> entry, (key, chunk offsets) -> storage.
@@ -523,9 +530,7 @@ impl Decoder<'_> {
     fn storage_index(&self, id: NodeId) -> Result<StorageIndex> {
         let st = self.object_state(id, "MetadataIndex")?;
         self.budget.charge(std::mem::size_of::<StorageIndex>() as u64)?;
-        let fqn = self
-            .string_field(st, "fqn")?
-            .ok_or_else(|| self.err("MetadataIndex without fqn"))?;
+        let fqn = self.string_field(st, "fqn")?.ok_or_else(|| self.err("MetadataIndex without fqn"))?;
         let offset = match self.field(st, "offset")? {
             Some(o) if !self.g.is_none(o) => Some(self.size(o, "MetadataIndex.offset")?),
             _ => None,
@@ -691,42 +696,65 @@ mod tests {
         }
     }
 
-    /// A `.metadata` libdcp's own encoder writes for one tensor of `chunks` one-element chunks
-    /// whose key is `fqn_len` bytes long: the key is written once and fetched from the memo by
+    /// A `.metadata` as torch or libdcp writes it for one tensor of `chunks` one-element chunks,
+    /// except that the key is `fqn_len` bytes long: written once, it is fetched from the memo by
     /// every storage entry (5 bytes each), so decoding copies it `chunks` times.
     pub(crate) fn memo_repeat_metadata(fqn_len: usize, chunks: u64) -> Vec<u8> {
-        let fqn = "k".repeat(fqn_len);
-        let mut md = Metadata::default();
-        let regions: Vec<Region> = (0..chunks)
-            .map(|i| Region {
-                offsets: vec![i],
-                sizes: vec![1],
-            })
-            .collect();
-        for (i, r) in regions.iter().enumerate() {
-            md.storage.push((
-                StorageIndex {
-                    fqn: fqn.clone(),
-                    offset: Some(r.offsets.clone()),
-                    index: Some(0),
-                },
-                StorageInfo {
-                    relative_path: "__0_0.distcp".into(),
-                    offset: i as u64 * 1024,
-                    length: 1000,
-                },
-            ));
+        let mut w = PickleWriter::new(4);
+        let obj = |w: &mut PickleWriter, module: &str, class: &str| {
+            w.global(module, class);
+            w.empty_tuple().newobj();
+        };
+        let size = |w: &mut PickleWriter, v: u64| {
+            w.global("torch", "Size");
+            w.int_tuple(&[v]).tuple(1).reduce();
+        };
+        obj(&mut w, MD_MODULE, "Metadata");
+        w.empty_dict().mark();
+        w.str_memo("state_dict_metadata").empty_dict().mark();
+        w.str(&"k".repeat(fqn_len));
+        let key = w.memoize();
+        obj(&mut w, MD_MODULE, "TensorStorageMetadata");
+        w.empty_dict().mark();
+        w.str_memo("properties");
+        obj(&mut w, MD_MODULE, "TensorProperties");
+        w.mark()
+            .global("torch", "float32")
+            .none()
+            .bool(false)
+            .none()
+            .bool(false)
+            .tuple(5)
+            .build();
+        w.str_memo("size");
+        size(&mut w, chunks);
+        w.str_memo("chunks").empty_list().mark();
+        for i in 0..chunks {
+            obj(&mut w, MD_MODULE, "ChunkStorageMetadata");
+            w.empty_dict().mark().str_memo("offsets");
+            size(&mut w, i);
+            w.str_memo("sizes");
+            size(&mut w, 1);
+            w.setitems().build();
         }
-        md.entries.push((
-            fqn,
-            EntryMeta::Tensor(TensorMeta {
-                dtype: Some(DType::F32),
-                dtype_name: "float32".into(),
-                size: vec![chunks],
-                chunks: regions,
-            }),
-        ));
-        md.encode()
+        w.appends().setitems().build();
+        w.setitems();
+        w.str_memo("storage_data").empty_dict().mark();
+        for i in 0..chunks {
+            obj(&mut w, MD_MODULE, "MetadataIndex");
+            w.empty_dict().mark();
+            w.str_memo("fqn").get(key).str_memo("index").int(0).str_memo("offset");
+            size(&mut w, i);
+            w.setitems().build();
+            obj(&mut w, FS_MODULE, "_StorageInfo");
+            w.empty_dict().mark();
+            w.str_memo("relative_path").str_memo("__0_0.distcp");
+            w.str_memo("offset").int(i as i64 * 1024).str_memo("length").int(1000);
+            w.setitems().build();
+        }
+        w.setitems();
+        w.setitems().build();
+        w.finish()
     }
 
     /// A hand-written `.metadata`: one tensor of rank `rank` whose `chunks` chunks are all the
@@ -746,7 +774,14 @@ mod tests {
         w.empty_dict().mark();
         w.str_memo("properties");
         obj(&mut w, "TensorProperties");
-        w.mark().global("torch", "float32").none().bool(false).none().bool(false).tuple(5).build();
+        w.mark()
+            .global("torch", "float32")
+            .none()
+            .bool(false)
+            .none()
+            .bool(false)
+            .tuple(5)
+            .build();
         w.str_memo("size");
         w.global("torch", "Size");
         w.int_tuple(&vec![1; rank]).tuple(1).reduce();
@@ -876,7 +911,11 @@ mod tests {
         .unwrap();
         assert!(back.entries == md.entries && back.storage == md.storage && back.planner_data == md.planner_data);
         let ratio = budget.used() as f64 / data.len() as f64;
-        println!("{} bytes of .metadata decode to {} budget units: {ratio:.2} per byte", data.len(), budget.used());
+        println!(
+            "{} bytes of .metadata decode to {} budget units: {ratio:.2} per byte",
+            data.len(),
+            budget.used()
+        );
         assert!(ratio < 8.0, "{ratio}");
     }
 

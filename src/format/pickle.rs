@@ -914,13 +914,13 @@ impl Budget {
             None => {
                 self.left.set(0);
                 Err(Error::corrupt(format!(
-                    "{}: pickle expands past {} bytes when decoded, from {} bytes of input (the limit is {} times its size plus {} MiB); \
+                    "{}: pickle expands past {} bytes when decoded, from {} bytes of input (the limit is {} times its size plus {} KiB); \
                      refusing it as hostile or corrupt",
                     self.what,
                     self.limit(),
                     self.input,
                     self.per_byte,
-                    self.floor >> 20
+                    self.floor >> 10
                 )))
             }
         }

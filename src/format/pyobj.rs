@@ -97,9 +97,10 @@ impl PyValue {
     }
 
     /// What the value of a pickle of `input` bytes may cost, in bytes materialised: 64 per
-    /// input byte (a one-byte `None` opcode becomes a 32-byte value) plus 16 MiB.
+    /// input byte plus 1 MiB. Without shared references no value costs more than 32 per byte
+    /// (a one-byte `None` or `()` opcode becomes a 32-byte value; a str, its own length).
     pub fn budget(input: usize, what: &str) -> Budget {
-        Budget::new(what, input, 64, 16 << 20)
+        Budget::new(what, input, 64, 1 << 20)
     }
 
     /// The plain value of node `id`, charging `budget` for what it materialises: the slots of
