@@ -404,6 +404,24 @@ fn pickle_readers_stay_bounded() {
 }
 
 #[test]
+fn the_densest_plain_pickle_still_decodes_within_the_bound() {
+    // `pickle.dumps([None] * 1_000_000, protocol=2)`: one byte per value, the most values per
+    // input byte a pickle without shared references can hold (each a 32-byte `PyValue`).
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut data = vec![0x80, 2, b']', b'q', 0];
+    for _ in 0..1000 {
+        data.push(b'(');
+        data.extend(std::iter::repeat_n(b'N', 1000));
+        data.push(b'e');
+    }
+    data.push(b'.');
+    let v = measured("PyValue::from_pickle: [None] * 1000000 (not hostile)", data.len(), || {
+        PyValue::from_pickle(&data, "t").unwrap()
+    });
+    assert_eq!(v, Some(PyValue::List(vec![PyValue::None; 1_000_000])));
+}
+
+#[test]
 fn metadata_decoder_refuses_memo_repetition() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for (label, data) in hostile_metadata() {
