@@ -340,6 +340,8 @@ fn rss_reaper() {
         return;
     };
     let out = std::fs::File::create(&out_path).unwrap();
+    // Reaped by `wait4` below, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_dcp"))
         .args(args.split('\u{1f}'))
         .stdin(Stdio::null())
