@@ -363,21 +363,19 @@ impl LiteralParser<'_> {
             b'{' => {
                 self.pos += 1;
                 let mut items = Vec::new();
-                let save = self.pos;
-                if !self.eat(b'}') {
-                    self.value(depth + 1)?;
-                    if !self.eat(b':') {
-                        return Err(self.err("sets are not supported (only dicts use braces)"));
-                    }
-                }
-                self.pos = save;
                 loop {
                     if self.eat(b'}') {
                         break;
                     }
+                    // Each key is parsed once: looking ahead by parsing the first key twice
+                    // would take 2^depth steps on keys that are themselves dicts.
                     let k = self.value(depth + 1)?;
                     if !self.eat(b':') {
-                        return Err(self.err("expected ':'"));
+                        return Err(self.err(if items.is_empty() {
+                            "sets are not supported (only dicts use braces)"
+                        } else {
+                            "expected ':'"
+                        }));
                     }
                     let v = self.value(depth + 1)?;
                     items.push((k, v));
@@ -572,6 +570,25 @@ mod tests {
         assert!(PyValue::parse_literal("[1, 2").is_err());
         assert!(PyValue::parse_literal("foo").is_err());
         assert!(PyValue::parse_literal("1 2").is_err());
+        let e = PyValue::parse_literal("{1, 2}").unwrap_err();
+        assert!(e.to_string().contains("sets are not supported"), "{e}");
+        assert!(PyValue::parse_literal("{1: 2, 3}")
+            .unwrap_err()
+            .to_string()
+            .contains("expected ':'"));
+    }
+
+    #[test]
+    fn nested_dict_keys_parse_in_linear_time() {
+        // {{{...{1: 0}...: 0}: 0}: 0}, 200 deep: each level's key is a dict.
+        let mut text = "1".to_string();
+        for _ in 0..200 {
+            text = format!("{{{text}: 0}}");
+        }
+        let t = std::time::Instant::now();
+        let v = PyValue::parse_literal(&text).unwrap();
+        assert!(t.elapsed().as_secs() < 5);
+        assert_eq!(PyValue::parse_literal(&v.to_string()).unwrap(), v);
     }
 
     #[test]
