@@ -521,7 +521,10 @@ fn checkpoint_with_a_memo_repeat_metadata_is_refused() {
 
 /// Not a test: writes the hostile inputs above into `DCP_WRITE_CORPUS`/<target>/ (the fuzz
 /// regressions, `fuzz/regressions/`), as `amplification-*` files, for `tests/fuzz_corpus.rs` to
-/// replay with its bound on peak memory.
+/// replay with its bound on peak memory. The small pickle and zip ones are also fuzzer seeds
+/// (`fuzz/corpus/<target>/seed-amplification-*`), for the fuzzers to mutate.
+/// Run: `DCP_WRITE_CORPUS=fuzz/regressions cargo test --release --test hostile_pickles
+/// write_hostile_corpus -- --ignored --exact`.
 #[test]
 #[ignore = "a helper that writes the hostile inputs into the fuzz regressions"]
 fn write_hostile_corpus() {
