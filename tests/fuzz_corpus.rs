@@ -1,18 +1,89 @@
 //! Replays the fuzz corpus (`fuzz/corpus/<target>/*`: seeds and a few minimised inputs the
-//! fuzzers found), the crashes they found and we fixed (`fuzz/regressions/<target>/*`), and the
-//! local working corpus (`fuzz/work/<target>/*`, not committed) when there is one, through the
-//! fuzz targets' own bodies (`fuzz/harness.rs`), on stable Rust: every input must come back
-//! without a panic. The fuzzers themselves run with `scripts/fuzz.sh` (cargo-fuzz, libFuzzer).
+//! fuzzers found), the crashes they found and we fixed (`fuzz/regressions/<target>/*`, among
+//! them the amplification inputs: pickles of shared references and `.metadata` files repeating
+//! memo references, kilobytes that decoded to gigabytes), and the local working corpus
+//! (`fuzz/work/<target>/*`, not committed) when there is one, through the fuzz targets' own
+//! bodies (`fuzz/harness.rs`), on stable Rust: every input must come back without a panic, and
+//! without allocating more than [`bound`] at its peak (a counting global allocator measures it),
+//! so an amplification fails here as it crashes the fuzzers (`scripts/fuzz.sh` runs them with an
+//! RSS and a malloc limit). The fuzzers themselves run with `scripts/fuzz.sh` (cargo-fuzz,
+//! libFuzzer).
 
 #[path = "../fuzz/harness.rs"]
 mod harness;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Counts the bytes allocated in this process and their high-water mark.
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = CURRENT.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+fn shrank(n: usize) {
+    CURRENT.fetch_sub(n, Ordering::Relaxed);
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged
+// and only counts sizes on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's layout contract is passed on as is.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for alloc.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator (System) with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        shrank(layout.size());
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from System with `layout`; the caller guarantees `new_size`.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                grew(new_size - layout.size());
+            } else {
+                shrank(layout.size() - new_size);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The most one input of `len` bytes may allocate at its peak: the readers charge what they
+/// materialise against budgets of at most 64 bytes per input byte plus a few MiB, and the pickle
+/// VM makes at most one node per input byte.
+fn bound(len: usize) -> usize {
+    128 * len + (64 << 20)
+}
 
 #[test]
-fn every_corpus_file_runs_without_a_panic() {
+fn every_corpus_file_runs_without_a_panic_within_bounded_memory() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut total = 0;
+    // (peak bytes, input bytes, file) of the input with the highest peak over its bound's slope.
+    let mut worst: Option<(usize, usize, String)> = None;
     for (name, f) in harness::TARGETS {
         let mut n = 0;
         for dir in ["corpus", "regressions", "work"] {
@@ -23,8 +94,21 @@ fn every_corpus_file_runs_without_a_panic() {
             files.sort();
             for p in files {
                 let data = std::fs::read(&p).unwrap();
+                let base = CURRENT.load(Ordering::Relaxed);
+                PEAK.store(base, Ordering::Relaxed);
                 let r = std::panic::catch_unwind(|| f(&data));
+                let peak = PEAK.load(Ordering::Relaxed) - base;
                 assert!(r.is_ok(), "fuzz target {name} panicked on {}", p.display());
+                assert!(
+                    peak <= bound(data.len()),
+                    "fuzz target {name} allocated {peak} bytes at its peak on {} ({} bytes; bound {})",
+                    p.display(),
+                    data.len(),
+                    bound(data.len())
+                );
+                if worst.as_ref().is_none_or(|w| peak > w.0) {
+                    worst = Some((peak, data.len(), p.display().to_string()));
+                }
                 n += 1;
             }
         }
@@ -33,4 +117,7 @@ fn every_corpus_file_runs_without_a_panic() {
         total += n;
     }
     println!("{total} inputs replayed");
+    if let Some((peak, len, file)) = worst {
+        println!("highest peak: {peak} bytes allocated for the {len}-byte input {file}");
+    }
 }

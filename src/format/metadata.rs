@@ -2,7 +2,7 @@
 //! [`Metadata::encode`] emits it with the same classes and shapes torch 2.11 writes
 //! (`../shared/reference/torch-dcp-format.txt`); [`Metadata::decode`] reads what torch writes.
 
-use super::pickle::{self, Graph, NodeId, PickleWriter};
+use super::pickle::{self, Budget, Graph, NodeId, PickleWriter};
 use crate::error::{Error, Result};
 use crate::region::Region;
 use crate::tensor::DType;
@@ -79,9 +79,27 @@ impl Metadata {
         Encoder::new().metadata(self)
     }
 
+    /// Reads a `.metadata` pickle. What it materialises (strings, sizes, chunks: one copy per
+    /// reference, where the pickle shares them through its memo) is charged against
+    /// [`Metadata::decode_budget`], so a hostile file is refused instead of exhausting memory.
     pub fn decode(data: &[u8], what: &str) -> Result<Metadata> {
         let g = pickle::parse(data, what)?;
-        Decoder { g: &g, what }.metadata()
+        let budget = Self::decode_budget(data.len(), what);
+        Decoder {
+            g: &g,
+            what,
+            budget: &budget,
+        }
+        .metadata()
+    }
+
+    /// What decoding a `.metadata` of `input` bytes may materialise: 32 bytes per input byte
+    /// plus 4 MiB. torch's files (and libdcp's) decode to about 5 bytes per input byte (a chunk
+    /// of about 40 pickle bytes becomes a `Region` of about 100, a storage entry of 95 a
+    /// `StorageIndex` and `StorageInfo` with their strings), millions of chunks included; only
+    /// keys longer than about a kilobyte, each in many chunks, would come near the limit.
+    pub fn decode_budget(input: usize, what: &str) -> Budget {
+        Budget::new(what, input, 32, 4 << 20)
     }
 
     /// Lookup tables for loading: key -> entry, (key, chunk offsets) -> storage.
@@ -308,6 +326,12 @@ impl Encoder {
 struct Decoder<'g> {
     g: &'g Graph,
     what: &'g str,
+    budget: &'g Budget,
+}
+
+/// Budget units for an owned string of `len` bytes.
+fn string_cost(len: usize) -> u64 {
+    (std::mem::size_of::<String>() + len) as u64
 }
 
 impl Decoder<'_> {
@@ -324,8 +348,31 @@ impl Decoder<'_> {
         Ok(state)
     }
 
-    fn field(&self, state: Option<NodeId>, name: &str) -> Option<NodeId> {
-        state.and_then(|s| self.g.dict_get(s, name))
+    /// A field of an object's state dict; looking costs the items looked at.
+    fn field(&self, state: Option<NodeId>, name: &str) -> Result<Option<NodeId>> {
+        match state {
+            Some(s) => self.g.dict_get_charged(s, name, self.budget),
+            None => Ok(None),
+        }
+    }
+
+    /// An owned copy of a str node (charged), `None` when the node is not a str.
+    fn string(&self, id: NodeId) -> Result<Option<String>> {
+        match self.g.as_str(id) {
+            Some(s) => {
+                self.budget.charge(string_cost(s.len()))?;
+                Ok(Some(s.to_string()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// An optional str field, copied.
+    fn string_field(&self, state: Option<NodeId>, name: &str) -> Result<Option<String>> {
+        match self.field(state, name)? {
+            Some(i) => self.string(i),
+            None => Ok(None),
+        }
     }
 
     fn uint(&self, id: NodeId, what: &str) -> Result<u64> {
@@ -347,6 +394,8 @@ impl Decoder<'_> {
             _ => id,
         };
         let items = self.g.as_seq(seq).ok_or_else(|| self.err(format!("{what} is not a size")))?;
+        self.budget.charge(std::mem::size_of::<Vec<u64>>() as u64)?;
+        self.budget.charge_items(items.len(), std::mem::size_of::<u64>())?;
         items.iter().map(|&i| self.uint(i, what)).collect()
     }
 
@@ -354,49 +403,50 @@ impl Decoder<'_> {
         let state = self.object_state(self.g.root, "Metadata")?;
         let mut md = Metadata::default();
         let sdm = self
-            .field(state, "state_dict_metadata")
+            .field(state, "state_dict_metadata")?
             .ok_or_else(|| self.err("no state_dict_metadata"))?;
         for &(k, v) in self.g.as_dict(sdm).ok_or_else(|| self.err("state_dict_metadata is not a dict"))? {
             let fqn = self
-                .g
-                .as_str(k)
-                .ok_or_else(|| self.err("a key of state_dict_metadata is not a str"))?
-                .to_string();
+                .string(k)?
+                .ok_or_else(|| self.err("a key of state_dict_metadata is not a str"))?;
             let entry = self.entry(v, &fqn)?;
             md.entries.push((fqn, entry));
         }
-        if let Some(pd) = self.field(state, "planner_data") {
+        if let Some(pd) = self.field(state, "planner_data")? {
             if let Some(items) = self.g.as_dict(pd) {
                 for &(k, v) in items {
                     let (Some(fqn), Some(parts)) = (self.g.as_str(k), self.g.as_seq(v)) else {
                         continue;
                     };
-                    let path = parts
-                        .iter()
-                        .filter_map(|&p| match self.g.as_str(p) {
-                            Some(s) => Some(PathPart::Key(s.to_string())),
-                            None => self.g.as_int(p).map(|i| PathPart::Index(i.max(0) as u64)),
-                        })
-                        .collect();
+                    self.budget.charge(string_cost(fqn.len()))?;
+                    self.budget.charge_items(parts.len(), std::mem::size_of::<PathPart>())?;
+                    let mut path = Vec::with_capacity(parts.len());
+                    for &p in parts {
+                        if let Some(s) = self.string(p)? {
+                            path.push(PathPart::Key(s));
+                        } else if let Some(i) = self.g.as_int(p) {
+                            path.push(PathPart::Index(i.max(0) as u64));
+                        }
+                    }
                     md.planner_data.push((fqn.to_string(), path));
                 }
             }
         }
-        if let Some(sd) = self.field(state, "storage_data") {
+        if let Some(sd) = self.field(state, "storage_data")? {
             if !self.g.is_none(sd) {
                 for &(k, v) in self.g.as_dict(sd).ok_or_else(|| self.err("storage_data is not a dict"))? {
                     md.storage.push((self.storage_index(k)?, self.storage_info(v)?));
                 }
             }
         }
-        if let Some(sm) = self.field(state, "storage_meta") {
+        if let Some(sm) = self.field(state, "storage_meta")? {
             if !self.g.is_none(sm) {
                 let st = self.object_state(sm, "StorageMeta")?;
-                md.checkpoint_id = self.field(st, "checkpoint_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
-                md.save_id = self.field(st, "save_id").and_then(|i| self.g.as_str(i)).map(str::to_string);
+                md.checkpoint_id = self.string_field(st, "checkpoint_id")?;
+                md.save_id = self.string_field(st, "save_id")?;
             }
         }
-        md.version = self.field(state, "version").and_then(|i| self.g.as_str(i)).map(str::to_string);
+        md.version = self.string_field(state, "version")?;
         Ok(md)
     }
 
@@ -405,11 +455,12 @@ impl Decoder<'_> {
             .g
             .as_call(id)
             .ok_or_else(|| self.err(format!("entry {fqn:?} is not an object")))?;
+        self.budget.charge(std::mem::size_of::<EntryMeta>() as u64)?;
         match class {
             "BytesStorageMetadata" => Ok(EntryMeta::Bytes),
             "TensorStorageMetadata" => {
                 let props = self
-                    .field(state, "properties")
+                    .field(state, "properties")?
                     .ok_or_else(|| self.err(format!("{fqn}: no properties")))?;
                 let dtype_node = self.dtype_node(props, fqn)?;
                 let (module, name) = self
@@ -419,25 +470,27 @@ impl Decoder<'_> {
                 if module != "torch" {
                     return Err(self.err(format!("{fqn}: dtype {module}.{name} is not a torch dtype")));
                 }
+                self.budget.charge(string_cost(name.len()))?;
                 let size = self.size(
-                    self.field(state, "size").ok_or_else(|| self.err(format!("{fqn}: no size")))?,
+                    self.field(state, "size")?.ok_or_else(|| self.err(format!("{fqn}: no size")))?,
                     "size",
                 )?;
-                let chunks_node = self.field(state, "chunks").ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
-                let mut chunks = Vec::new();
-                for &c in self
+                let chunks_node = self.field(state, "chunks")?.ok_or_else(|| self.err(format!("{fqn}: no chunks")))?;
+                let chunk_nodes = self
                     .g
                     .as_seq(chunks_node)
-                    .ok_or_else(|| self.err(format!("{fqn}: chunks is not a list")))?
-                {
+                    .ok_or_else(|| self.err(format!("{fqn}: chunks is not a list")))?;
+                self.budget.charge_items(chunk_nodes.len(), std::mem::size_of::<Region>())?;
+                let mut chunks = Vec::with_capacity(chunk_nodes.len());
+                for &c in chunk_nodes {
                     let cs = self.object_state(c, "ChunkStorageMetadata")?;
                     let offsets = self.size(
-                        self.field(cs, "offsets")
+                        self.field(cs, "offsets")?
                             .ok_or_else(|| self.err(format!("{fqn}: chunk without offsets")))?,
                         "offsets",
                     )?;
                     let sizes = self.size(
-                        self.field(cs, "sizes")
+                        self.field(cs, "sizes")?
                             .ok_or_else(|| self.err(format!("{fqn}: chunk without sizes")))?,
                         "sizes",
                     )?;
@@ -470,23 +523,20 @@ impl Decoder<'_> {
                 .ok_or_else(|| self.err(format!("{fqn}: empty TensorProperties")));
         }
         self.g
-            .dict_get(state, "dtype")
+            .dict_get_charged(state, "dtype", self.budget)?
             .ok_or_else(|| self.err(format!("{fqn}: TensorProperties without dtype")))
     }
 
     fn storage_index(&self, id: NodeId) -> Result<StorageIndex> {
         let st = self.object_state(id, "MetadataIndex")?;
-        let fqn = self
-            .field(st, "fqn")
-            .and_then(|i| self.g.as_str(i))
-            .ok_or_else(|| self.err("MetadataIndex without fqn"))?
-            .to_string();
-        let offset = match self.field(st, "offset") {
+        self.budget.charge(std::mem::size_of::<StorageIndex>() as u64)?;
+        let fqn = self.string_field(st, "fqn")?.ok_or_else(|| self.err("MetadataIndex without fqn"))?;
+        let offset = match self.field(st, "offset")? {
             Some(o) if !self.g.is_none(o) => Some(self.size(o, "MetadataIndex.offset")?),
             _ => None,
         };
         let index = self
-            .field(st, "index")
+            .field(st, "index")?
             .and_then(|i| self.g.as_int(i))
             .and_then(|v| u64::try_from(v).ok());
         Ok(StorageIndex { fqn, offset, index })
@@ -494,23 +544,23 @@ impl Decoder<'_> {
 
     fn storage_info(&self, id: NodeId) -> Result<StorageInfo> {
         let st = self.object_state(id, "_StorageInfo")?;
+        self.budget.charge(std::mem::size_of::<StorageInfo>() as u64)?;
         let relative_path = self
-            .field(st, "relative_path")
-            .and_then(|i| self.g.as_str(i))
+            .string_field(st, "relative_path")?
             .ok_or_else(|| self.err("_StorageInfo without relative_path"))?;
         if relative_path.is_empty() || relative_path.contains(['/', '\\', '\0']) || relative_path == "." || relative_path == ".." {
             return Err(self.err(format!("storage path {relative_path:?} is not a plain file name")));
         }
         let offset = self.uint(
-            self.field(st, "offset").ok_or_else(|| self.err("_StorageInfo without offset"))?,
+            self.field(st, "offset")?.ok_or_else(|| self.err("_StorageInfo without offset"))?,
             "offset",
         )?;
         let length = self.uint(
-            self.field(st, "length").ok_or_else(|| self.err("_StorageInfo without length"))?,
+            self.field(st, "length")?.ok_or_else(|| self.err("_StorageInfo without length"))?,
             "length",
         )?;
         Ok(StorageInfo {
-            relative_path: relative_path.to_string(),
+            relative_path,
             offset,
             length,
         })
@@ -644,6 +694,229 @@ mod tests {
             let _ = Metadata::decode(&g, "m");
             g[i] ^= 0x5a;
         }
+    }
+
+    /// A `.metadata` as torch or libdcp writes it for one tensor of `chunks` one-element chunks,
+    /// except that the key is `fqn_len` bytes long: written once, it is fetched from the memo by
+    /// every storage entry (5 bytes each), so decoding copies it `chunks` times.
+    pub(crate) fn memo_repeat_metadata(fqn_len: usize, chunks: u64) -> Vec<u8> {
+        let mut w = PickleWriter::new(4);
+        let obj = |w: &mut PickleWriter, module: &str, class: &str| {
+            w.global(module, class);
+            w.empty_tuple().newobj();
+        };
+        let size = |w: &mut PickleWriter, v: u64| {
+            w.global("torch", "Size");
+            w.int_tuple(&[v]).tuple(1).reduce();
+        };
+        obj(&mut w, MD_MODULE, "Metadata");
+        w.empty_dict().mark();
+        w.str_memo("state_dict_metadata").empty_dict().mark();
+        w.str(&"k".repeat(fqn_len));
+        let key = w.memoize();
+        obj(&mut w, MD_MODULE, "TensorStorageMetadata");
+        w.empty_dict().mark();
+        w.str_memo("properties");
+        obj(&mut w, MD_MODULE, "TensorProperties");
+        w.mark()
+            .global("torch", "float32")
+            .none()
+            .bool(false)
+            .none()
+            .bool(false)
+            .tuple(5)
+            .build();
+        w.str_memo("size");
+        size(&mut w, chunks);
+        w.str_memo("chunks").empty_list().mark();
+        for i in 0..chunks {
+            obj(&mut w, MD_MODULE, "ChunkStorageMetadata");
+            w.empty_dict().mark().str_memo("offsets");
+            size(&mut w, i);
+            w.str_memo("sizes");
+            size(&mut w, 1);
+            w.setitems().build();
+        }
+        w.appends().setitems().build();
+        w.setitems();
+        w.str_memo("storage_data").empty_dict().mark();
+        for i in 0..chunks {
+            obj(&mut w, MD_MODULE, "MetadataIndex");
+            w.empty_dict().mark();
+            w.str_memo("fqn").get(key).str_memo("index").int(0).str_memo("offset");
+            size(&mut w, i);
+            w.setitems().build();
+            obj(&mut w, FS_MODULE, "_StorageInfo");
+            w.empty_dict().mark();
+            w.str_memo("relative_path").str_memo("__0_0.distcp");
+            w.str_memo("offset").int(i as i64 * 1024).str_memo("length").int(1000);
+            w.setitems().build();
+        }
+        w.setitems();
+        w.setitems().build();
+        w.finish()
+    }
+
+    /// A hand-written `.metadata`: one tensor of rank `rank` whose `chunks` chunks are all the
+    /// same memoized object, with offsets and sizes the same memoized `torch.Size`.
+    pub(crate) fn shared_chunks_metadata(rank: usize, chunks: usize) -> Vec<u8> {
+        let mut w = PickleWriter::new(4);
+        let obj = |w: &mut PickleWriter, class: &str| {
+            w.global(MD_MODULE, class);
+            w.empty_tuple().newobj();
+        };
+        obj(&mut w, "Metadata");
+        w.empty_dict().mark();
+        w.str_memo("state_dict_metadata");
+        w.empty_dict().mark();
+        w.str("w");
+        obj(&mut w, "TensorStorageMetadata");
+        w.empty_dict().mark();
+        w.str_memo("properties");
+        obj(&mut w, "TensorProperties");
+        w.mark()
+            .global("torch", "float32")
+            .none()
+            .bool(false)
+            .none()
+            .bool(false)
+            .tuple(5)
+            .build();
+        w.str_memo("size");
+        w.global("torch", "Size");
+        w.int_tuple(&vec![1; rank]).tuple(1).reduce();
+        let size = w.memoize();
+        w.str_memo("chunks");
+        w.empty_list().mark();
+        obj(&mut w, "ChunkStorageMetadata");
+        w.empty_dict().mark();
+        w.str_memo("offsets").get(size).str_memo("sizes").get(size).setitems().build();
+        let chunk = w.memoize();
+        for _ in 1..chunks {
+            w.get(chunk);
+        }
+        w.appends().setitems().build();
+        w.setitems();
+        w.setitems().build();
+        w.finish()
+    }
+
+    #[test]
+    fn memo_repeated_key_is_refused() {
+        // 512 KB key, 4000 storage entries: about 1 MB that decoded to 2 GB of copies.
+        let data = memo_repeat_metadata(512 << 10, 4000);
+        assert!(data.len() < 1 << 20, "{} bytes", data.len());
+        let t = std::time::Instant::now();
+        let e = Metadata::decode(&data, "/ckpt/.metadata").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(e.to_string().starts_with("/ckpt/.metadata: pickle expands past"), "{e}");
+        assert!(t.elapsed().as_secs() < 5);
+        // The same shape with a short key decodes.
+        let ok = Metadata::decode(&memo_repeat_metadata(20, 4000), "m").unwrap();
+        assert_eq!(ok.storage.len(), 4000);
+    }
+
+    #[test]
+    fn shared_chunks_are_refused() {
+        // Rank 4096 (64 KB a chunk decoded) times 20000 references of 5 bytes: 1.3 GB from 110 KB.
+        let data = shared_chunks_metadata(4096, 20_000);
+        assert!(data.len() < 120_000, "{} bytes", data.len());
+        let e = Metadata::decode(&data, "m").unwrap_err();
+        assert!(e.to_string().contains("pickle expands past"), "{e}");
+        let md = Metadata::decode(&shared_chunks_metadata(4, 1000), "m").unwrap();
+        let EntryMeta::Tensor(t) = &md.entries[0].1 else { panic!() };
+        assert_eq!(t.chunks.len(), 1000);
+        assert_eq!(t.chunks[999].sizes, vec![1; 4]);
+    }
+
+    #[test]
+    fn a_shared_state_dict_does_not_make_lookups_quadratic() {
+        // One MetadataIndex whose state has 100000 items before `fqn`, and storage_data naming
+        // it 100000 times: 3 * 10^10 items scanned unbudgeted.
+        let mut w = PickleWriter::new(4);
+        w.global(MD_MODULE, "Metadata");
+        w.empty_tuple().newobj().empty_dict().mark();
+        w.str_memo("state_dict_metadata").empty_dict();
+        w.str_memo("storage_data").empty_dict().mark();
+        w.global(MD_MODULE, "MetadataIndex");
+        w.empty_tuple().newobj().empty_dict().mark();
+        for i in 0..100_000 {
+            w.int(i).none();
+        }
+        w.str("fqn").str("w").setitems().build();
+        let index = w.memoize();
+        w.global(FS_MODULE, "_StorageInfo");
+        w.empty_tuple().newobj().empty_dict().mark();
+        w.str("relative_path").str("f").str("offset").int(0).str("length").int(0);
+        w.setitems().build();
+        let info = w.memoize();
+        for _ in 1..100_000 {
+            w.get(index).get(info);
+        }
+        w.setitems();
+        w.setitems().build();
+        let data = w.finish();
+        let t = std::time::Instant::now();
+        let e = Metadata::decode(&data, "m").unwrap_err();
+        assert!(e.to_string().contains("pickle expands past"), "{e}");
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn real_metadata_decodes_well_inside_its_budget() {
+        // Many keys with long names, sharded in many chunks, as torch and libdcp write them.
+        let mut md = Metadata::default();
+        for k in 0..200u64 {
+            let fqn = format!("model.layers.{k}.self_attention.linear_qkv.layer_norm_weight_and_some_more_words");
+            let chunks: Vec<Region> = (0..64u64)
+                .map(|i| Region {
+                    offsets: vec![i * 8, 0],
+                    sizes: vec![8, 16],
+                })
+                .collect();
+            for (i, c) in chunks.iter().enumerate() {
+                md.storage.push((
+                    StorageIndex {
+                        fqn: fqn.clone(),
+                        offset: Some(c.offsets.clone()),
+                        index: Some(i as u64),
+                    },
+                    StorageInfo {
+                        relative_path: format!("__{i}_0.distcp"),
+                        offset: k * 4096,
+                        length: 512,
+                    },
+                ));
+            }
+            md.planner_data.push((fqn.clone(), default_path(&fqn)));
+            md.entries.push((
+                fqn,
+                EntryMeta::Tensor(TensorMeta {
+                    dtype: Some(DType::F32),
+                    dtype_name: "float32".into(),
+                    size: vec![512, 16],
+                    chunks,
+                }),
+            ));
+        }
+        let data = md.encode();
+        let g = pickle::parse(&data, "m").unwrap();
+        let budget = Budget::new("m", data.len(), 32, 0);
+        let back = Decoder {
+            g: &g,
+            what: "m",
+            budget: &budget,
+        }
+        .metadata()
+        .unwrap();
+        assert!(back.entries == md.entries && back.storage == md.storage && back.planner_data == md.planner_data);
+        let ratio = budget.used() as f64 / data.len() as f64;
+        println!(
+            "{} bytes of .metadata decode to {} budget units: {ratio:.2} per byte",
+            data.len(),
+            budget.used()
+        );
+        assert!(ratio < 8.0, "{ratio}");
     }
 
     #[test]

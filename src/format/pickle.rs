@@ -6,8 +6,15 @@
 //! args", a `NEWOBJ`+`BUILD` stays "object of this class with that state". The format modules then
 //! interpret those shapes. Parsing is bounded: every read is checked, lengths are capped by the
 //! input, and errors name the byte offset.
+//!
+//! Memory stays linear in the input: the VM makes at most one node per opcode byte (strings and
+//! bytes no longer than the bytes they come from), and a value fetched from the memo (`BINGET`) or
+//! named twice is the same node, never a copy. Readers that turn a graph into owned values (a
+//! tree, where sharing becomes copying) charge what they materialise against a [`Budget`]
+//! proportional to the input, so a few kilobytes of shared references cannot expand to gigabytes.
 
 use crate::error::{Error, Result};
+use std::cell::Cell;
 use std::collections::HashMap;
 
 mod op {
@@ -344,9 +351,10 @@ pub enum Node {
     List(Vec<NodeId>),
     Dict(Vec<(NodeId, NodeId)>),
     Set(Vec<NodeId>),
+    /// `module.name`: both are `Str` nodes (shared with the strings a `STACK_GLOBAL` consumed).
     Global {
-        module: String,
-        name: String,
+        module: NodeId,
+        name: NodeId,
     },
     /// `callable(*args)` (REDUCE) or `cls.__new__(cls, *args)` (NEWOBJ), with the state given by
     /// a later BUILD.
@@ -687,19 +695,23 @@ impl<'a> Vm<'a> {
                     let module = self.utf8(module)?;
                     let name = self.line()?;
                     let name = self.utf8(name)?;
-                    self.push(Node::Global { module, name })
+                    self.nodes.push(Node::Str(module));
+                    self.nodes.push(Node::Str(name));
+                    let n = self.nodes.len();
+                    self.push(Node::Global {
+                        module: n - 2,
+                        name: n - 1,
+                    })
                 }
                 op::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    let (Node::Str(module), Node::Str(name)) = (&self.nodes[module], &self.nodes[name]) else {
+                    let (Node::Str(_), Node::Str(_)) = (&self.nodes[module], &self.nodes[name]) else {
                         return Err(self.err("STACK_GLOBAL needs two strings"));
                     };
-                    let g = Node::Global {
-                        module: module.clone(),
-                        name: name.clone(),
-                    };
-                    self.push(g)
+                    // The strings are referenced, not copied: a memoized string fetched many
+                    // times costs one node each time, not its length.
+                    self.push(Node::Global { module, name })
                 }
                 op::REDUCE | op::NEWOBJ | op::NEWOBJ_EX => {
                     if code == op::NEWOBJ_EX {
@@ -820,7 +832,7 @@ impl Graph {
     /// `Some((module, name))` when the node is a global.
     pub fn as_global(&self, id: NodeId) -> Option<(&str, &str)> {
         match &self.nodes[id] {
-            Node::Global { module, name } => Some((module, name)),
+            Node::Global { module, name } => Some((self.as_str(*module)?, self.as_str(*name)?)),
             _ => None,
         }
     }
@@ -838,10 +850,90 @@ impl Graph {
             .find(|(k, _)| self.as_str(*k) == Some(key))
             .map(|(_, v)| *v)
     }
+    /// [`Graph::dict_get`], charging `budget` one unit per item it looks at (a dict reached many
+    /// times through the memo costs its length each time).
+    pub fn dict_get_charged(&self, dict: NodeId, key: &str, budget: &Budget) -> Result<Option<NodeId>> {
+        let Some(items) = self.as_dict(dict) else {
+            return Ok(None);
+        };
+        for (i, &(k, v)) in items.iter().enumerate() {
+            if self.as_str(k) == Some(key) {
+                budget.charge(i as u64 + 1)?;
+                return Ok(Some(v));
+            }
+        }
+        budget.charge(items.len() as u64)?;
+        Ok(None)
+    }
+}
+
+/// What turning a pickle [`Graph`] into owned values may cost. The graph shares what the pickle
+/// shares (memo references); a tree of owned values copies it once per reference, which is how
+/// a 6 KB pickle (`[[[0] * 1000] * 1000] * 1000`) or a memo reference repeated a million times
+/// would expand to gigabytes. Decoders charge every byte they materialise and every item they
+/// visit; the limit is `per_byte` times the pickle's length plus a floor, so real pickles, whose
+/// decoded size is a small multiple of their length however large, always fit.
+#[derive(Debug)]
+pub struct Budget {
+    what: String,
+    input: usize,
+    per_byte: u64,
+    floor: u64,
+    left: Cell<u64>,
+}
+
+impl Budget {
+    /// A budget for decoding a pickle of `input` bytes; `what` names it (file, key) in the error.
+    pub fn new(what: &str, input: usize, per_byte: u64, floor: u64) -> Budget {
+        let limit = (input as u64).saturating_mul(per_byte).saturating_add(floor);
+        Budget {
+            what: what.to_string(),
+            input,
+            per_byte,
+            floor,
+            left: Cell::new(limit),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        (self.input as u64).saturating_mul(self.per_byte).saturating_add(self.floor)
+    }
+
+    /// Units charged so far.
+    pub fn used(&self) -> u64 {
+        self.limit() - self.left.get()
+    }
+
+    /// Takes `units` (bytes materialised, items visited) from the budget, or fails once it is spent.
+    pub fn charge(&self, units: u64) -> Result<()> {
+        match self.left.get().checked_sub(units) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => {
+                self.left.set(0);
+                Err(Error::corrupt(format!(
+                    "{}: pickle expands past {} bytes when decoded, from {} bytes of input (the limit is {} times its size plus {} KiB); \
+                     refusing it as hostile or corrupt",
+                    self.what,
+                    self.limit(),
+                    self.input,
+                    self.per_byte,
+                    self.floor >> 10
+                )))
+            }
+        }
+    }
+
+    /// Charges `count` items of `each` units (checked: a count from the input may be huge).
+    pub fn charge_items(&self, count: usize, each: usize) -> Result<()> {
+        self.charge((count as u64).saturating_mul(each as u64))
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -915,6 +1007,95 @@ mod tests {
         ] {
             assert!(parse(data, "t").is_err(), "{data:?}");
         }
+    }
+
+    /// What Python's `pickle.dumps` writes (protocol 2) for `depth` nested lists of `width`
+    /// items, each level the same list repeated: `[[[0] * 1000] * 1000] * 1000` is (3, 1000),
+    /// 6014 bytes for 10^9 leaves.
+    pub(crate) fn nested_shared_lists(depth: u8, width: usize) -> Vec<u8> {
+        let mut out = vec![op::PROTO, 2];
+        for level in 0..depth {
+            out.extend_from_slice(&[op::EMPTY_LIST, op::BINPUT, level, op::MARK]);
+        }
+        for _ in 0..width {
+            out.extend_from_slice(&[op::BININT1, 0]);
+        }
+        out.push(op::APPENDS);
+        for level in (0..depth.saturating_sub(1)).rev() {
+            for _ in 1..width {
+                out.extend_from_slice(&[op::BINGET, level + 1]);
+            }
+            out.push(op::APPENDS);
+        }
+        out.push(op::STOP);
+        out
+    }
+
+    #[test]
+    fn shared_references_stay_shared() {
+        let data = nested_shared_lists(3, 1000);
+        assert_eq!(data.len(), 6014, "the same bytes as Python's pickle.dumps");
+        let g = parse(&data, "t").unwrap();
+        // Three lists and 1000 zeros: one node per opcode, not 10^9.
+        assert_eq!(g.nodes.len(), 1003);
+        let outer = g.as_seq(g.root).unwrap();
+        assert_eq!(outer.len(), 1000);
+        assert!(outer.iter().all(|&i| i == outer[0]), "the memo shares the inner list");
+    }
+
+    #[test]
+    fn globals_reference_memoized_strings() {
+        // A 100 KB module name, memoized, then 10000 STACK_GLOBALs of it: the graph holds the
+        // string once.
+        let big = "m".repeat(100_000);
+        let mut w = PickleWriter::new(4);
+        w.str(&big);
+        w.memoize();
+        w.str("n");
+        w.memoize();
+        w.empty_list().mark();
+        for _ in 0..10_000 {
+            w.get(0).get(1).raw(&[op::STACK_GLOBAL]);
+        }
+        w.appends();
+        let data = w.finish();
+        let g = parse(&data, "t").unwrap();
+        let text: usize = g.nodes.iter().map(|n| if let Node::Str(s) = n { s.len() } else { 0 }).sum();
+        assert_eq!(text, big.len() + 1);
+        let items = g.as_seq(g.root).unwrap();
+        assert_eq!(items.len(), 10_000);
+        assert_eq!(g.as_global(items[9_999]), Some((big.as_str(), "n")));
+    }
+
+    #[test]
+    fn budget_refuses_past_its_limit() {
+        let b = Budget::new("key \"x\"", 100, 4, 1000);
+        assert_eq!(b.limit(), 1400);
+        b.charge(1000).unwrap();
+        b.charge_items(100, 4).unwrap();
+        assert_eq!(b.used(), 1400);
+        let e = b.charge(1).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("key \"x\": pickle expands past 1400 bytes"), "{e}");
+        // A huge count cannot wrap around.
+        let b = Budget::new("t", 0, 1, 10);
+        assert!(b.charge_items(usize::MAX, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn charged_dict_lookups_cost_what_they_scan() {
+        let mut w = PickleWriter::new(4);
+        w.empty_dict().mark();
+        for i in 0..100 {
+            w.int(i).int(i);
+        }
+        w.str("k").int(7).setitems();
+        let g = parse(&w.finish(), "t").unwrap();
+        let b = Budget::new("t", 0, 0, 1000);
+        assert_eq!(g.as_int(g.dict_get_charged(g.root, "k", &b).unwrap().unwrap()), Some(7));
+        assert_eq!(b.used(), 101);
+        assert_eq!(g.dict_get_charged(g.root, "absent", &b).unwrap(), None);
+        assert_eq!(b.used(), 202);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! (`optimizer.param_groups.0.lr`, `betas`, an opaque blob), stored by torch DCP as `torch.save`
 //! items.
 
-use super::pickle::{self, Graph, Node, NodeId, PickleWriter};
+use super::pickle::{self, Budget, Graph, Node, NodeId, PickleWriter};
 use crate::error::{Error, Result};
 use std::fmt;
 
@@ -21,6 +21,9 @@ pub enum PyValue {
 }
 
 const MAX_DEPTH: usize = 256;
+
+/// What one value costs where it sits (in a list, a tuple, a dict pair), for [`Budget`] charges.
+const VALUE_SLOT: u64 = std::mem::size_of::<PyValue>() as u64;
 
 impl PyValue {
     /// Writes the value's opcodes (no PROTO/STOP).
@@ -85,52 +88,114 @@ impl PyValue {
     }
 
     /// Interprets a pickle as a plain value; `Ok(None)` when it holds anything else (a class
-    /// instance, a tensor reference), which callers then keep as an opaque pickle.
+    /// instance, a tensor reference), which callers then keep as an opaque pickle. A pickle whose
+    /// value would expand past [`PyValue::budget`] (shared references, each a copy here) is an
+    /// error.
     pub fn from_pickle(data: &[u8], what: &str) -> Result<Option<PyValue>> {
         let g = pickle::parse(data, what)?;
-        Ok(Self::from_graph(&g, g.root, 0))
+        Self::from_graph(&g, g.root, &Self::budget(data.len(), what))
     }
 
-    pub fn from_graph(g: &Graph, id: NodeId, depth: usize) -> Option<PyValue> {
+    /// What the value of a pickle of `input` bytes may cost, in bytes materialised: 64 per
+    /// input byte plus 1 MiB. Without shared references no value costs more than 32 per byte
+    /// (a one-byte `None` or `()` opcode becomes a 32-byte value; a str, its own length).
+    pub fn budget(input: usize, what: &str) -> Budget {
+        Budget::new(what, input, 64, 1 << 20)
+    }
+
+    /// The plain value of node `id`, charging `budget` for what it materialises: the slots of
+    /// every list, tuple and dict (before they are allocated) and the bytes of every str and
+    /// bytes, once per reference. The root's own slot is charged too, so every node visited is
+    /// paid for and the time taken is bounded by the budget as well.
+    pub fn from_graph(g: &Graph, id: NodeId, budget: &Budget) -> Result<Option<PyValue>> {
+        budget.charge(VALUE_SLOT)?;
+        Self::from_node(g, id, 0, budget)
+    }
+
+    fn from_node(g: &Graph, id: NodeId, depth: usize, budget: &Budget) -> Result<Option<PyValue>> {
         if depth > MAX_DEPTH {
-            return None;
+            return Ok(None);
         }
-        let rec = |i: NodeId| Self::from_graph(g, i, depth + 1);
-        Some(match g.node(id) {
+        let seq = |items: &[NodeId]| -> Result<Option<Vec<PyValue>>> {
+            budget.charge_items(items.len(), VALUE_SLOT as usize)?;
+            let mut out = Vec::with_capacity(items.len());
+            for &i in items {
+                match Self::from_node(g, i, depth + 1, budget)? {
+                    Some(v) => out.push(v),
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(out))
+        };
+        Ok(Some(match g.node(id) {
             Node::None => PyValue::None,
             Node::Bool(b) => PyValue::Bool(*b),
             Node::Int(v) => PyValue::Int(*v),
             Node::Float(v) => PyValue::Float(*v),
-            Node::Str(s) => PyValue::Str(s.clone()),
-            Node::Bytes(b) => PyValue::Bytes(b.clone()),
-            Node::Tuple(items) => PyValue::Tuple(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
-            Node::List(items) => PyValue::List(items.iter().map(|&i| rec(i)).collect::<Option<_>>()?),
-            Node::Dict(items) => PyValue::Dict(items.iter().map(|&(k, v)| Some((rec(k)?, rec(v)?))).collect::<Option<_>>()?),
-            Node::Call { .. } => {
-                let ((module, name), args, state) = g.as_call(id)?;
-                if state.is_some() {
-                    return None;
+            Node::Str(s) => {
+                budget.charge(s.len() as u64)?;
+                PyValue::Str(s.clone())
+            }
+            Node::Bytes(b) => {
+                budget.charge(b.len() as u64)?;
+                PyValue::Bytes(b.clone())
+            }
+            Node::Tuple(items) => match seq(items)? {
+                Some(v) => PyValue::Tuple(v),
+                None => return Ok(None),
+            },
+            Node::List(items) => match seq(items)? {
+                Some(v) => PyValue::List(v),
+                None => return Ok(None),
+            },
+            Node::Dict(items) => {
+                budget.charge_items(items.len(), 2 * VALUE_SLOT as usize)?;
+                let mut out = Vec::with_capacity(items.len());
+                for &(k, v) in items {
+                    let k = Self::from_node(g, k, depth + 1, budget)?;
+                    let v = Self::from_node(g, v, depth + 1, budget)?;
+                    match (k, v) {
+                        (Some(k), Some(v)) => out.push((k, v)),
+                        _ => return Ok(None),
+                    }
                 }
-                let args = g.as_seq(args)?;
+                PyValue::Dict(out)
+            }
+            Node::Call { .. } => {
+                let Some(((module, name), args, state)) = g.as_call(id) else {
+                    return Ok(None);
+                };
+                let Some(args) = g.as_seq(args) else {
+                    return Ok(None);
+                };
+                if state.is_some() {
+                    return Ok(None);
+                }
                 match (module, name, args.len()) {
                     ("_codecs", "encode", 2) => {
-                        let text = g.as_str(args[0])?;
-                        if g.as_str(args[1])? != "latin1" {
-                            return None;
-                        }
+                        let (Some(text), Some("latin1")) = (g.as_str(args[0]), g.as_str(args[1])) else {
+                            return Ok(None);
+                        };
+                        budget.charge(text.len() as u64)?;
                         let bytes: Option<Vec<u8>> = text.chars().map(|c| u8::try_from(c as u32).ok()).collect();
-                        PyValue::Bytes(bytes?)
+                        match bytes {
+                            Some(b) => PyValue::Bytes(b),
+                            None => return Ok(None),
+                        }
                     }
                     ("__builtin__" | "builtins", "bytes", 0) => PyValue::Bytes(vec![]),
-                    ("__builtin__" | "builtins", "bytearray", 1) => PyValue::Bytes(match g.node(args[0]) {
-                        Node::Bytes(b) => b.clone(),
-                        _ => return None,
-                    }),
-                    _ => return None,
+                    ("__builtin__" | "builtins", "bytearray", 1) => match g.node(args[0]) {
+                        Node::Bytes(b) => {
+                            budget.charge(b.len() as u64)?;
+                            PyValue::Bytes(b.clone())
+                        }
+                        _ => return Ok(None),
+                    },
+                    _ => return Ok(None),
                 }
             }
-            _ => return None,
-        })
+            _ => return Ok(None),
+        }))
     }
 
     /// Parses Python literal syntax: `None`, `True`, `3`, `-1.5e3`, `inf`, `'text'`, `b'\x00'`,
@@ -298,21 +363,19 @@ impl LiteralParser<'_> {
             b'{' => {
                 self.pos += 1;
                 let mut items = Vec::new();
-                let save = self.pos;
-                if !self.eat(b'}') {
-                    self.value(depth + 1)?;
-                    if !self.eat(b':') {
-                        return Err(self.err("sets are not supported (only dicts use braces)"));
-                    }
-                }
-                self.pos = save;
                 loop {
                     if self.eat(b'}') {
                         break;
                     }
+                    // Each key is parsed once: looking ahead by parsing the first key twice
+                    // would take 2^depth steps on keys that are themselves dicts.
                     let k = self.value(depth + 1)?;
                     if !self.eat(b':') {
-                        return Err(self.err("expected ':'"));
+                        return Err(self.err(if items.is_empty() {
+                            "sets are not supported (only dicts use braces)"
+                        } else {
+                            "expected ':'"
+                        }));
                     }
                     let v = self.value(depth + 1)?;
                     items.push((k, v));
@@ -507,6 +570,71 @@ mod tests {
         assert!(PyValue::parse_literal("[1, 2").is_err());
         assert!(PyValue::parse_literal("foo").is_err());
         assert!(PyValue::parse_literal("1 2").is_err());
+        let e = PyValue::parse_literal("{1, 2}").unwrap_err();
+        assert!(e.to_string().contains("sets are not supported"), "{e}");
+        assert!(PyValue::parse_literal("{1: 2, 3}")
+            .unwrap_err()
+            .to_string()
+            .contains("expected ':'"));
+    }
+
+    #[test]
+    fn nested_dict_keys_parse_in_linear_time() {
+        // {{{...{1: 0}...: 0}: 0}: 0}, 200 deep: each level's key is a dict.
+        let mut text = "1".to_string();
+        for _ in 0..200 {
+            text = format!("{{{text}: 0}}");
+        }
+        let t = std::time::Instant::now();
+        let v = PyValue::parse_literal(&text).unwrap();
+        assert!(t.elapsed().as_secs() < 5);
+        assert_eq!(PyValue::parse_literal(&v.to_string()).unwrap(), v);
+    }
+
+    #[test]
+    fn shared_references_are_refused_or_kept_opaque() {
+        // `pickle.dumps([[[0] * 1000] * 1000] * 1000, protocol=2)`: 6 KB sharing one list,
+        // 10^9 values (32 GB) as a tree.
+        let data = crate::format::pickle::tests::nested_shared_lists(3, 1000);
+        let e = PyValue::from_pickle(&data, "key \"blob\"").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt);
+        assert!(e.to_string().contains("key \"blob\": pickle expands past"), "{e}");
+        // As an object item it is kept byte for byte.
+        assert_eq!(ObjectValue::from_pickle(&data, "t").unwrap(), ObjectValue::Pickle(data.clone()));
+        // Two levels (10^6 zeros, 32 MB) from 4 KB: also past 64 bytes per input byte.
+        let two = crate::format::pickle::tests::nested_shared_lists(2, 1000);
+        assert!(PyValue::from_pickle(&two, "t").is_err());
+        // Small sharing is fine: the value comes out whole.
+        let small = crate::format::pickle::tests::nested_shared_lists(2, 10);
+        let v = PyValue::from_pickle(&small, "t").unwrap().unwrap();
+        let row = PyValue::List(vec![PyValue::Int(0); 10]);
+        assert_eq!(v, PyValue::List(vec![row; 10]));
+    }
+
+    #[test]
+    fn a_memoized_string_repeated_is_charged_per_copy() {
+        let mut w = PickleWriter::new(2);
+        w.empty_list().mark();
+        w.str(&"s".repeat(1 << 20));
+        let idx = w.memoize();
+        for _ in 0..100_000 {
+            w.get(idx);
+        }
+        w.appends();
+        let data = w.finish();
+        assert!(data.len() < (1 << 20) + 300_000);
+        let e = PyValue::from_pickle(&data, "t").unwrap_err();
+        assert!(e.to_string().contains("pickle expands past"), "{e}");
+    }
+
+    #[test]
+    fn a_list_containing_itself_ends_quickly() {
+        // l = []; l.append(l); l.append(l): a cycle, 2^depth paths.
+        let data = [0x80, 2, b']', b'q', 0, b'h', 0, b'a', b'h', 0, b'a', b'.'];
+        let t = std::time::Instant::now();
+        assert!(!matches!(PyValue::from_pickle(&data, "t"), Ok(Some(_))));
+        assert!(matches!(ObjectValue::from_pickle(&data, "t").unwrap(), ObjectValue::Pickle(_)));
+        assert!(t.elapsed().as_secs() < 5);
     }
 
     #[test]
@@ -562,10 +690,13 @@ impl ObjectValue {
     }
 
     /// The value of a parsed pickle (`raw` is its bytes, kept when it is not a plain value).
+    /// A plain value that would expand past [`PyValue::budget`] when materialised (references
+    /// shared in the pickle, copied in a `PyValue`) stays an opaque pickle too: its bytes come
+    /// back exactly as saved, at the cost of their own length.
     pub fn from_graph(g: &Graph, raw: &[u8]) -> ObjectValue {
-        match PyValue::from_graph(g, g.root, 0) {
-            Some(v) => v.into(),
-            None => ObjectValue::Pickle(raw.to_vec()),
+        match PyValue::from_graph(g, g.root, &PyValue::budget(raw.len(), "object")) {
+            Ok(Some(v)) => v.into(),
+            Ok(None) | Err(_) => ObjectValue::Pickle(raw.to_vec()),
         }
     }
 

@@ -424,7 +424,9 @@ pub fn locate_central_directory(tail: &[u8], len: u64, what: &str) -> Result<CdL
 /// Parses the central directory bytes.
 pub fn parse_central_directory(cd: &[u8], loc: CdLocation, len: u64, what: &str) -> Result<Vec<ZipEntry>> {
     let bad = |m: String| Error::corrupt(format!("{what}: bad zip central directory: {m}"));
-    let mut entries = Vec::with_capacity(loc.count as usize);
+    // Every entry takes at least 46 bytes of the directory read: the count claimed cannot size
+    // an allocation beyond that.
+    let mut entries = Vec::with_capacity(loc.count.min(cd.len() as u64 / 46) as usize);
     let mut p = 0usize;
     for i in 0..loc.count {
         if p + 46 > cd.len() || le32(cd, p) != CENTRAL_SIG {
