@@ -6,9 +6,12 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// One stored file's bytes, shared with its open handles.
+type FileBytes = Arc<Mutex<Vec<u8>>>;
+
 #[derive(Default, Clone)]
 pub struct MemStorage {
-    files: Arc<Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>>,
+    files: Arc<Mutex<HashMap<String, FileBytes>>>,
 }
 
 impl MemStorage {
@@ -19,7 +22,7 @@ impl MemStorage {
 
 struct MemFile {
     name: String,
-    data: Arc<Mutex<Vec<u8>>>,
+    data: FileBytes,
 }
 
 impl ReadHandle for MemFile {
