@@ -2,12 +2,16 @@
 
 use super::{ReadHandle, Storage, WriteHandle};
 use crate::error::{Error, Result};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// One stored file's bytes, shared with its open handles.
+type FileBytes = Arc<Mutex<Vec<u8>>>;
+
 #[derive(Default, Clone)]
 pub struct MemStorage {
-    files: Arc<Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>>,
+    files: Arc<Mutex<HashMap<String, FileBytes>>>,
 }
 
 impl MemStorage {
@@ -18,7 +22,7 @@ impl MemStorage {
 
 struct MemFile {
     name: String,
-    data: Arc<Mutex<Vec<u8>>>,
+    data: FileBytes,
 }
 
 impl ReadHandle for MemFile {
@@ -56,6 +60,10 @@ impl WriteHandle for MemFile {
     }
 }
 
+fn already_exists(name: &str) -> Error {
+    Error::new(crate::error::ErrorKind::AlreadyExists, format!("mem://{name} already exists"))
+}
+
 impl Storage for MemStorage {
     fn describe(&self, name: &str) -> String {
         format!("mem://{name}")
@@ -64,9 +72,11 @@ impl Storage for MemStorage {
         Ok(())
     }
     fn exists(&self, name: &str) -> Result<bool> {
+        super::check_name(name)?;
         Ok(self.files.lock().unwrap().contains_key(name))
     }
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
+        super::check_name(name)?;
         let data = self
             .files
             .lock()
@@ -80,21 +90,38 @@ impl Storage for MemStorage {
         }))
     }
     fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
+        super::check_name(name)?;
         let data = Arc::new(Mutex::new(Vec::new()));
-        self.files.lock().unwrap().insert(name.to_string(), data.clone());
+        match self.files.lock().unwrap().entry(name.to_string()) {
+            Entry::Occupied(_) => return Err(already_exists(name)),
+            Entry::Vacant(v) => v.insert(data.clone()),
+        };
         Ok(Arc::new(MemFile {
             name: name.to_string(),
             data,
         }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        super::check_name(name)?;
         self.files
             .lock()
             .unwrap()
             .insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
         Ok(())
     }
+    /// Create-only under the map's lock: atomic.
+    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        super::check_name(name)?;
+        match self.files.lock().unwrap().entry(name.to_string()) {
+            Entry::Occupied(_) => Err(already_exists(name)),
+            Entry::Vacant(v) => {
+                v.insert(Arc::new(Mutex::new(data.to_vec())));
+                Ok(())
+            }
+        }
+    }
     fn remove(&self, name: &str) -> Result<()> {
+        super::check_name(name)?;
         self.files.lock().unwrap().remove(name);
         Ok(())
     }

@@ -56,9 +56,65 @@ pub fn put_new_checked<S: Storage + ?Sized>(storage: &S, name: &str, data: &[u8]
     storage.put_atomic(name, data)
 }
 
-/// The temporary name a small file is staged under before it is renamed to `name`.
+/// Refuses a name that is not one plain path component: empty, `.`, `..`, or holding `/` or NUL.
+/// Every backend checks the names it is given, whatever the caller validated before.
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(crate::error::Error::invalid(format!(
+            "{name:?} is not a file name inside a checkpoint (one path component: no '/', no NUL, not '.' or '..')"
+        )));
+    }
+    Ok(())
+}
+
+/// The legacy fixed temporary name (`{name}.tmp`) that libdcp used before temporaries became
+/// unique; only for recognising what an older save may have left behind.
 pub fn tmp_name(name: &str) -> String {
     format!("{name}.tmp")
+}
+
+/// Hex digits of the random part of a temporary name.
+const TMP_RANDOM_DIGITS: usize = 16;
+
+/// A fresh temporary name a small file is staged under before it is renamed or linked to
+/// `name`: `{name}.{16 random hex digits}.tmp`, so that two writers never share one.
+pub fn unique_tmp_name(name: &str) -> String {
+    format!("{name}.{:0width$x}.tmp", random_u64(), width = TMP_RANDOM_DIGITS)
+}
+
+/// The name a temporary made by [`unique_tmp_name`] stands in for; `None` for any other name.
+pub fn tmp_target(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".tmp")?;
+    let (target, random) = stem.rsplit_once('.')?;
+    let is_random = random.len() == TMP_RANDOM_DIGITS && random.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (is_random && !target.is_empty()).then_some(target)
+}
+
+/// Whether `name` is a temporary made by [`unique_tmp_name`] (a leftover when no save is running).
+pub fn is_tmp_name(name: &str) -> bool {
+    tmp_target(name).is_some()
+}
+
+/// 64 bits from the kernel's random source, mixed with the time, the process id and a counter
+/// (so that a failing source still gives distinct values).
+fn random_u64() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer, which lives here.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let mut v = if got == bytes.len() as isize {
+        u64::from_le_bytes(bytes)
+    } else {
+        0
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    v ^= nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    v
 }
 
 /// Alignment of direct (O_DIRECT) I/O.
@@ -77,6 +133,8 @@ pub trait WriteHandle: Send + Sync {
     fn sync(&self) -> Result<()>;
 }
 
+/// A place holding the files of one checkpoint. Names are single path components
+/// ([`check_name`]); every method that takes one refuses any other.
 pub trait Storage: Send + Sync {
     /// A human-readable location of `name` for messages (a path, a URL).
     fn describe(&self, name: &str) -> String;
@@ -94,10 +152,12 @@ pub trait Storage: Send + Sync {
         let h = self.open_read(name)?;
         h.read_vec(0, h.len() as usize)
     }
-    /// Creates (truncating) a file for positional writes; `direct` asks for O_DIRECT where the
-    /// backend and file system allow it.
+    /// Creates a new file for positional writes; `direct` asks for O_DIRECT where the backend
+    /// and file system allow it. The name must be free: an existing file (or anything else at
+    /// that name) is `AlreadyExists`; nothing is written through a link.
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>>;
-    /// Writes a small file atomically and durably: temporary name, sync, rename.
+    /// Writes a small file atomically and durably: a unique temporary name, sync, rename (which
+    /// replaces whatever had the name, never writing through it).
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()>;
     /// Like `put_atomic`, but fails with `AlreadyExists` when `name` exists: the commit of a
     /// save that must not replace a checkpoint.
@@ -137,6 +197,7 @@ pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Arc<dyn
 pub(crate) mod conformance {
     //! Checks every backend must pass.
     use super::*;
+    use crate::error::ErrorKind;
 
     pub fn run(s: &dyn Storage) {
         s.prepare().unwrap();
@@ -164,5 +225,90 @@ pub(crate) mod conformance {
         assert!(!s.exists("a").unwrap());
         assert!(s.open_read("a").is_err());
         s.sync_dir().unwrap();
+        exclusive_create(s);
+        names_are_one_component(s);
+        put_atomic_leaves_no_temp(s);
+        put_new_is_create_only(s);
+    }
+
+    /// `create` never replaces a file: the name is `AlreadyExists` and the file keeps its bytes.
+    fn exclusive_create(s: &dyn Storage) {
+        let w = s.create("x", false).unwrap();
+        w.write_at(0, b"first").unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let err = s.create("x", false).err().expect("a second create of one name fails");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert!(err.message().contains(&s.describe("x")), "{err}");
+        assert_eq!(s.read_all("x").unwrap(), b"first");
+        s.put_atomic("y", b"small").unwrap();
+        let err = s.create("y", true).err().expect("create over a put file fails");
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(s.read_all("y").unwrap(), b"small");
+        s.remove("x").unwrap();
+        s.remove("y").unwrap();
+    }
+
+    fn names_are_one_component(s: &dyn Storage) {
+        for bad in ["", ".", "..", "a/b", "../x", "/abs", "x/", "nul\0byte"] {
+            let refused = |what: &str, r: Result<()>| {
+                let err = r.err().unwrap_or_else(|| panic!("{what}({bad:?}) is refused"));
+                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{what}({bad:?}): {err}");
+            };
+            refused("create", s.create(bad, false).map(drop));
+            refused("put_atomic", s.put_atomic(bad, b"z"));
+            refused("put_new", s.put_new(bad, b"z"));
+            refused("open_read", s.open_read(bad).map(drop));
+            refused("read_all", s.read_all(bad).map(drop));
+            refused("exists", s.exists(bad).map(drop));
+            refused("remove", s.remove(bad));
+        }
+    }
+
+    /// Several writers of one small file each stage under their own temporary name; none is left.
+    fn put_atomic_leaves_no_temp(s: &dyn Storage) {
+        std::thread::scope(|t| {
+            for i in 0..4u8 {
+                t.spawn(move || {
+                    for j in 0..8u8 {
+                        s.put_atomic("p", &[i, j]).unwrap();
+                    }
+                });
+            }
+        });
+        let got = s.read_all("p").unwrap();
+        assert!(got.len() == 2 && got[0] < 4 && got[1] == 7, "{got:?}");
+        let mut names = s.list().unwrap();
+        names.sort();
+        assert_eq!(names, vec!["m".to_string(), "p".to_string()]);
+        s.remove("p").unwrap();
+    }
+
+    fn put_new_is_create_only(s: &dyn Storage) {
+        s.put_new("n", b"one").unwrap();
+        let err = s.put_new("n", b"two").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(s.read_all("n").unwrap(), b"one");
+        s.remove("n").unwrap();
+        let names = s.list().unwrap();
+        assert_eq!(names, vec!["m".to_string()], "no temporary is left behind");
+    }
+
+    #[test]
+    fn tmp_names() {
+        let t = unique_tmp_name(".metadata");
+        assert_ne!(t, unique_tmp_name(".metadata"));
+        assert_eq!(tmp_target(&t), Some(".metadata"));
+        assert!(is_tmp_name(&t));
+        assert!(check_name(&t).is_ok());
+        for other in [
+            ".metadata",
+            ".metadata.tmp",
+            "__0_0.distcp",
+            "x.0123456789abcdeg.tmp",
+            ".0123456789abcdef.tmp",
+        ] {
+            assert!(!is_tmp_name(other), "{other}");
+        }
     }
 }

@@ -298,6 +298,7 @@ impl Storage for S3Storage {
     }
 
     fn exists(&self, name: &str) -> Result<bool> {
+        super::check_name(name)?;
         match block(self.store.head(&self.path(name))) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -306,6 +307,7 @@ impl Storage for S3Storage {
     }
 
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
+        super::check_name(name)?;
         let path = self.path(name);
         let meta = block(self.store.head(&path)).map_err(|e| s3_err("opening", &self.url(name), e))?;
         Ok(Arc::new(S3Read {
@@ -317,14 +319,28 @@ impl Storage for S3Storage {
     }
 
     fn read_all(&self, name: &str) -> Result<Vec<u8>> {
+        super::check_name(name)?;
         let url = self.url(name);
         let path = self.path(name);
         let bytes = block(async { self.store.get(&path).await?.bytes().await }).map_err(|e| s3_err("reading", &url, e))?;
         Ok(bytes.to_vec())
     }
 
+    /// Exclusive only as far as a check made just before the upload starts: a multipart upload
+    /// cannot be made create-only through `object_store` (its completion takes no
+    /// `If-None-Match`), so a writer that creates the same key between the check and the
+    /// completion is replaced, last completion wins. The engine gives every save fresh data-file
+    /// names, and the commit (`put_new`, a conditional put) decides which save owns the prefix.
+    /// There are no links in a bucket to write through.
     fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
+        super::check_name(name)?;
         let url = self.url(name);
+        if self.exists(name)? {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{url} already exists: libdcp creates its data files new and does not write over anything"),
+            ));
+        }
         let upload = block(self.store.put_multipart(&self.path(name))).map_err(|e| s3_err("starting the upload of", &url, e))?;
         let upload = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
         Ok(Arc::new(S3Write {
@@ -336,7 +352,9 @@ impl Storage for S3Storage {
         }))
     }
 
+    /// A single PUT: atomic in S3, no temporary object.
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        super::check_name(name)?;
         let payload = PutPayload::from(data.to_vec());
         block(self.store.put(&self.path(name), payload))
             .map(|_| ())
@@ -344,6 +362,7 @@ impl Storage for S3Storage {
     }
 
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        super::check_name(name)?;
         if !self.conditional_put_works() {
             return super::put_new_checked(self, name, data);
         }
@@ -363,6 +382,7 @@ impl Storage for S3Storage {
     }
 
     fn remove(&self, name: &str) -> Result<()> {
+        super::check_name(name)?;
         match block(self.store.delete(&self.path(name))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(s3_err("deleting", &self.url(name), e)),
