@@ -8,7 +8,7 @@ use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
 use crate::format::sidecar::{self, BlockHasher, BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
-use crate::region::Region;
+use crate::region::{tiling_defect, Region, TilingDefect};
 use crate::storage::{self, ReadHandle, Storage};
 use crate::tensor::DType;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -86,6 +86,32 @@ pub fn verify(location: &str) -> Result<VerifyReport> {
 pub fn verify_with_progress(location: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
     let storage = storage::open(location)?;
     Ok(verify_storage(storage.as_ref(), location, progress))
+}
+
+/// The checks of [`verify`] for the items of one key only: zip structure, every record's CRC-32,
+/// the sidecar's block CRCs, and what each item holds. Run before reading a key without the
+/// reader's own CRC checks (a large tensor read in pieces), so its bytes are checked once.
+pub fn verify_key(storage: &dyn Storage, md: &Metadata, sidecar: Option<&Sidecar>, fqn: &str) -> Vec<Problem> {
+    let sub = Metadata {
+        entries: md.entries.iter().filter(|(k, _)| k == fqn).cloned().collect(),
+        storage: md.storage.iter().filter(|(i, _)| i.fqn == fqn).cloned().collect(),
+        ..Default::default()
+    };
+    let sub_sidecar = sidecar.map(|s| Sidecar {
+        blocks: s.blocks.iter().filter(|b| b.fqn == fqn).cloned().collect(),
+        ..s.clone()
+    });
+    let mut progress = |_: u64, _: u64| {};
+    let mut v = Verifier {
+        storage,
+        report: VerifyReport::default(),
+        progress: &mut progress,
+        done: 0,
+        total: 0,
+    };
+    let files = v.open_files(&sub, None);
+    v.check_items(&sub, sub_sidecar.as_ref(), &files);
+    v.report.problems
 }
 
 pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
@@ -345,6 +371,14 @@ impl Verifier<'_> {
 
     fn check_items(&mut self, md: &Metadata, sc: Option<&Sidecar>, files: &BTreeMap<String, Arc<dyn ReadHandle>>) {
         let entries: HashMap<&str, &EntryMeta> = md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
+        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
+        for (fqn, e) in &md.entries {
+            if let EntryMeta::Tensor(t) = e {
+                for c in &t.chunks {
+                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
+                }
+            }
+        }
         let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
         if let Some(s) = sc {
             for b in &s.blocks {
@@ -377,7 +411,7 @@ impl Verifier<'_> {
                 continue;
             }
             if let Some((pidx, pinfo)) = prev {
-                if pinfo.relative_path == info.relative_path && pinfo.offset + pinfo.length > info.offset {
+                if pinfo.relative_path == info.relative_path && pinfo.offset.saturating_add(pinfo.length) > info.offset {
                     self.add(problem(
                         Some(&idx.fqn),
                         Some(&info.relative_path),
@@ -393,7 +427,13 @@ impl Verifier<'_> {
                     ));
                 }
             }
-            prev = Some(item);
+            // The item reaching furthest in the file is the one a later item can overlap.
+            fn ends(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
+                (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
+            }
+            if prev.map_or(true, |p| ends(p) < ends(item)) {
+                prev = Some(item);
+            }
             todo.push((item, h.clone()));
         }
         self.total = todo.iter().map(|((_, info), _)| info.length).sum();
@@ -401,7 +441,7 @@ impl Verifier<'_> {
 
         for ((idx, info), h) in todo {
             let expect = match (entries.get(idx.fqn.as_str()), &idx.offset) {
-                (Some(EntryMeta::Tensor(t)), Some(off)) => t.chunks.iter().find(|c| &c.offsets == off).map(|chunk| Expect::Tensor {
+                (Some(EntryMeta::Tensor(t)), Some(off)) => chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
                     dtype: t.dtype,
                     dtype_name: &t.dtype_name,
                     chunk,
@@ -673,89 +713,32 @@ impl ItemSource for Item<'_> {
 /// no element uncovered. One message per problem found.
 pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut inside = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
-        match c.check_within(shape) {
-            Ok(()) => inside.push(i),
-            Err(e) => out.push(format!("chunk {i} {}", e.message())),
+        if let Err(e) = c.check_within(shape) {
+            out.push(format!("chunk {i} {}", e.message()));
         }
     }
-    let nonempty: Vec<usize> = inside.iter().copied().filter(|&i| !chunks[i].is_empty()).collect();
-    let boxes: Vec<&Region> = nonempty.iter().map(|&i| &chunks[i]).collect();
-    let mut overlaps = 0usize;
-    for (a, b) in crate::region::overlapping_pairs(&boxes) {
-        overlaps += 1;
-        if overlaps <= 10 {
-            let (x, y) = (nonempty[a], nonempty[b]);
+    if !out.is_empty() {
+        return out;
+    }
+    let boxes: Vec<&Region> = chunks.iter().collect();
+    let covered: u128 = chunks.iter().map(|c| c.sizes.iter().map(|&s| s as u128).product::<u128>()).sum();
+    let total: u128 = shape.iter().map(|&s| s as u128).product();
+    match tiling_defect(&Region::full(shape), &boxes) {
+        Ok(None) => {}
+        Ok(Some(TilingDefect::Overlap { a: x, b: y, at })) => {
             let o = chunks[x].intersect(&chunks[y]).expect("the pair overlaps");
             out.push(format!(
-                "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?}",
+                "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?} (both hold index {at:?}; the chunks' sizes add up to {covered} elements of the {total} of shape {shape:?})",
                 chunks[x].offsets, chunks[x].sizes, chunks[y].offsets, chunks[y].sizes, o.offsets, o.sizes
             ));
         }
-    }
-    if overlaps > 10 {
-        out.push(format!("{} more overlapping chunk pairs", overlaps - 10));
-    }
-    if overlaps == 0 && out.is_empty() {
-        let total: u128 = shape.iter().map(|&s| s as u128).product();
-        let covered: u128 = nonempty
-            .iter()
-            .map(|&i| chunks[i].sizes.iter().map(|&s| s as u128).product::<u128>())
-            .sum();
-        if covered < total {
-            out.push(format!(
-                "chunks cover {covered} of the {total} elements of shape {shape:?}: a gap{}",
-                first_gap(shape, chunks, &nonempty)
-                    .map(|p| format!(", e.g. at index {p:?}"))
-                    .unwrap_or_default()
-            ));
-        }
+        Ok(Some(TilingDefect::Gap { at })) => out.push(format!(
+            "chunks cover {covered} of the {total} elements of shape {shape:?}: a gap, e.g. at index {at:?}"
+        )),
+        Err(e) => out.push(format!("the tiling of its chunks cannot be checked: {}", e.message())),
     }
     out
-}
-
-/// An uncovered index, found by a bounded search over the chunk boundaries (the candidate
-/// corners of every uncovered box lie on them).
-fn first_gap(shape: &[u64], chunks: &[Region], nonempty: &[usize]) -> Option<Vec<u64>> {
-    let mut axes: Vec<Vec<u64>> = Vec::with_capacity(shape.len());
-    for (d, &extent) in shape.iter().enumerate() {
-        let mut v: Vec<u64> = vec![0];
-        for &i in nonempty {
-            v.push(chunks[i].offsets[d]);
-            v.push(chunks[i].offsets[d] + chunks[i].sizes[d]);
-        }
-        v.sort_unstable();
-        v.dedup();
-        v.retain(|&x| x < extent);
-        axes.push(v);
-    }
-    let candidates: u128 = axes.iter().map(|a| a.len() as u128).product();
-    if candidates > 1_000_000 {
-        return None;
-    }
-    let mut idx = vec![0usize; shape.len()];
-    loop {
-        let p: Vec<u64> = idx.iter().enumerate().map(|(d, &k)| axes[d][k]).collect();
-        let covered = nonempty
-            .iter()
-            .any(|&i| (0..shape.len()).all(|d| p[d] >= chunks[i].offsets[d] && p[d] < chunks[i].offsets[d] + chunks[i].sizes[d]));
-        if !covered {
-            return Some(p);
-        }
-        let mut d = shape.len();
-        loop {
-            if d == 0 {
-                return None;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < axes[d].len() {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
 }
 
 #[cfg(test)]
