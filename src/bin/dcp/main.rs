@@ -8,6 +8,7 @@ mod diff;
 mod from_safetensors;
 mod inspect;
 mod progress;
+mod stream;
 mod verify;
 
 use args::{CliError, CliResult, Parsed, Spec};
