@@ -332,7 +332,7 @@ fn verify_good_checkpoint() {
     let out = dcp(&["verify", s(&sample())]);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.starts_with("ok: "), "{}", out.stdout);
-    assert!(out.stdout.contains("2 sidecar blocks checked"), "{}", out.stdout);
+    assert!(out.stdout.contains("2 sidecar blocks and 9 pickles checked"), "{}", out.stdout);
     assert!(out.stderr.is_empty(), "progress must be silent in pipes: {:?}", out.stderr);
 }
 

@@ -6,6 +6,7 @@
 use super::save::{is_data_file, METADATA_FILE};
 use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
+use crate::format::pickle_scan;
 use crate::format::sidecar::{self, BlockHasher, BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
 use crate::region::{tiling_defect, Region, TilingDefect};
@@ -21,6 +22,8 @@ pub const PIECE: usize = 8 << 20;
 /// 65535), zip64 locator (20) and zip64 EOCD (56).
 const TAIL: u64 = 22 + 0xffff + 20 + 56;
 const MAX_CENTRAL_DIRECTORY: u64 = 64 << 20;
+/// Largest data.pkl whose globals are checked (what load accepts).
+const MAX_PICKLE: u64 = 1 << 30;
 /// Items up to this size are read whole, once.
 const SMALL_ITEM: u64 = 1 << 20;
 
@@ -69,6 +72,16 @@ pub struct VerifyReport {
     pub blocks: usize,
     /// Bytes read to check CRCs.
     pub bytes_checked: u64,
+    /// Pickles (`.metadata`, every item's data.pkl) whose globals were checked.
+    pub pickles: usize,
+}
+
+/// What [`verify_with_options`] treats as a failure beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// A pickle naming a callable outside torch's own checkpoint classes (what `pickle.load`
+    /// would import and may run when torch opens the checkpoint) is a problem, not a note.
+    pub strict_pickles: bool,
 }
 
 impl VerifyReport {
@@ -84,8 +97,13 @@ pub fn verify(location: &str) -> Result<VerifyReport> {
 
 /// [`verify`], calling `progress(bytes_done, bytes_total)` as items are read.
 pub fn verify_with_progress(location: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
+    verify_with_options(location, &VerifyOptions::default(), progress)
+}
+
+/// [`verify_with_progress`] with options.
+pub fn verify_with_options(location: &str, opts: &VerifyOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
     let storage = storage::open(location)?;
-    Ok(verify_storage(storage.as_ref(), location, progress))
+    Ok(verify_storage_with(storage.as_ref(), location, opts, progress))
 }
 
 /// The checks of [`verify`] for the items of one key only: zip structure, every record's CRC-32,
@@ -103,6 +121,7 @@ pub fn verify_key(storage: &dyn Storage, md: &Metadata, sidecar: Option<&Sidecar
     });
     let mut progress = |_: u64, _: u64| {};
     let mut v = Verifier {
+        opts: VerifyOptions::default(),
         storage,
         report: VerifyReport::default(),
         progress: &mut progress,
@@ -115,7 +134,12 @@ pub fn verify_key(storage: &dyn Storage, md: &Metadata, sidecar: Option<&Sidecar
 }
 
 pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
+    verify_storage_with(storage, location, &VerifyOptions::default(), progress)
+}
+
+pub fn verify_storage_with(storage: &dyn Storage, location: &str, opts: &VerifyOptions, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
     let mut v = Verifier {
+        opts: opts.clone(),
         storage,
         report: VerifyReport {
             location: location.to_string(),
@@ -140,6 +164,7 @@ enum Expect<'m> {
 }
 
 struct Verifier<'a> {
+    opts: VerifyOptions,
     storage: &'a dyn Storage,
     report: VerifyReport,
     progress: &'a mut dyn FnMut(u64, u64),
@@ -180,6 +205,7 @@ impl Verifier<'_> {
         };
         self.report.committed = true;
         self.report.keys = md.entries.len();
+        self.check_pickle(None, METADATA_FILE, None, "the metadata pickle", &md_bytes);
         let files = self.open_files(&md, sc.as_ref());
         self.check_structure(&md);
         self.check_items(&md, sc.as_ref(), &files);
@@ -336,6 +362,14 @@ impl Verifier<'_> {
                     }
                 }
                 EntryMeta::Tensor(t) => {
+                    if t.dtype.is_none() {
+                        self.add(problem(
+                            Some(fqn),
+                            Some(METADATA_FILE),
+                            None,
+                            format!("dtype torch.{} is not supported: load refuses the key", t.dtype_name),
+                        ));
+                    }
                     for c in &t.chunks {
                         known.insert((fqn, Some(&c.offsets)));
                         if !storage.contains_key(&(fqn.as_str(), Some(c.offsets.as_slice()))) {
@@ -566,12 +600,21 @@ impl Verifier<'_> {
         if bad {
             return;
         }
+        if let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") {
+            if pkl.method == 0 && pkl.size <= MAX_PICKLE {
+                let bytes = self
+                    .record_data_offset(&item, len, pkl, &what)
+                    .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
+                if let Ok((off, bytes)) = bytes {
+                    self.check_pickle(Some(key), file, Some(base + off), &format!("{what}: data.pkl"), &bytes);
+                }
+            }
+        }
+        // What load refuses, unsupported things included (compressed records, unknown dtypes,
+        // safetensors items): each is a problem.
         let content = zipitem::read_item(&item, len, &what);
         let msg = match (content, expect) {
-            (Err(e), _) if e.kind() == ErrorKind::Unsupported => {
-                self.report.notes.push(format!("key {key:?}: {file} at offset {base}: {e}"));
-                None
-            }
+            (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
             (Err(e), _) => Some(e.to_string()),
             (Ok(_), None) => None,
             (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
@@ -592,6 +635,37 @@ impl Verifier<'_> {
         };
         if let Some(m) = msg {
             self.add(item_problem(base, m));
+        }
+    }
+
+    /// Notes (or, with `strict_pickles`, problems) for every global of the pickle outside the
+    /// allowlist of torch's own checkpoint classes.
+    fn check_pickle(&mut self, key: Option<&str>, file: &str, offset: Option<u64>, what: &str, data: &[u8]) {
+        self.report.pickles += 1;
+        let scan = pickle_scan::scan(data);
+        let mut found: Vec<String> = scan
+            .disallowed()
+            .map(|g| {
+                format!(
+                    "{what} names {} (pickle byte {}): Python's pickle.load imports it and may call it when torch opens this checkpoint without weights_only=True",
+                    g.dotted(),
+                    g.offset
+                )
+            })
+            .collect();
+        if scan.more > 0 {
+            found.push(format!("{what} names {} more globals than were checked", scan.more));
+        }
+        if let Some(m) = &scan.malformed {
+            found.push(format!("{what}: its globals could not all be checked: {m}"));
+        }
+        for m in found {
+            let p = problem(key, Some(file), offset, m);
+            if self.opts.strict_pickles {
+                self.add(p);
+            } else {
+                self.report.notes.push(p.to_string());
+            }
         }
     }
 
