@@ -947,7 +947,10 @@ fn convert_and_diff_in_small_pieces_are_exact() {
     );
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stderr.contains("CRC-32"), "{}", out.stderr);
-    assert!(std::fs::read_dir(&st_bad).map_or(true, |mut d| d.next().is_none()), "a .partial was left");
+    assert!(
+        std::fs::read_dir(&st_bad).map_or(true, |mut d| d.next().is_none()),
+        "a .partial was left"
+    );
 
     // diff in 4-byte pieces: one element per piece.
     let (a, a2, b) = (tmp("diff-pieces-a"), tmp("diff-pieces-a2"), tmp("diff-pieces-b"));

@@ -137,7 +137,12 @@ pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn 
     verify_storage_with(storage, location, &VerifyOptions::default(), progress)
 }
 
-pub fn verify_storage_with(storage: &dyn Storage, location: &str, opts: &VerifyOptions, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
+pub fn verify_storage_with(
+    storage: &dyn Storage,
+    location: &str,
+    opts: &VerifyOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> VerifyReport {
     let mut v = Verifier {
         opts: opts.clone(),
         storage,

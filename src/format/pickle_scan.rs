@@ -113,7 +113,10 @@ impl<'a> Walker<'a> {
     }
 
     fn top(&self) -> Step<Val> {
-        self.stack.last().cloned().ok_or_else(|| format!("empty stack at offset {}", self.pos))
+        self.stack
+            .last()
+            .cloned()
+            .ok_or_else(|| format!("empty stack at offset {}", self.pos))
     }
 
     fn record(&mut self, module: &str, name: &str, offset: usize) {
@@ -338,18 +341,74 @@ pub fn scan(data: &[u8]) -> Scan {
 
 /// torch's dtypes, as `torch.<name>` globals.
 const DTYPES: &[&str] = &[
-    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16", "float32", "float64",
-    "bfloat16", "complex32", "complex64", "complex128", "bcomplex32", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
-    "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "qint8", "quint8", "qint32", "quint4x2", "quint2x4", "bits1x8",
-    "bits2x4", "bits4x2", "bits8", "bits16", "uint1", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "int1", "int2",
-    "int3", "int4", "int5", "int6", "int7",
+    "bool",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "bfloat16",
+    "complex32",
+    "complex64",
+    "complex128",
+    "bcomplex32",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    "uint1",
+    "uint2",
+    "uint3",
+    "uint4",
+    "uint5",
+    "uint6",
+    "uint7",
+    "int1",
+    "int2",
+    "int3",
+    "int4",
+    "int5",
+    "int6",
+    "int7",
 ];
 
 /// torch layouts, memory formats and quantization schemes (objects, not callables that act).
 const TORCH_CONSTANTS: &[&str] = &[
-    "strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged",
-    "contiguous_format", "channels_last", "channels_last_3d", "preserve_format", "per_tensor_affine",
-    "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric", "per_channel_affine_float_qparams",
+    "strided",
+    "sparse_coo",
+    "sparse_csr",
+    "sparse_csc",
+    "sparse_bsr",
+    "sparse_bsc",
+    "_mkldnn",
+    "jagged",
+    "contiguous_format",
+    "channels_last",
+    "channels_last_3d",
+    "preserve_format",
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+    "per_channel_affine_float_qparams",
 ];
 
 /// Whether `module.name` is something torch's checkpoints legitimately name: DCP's metadata
@@ -358,8 +417,9 @@ const TORCH_CONSTANTS: &[&str] = &[
 /// `slice`, `range` and `pathlib` paths, which build values and run nothing else).
 pub fn is_allowed(module: &str, name: &str) -> bool {
     let torch_class = |suffix: &str| {
-        name.strip_suffix(suffix)
-            .is_some_and(|p| !p.is_empty() && p.starts_with(|c: char| c.is_ascii_uppercase()) && p.chars().all(|c| c.is_ascii_alphanumeric()))
+        name.strip_suffix(suffix).is_some_and(|p| {
+            !p.is_empty() && p.starts_with(|c: char| c.is_ascii_uppercase()) && p.chars().all(|c| c.is_ascii_alphanumeric())
+        })
     };
     match module {
         "torch.distributed.checkpoint.metadata" | "torch.distributed.checkpoint.planner" => true,
@@ -385,7 +445,10 @@ pub fn is_allowed(module: &str, name: &str) -> bool {
         "builtins" => matches!(name, "set" | "frozenset" | "bytearray" | "complex" | "slice" | "range" | "object"),
         // object.__new__(cls) for classes named (and checked) on their own.
         "copyreg" => name == "_reconstructor",
-        "pathlib" => matches!(name, "Path" | "PosixPath" | "WindowsPath" | "PurePath" | "PurePosixPath" | "PureWindowsPath"),
+        "pathlib" => matches!(
+            name,
+            "Path" | "PosixPath" | "WindowsPath" | "PurePath" | "PurePosixPath" | "PureWindowsPath"
+        ),
         _ => false,
     }
 }
