@@ -34,7 +34,7 @@ impl Region {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sizes.iter().any(|&s| s == 0)
+        self.sizes.contains(&0)
     }
 
     /// Checks the box lies inside a tensor of `shape`.

@@ -435,7 +435,7 @@ impl Verifier<'_> {
         for item in order {
             let (idx, info) = item;
             let Some(h) = files.get(&info.relative_path) else { continue };
-            if info.offset.checked_add(info.length).map_or(true, |e| e > h.len()) {
+            if info.offset.checked_add(info.length).is_none_or(|e| e > h.len()) {
                 self.add(problem(
                     Some(&idx.fqn),
                     Some(&info.relative_path),
@@ -470,7 +470,7 @@ impl Verifier<'_> {
             fn ends(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
                 (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
             }
-            if prev.map_or(true, |p| ends(p) < ends(item)) {
+            if prev.is_none_or(|p| ends(p) < ends(item)) {
                 prev = Some(item);
             }
             todo.push((item, h.clone()));

@@ -233,7 +233,7 @@ impl<'a> Walker<'a> {
                     }
                     self.stack.push(Val::Other);
                 }
-                0x82 | 0x83 | 0x84 => {
+                0x82..=0x84 => {
                     let code = self.uint(match op {
                         0x82 => 1,
                         0x83 => 2,

@@ -46,7 +46,7 @@ common:
   -h, --help             show this help";
 
 pub fn run(args: Args) -> CliResult {
-    let fmt_ok = |v: Option<&str>| v.map_or(true, |f| f == "safetensors");
+    let fmt_ok = |v: Option<&str>| v.is_none_or(|f| f == "safetensors");
     let (to, from) = (args.value("to"), args.value("from"));
     if !fmt_ok(to) || !fmt_ok(from) {
         return Err(CliError::usage(

@@ -135,7 +135,7 @@ impl<'c> TensorStream<'c> {
                     h.len()
                 }
             };
-            if info.offset.checked_add(info.length).map_or(true, |e| e > len) {
+            if info.offset.checked_add(info.length).is_none_or(|e| e > len) {
                 return Err(format!(
                     "key {fqn:?}: {file} at offset {}: the item of the chunk at {:?} ({} bytes) runs past the end of the {len}-byte file",
                     info.offset, c.offsets, info.length
