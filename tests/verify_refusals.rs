@@ -363,3 +363,81 @@ fn strict_pickles_flag() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL: key \"evil\""));
 }
+
+// ---------------------------------------------------------------------------------------------
+// scale
+// ---------------------------------------------------------------------------------------------
+
+/// A `.metadata` of one tensor in 200k chunks (about 20 MB pickled), its data file absent:
+/// verify's structure checks (storage entries, tiling, chunk lookups) on it, valid and with one
+/// chunk moved onto its neighbour, each in well under the 17 s the pairwise check took.
+#[test]
+fn two_hundred_thousand_chunks() {
+    let (rows, cols) = (500u64, 400u64);
+    let chunks: Vec<Region> = (0..rows * cols).map(|i| r(&[(i / cols) * 2, (i % cols) * 2], &[2, 2])).collect();
+    let mut b = Builder::new();
+    b.md.entries.push((
+        "w".into(),
+        EntryMeta::Tensor(TensorMeta {
+            dtype: Some(DType::F32),
+            dtype_name: "float32".into(),
+            size: vec![rows * 2, cols * 2],
+            chunks: chunks.clone(),
+        }),
+    ));
+    for (i, c) in chunks.iter().enumerate() {
+        b.md.storage.push((
+            StorageIndex {
+                fqn: "w".into(),
+                offset: Some(c.offsets.clone()),
+                index: Some(i as u64),
+            },
+            StorageInfo {
+                relative_path: "__9_0.distcp".into(),
+                offset: i as u64 * 1000,
+                length: 1000,
+            },
+        ));
+    }
+    b.md.planner_data.push(("w".into(), default_path("w")));
+    let d = Dir::new("200k");
+    b.write(&d);
+    std::fs::remove_file(d.0.join(FILE)).unwrap();
+    let md = std::fs::read(d.0.join(".metadata")).unwrap();
+    let t = std::time::Instant::now();
+    Metadata::decode(&md, "md").unwrap();
+    let decode = t.elapsed();
+    let t = std::time::Instant::now();
+    let rep = verify(d.s()).unwrap();
+    let valid = t.elapsed();
+    assert_eq!(rep.problems.len(), 1, "{:?}", &rep.problems[..rep.problems.len().min(3)]);
+    assert!(
+        rep.problems[0].to_string().contains("__9_0.distcp: data file is missing"),
+        "{}",
+        rep.problems[0]
+    );
+
+    if let EntryMeta::Tensor(t) = &mut b.md.entries[0].1 {
+        t.chunks[123_456].offsets[1] += 2;
+        b.md.storage[123_456].0.offset = Some(t.chunks[123_456].offsets.clone());
+    }
+    b.write(&d);
+    std::fs::remove_file(d.0.join(FILE)).unwrap();
+    let t = std::time::Instant::now();
+    let rep = verify(d.s()).unwrap();
+    let bad = t.elapsed();
+    assert!(
+        rep.problems
+            .iter()
+            .any(|p| p.to_string().contains("overlap") || p.to_string().contains("gap")),
+        "{:?}",
+        rep.problems
+    );
+    println!(
+        "verify of 200k chunks ({} byte .metadata, decoded alone in {decode:?}): valid {valid:?}, one moved {bad:?}",
+        md.len()
+    );
+    if !cfg!(debug_assertions) {
+        assert!(valid.as_secs_f64() < 3.0 && bad.as_secs_f64() < 3.0, "{valid:?} {bad:?}");
+    }
+}
