@@ -9,6 +9,21 @@ use std::rc::Rc;
 
 /// Distinct globals kept per pickle; more are counted in [`Scan::more`].
 pub const MAX_GLOBALS: usize = 256;
+/// Longest module or name kept (in bytes); longer ones are cut and end in `...`, so no copy or
+/// comparison costs more than this, however often a huge memoized string is named.
+pub const MAX_NAME: usize = 256;
+
+/// `s` cut to at most [`MAX_NAME`] bytes (on a char boundary), marked when cut.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_NAME {
+        return s;
+    }
+    let mut end = MAX_NAME - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// One global a pickle refers to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -126,17 +141,26 @@ impl<'a> Walker<'a> {
             "copy_reg" => "copyreg",
             m => m,
         };
-        if self.seen.contains(&(module.to_string(), name.to_string())) {
+        let cut = |s: &str| {
+            let c = clip(s);
+            if c.len() < s.len() {
+                format!("{c}...")
+            } else {
+                c.to_string()
+            }
+        };
+        let (module, name) = (cut(module), cut(name));
+        if self.seen.contains(&(module.clone(), name.clone())) {
             return;
         }
         if self.seen.len() >= MAX_GLOBALS {
             self.scan.more += 1;
             return;
         }
-        self.seen.insert((module.to_string(), name.to_string()));
+        self.seen.insert((module.clone(), name.clone()));
         self.scan.globals.push(GlobalRef {
-            module: module.to_string(),
-            name: name.to_string(),
+            module,
+            name,
             offset: offset as u64,
         });
     }
@@ -502,6 +526,21 @@ mod tests {
         let t = std::time::Instant::now();
         assert_eq!(scan(&p).malformed, None);
         assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        // One memoized 1 MB module name, named by 100k STACK_GLOBALs: cut, never copied whole.
+        let mut p = b"\x80\x04\x8d".to_vec();
+        p.extend_from_slice(&(1u64 << 20).to_le_bytes());
+        p.extend(std::iter::repeat_n(b'm', 1 << 20));
+        p.push(0x94);
+        for _ in 0..100_000 {
+            p.extend_from_slice(b"h\x00\x8c\x01f\x930");
+        }
+        p.push(b'.');
+        let t = std::time::Instant::now();
+        let s = scan(&p);
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(s.globals.len(), 1);
+        assert_eq!(s.globals[0].module.len(), MAX_NAME);
+        assert!(s.globals[0].module.ends_with("...") && s.disallowed().count() == 1);
         // Many distinct globals: listed up to the cap, the rest counted.
         let mut p = Vec::new();
         for i in 0..MAX_GLOBALS + 5 {
