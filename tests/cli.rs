@@ -332,7 +332,7 @@ fn verify_good_checkpoint() {
     let out = dcp(&["verify", s(&sample())]);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(out.stdout.starts_with("ok: "), "{}", out.stdout);
-    assert!(out.stdout.contains("2 sidecar blocks checked"), "{}", out.stdout);
+    assert!(out.stdout.contains("2 sidecar blocks and 9 pickles checked"), "{}", out.stdout);
     assert!(out.stderr.is_empty(), "progress must be silent in pipes: {:?}", out.stderr);
 }
 
@@ -809,4 +809,203 @@ fn failures_exit_1_with_one_line() {
     let out = dcp(&["convert", s(&d), "--to", "safetensors", s(&tmp("st-bad"))]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("model.w") && out.stderr.contains("checksum"), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// hostile sizes, small pieces, output files
+// ---------------------------------------------------------------------------------------------
+
+/// `dcp` with its address space limited to `bytes` (an allocation from a claimed size fails).
+fn dcp_limited(args: &[&str], env: &[(&str, &str)], bytes: u64) -> Out {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dcp"));
+    cmd.args(args).envs(env.iter().copied());
+    // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().expect("runs dcp");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(o.stdout).unwrap(),
+        stderr: String::from_utf8(o.stderr).unwrap(),
+    }
+}
+
+/// The hand-written checkpoint of `w`, its `.metadata` then edited to claim `shape` for `w` with
+/// one chunk of that shape (300 bytes claiming 256 GiB, say).
+fn write_claiming(dir: &Path, shape: &[u64]) {
+    write_by_hand(dir, &[region([0, 0], [4, 3])]);
+    let mut md = Metadata::decode(&std::fs::read(dir.join(".metadata")).unwrap(), "md").unwrap();
+    let EntryMeta::Tensor(t) = &mut md.entries[0].1 else {
+        panic!("w is a tensor")
+    };
+    t.size = shape.to_vec();
+    t.chunks = vec![Region::full(shape)];
+    md.storage[0].0.offset = Some(vec![0; shape.len()]);
+    std::fs::write(dir.join(".metadata"), md.encode()).unwrap();
+}
+
+const LIMIT: u64 = 1 << 30;
+
+#[test]
+fn convert_and_diff_refuse_sizes_the_files_do_not_hold() {
+    let huge = tmp("claim-huge");
+    write_claiming(&huge, &[1 << 18, 1 << 16]); // f32: 64 GiB
+    assert!(std::fs::metadata(huge.join(".metadata")).unwrap().len() < 1000);
+    let st = tmp("claim-huge-st");
+    let out = dcp_limited(&["convert", s(&huge), "--to", "safetensors", s(&st)], &[], LIMIT);
+    assert_eq!(out.code, 1, "{} {}", out.stdout, out.stderr);
+    for needle in ["key \"w\"", "__0_0.distcp", "needs 68719476736 bytes"] {
+        assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
+    }
+    // Nothing left behind: no output, no .partial.
+    let left: Vec<_> = std::fs::read_dir(&st)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    let good = tmp("claim-good");
+    write_by_hand(&good, &[region([0, 0], [4, 3])]);
+    let out = dcp_limited(&["diff", s(&good), s(&huge)], &[], LIMIT);
+    assert_eq!(out.code, 1, "{} {}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("differs: w: shape [4, 3] (A) vs [262144, 65536] (B)"),
+        "{}",
+        out.stdout
+    );
+    let out = dcp_limited(&["diff", s(&huge), s(&huge)], &[], LIMIT);
+    assert_eq!(out.code, 1, "{} {}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("cannot compare") && out.stdout.contains("__0_0.distcp"),
+        "{}",
+        out.stdout
+    );
+
+    // An item claimed past the end of its file: named with the file.
+    let past = tmp("claim-past");
+    write_by_hand(&past, &[region([0, 0], [4, 3])]);
+    let mut md = Metadata::decode(&std::fs::read(past.join(".metadata")).unwrap(), "md").unwrap();
+    md.storage[0].1.length = 1 << 40;
+    std::fs::write(past.join(".metadata"), md.encode()).unwrap();
+    let st2 = tmp("claim-past-st");
+    let out = dcp_limited(&["convert", s(&past), "--to", "safetensors", s(&st2)], &[], LIMIT);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("runs past the end"), "{}", out.stderr);
+    for d in [huge, st, good, past, st2] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn convert_and_diff_in_small_pieces_are_exact() {
+    // 1000-byte pieces: model.big (5 MiB, sidecar blocks) and the sharded tensor in many pieces.
+    let env = [("DCP_CLI_PIECE_BYTES", "1000")];
+    let src = sample();
+    let st = tmp("st-pieces");
+    let out = dcp_limited(&["convert", s(&src), "--to", "safetensors", s(&st)], &env, LIMIT);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let data = std::fs::read(st.join("model.safetensors")).unwrap();
+    let h = safetensors::parse_header(&data, data.len() as u64, "st").unwrap();
+    for (name, _, _, want) in sample_tensors() {
+        let t = h.tensors.iter().find(|t| t.name == name).unwrap();
+        assert_eq!(
+            &data[(h.data_start + t.start) as usize..(h.data_start + t.end) as usize],
+            &want[..],
+            "{name}"
+        );
+    }
+    // Torch-like (no sidecar): large tensors are checked whole first, then read in pieces.
+    let hand = tmp("hand-pieces");
+    write_by_hand(&hand, &[region([0, 0], [1, 3]), region([1, 0], [3, 3])]);
+    let st_hand = tmp("hand-pieces-st");
+    let out = dcp_limited(
+        &["convert", s(&hand), "--to", "safetensors", s(&st_hand)],
+        &[("DCP_CLI_PIECE_BYTES", "8")],
+        LIMIT,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let data = std::fs::read(st_hand.join("model.safetensors")).unwrap();
+    assert!(data.ends_with(&f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>())));
+    // A flipped payload byte is caught by that check.
+    let (file, at) = record_offset(&hand, "w", Some(&[1, 0]), "/data/0");
+    flip(&hand.join(file), at + 5);
+    let st_bad = tmp("hand-pieces-bad");
+    let out = dcp_limited(
+        &["convert", s(&hand), "--to", "safetensors", s(&st_bad)],
+        &[("DCP_CLI_PIECE_BYTES", "8")],
+        LIMIT,
+    );
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("CRC-32"), "{}", out.stderr);
+    assert!(
+        std::fs::read_dir(&st_bad).map_or(true, |mut d| d.next().is_none()),
+        "a .partial was left"
+    );
+
+    // diff in 4-byte pieces: one element per piece.
+    let (a, a2, b) = (tmp("diff-pieces-a"), tmp("diff-pieces-a2"), tmp("diff-pieces-b"));
+    diff_sample(&a, 0.0, None, DType::BF16);
+    diff_sample(&a2, 0.0, None, DType::BF16);
+    diff_sample(&b, 0.25, None, DType::BF16);
+    let env = [("DCP_CLI_PIECE_BYTES", "4")];
+    let out = dcp_limited(&["diff", s(&a), s(&a2)], &env, LIMIT);
+    assert_eq!((out.code, out.stdout.trim()), (0, "identical: 4 keys"), "{}", out.stderr);
+    let out = dcp_limited(&["diff", s(&a), s(&b)], &env, LIMIT);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("differs: w: 1 of 4 elements differ, max abs diff 0.25"),
+        "{}",
+        out.stdout
+    );
+    let _ = std::fs::remove_dir_all(a2);
+    for d in [st, hand, st_hand, st_bad, a, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn convert_output_is_created_exclusively() {
+    let src = sample();
+    let st = tmp("st-partials");
+    std::fs::create_dir_all(&st).unwrap();
+    // A stale .partial that is a symlink to a file outside: refused, the file untouched.
+    let victim = tmp("st-partials-victim");
+    std::fs::create_dir_all(&victim).unwrap();
+    std::fs::write(victim.join("precious"), b"keep me").unwrap();
+    let partial = st.join(".model.safetensors.partial");
+    std::os::unix::fs::symlink(victim.join("precious"), &partial).unwrap();
+    let out = dcp(&["convert", s(&src), "--to", "safetensors", s(&st)]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(".model.safetensors.partial exists and is not a regular file"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read(victim.join("precious")).unwrap(), b"keep me");
+    assert!(std::fs::symlink_metadata(&partial).unwrap().file_type().is_symlink());
+    // A stale regular .partial (a crash) is replaced; the output appears, no .partial stays.
+    std::fs::remove_file(&partial).unwrap();
+    std::fs::write(&partial, b"stale").unwrap();
+    let out = dcp(&["convert", s(&src), "--to", "safetensors", s(&st)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut names: Vec<String> = std::fs::read_dir(&st)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["model.safetensors", "model.safetensors.index.json"]);
+    for d in [st, victim] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

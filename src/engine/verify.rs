@@ -6,9 +6,10 @@
 use super::save::{is_data_file, METADATA_FILE};
 use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
+use crate::format::pickle_scan;
 use crate::format::sidecar::{self, BlockHasher, BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
-use crate::region::Region;
+use crate::region::{tiling_defect, Region, TilingDefect};
 use crate::storage::{self, ReadHandle, Storage};
 use crate::tensor::DType;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -21,6 +22,8 @@ pub const PIECE: usize = 8 << 20;
 /// 65535), zip64 locator (20) and zip64 EOCD (56).
 const TAIL: u64 = 22 + 0xffff + 20 + 56;
 const MAX_CENTRAL_DIRECTORY: u64 = 64 << 20;
+/// Largest data.pkl whose globals are checked (what load accepts).
+const MAX_PICKLE: u64 = 1 << 30;
 /// Items up to this size are read whole, once.
 const SMALL_ITEM: u64 = 1 << 20;
 
@@ -69,6 +72,16 @@ pub struct VerifyReport {
     pub blocks: usize,
     /// Bytes read to check CRCs.
     pub bytes_checked: u64,
+    /// Pickles (`.metadata`, every item's data.pkl) whose globals were checked.
+    pub pickles: usize,
+}
+
+/// What [`verify_with_options`] treats as a failure beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// A pickle naming a callable outside torch's own checkpoint classes (what `pickle.load`
+    /// would import and may run when torch opens the checkpoint) is a problem, not a note.
+    pub strict_pickles: bool,
 }
 
 impl VerifyReport {
@@ -84,12 +97,54 @@ pub fn verify(location: &str) -> Result<VerifyReport> {
 
 /// [`verify`], calling `progress(bytes_done, bytes_total)` as items are read.
 pub fn verify_with_progress(location: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
+    verify_with_options(location, &VerifyOptions::default(), progress)
+}
+
+/// [`verify_with_progress`] with options.
+pub fn verify_with_options(location: &str, opts: &VerifyOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<VerifyReport> {
     let storage = storage::open(location)?;
-    Ok(verify_storage(storage.as_ref(), location, progress))
+    Ok(verify_storage_with(storage.as_ref(), location, opts, progress))
+}
+
+/// The checks of [`verify`] for the items of one key only: zip structure, every record's CRC-32,
+/// the sidecar's block CRCs, and what each item holds. Run before reading a key without the
+/// reader's own CRC checks (a large tensor read in pieces), so its bytes are checked once.
+pub fn verify_key(storage: &dyn Storage, md: &Metadata, sidecar: Option<&Sidecar>, fqn: &str) -> Vec<Problem> {
+    let sub = Metadata {
+        entries: md.entries.iter().filter(|(k, _)| k == fqn).cloned().collect(),
+        storage: md.storage.iter().filter(|(i, _)| i.fqn == fqn).cloned().collect(),
+        ..Default::default()
+    };
+    let sub_sidecar = sidecar.map(|s| Sidecar {
+        blocks: s.blocks.iter().filter(|b| b.fqn == fqn).cloned().collect(),
+        ..s.clone()
+    });
+    let mut progress = |_: u64, _: u64| {};
+    let mut v = Verifier {
+        opts: VerifyOptions::default(),
+        storage,
+        report: VerifyReport::default(),
+        progress: &mut progress,
+        done: 0,
+        total: 0,
+    };
+    let files = v.open_files(&sub, None);
+    v.check_items(&sub, sub_sidecar.as_ref(), &files);
+    v.report.problems
 }
 
 pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
+    verify_storage_with(storage, location, &VerifyOptions::default(), progress)
+}
+
+pub fn verify_storage_with(
+    storage: &dyn Storage,
+    location: &str,
+    opts: &VerifyOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> VerifyReport {
     let mut v = Verifier {
+        opts: opts.clone(),
         storage,
         report: VerifyReport {
             location: location.to_string(),
@@ -114,6 +169,7 @@ enum Expect<'m> {
 }
 
 struct Verifier<'a> {
+    opts: VerifyOptions,
     storage: &'a dyn Storage,
     report: VerifyReport,
     progress: &'a mut dyn FnMut(u64, u64),
@@ -154,6 +210,7 @@ impl Verifier<'_> {
         };
         self.report.committed = true;
         self.report.keys = md.entries.len();
+        self.check_pickle(None, METADATA_FILE, None, "the metadata pickle", &md_bytes);
         let files = self.open_files(&md, sc.as_ref());
         self.check_structure(&md);
         self.check_items(&md, sc.as_ref(), &files);
@@ -310,6 +367,14 @@ impl Verifier<'_> {
                     }
                 }
                 EntryMeta::Tensor(t) => {
+                    if t.dtype.is_none() {
+                        self.add(problem(
+                            Some(fqn),
+                            Some(METADATA_FILE),
+                            None,
+                            format!("dtype torch.{} is not supported: load refuses the key", t.dtype_name),
+                        ));
+                    }
                     for c in &t.chunks {
                         known.insert((fqn, Some(&c.offsets)));
                         if !storage.contains_key(&(fqn.as_str(), Some(c.offsets.as_slice()))) {
@@ -345,6 +410,14 @@ impl Verifier<'_> {
 
     fn check_items(&mut self, md: &Metadata, sc: Option<&Sidecar>, files: &BTreeMap<String, Arc<dyn ReadHandle>>) {
         let entries: HashMap<&str, &EntryMeta> = md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
+        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
+        for (fqn, e) in &md.entries {
+            if let EntryMeta::Tensor(t) = e {
+                for c in &t.chunks {
+                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
+                }
+            }
+        }
         let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
         if let Some(s) = sc {
             for b in &s.blocks {
@@ -362,7 +435,7 @@ impl Verifier<'_> {
         for item in order {
             let (idx, info) = item;
             let Some(h) = files.get(&info.relative_path) else { continue };
-            if info.offset.checked_add(info.length).map_or(true, |e| e > h.len()) {
+            if info.offset.checked_add(info.length).is_none_or(|e| e > h.len()) {
                 self.add(problem(
                     Some(&idx.fqn),
                     Some(&info.relative_path),
@@ -377,7 +450,7 @@ impl Verifier<'_> {
                 continue;
             }
             if let Some((pidx, pinfo)) = prev {
-                if pinfo.relative_path == info.relative_path && pinfo.offset + pinfo.length > info.offset {
+                if pinfo.relative_path == info.relative_path && pinfo.offset.saturating_add(pinfo.length) > info.offset {
                     self.add(problem(
                         Some(&idx.fqn),
                         Some(&info.relative_path),
@@ -393,7 +466,13 @@ impl Verifier<'_> {
                     ));
                 }
             }
-            prev = Some(item);
+            // The item reaching furthest in the file is the one a later item can overlap.
+            fn ends(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
+                (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
+            }
+            if prev.is_none_or(|p| ends(p) < ends(item)) {
+                prev = Some(item);
+            }
             todo.push((item, h.clone()));
         }
         self.total = todo.iter().map(|((_, info), _)| info.length).sum();
@@ -401,7 +480,7 @@ impl Verifier<'_> {
 
         for ((idx, info), h) in todo {
             let expect = match (entries.get(idx.fqn.as_str()), &idx.offset) {
-                (Some(EntryMeta::Tensor(t)), Some(off)) => t.chunks.iter().find(|c| &c.offsets == off).map(|chunk| Expect::Tensor {
+                (Some(EntryMeta::Tensor(t)), Some(off)) => chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
                     dtype: t.dtype,
                     dtype_name: &t.dtype_name,
                     chunk,
@@ -526,12 +605,21 @@ impl Verifier<'_> {
         if bad {
             return;
         }
+        if let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") {
+            if pkl.method == 0 && pkl.size <= MAX_PICKLE {
+                let bytes = self
+                    .record_data_offset(&item, len, pkl, &what)
+                    .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
+                if let Ok((off, bytes)) = bytes {
+                    self.check_pickle(Some(key), file, Some(base + off), &format!("{what}: data.pkl"), &bytes);
+                }
+            }
+        }
+        // What load refuses, unsupported things included (compressed records, unknown dtypes,
+        // safetensors items): each is a problem.
         let content = zipitem::read_item(&item, len, &what);
         let msg = match (content, expect) {
-            (Err(e), _) if e.kind() == ErrorKind::Unsupported => {
-                self.report.notes.push(format!("key {key:?}: {file} at offset {base}: {e}"));
-                None
-            }
+            (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
             (Err(e), _) => Some(e.to_string()),
             (Ok(_), None) => None,
             (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
@@ -552,6 +640,37 @@ impl Verifier<'_> {
         };
         if let Some(m) = msg {
             self.add(item_problem(base, m));
+        }
+    }
+
+    /// Notes (or, with `strict_pickles`, problems) for every global of the pickle outside the
+    /// allowlist of torch's own checkpoint classes.
+    fn check_pickle(&mut self, key: Option<&str>, file: &str, offset: Option<u64>, what: &str, data: &[u8]) {
+        self.report.pickles += 1;
+        let scan = pickle_scan::scan(data);
+        let mut found: Vec<String> = scan
+            .disallowed()
+            .map(|g| {
+                format!(
+                    "{what} names {} (pickle byte {}): Python's pickle.load imports it and may call it when torch opens this checkpoint without weights_only=True",
+                    g.dotted(),
+                    g.offset
+                )
+            })
+            .collect();
+        if scan.more > 0 {
+            found.push(format!("{what} names {} more globals than were checked", scan.more));
+        }
+        if let Some(m) = &scan.malformed {
+            found.push(format!("{what}: its globals could not all be checked: {m}"));
+        }
+        for m in found {
+            let p = problem(key, Some(file), offset, m);
+            if self.opts.strict_pickles {
+                self.add(p);
+            } else {
+                self.report.notes.push(p.to_string());
+            }
         }
     }
 
@@ -673,89 +792,32 @@ impl ItemSource for Item<'_> {
 /// no element uncovered. One message per problem found.
 pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut inside = Vec::with_capacity(chunks.len());
     for (i, c) in chunks.iter().enumerate() {
-        match c.check_within(shape) {
-            Ok(()) => inside.push(i),
-            Err(e) => out.push(format!("chunk {i} {}", e.message())),
+        if let Err(e) = c.check_within(shape) {
+            out.push(format!("chunk {i} {}", e.message()));
         }
     }
-    let nonempty: Vec<usize> = inside.iter().copied().filter(|&i| !chunks[i].is_empty()).collect();
-    let boxes: Vec<&Region> = nonempty.iter().map(|&i| &chunks[i]).collect();
-    let mut overlaps = 0usize;
-    for (a, b) in crate::region::overlapping_pairs(&boxes) {
-        overlaps += 1;
-        if overlaps <= 10 {
-            let (x, y) = (nonempty[a], nonempty[b]);
+    if !out.is_empty() {
+        return out;
+    }
+    let boxes: Vec<&Region> = chunks.iter().collect();
+    let covered: u128 = chunks.iter().map(|c| c.sizes.iter().map(|&s| s as u128).product::<u128>()).sum();
+    let total: u128 = shape.iter().map(|&s| s as u128).product();
+    match tiling_defect(&Region::full(shape), &boxes) {
+        Ok(None) => {}
+        Ok(Some(TilingDefect::Overlap { a: x, b: y, at })) => {
             let o = chunks[x].intersect(&chunks[y]).expect("the pair overlaps");
             out.push(format!(
-                "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?}",
+                "chunks {x} (offsets {:?}, sizes {:?}) and {y} (offsets {:?}, sizes {:?}) overlap in the box at {:?} of sizes {:?} (both hold index {at:?}; the chunks' sizes add up to {covered} elements of the {total} of shape {shape:?})",
                 chunks[x].offsets, chunks[x].sizes, chunks[y].offsets, chunks[y].sizes, o.offsets, o.sizes
             ));
         }
-    }
-    if overlaps > 10 {
-        out.push(format!("{} more overlapping chunk pairs", overlaps - 10));
-    }
-    if overlaps == 0 && out.is_empty() {
-        let total: u128 = shape.iter().map(|&s| s as u128).product();
-        let covered: u128 = nonempty
-            .iter()
-            .map(|&i| chunks[i].sizes.iter().map(|&s| s as u128).product::<u128>())
-            .sum();
-        if covered < total {
-            out.push(format!(
-                "chunks cover {covered} of the {total} elements of shape {shape:?}: a gap{}",
-                first_gap(shape, chunks, &nonempty)
-                    .map(|p| format!(", e.g. at index {p:?}"))
-                    .unwrap_or_default()
-            ));
-        }
+        Ok(Some(TilingDefect::Gap { at })) => out.push(format!(
+            "chunks cover {covered} of the {total} elements of shape {shape:?}: a gap, e.g. at index {at:?}"
+        )),
+        Err(e) => out.push(format!("the tiling of its chunks cannot be checked: {}", e.message())),
     }
     out
-}
-
-/// An uncovered index, found by a bounded search over the chunk boundaries (the candidate
-/// corners of every uncovered box lie on them).
-fn first_gap(shape: &[u64], chunks: &[Region], nonempty: &[usize]) -> Option<Vec<u64>> {
-    let mut axes: Vec<Vec<u64>> = Vec::with_capacity(shape.len());
-    for (d, &extent) in shape.iter().enumerate() {
-        let mut v: Vec<u64> = vec![0];
-        for &i in nonempty {
-            v.push(chunks[i].offsets[d]);
-            v.push(chunks[i].offsets[d] + chunks[i].sizes[d]);
-        }
-        v.sort_unstable();
-        v.dedup();
-        v.retain(|&x| x < extent);
-        axes.push(v);
-    }
-    let candidates: u128 = axes.iter().map(|a| a.len() as u128).product();
-    if candidates > 1_000_000 {
-        return None;
-    }
-    let mut idx = vec![0usize; shape.len()];
-    loop {
-        let p: Vec<u64> = idx.iter().enumerate().map(|(d, &k)| axes[d][k]).collect();
-        let covered = nonempty
-            .iter()
-            .any(|&i| (0..shape.len()).all(|d| p[d] >= chunks[i].offsets[d] && p[d] < chunks[i].offsets[d] + chunks[i].sizes[d]));
-        if !covered {
-            return Some(p);
-        }
-        let mut d = shape.len();
-        loop {
-            if d == 0 {
-                return None;
-            }
-            d -= 1;
-            idx[d] += 1;
-            if idx[d] < axes[d].len() {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod json;
 pub mod metadata;
 pub mod pickle;
+pub mod pickle_scan;
 pub mod pyobj;
 pub mod safetensors;
 pub mod sidecar;

@@ -3,7 +3,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, MetadataLookup, StorageInfo};
-use crate::region::{overlapping_pairs, Region};
+use crate::region::{tiling_defect, Region, TilingDefect};
 use crate::state::{EntryValue, State};
 
 /// One saved chunk to read, and where its overlap with registered boxes goes.
@@ -88,7 +88,6 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                         t.global_shape
                     ))
                 );
-                let mut covered = 0u64;
                 let first = plan.chunks.len();
                 for chunk in &tm.chunks {
                     chunk.check_within(&tm.size).map_err(|err| {
@@ -101,7 +100,6 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                     let Some(overlap) = chunk.intersect(&t.region) else {
                         continue;
                     };
-                    covered += overlap.numel();
                     let storage = lookup.storage(md, &e.fqn, Some(&chunk.offsets)).ok_or_else(|| {
                         Error::corrupt(format!(
                             "key {:?}: no storage entry for the chunk at offsets {:?}",
@@ -115,27 +113,31 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                         targets: vec![(ei, overlap)],
                     });
                 }
-                // Equal counts leave a gap exactly when two saved chunks overlap (a damaged
-                // .metadata that no checksum covers): then part of the box would go unwritten.
+                // The overlaps must tile the registered box: two saved chunks that overlap (a
+                // damaged .metadata that no checksum covers) or a gap would leave part of it
+                // unwritten or written twice.
                 let overlaps: Vec<&Region> = plan.chunks[first..].iter().map(|c| &c.targets[0].1).collect();
-                let pair = overlapping_pairs(&overlaps).next();
-                if let Some((a, b)) = pair {
-                    let (a, b) = (&plan.chunks[first + a].chunk, &plan.chunks[first + b].chunk);
-                    return Err(Error::corrupt(format!(
-                        "key {:?}: the checkpoint metadata lists overlapping chunks (offsets {:?} sizes {:?} and offsets {:?} sizes {:?})",
-                        e.fqn, a.offsets, a.sizes, b.offsets, b.sizes
-                    )));
+                let defect = tiling_defect(&t.region, &overlaps).map_err(|err| err.context(format!("key {:?}", e.fqn)))?;
+                match defect {
+                    None => {}
+                    Some(TilingDefect::Overlap { a, b, .. }) => {
+                        let (a, b) = (&plan.chunks[first + a].chunk, &plan.chunks[first + b].chunk);
+                        return Err(Error::corrupt(format!(
+                            "key {:?}: the checkpoint metadata lists overlapping chunks (offsets {:?} sizes {:?} and offsets {:?} sizes {:?})",
+                            e.fqn, a.offsets, a.sizes, b.offsets, b.sizes
+                        )));
+                    }
+                    Some(TilingDefect::Gap { at }) => {
+                        let covered: u64 = overlaps.iter().map(|r| r.numel()).fold(0, u64::saturating_add);
+                        return Err(Error::corrupt(format!(
+                            "key {:?}: the saved chunks cover {covered} of the {} elements needed at offsets {:?} sizes {:?} (none holds index {at:?})",
+                            e.fqn,
+                            t.region.numel(),
+                            t.region.offsets,
+                            t.region.sizes
+                        )));
+                    }
                 }
-                ensure!(
-                    covered == t.region.numel(),
-                    Error::corrupt(format!(
-                        "key {:?}: the saved chunks cover {covered} of the {} elements needed at offsets {:?} sizes {:?}",
-                        e.fqn,
-                        t.region.numel(),
-                        t.region.offsets,
-                        t.region.sizes
-                    ))
-                );
             }
             (EntryValue::Tensor(_), EntryMeta::Bytes) => {
                 return Err(Error::mismatch(format!(

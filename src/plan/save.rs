@@ -13,7 +13,7 @@
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{default_path, PathPart};
 use crate::mesh::{check_placements, region_at, unravel, DeviceMesh, Placement};
-use crate::region::{overlapping_pairs, Region};
+use crate::region::{tiling_defect, Region, TilingDefect};
 use crate::state::{EntryValue, State};
 use crate::tensor::DType;
 use serde::{Deserialize, Serialize};
@@ -617,27 +617,26 @@ fn check_tiling(fqn: &str, shape: &[u64], chunks: &[(Region, Vec<u32>)]) -> Resu
             .map_err(|e| e.context(format!("key {fqn:?} on rank {}", holders[0])))?;
         covered = covered.saturating_add(r.numel());
     }
-    if !shape.is_empty() {
-        let boxes: Vec<&Region> = chunks.iter().map(|c| &c.0).collect();
-        let pair = overlapping_pairs(&boxes).next();
-        if let Some((i, j)) = pair {
-            let (r, x) = (&chunks[i].0, chunks[i].0.intersect(&chunks[j].0).expect("the pair overlaps"));
-            return Err(Error::invalid(format!(
-                "key {fqn:?}: the piece of rank {} (offsets {:?}, sizes {:?}) overlaps the piece of rank {} (offsets {:?}, sizes {:?}) in {} elements",
-                chunks[i].1[0],
-                r.offsets,
-                r.sizes,
-                chunks[j].1[0],
-                chunks[j].0.offsets,
-                chunks[j].0.sizes,
-                x.numel()
-            )));
-        }
-    } else if chunks.len() > 1 {
+    if shape.is_empty() && chunks.len() > 1 {
         return Err(Error::invalid(format!("key {fqn:?}: a 0-d tensor registered as several pieces")));
     }
+    let boxes: Vec<&Region> = chunks.iter().map(|c| &c.0).collect();
+    let defect = tiling_defect(&Region::full(shape), &boxes).map_err(|e| e.context(format!("key {fqn:?}")))?;
+    if let Some(TilingDefect::Overlap { a: i, b: j, .. }) = defect {
+        let (r, x) = (&chunks[i].0, chunks[i].0.intersect(&chunks[j].0).expect("the pair overlaps"));
+        return Err(Error::invalid(format!(
+            "key {fqn:?}: the piece of rank {} (offsets {:?}, sizes {:?}) overlaps the piece of rank {} (offsets {:?}, sizes {:?}) in {} elements",
+            chunks[i].1[0],
+            r.offsets,
+            r.sizes,
+            chunks[j].1[0],
+            chunks[j].0.offsets,
+            chunks[j].0.sizes,
+            x.numel()
+        )));
+    }
     ensure!(
-        covered == total,
+        defect.is_none(),
         Error::invalid(format!(
             "key {fqn:?}: the registered pieces cover {covered} of the {total} elements of the global shape {shape:?}"
         ))

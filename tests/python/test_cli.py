@@ -198,6 +198,29 @@ class Cli(unittest.TestCase):
         self.assertLess(at + 17, int(m.group(5)))
         self.assertEqual(len(r.stderr.splitlines()), 1)
 
+    def test_verify_pickles_of_torch_checkpoint_are_allowed(self):
+        # Model, Adam state, objects: every global torch wrote is on the allowlist.
+        r = ok("verify", self.path, "--strict-pickles")
+        self.assertNotIn("note:", r.stdout)
+        self.assertRegex(r.stdout, r"and (\d+) pickles checked")
+        self.assertGreater(int(re.search(r"and (\d+) pickles checked", r.stdout).group(1)), len(self.tensors))
+
+    def test_verify_reports_pickles_that_would_run_code(self):
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))  # pickled, never run
+
+        path = self.sub("payload")
+        dcp.save({"w": torch.ones(2), "evil": Payload()}, checkpoint_id=path)
+        r = ok("verify", path)
+        notes = [line for line in r.stdout.splitlines() if line.startswith("note:")]
+        self.assertEqual(len(notes), 1, r.stdout)
+        self.assertIn('key "evil"', notes[0])
+        self.assertIn("names posix.system", notes[0])
+        r = run("verify", path, "--strict-pickles")
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn("names posix.system", r.stdout)
+
     # --- convert to safetensors ---------------------------------------------------------------
 
     def test_convert_to_safetensors_equals_torch(self):

@@ -5,13 +5,15 @@
 use crate::args::{Args, CliError, CliResult};
 use crate::cast::cast_float;
 use crate::progress::{human_bytes, parse_size, Progress};
+use crate::stream::TensorStream;
 use dcp::format::json::quote;
 use dcp::format::safetensors::{dtype_name, encode_header, layout};
 use dcp::{Checkpoint, DType, KeyKind};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 pub const HELP: &str = "\
 usage: dcp convert DIR --to safetensors OUT_DIR [--filter PREFIX]... [--strip-prefix PREFIX]
@@ -22,8 +24,11 @@ usage: dcp convert DIR --to safetensors OUT_DIR [--filter PREFIX]... [--strip-pr
 Face safetensors files in OUT_DIR: model.safetensors, or model-00001-of-0000N.safetensors when
 the tensors exceed SIZE, plus model.safetensors.index.json ({\"metadata\": {\"total_size\": N},
 \"weight_map\": {name: file}}). Tensors are named by their key. Objects (non-tensors) and complex
-tensors (safetensors has no dtype for them) are skipped with a note. One tensor at a time is in
-memory.
+tensors (safetensors has no dtype for them) are skipped with a note. Every tensor's size is
+checked against the bytes its items really hold before it is read, and it is read in pieces of
+at most 64 MiB (one CRC pass first for a large tensor without sidecar block checksums). Output
+files are written to a new .NAME.partial (never through a symlink; removed on any error) and
+renamed into place.
   --filter PREFIX        only keys starting with PREFIX (repeatable: any of them)
   --strip-prefix PREFIX  remove PREFIX from the start of tensor names (e.g. model.)
   --dtype bf16|f16|f32   cast floating tensors (round to nearest even, NaN kept; float64 goes
@@ -41,7 +46,7 @@ common:
   -h, --help             show this help";
 
 pub fn run(args: Args) -> CliResult {
-    let fmt_ok = |v: Option<&str>| v.map_or(true, |f| f == "safetensors");
+    let fmt_ok = |v: Option<&str>| v.is_none_or(|f| f == "safetensors");
     let (to, from) = (args.value("to"), args.value("from"));
     if !fmt_ok(to) || !fmt_ok(from) {
         return Err(CliError::usage(
@@ -169,7 +174,9 @@ fn to_safetensors(args: &Args) -> CliResult {
         if name.is_empty() || name == "__metadata__" {
             return Err(fail(format!("key {:?} would be named {name:?} after --strip-prefix", k.fqn)));
         }
-        let bytes = k.shape.iter().product::<u64>() * dst.size() as u64;
+        let bytes = dst
+            .nbytes(k.shape)
+            .ok_or_else(|| fail(format!("key {:?}: shape {:?} of {dst} is too large to address", k.fqn, k.shape)))?;
         plan.push(Planned {
             fqn: k.fqn,
             name,
@@ -212,10 +219,17 @@ fn to_safetensors(args: &Args) -> CliResult {
         )));
     }
 
+    // Every tensor backed by real bytes before any output is written.
+    let mut file_lens = HashMap::new();
+    let mut streams = Vec::with_capacity(plan.len());
+    for p in &plan {
+        let k = ck.find(p.fqn).ok_or_else(|| fail(format!("key {:?} vanished", p.fqn)))?;
+        streams.push(TensorStream::open(&ck, &k, &mut file_lens).map_err(fail)?);
+    }
     let shards = split(&plan.iter().map(|p| p.bytes).collect::<Vec<_>>(), max_shard);
     let out_dir = Path::new(out);
     prepare_out_dir("convert", out_dir, args.flag("overwrite"), is_model_file)?;
-    let total: u64 = plan.iter().map(|p| p.bytes).sum();
+    let total: u64 = plan.iter().map(|p| p.bytes).fold(0, u64::saturating_add);
     let mut bar = Progress::new("convert", total);
     let mut weight_map: Vec<(&str, String)> = Vec::new();
     for (si, shard) in shards.iter().enumerate() {
@@ -230,31 +244,33 @@ fn to_safetensors(args: &Args) -> CliResult {
         let infos = layout(&specs).map_err(|e| fail(e.to_string()))?;
         let header = encode_header(&infos, &[("format".to_string(), "pt".to_string())]).map_err(|e| fail(e.to_string()))?;
         let final_path = out_dir.join(&fname);
-        let tmp_path = out_dir.join(format!(".{fname}.partial"));
-        let io_err = |e: std::io::Error| fail(format!("writing {}: {e}", tmp_path.display()));
-        let file = File::create(&tmp_path).map_err(io_err)?;
-        let mut w = BufWriter::with_capacity(8 << 20, file);
+        let tmp = Partial::create(out_dir.join(format!(".{fname}.partial"))).map_err(fail)?;
+        let io_err = |e: std::io::Error| fail(format!("writing {}: {e}", tmp.path.display()));
+        let mut w = BufWriter::with_capacity(8 << 20, tmp.file.try_clone().map_err(io_err)?);
         w.write_all(&header).map_err(io_err)?;
+        let mut buf = Vec::new();
         for &i in &order {
             let p = &plan[i];
-            let (dtype, shape, data) = ck.read_tensor(p.fqn).map_err(|e| fail(e.to_string()))?;
-            // read_tensor allocates numel x src.size() bytes; p.bytes is numel x dst.size().
-            debug_assert!(dtype == p.src && shape == p.shape && data.len() as u64 * p.dst.size() as u64 == p.bytes * p.src.size() as u64);
-            if p.dst == p.src {
-                w.write_all(&data).map_err(io_err)?;
-            } else {
-                // Cast in pieces: the tensor read is the only full-size buffer.
-                for piece in data.chunks(p.src.size() << 16) {
-                    w.write_all(&cast_float(p.src, piece, p.dst)).map_err(io_err)?;
-                }
-            }
-            bar.add(p.bytes);
+            let st = &streams[i];
+            debug_assert!(st.dtype == p.src && st.shape == p.shape.as_slice());
+            st.for_each_piece(&mut buf, |piece| {
+                let r = if p.dst == p.src {
+                    w.write_all(piece)
+                } else {
+                    piece
+                        .chunks(p.src.size() << 16)
+                        .try_for_each(|part| w.write_all(&cast_float(p.src, part, p.dst)))
+                };
+                r.map_err(|e| format!("writing {}: {e}", tmp.path.display()))?;
+                bar.add(piece.len() as u64 / p.src.size() as u64 * p.dst.size() as u64);
+                Ok(())
+            })
+            .map_err(fail)?;
             weight_map.push((&p.name, fname.clone()));
         }
-        let file = w.into_inner().map_err(|e| io_err(e.into_error()))?;
-        file.sync_all().map_err(io_err)?;
-        drop(file);
-        std::fs::rename(&tmp_path, &final_path).map_err(|e| fail(format!("renaming {}: {e}", final_path.display())))?;
+        w.flush().map_err(io_err)?;
+        drop(w);
+        tmp.commit(&final_path).map_err(fail)?;
     }
     bar.clear();
 
@@ -266,7 +282,11 @@ fn to_safetensors(args: &Args) -> CliResult {
     }
     index.push_str("\n  }\n}\n");
     let index_path = out_dir.join("model.safetensors.index.json");
-    std::fs::write(&index_path, index).map_err(|e| fail(format!("writing {}: {e}", index_path.display())))?;
+    let mut tmp = Partial::create(out_dir.join(".model.safetensors.index.json.partial")).map_err(fail)?;
+    tmp.file
+        .write_all(index.as_bytes())
+        .map_err(|e| fail(format!("writing {}: {e}", tmp.path.display())))?;
+    tmp.commit(&index_path).map_err(fail)?;
     println!(
         "wrote {} tensors ({}) in {} file{} to {out}",
         plan.len(),
@@ -275,6 +295,59 @@ fn to_safetensors(args: &Args) -> CliResult {
         if shards.len() == 1 { "" } else { "s" }
     );
     Ok(())
+}
+
+/// An output file being written: created exclusively (never through a symlink), removed on drop
+/// unless renamed into place by [`Partial::commit`].
+pub struct Partial {
+    pub path: PathBuf,
+    pub file: File,
+    done: bool,
+}
+
+impl Partial {
+    /// Creates `path` new. A stale one left by a crash is removed first if it is a regular file;
+    /// anything else there (a symlink, a directory, a FIFO) is refused, never followed.
+    pub fn create(path: PathBuf) -> Result<Partial, String> {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_file() => {
+                std::fs::remove_file(&path).map_err(|e| format!("removing the stale {}: {e}", path.display()))?
+            }
+            Ok(m) => {
+                return Err(format!(
+                    "{} exists and is not a regular file ({:?}); remove it yourself",
+                    path.display(),
+                    m.file_type()
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("checking {}: {e}", path.display())),
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o644)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        Ok(Partial { path, file, done: false })
+    }
+
+    /// Flushes to disk and renames over `to` (rename replaces a symlink there, never follows it).
+    pub fn commit(mut self, to: &Path) -> Result<(), String> {
+        self.file.sync_all().map_err(|e| format!("writing {}: {e}", self.path.display()))?;
+        std::fs::rename(&self.path, to).map_err(|e| format!("renaming {} to {}: {e}", self.path.display(), to.display()))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 #[cfg(test)]

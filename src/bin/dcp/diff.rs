@@ -1,11 +1,14 @@
 //! `dcp diff A B`: keys only in one checkpoint, kind/dtype/shape changes, and for common keys
 //! whether the values are equal (floating dtypes: the largest absolute difference). One key at a
-//! time: at most one tensor of each checkpoint is in memory.
+//! time, in pieces of at most 64 MiB of each side: a tensor's claimed size is checked against the
+//! bytes its items hold before anything is read.
 
 use crate::args::{CliError, CliResult};
 use crate::cast::{components, int_value};
 use crate::progress::Progress;
+use crate::stream::{piece_bytes, Pieces, TensorStream};
 use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue};
+use std::collections::HashMap;
 
 pub const HELP: &str = "\
 usage: dcp diff A B
@@ -40,54 +43,118 @@ fn float_str(x: f64) -> String {
     }
 }
 
-/// How two equally shaped tensors of one dtype differ.
-fn compare_values(dtype: DType, a: &[u8], b: &[u8]) -> String {
-    let n = dtype.size();
-    let total = a.len() / n;
-    let mut differ = 0u64;
-    let mut max_f = 0f64;
-    let mut nan_mismatch = 0u64;
-    let mut max_i = 0i128;
-    for (x, y) in a.chunks_exact(n).zip(b.chunks_exact(n)) {
-        if x == y {
-            continue;
-        }
-        differ += 1;
-        if dtype.is_floating_point() || matches!(dtype, DType::C64 | DType::C128) {
-            let (p, q) = (components(dtype, x), components(dtype, y));
-            for k in 0..2 {
-                let (u, v) = (p[k], q[k]);
-                if (u.is_nan() && v.is_nan()) || u == v {
-                    continue;
-                }
-                let d = (u - v).abs();
-                if d.is_nan() {
-                    nan_mismatch += 1;
-                } else if d > max_f {
-                    max_f = d;
-                }
-            }
-        } else {
-            max_i = max_i.max((int_value(dtype, x) - int_value(dtype, y)).abs());
+/// How two equally shaped tensors of one dtype differ, accumulated piece by piece.
+struct Comparison {
+    dtype: DType,
+    total: u64,
+    differ: u64,
+    max_f: f64,
+    nan_mismatch: u64,
+    max_i: i128,
+}
+
+impl Comparison {
+    fn new(dtype: DType) -> Self {
+        Comparison {
+            dtype,
+            total: 0,
+            differ: 0,
+            max_f: 0.0,
+            nan_mismatch: 0,
+            max_i: 0,
         }
     }
-    let what = format!("{differ} of {total} elements differ");
-    if dtype.is_floating_point() || matches!(dtype, DType::C64 | DType::C128) {
-        let nan = if nan_mismatch > 0 {
-            format!(" ({nan_mismatch} NaN in one only)")
+
+    fn is_float(&self) -> bool {
+        self.dtype.is_floating_point() || matches!(self.dtype, DType::C64 | DType::C128)
+    }
+
+    /// Two pieces at the same place of the two tensors.
+    fn add(&mut self, a: &[u8], b: &[u8]) {
+        let n = self.dtype.size();
+        self.total += (a.len() / n) as u64;
+        if a == b {
+            return;
+        }
+        for (x, y) in a.chunks_exact(n).zip(b.chunks_exact(n)) {
+            if x == y {
+                continue;
+            }
+            self.differ += 1;
+            if self.is_float() {
+                let (p, q) = (components(self.dtype, x), components(self.dtype, y));
+                for k in 0..2 {
+                    let (u, v) = (p[k], q[k]);
+                    if (u.is_nan() && v.is_nan()) || u == v {
+                        continue;
+                    }
+                    let d = (u - v).abs();
+                    if d.is_nan() {
+                        self.nan_mismatch += 1;
+                    } else if d > self.max_f {
+                        self.max_f = d;
+                    }
+                }
+            } else {
+                self.max_i = self.max_i.max((int_value(self.dtype, x) - int_value(self.dtype, y)).abs());
+            }
+        }
+    }
+
+    /// `None` when equal.
+    fn summary(&self) -> Option<String> {
+        if self.differ == 0 {
+            return None;
+        }
+        let what = format!("{} of {} elements differ", self.differ, self.total);
+        Some(if self.is_float() {
+            let nan = if self.nan_mismatch > 0 {
+                format!(" ({} NaN in one only)", self.nan_mismatch)
+            } else {
+                String::new()
+            };
+            format!("{what}, max abs diff {}{nan}", float_str(self.max_f))
+        } else if self.dtype == DType::Bool {
+            what
         } else {
-            String::new()
-        };
-        format!("{what}, max abs diff {}{nan}", float_str(max_f))
-    } else if dtype == DType::Bool {
-        what
-    } else {
-        format!("{what}, max abs diff {max_i}")
+            format!("{what}, max abs diff {}", self.max_i)
+        })
     }
 }
 
-fn cannot_compare(fqn: &str, e: &dcp::Error) -> String {
-    if e.message().contains(&format!("{fqn:?}")) {
+#[cfg(test)]
+fn compare_values(dtype: DType, a: &[u8], b: &[u8]) -> String {
+    let mut c = Comparison::new(dtype);
+    c.add(a, b);
+    c.summary().unwrap_or_default()
+}
+
+/// Compares tensor `fqn` of A and B (same dtype and shape) piece by piece: at most one piece of
+/// each side in memory, every size checked against the stored bytes first.
+fn compare_tensor(
+    ca: &Checkpoint,
+    cb: &Checkpoint,
+    fqn: &str,
+    lens: &mut (HashMap<String, u64>, HashMap<String, u64>),
+    on_piece: &mut dyn FnMut(u64),
+) -> Result<Option<String>, String> {
+    let (ka, kb) = (ca.find(fqn).expect("key of A"), cb.find(fqn).expect("key of B"));
+    let sa = TensorStream::open(ca, &ka, &mut lens.0).map_err(|e| format!("{e} (in A)"))?;
+    let sb = TensorStream::open(cb, &kb, &mut lens.1).map_err(|e| format!("{e} (in B)"))?;
+    let mut cmp = Comparison::new(sa.dtype);
+    let (mut buf_a, mut buf_b) = (Vec::new(), Vec::new());
+    // The same boxes of both sides, so the same bytes.
+    for (offsets, sizes) in Pieces::new(sa.shape, sa.dtype.size() as u64, piece_bytes()) {
+        sa.read_piece(&offsets, &sizes, &mut buf_a).map_err(|e| format!("{e} (in A)"))?;
+        sb.read_piece(&offsets, &sizes, &mut buf_b).map_err(|e| format!("{e} (in B)"))?;
+        cmp.add(&buf_a, &buf_b);
+        on_piece(2 * buf_a.len() as u64);
+    }
+    Ok(cmp.summary())
+}
+
+fn cannot_compare(fqn: &str, e: &str) -> String {
+    if e.contains(&format!("{fqn:?}")) {
         format!("cannot compare: {e}")
     } else {
         format!("cannot compare: key {fqn:?}: {e}")
@@ -95,7 +162,7 @@ fn cannot_compare(fqn: &str, e: &dcp::Error) -> String {
 }
 
 fn tensor_bytes(k: &KeyInfo) -> u64 {
-    k.nbytes().unwrap_or(0)
+    k.nbytes().unwrap_or(0).min(u64::MAX / 4)
 }
 
 pub fn run(args: crate::args::Args) -> CliResult {
@@ -113,6 +180,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
         .sum();
     let mut bar = Progress::new("diff", total);
     let mut done = 0u64;
+    let mut lens = (HashMap::new(), HashMap::new());
     let (mut only_a, mut only_b, mut changed, mut equal) = (0, 0, 0, 0);
     for ka in ca.keys() {
         let fqn = ka.fqn;
@@ -133,21 +201,25 @@ pub fn run(args: crate::args::Args) -> CliResult {
                 if !what.is_empty() {
                     Some(format!("differs: {fqn}: {}", what.join(", ")))
                 } else {
-                    // A key that cannot be read (damaged, unknown dtype) is reported and the
-                    // comparison goes on.
+                    // A key that cannot be read (damaged, unknown dtype, a size its items do
+                    // not hold) is reported and the comparison goes on.
+                    let start = done;
                     done += tensor_bytes(&ka) + tensor_bytes(&kb);
-                    match ca.read_tensor(fqn).and_then(|a| Ok((a, cb.read_tensor(fqn)?))) {
-                        Ok(((da, _, va), (_, _, vb))) => {
-                            bar.update(done);
-                            (va != vb).then(|| format!("differs: {fqn}: {}", compare_values(da, &va, &vb)))
-                        }
+                    let mut at = start;
+                    let r = compare_tensor(&ca, &cb, fqn, &mut lens, &mut |n| {
+                        at += n;
+                        bar.update(at);
+                    });
+                    bar.update(done);
+                    match r {
+                        Ok(d) => d.map(|d| format!("differs: {fqn}: {d}")),
                         Err(e) => Some(cannot_compare(fqn, &e)),
                     }
                 }
             }
             (KeyKind::Object, KeyKind::Object) => match ca.read_object(fqn).and_then(|a| Ok((a, cb.read_object(fqn)?))) {
                 Ok((va, vb)) => (va != vb).then(|| format!("differs: {fqn}: object {} (A) vs {} (B)", describe(&va), describe(&vb))),
-                Err(e) => Some(cannot_compare(fqn, &e)),
+                Err(e) => Some(cannot_compare(fqn, &e.to_string())),
             },
             (x, y) => {
                 let name = |k: KeyKind| if k == KeyKind::Tensor { "tensor" } else { "object" };

@@ -8,6 +8,7 @@ mod diff;
 mod from_safetensors;
 mod inspect;
 mod progress;
+mod stream;
 mod verify;
 
 use args::{CliError, CliResult, Parsed, Spec};
@@ -20,7 +21,8 @@ written by torch.distributed.checkpoint or by libdcp.
 
 commands:
   inspect DIR [--json]             keys, dtypes, shapes, chunks, bytes; totals per file and rank
-  verify DIR                       integrity: commit, sidecar, files, tiling, every zip CRC-32
+  verify DIR [--strict-pickles]    integrity: commit, sidecar, files, tiling, every zip CRC-32,
+                                   what load refuses, pickles naming code to run
   diff A B                         keys and values that differ between two checkpoints
   convert DIR --to safetensors OUT_DIR
   convert FILE... --from safetensors OUT_DIR
@@ -48,7 +50,7 @@ const COMMANDS: [Command; 4] = [
     Command {
         spec: Spec {
             name: "verify",
-            flags: &[],
+            flags: &["strict-pickles"],
             options: &[],
         },
         help: verify::HELP,

@@ -2,10 +2,10 @@
 
 use crate::args::{CliError, CliResult};
 use crate::progress::{human_bytes, Progress};
-use dcp::engine::verify::verify_with_progress;
+use dcp::engine::verify::{verify_with_options, VerifyOptions};
 
 pub const HELP: &str = "\
-usage: dcp verify DIR
+usage: dcp verify DIR [--strict-pickles]
 
 Checks the checkpoint in DIR and lists every problem with its key, file and offset:
   - committed: .metadata is present and parses;
@@ -16,11 +16,19 @@ Checks the checkpoint in DIR and lists every problem with its key, file and offs
   - every item is a torch.save zip archive whose records all match the CRC-32 of their
     central-directory entries (torch's own loader never checks these), the item holds what
     .metadata says (tensor dtype and shape, or an object), and the sidecar's per-4 MiB-block
-    CRC-32s of large tensors match.
+    CRC-32s of large tensors match;
+  - everything load refuses is a problem: compressed records, dtypes or storage types libdcp
+    does not read, items that do not parse (tensor or object), items sharing bytes;
+  - every pickle (.metadata, each item's data.pkl) is scanned, without running it, for the
+    globals it names: any outside torch's own checkpoint classes (DCP metadata, tensor rebuild
+    functions, storages, dtypes, torch.Size, plain containers) is reported as a note, since
+    Python's pickle.load imports and may call it when torch opens the checkpoint without
+    weights_only=True (os.system, builtins.eval, ...).
 Data is read in 8 MiB pieces. Exit status: 0 when everything holds, 1 otherwise.
 
 options:
-  -h, --help  show this help";
+  --strict-pickles  a pickle naming anything outside that allowlist is a failure
+  -h, --help        show this help";
 
 pub fn run(args: crate::args::Args) -> CliResult {
     let [dir] = args.positional.as_slice() else {
@@ -34,7 +42,10 @@ pub fn run(args: crate::args::Args) -> CliResult {
         ));
     };
     let mut bar = Progress::new("verify", 0);
-    let report = verify_with_progress(dir, &mut |done, total| {
+    let opts = VerifyOptions {
+        strict_pickles: args.flag("strict-pickles"),
+    };
+    let report = verify_with_options(dir, &opts, &mut |done, total| {
         bar.set_total(total);
         bar.update(done);
     })
@@ -48,13 +59,14 @@ pub fn run(args: crate::args::Args) -> CliResult {
     }
     if report.is_ok() {
         println!(
-            "ok: {dir}: {} keys, {} items in {} file{}; {} zip records and {} sidecar blocks checked ({}){}",
+            "ok: {dir}: {} keys, {} items in {} file{}; {} zip records, {} sidecar blocks and {} pickles checked ({}){}",
             report.keys,
             report.items,
             report.files,
             if report.files == 1 { "" } else { "s" },
             report.records,
             report.blocks,
+            report.pickles,
             human_bytes(report.bytes_checked),
             if report.sidecar {
                 "; sidecar matches"
