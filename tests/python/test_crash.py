@@ -138,15 +138,15 @@ def verify_ok(path):
 
 class Inotify:
     """Events in one directory (ctypes inotify; Linux)."""
-    IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x80, 0x100, 0x200
-    NAMES = {"close": IN_CLOSE_WRITE, "moved_to": IN_MOVED_TO, "create": IN_CREATE, "delete": IN_DELETE}
+    IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x40, 0x80, 0x100, 0x200
+    NAMES = {"close": IN_CLOSE_WRITE, "moved_from": IN_MOVED_FROM, "moved_to": IN_MOVED_TO, "create": IN_CREATE, "delete": IN_DELETE}
 
     def __init__(self, path):
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        mask = self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_CREATE | self.IN_DELETE
+        mask = self.IN_CLOSE_WRITE | self.IN_MOVED_FROM | self.IN_MOVED_TO | self.IN_CREATE | self.IN_DELETE
         if self.libc.inotify_add_watch(self.fd, path.encode(), mask) < 0:
             raise OSError(ctypes.get_errno(), "inotify_add_watch " + path)
 
@@ -419,7 +419,8 @@ class CrashConsistency(unittest.TestCase):
         old = set(os.listdir(path)) - {".metadata"}
         self.assertTrue(old, path)
         events = self.overwrite_events(path, v)
-        self.assertNotIn(("delete", ".metadata"), events, "an overwrite removes .metadata (uncommits the old checkpoint)")
+        for gone in (("delete", ".metadata"), ("moved_from", ".metadata")):
+            self.assertNotIn(gone, events, "an overwrite removes .metadata (uncommits the old checkpoint)")
         self.assertIn(("moved_to", ".metadata"), events, f"an overwrite did not rename .metadata into place: {events}")
         commit = events.index(("moved_to", ".metadata"))
         new_closed = [(i, n) for i, (k, n) in enumerate(events) if k == "close" and n not in old and
