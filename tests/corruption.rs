@@ -1,7 +1,7 @@
 //! Corruption: one byte of a checkpoint changed at a time (XOR with a random non-zero value), in
 //! every kind of place — tensor payloads (checked by zip CRC-32s and by the sidecar's per-4 MiB
 //! block CRCs), zip structure of tensor items, object items, the padding between items,
-//! `.metadata`, the `.libdcp` sidecar — then a full load in this process through the safe Rust
+//! `.metadata`, the `.libdcp_{token}` sidecar — then a full load in this process through the safe Rust
 //! API (checksums on) and `dcp verify`'s checks (`engine::verify::verify`).
 //!
 //! Every outcome must be one of: an error with a message (never a panic: a panic fails this
@@ -255,7 +255,8 @@ fn classify(dir: &Path, with_sidecar: bool) -> BTreeMap<Class, Vec<(String, u64,
         .or_default()
         .push((".metadata".into(), 0, len(".metadata")));
     if with_sidecar {
-        out.entry(Class::Sidecar).or_default().push((".libdcp".into(), 0, len(".libdcp")));
+        let sc = sidecar_of(dir);
+        out.entry(Class::Sidecar).or_default().push((sc.clone(), 0, len(&sc)));
     }
     out.retain(|_, r| {
         r.retain(|(_, a, b)| b > a);
@@ -397,7 +398,7 @@ fn one_changed_byte_is_an_error_or_irrelevant() {
     let mut report = format!("corruption: seed {seed}, {per_class} flips per class\n");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_mode(
-            "libdcp checkpoint (with .libdcp sidecar)",
+            "libdcp checkpoint (with its sidecar)",
             &dir,
             &keys,
             true,
@@ -405,7 +406,7 @@ fn one_changed_byte_is_an_error_or_irrelevant() {
             &mut rng,
             &mut report,
         );
-        std::fs::remove_file(dir.join(".libdcp")).unwrap();
+        std::fs::remove_file(dir.join(sidecar_of(&dir))).unwrap();
         assert!(load_all(&dir, &keys).unwrap());
         run_mode(
             "the same without its sidecar (as torch writes them)",
@@ -444,7 +445,7 @@ fn metadata_edits_that_keep_crcs_valid_are_errors() {
         .filter(|k| k.fqn == "model.big" || k.fqn == "model.small")
         .collect();
     save_fixture_tensors_only(&dir, &keys);
-    std::fs::remove_file(dir.join(".libdcp")).unwrap();
+    std::fs::remove_file(dir.join(sidecar_of(&dir))).unwrap();
     let md = std::fs::read(dir.join(".metadata")).unwrap();
     let load = |dir: &Path| load_tensors(dir, &keys);
     assert!(load(&dir).unwrap());
@@ -464,9 +465,9 @@ fn metadata_edits_that_keep_crcs_valid_are_errors() {
     );
     println!("overlapping chunks: {}", r.unwrap_err());
 
-    // (b) "__1_0.distcp" -> "__0_0.distcp": rank 1's chunks now point into rank 0's file, at
+    // (b) "__1_0_{token}.distcp" -> "__0_0_{token}.distcp": rank 1's chunks now point into rank 0's file, at
     //     offsets where rank 0 stored its own chunks of the same shapes (intact items, good CRCs).
-    let at = find(&md, b"__1_0.distcp").expect("rank 1's file name in .metadata");
+    let at = find(&md, b"__1_0_").expect("rank 1's file name in .metadata");
     let mut edited = md.clone();
     edited[at + 2] = b'0';
     std::fs::write(dir.join(".metadata"), &edited).unwrap();
@@ -481,6 +482,15 @@ fn metadata_edits_that_keep_crcs_valid_are_errors() {
     std::fs::write(dir.join(".metadata"), &md).unwrap();
     assert!(load(&dir).unwrap());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sidecar of the checkpoint in `dir` (its name carries the save's token).
+fn sidecar_of(dir: &Path) -> String {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with(".libdcp_"))
+        .expect("a sidecar")
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

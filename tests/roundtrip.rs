@@ -171,7 +171,7 @@ fn damaged_checkpoints_are_refused() {
         .unwrap();
     save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
     drop(st);
-    let data_file = dir.join("__0_0.distcp");
+    let data_file = dir.join(file_starting(&dir, "__0_0_"));
     let pristine = std::fs::read(&data_file).unwrap();
     let try_load = || {
         let mut out = vec![0u8; 1 << 16];
@@ -187,7 +187,10 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(&data_file, &m).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
-    assert!(e.message().contains("\"w\"") && e.message().contains("__0_0.distcp"), "{e}");
+    assert!(
+        e.message().contains("\"w\"") && e.message().contains(data_file.file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
     // A truncated data file.
     std::fs::write(&data_file, &pristine[..pristine.len() / 2]).unwrap();
     let e = try_load().unwrap_err();
@@ -202,7 +205,7 @@ fn damaged_checkpoints_are_refused() {
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
     // Without the sidecar, the pickle itself is garbled.
-    std::fs::remove_file(dir.join(".libdcp")).unwrap();
+    std::fs::remove_file(dir.join(file_starting(&dir, ".libdcp_"))).unwrap();
     let _ = try_load().unwrap_err();
     // No .metadata: not a committed checkpoint.
     std::fs::remove_file(&md).unwrap();
@@ -345,4 +348,15 @@ fn cuda_tensors_are_refused_cleanly_without_a_driver() {
     let e = st.set_cuda("g", 0, 0).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.message().contains("CUDA"), "{e}");
+}
+
+/// The one file of `dir` whose name starts with `prefix` (file names carry a per-save token).
+fn file_starting(dir: &std::path::Path, prefix: &str) -> String {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    assert_eq!(names.len(), 1, "files starting with {prefix:?} in {}: {names:?}", dir.display());
+    names.into_iter().next().unwrap()
 }

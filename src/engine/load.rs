@@ -3,16 +3,15 @@
 //! all ranks agree on the outcome.
 
 use super::broadcast::{self, Broadcasts};
+use super::layout::{self, RawCheckpoint};
 use super::read::{read_chunk, read_object, window_buffer_len, DirectIo, Files, Reader, Target};
 use super::save::sync_devices;
-use super::save::METADATA_FILE;
 use super::staging::{PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
 use super::write::DeviceStreams;
 use super::Context;
-use crate::error::{Error, ErrorKind, Result};
-use crate::format::metadata::{Metadata, MetadataLookup};
-use crate::format::sidecar::{self, BlockRecord, Sidecar};
+use crate::error::{Error, Result};
+use crate::format::sidecar::{self, BlockRecord};
 use crate::plan::load::plan_load;
 use crate::plan::load::LoadPlan;
 use crate::state::{EntryValue, State};
@@ -61,81 +60,11 @@ pub struct LoadReport {
     pub seconds: f64,
 }
 
-/// A checkpoint's metadata, checked against its sidecar.
-pub struct Opened {
-    pub metadata: Metadata,
-    pub lookup: MetadataLookup,
-    pub sidecar: Option<Sidecar>,
-}
-
-/// Reads the raw `.metadata` and sidecar bytes; a missing `.metadata` means "not a checkpoint".
-fn read_raw(storage: &dyn Storage) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
-    let md = match storage.read_all(METADATA_FILE) {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            // A missing bucket or bad credentials say so, rather than "no checkpoint".
-            storage.check_reachable()?;
-            let has_data = storage
-                .list()
-                .map(|l| l.iter().any(|n| super::save::is_data_file(n)))
-                .unwrap_or(false);
-            return Err(Error::not_found(if has_data {
-                format!(
-                    "{} is not a committed checkpoint: it has data files but no .metadata (the save did not finish)",
-                    storage.describe("")
-                )
-            } else {
-                format!(
-                    "no checkpoint at {}: {} does not exist",
-                    storage.describe(""),
-                    storage.describe(METADATA_FILE)
-                )
-            }));
-        }
-        Err(e) => return Err(e),
-    };
-    let sc = match storage.read_all(sidecar::FILE_NAME) {
-        Ok(b) => Some(b),
-        Err(e) if e.kind() == ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    Ok((md, sc))
-}
-
-/// Decodes and cross-checks metadata and sidecar.
-pub fn decode_opened(storage: &dyn Storage, md: &[u8], sc: Option<&[u8]>) -> Result<Opened> {
-    let md_what = storage.describe(METADATA_FILE);
-    let sidecar = match sc {
-        None => None,
-        Some(b) => match Sidecar::decode(b, &storage.describe(sidecar::FILE_NAME)) {
-            Ok(s) => Some(s),
-            // Written by a newer libdcp: fall back to the zip CRCs.
-            Err(e) if e.kind() == ErrorKind::Unsupported => None,
-            Err(e) => return Err(e),
-        },
-    };
-    if let Some(s) = &sidecar {
-        if let Some(crc) = s.metadata_mismatch(md) {
-            return Err(Error::new(
-                ErrorKind::Checksum,
-                format!(
-                    "{md_what} does not match the checksum in its sidecar ({} bytes, CRC-32 {crc:08x}; expected {} bytes, {:08x}): the metadata is damaged",
-                    md.len(),
-                    s.metadata_len,
-                    s.metadata_crc32
-                ),
-            ));
-        }
-    }
-    let metadata = Metadata::decode(md, &md_what)?;
-    let lookup = metadata.index();
-    Ok(Opened { metadata, lookup, sidecar })
-}
+pub use super::layout::Opened;
 
 /// Opens a checkpoint on one process (no collective).
 pub fn open_local(storage: &dyn Storage) -> Result<Opened> {
-    let (md, sc) = read_raw(storage)?;
-    decode_opened(storage, &md, sc.as_deref())
+    layout::open(storage)
 }
 
 /// Loads `location` into `state`. Collective: every rank of the context calls it.
@@ -148,16 +77,31 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
     ctx.settle(true)?;
     let t0 = Instant::now();
     let comm = ctx.communicator();
+    // Rank 0 reads (and decodes) `.metadata` and the sidecar; the others decode its bytes.
+    let mut mine = None;
     let raw = broadcast_result(
         comm,
         0,
         if comm.rank() == 0 {
-            read_raw(storage.as_ref())
+            layout::read_and_open(storage.as_ref()).map(|(raw, opened)| {
+                mine = Some(opened);
+                (raw.metadata, raw.sidecar)
+            })
         } else {
             Ok((vec![], None))
         },
     )?;
-    let mut planned = decode_opened(storage.as_ref(), &raw.0, raw.1.as_deref()).and_then(|o| {
+    let opened = match mine {
+        Some(o) => Ok(o),
+        None => layout::decode(
+            storage.as_ref(),
+            &RawCheckpoint {
+                metadata: raw.0,
+                sidecar: raw.1,
+            },
+        ),
+    };
+    let mut planned = opened.and_then(|o| {
         let plan = plan_load(state, &o.metadata, &o.lookup, opts.strict)?;
         Ok((o, plan))
     });

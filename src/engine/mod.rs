@@ -4,6 +4,7 @@
 mod broadcast;
 pub mod checkpoint;
 pub mod future;
+pub mod layout;
 pub mod load;
 pub mod read;
 pub mod save;

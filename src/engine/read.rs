@@ -7,7 +7,7 @@ use crate::cuda;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::metadata::StorageInfo;
 use crate::format::sidecar::{BlockRecord, Sidecar};
-use crate::format::zipitem::{self, ItemContent, ItemSource, TensorRecord};
+use crate::format::zipitem::{self, ItemContent, ItemSource};
 use crate::plan::runs::{byte_strides, BoxRuns, Run};
 use crate::region::Region;
 use crate::storage::DIRECT_ALIGN;
@@ -195,30 +195,25 @@ pub(crate) fn read_chunk(
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
     let elem_expected = targets.first().map(|t| t.view.dtype());
-    // Where the payload is and how it is laid out.
-    let (payload_abs, rec) = match sidecar_blocks {
-        Some((b, _)) => {
-            let dtype = elem_expected.ok_or_else(|| Error::internal("no target"))?;
-            let rec = TensorRecord {
-                dtype,
-                sizes: chunk.sizes.clone(),
-                strides: crate::tensor::contiguous_strides(&chunk.sizes),
-                storage_offset: 0,
-                data_offset: b.payload_offset - info.offset,
-                data_len: b.payload_len,
-                crc: 0,
-            };
-            (b.payload_offset, rec)
+    // Where the payload is and how it is laid out: always from the item itself; a sidecar
+    // block record must agree with it (it only adds per-block checksums).
+    let rec = match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
+        ItemContent::Tensor(rec) => rec,
+        ItemContent::Object(_) => {
+            return Err(Error::mismatch(format!(
+                "{what}: holds an object, but the metadata says it is a tensor chunk"
+            )))
         }
-        None => match zipitem::read_item(&ItemSlice { file: file.as_ref(), info }, info.length, &what)? {
-            ItemContent::Tensor(rec) => (info.offset + rec.data_offset, rec),
-            ItemContent::Object(_) => {
-                return Err(Error::mismatch(format!(
-                    "{what}: holds an object, but the metadata says it is a tensor chunk"
-                )))
-            }
-        },
     };
+    let payload_abs = info.offset + rec.data_offset;
+    if let Some((b, _)) = sidecar_blocks {
+        if b.payload_offset != payload_abs || b.payload_len != rec.data_len {
+            return Err(Error::corrupt(format!(
+                "{what}: the sidecar's block record (payload at {} of {} bytes) does not match the item (payload at {payload_abs} of {} bytes): a damaged or forged sidecar",
+                b.payload_offset, b.payload_len, rec.data_len
+            )));
+        }
+    }
     if Some(rec.dtype) != elem_expected || rec.sizes != chunk.sizes {
         return Err(Error::corrupt(format!(
             "{what}: holds a {} tensor of shape {:?}, but the metadata describes a {} chunk of shape {:?}",

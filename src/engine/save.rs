@@ -2,31 +2,35 @@
 //!
 //! 1. Ranks all-gather the hashes of their local plans; an unchanged layout reuses the cached
 //!    global plan, otherwise the local plans are all-gathered and every rank builds the same plan.
-//! 2. Rank 0 prepares the directory (refusing to replace a committed checkpoint unless asked).
-//! 3. Each rank writes its `__{rank}_0.distcp` and fdatasyncs it.
-//! 4. Rank 0 gathers what was written, then commits: sidecar, then `.metadata` by atomic rename,
-//!    then a directory fsync. Without `.metadata` a directory is not a checkpoint.
+//! 2. Rank 0 readies the location (refusing to replace a committed checkpoint unless asked) and
+//!    picks the save's id, whose token makes every file name of this save unique.
+//! 3. Each rank writes its `__{rank}_{n}_{token}.distcp` files and fdatasyncs them.
+//! 4. Rank 0 gathers what was written, then commits (see [`super::layout`]): sidecar, then
+//!    `.metadata` (create-only, or an atomic replace when overwriting), a directory fsync, and
+//!    only then removes the replaced checkpoint's files. Without `.metadata` a directory is not a
+//!    checkpoint.
 
 use super::future::SaveFuture;
+use super::layout::{self, PreparedLocation, WrittenFile};
 use super::staging::{self, HostBuf, PoolBuf};
 use super::wire::{broadcast_result, Wire};
 use super::write::{layout_files, with_host_extent, write_files, DeviceStreams, ItemSource, ItemWritten, WriteOptions};
 use super::{writer_version, Context};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use crate::format::sidecar::{self, FileRecord, Sidecar, BLOCK_SIZE};
 use crate::plan::runs::{byte_strides, dense_byte_strides, BoxRuns};
 use crate::plan::save::{GlobalKind, GlobalPlan, LocalPlan, Plans};
 use crate::plan::stable_hash;
 use crate::state::{EntryValue, State};
-use crate::storage::{tmp_name, Storage};
+use crate::storage::Storage;
 use crate::tensor::{Device, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub const METADATA_FILE: &str = ".metadata";
+pub use super::layout::{is_data_file, METADATA_FILE};
 
 #[derive(Clone, Debug)]
 pub struct SaveOptions {
@@ -77,7 +81,7 @@ struct RankWrites {
 struct Prepared {
     plan: Arc<GlobalPlan>,
     plan_cached: bool,
-    save_id: String,
+    location_state: PreparedLocation,
     storage: Arc<dyn Storage>,
     location: String,
 }
@@ -140,19 +144,24 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
 fn prepare_save(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location: &str, opts: &SaveOptions) -> Result<Prepared> {
     let comm = ctx.communicator();
     let (plan, plan_cached) = global_plan(ctx, state, opts)?;
-    let save_id = broadcast_result(
+    let prepared = broadcast_result(
         comm,
         0,
         if comm.rank() == 0 {
-            prepare(storage.as_ref(), opts.overwrite)
+            layout::prepare(storage.as_ref(), opts.overwrite).map(|p| (p.save_id, p.replaced))
         } else {
-            Ok(String::new())
+            Ok((String::new(), Vec::new()))
         },
     )?;
+    let (save_id, replaced) = prepared;
     Ok(Prepared {
         plan,
         plan_cached,
-        save_id,
+        location_state: PreparedLocation {
+            token: layout::token_of(&save_id),
+            save_id,
+            replaced,
+        },
         storage,
         location: location.to_string(),
     })
@@ -161,11 +170,11 @@ fn prepare_save(ctx: &Context, state: &State, storage: Arc<dyn Storage>, locatio
 /// Writes this rank's files, then commits on rank 0. Collective.
 fn write_and_commit(ctx: &Context, state: &State, p: &Prepared, opts: &SaveOptions) -> Result<u64> {
     let comm = ctx.communicator();
-    let written = write_rank(ctx, state, &p.plan, comm.rank(), p.storage.as_ref(), opts, &p.save_id);
+    let written = write_rank(ctx, state, &p.plan, comm.rank(), p.storage.as_ref(), opts, &p.location_state);
     let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
-        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.save_id, all, opts.overwrite),
+        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.location_state, all, opts.overwrite),
         None => Ok(()),
     };
     broadcast_result(comm, 0, commit)?;
@@ -390,34 +399,6 @@ pub(crate) fn sync_devices<'a>(views: impl Iterator<Item = &'a TensorView<'a>>) 
     Ok(())
 }
 
-/// Step 2 (rank 0): create the directory; refuse or clear an existing checkpoint.
-fn prepare(storage: &dyn Storage, overwrite: bool) -> Result<String> {
-    storage.prepare()?;
-    if storage.exists(METADATA_FILE)? {
-        if !overwrite {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "checkpoint already exists at {} (it has a committed .metadata; save with overwrite to replace it)",
-                    storage.describe("")
-                ),
-            ));
-        }
-        // Uncommit first: from here on the directory is not a checkpoint until the new commit.
-        storage.remove(METADATA_FILE)?;
-        storage.sync_dir()?;
-    }
-    // Left behind by a save that died while committing.
-    let staged = [tmp_name(METADATA_FILE), tmp_name(sidecar::FILE_NAME)];
-    for name in storage.list()? {
-        if is_data_file(&name) || name == sidecar::FILE_NAME || staged.contains(&name) {
-            storage.remove(&name)?;
-        }
-    }
-    storage.sync_dir()?;
-    Ok(new_save_id())
-}
-
 /// The `.metadata` of a save plan, given where each written item went (`stored(key, chunk
 /// offsets)`; offsets are `None` for objects).
 pub fn metadata_of(
@@ -476,35 +457,6 @@ pub fn metadata_of(
     Ok(md)
 }
 
-/// `__{rank}_{n}.distcp`, the data files torch's FileSystemWriter and libdcp write.
-pub fn is_data_file(name: &str) -> bool {
-    name.strip_prefix("__")
-        .and_then(|r| r.strip_suffix(".distcp"))
-        .and_then(|r| r.split_once('_'))
-        .is_some_and(|(a, b)| {
-            !a.is_empty() && !b.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
-        })
-}
-
-fn new_save_id() -> String {
-    let mut bytes = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut bytes);
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    for (i, b) in t.to_le_bytes().iter().enumerate() {
-        bytes[i] ^= b;
-    }
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-}
-
 /// Step 3: this rank's items, in plan order, into one file.
 fn write_rank(
     ctx: &Context,
@@ -513,7 +465,7 @@ fn write_rank(
     rank: usize,
     storage: &dyn Storage,
     opts: &SaveOptions,
-    save_id: &str,
+    location: &PreparedLocation,
 ) -> Result<RankWrites> {
     let entries = my_entries(state, plan, rank)?;
     sync_devices(entries.iter().filter_map(|e| match &e.value {
@@ -537,12 +489,21 @@ fn write_rank(
             items: vec![],
         });
     }
-    let layouts = layout_files(rank, sources, opts.threads, stable_hash(save_id.as_bytes()) ^ rank as u64);
+    let layouts = layout_files(
+        rank,
+        &location.token,
+        sources,
+        opts.threads,
+        stable_hash(location.save_id.as_bytes()) ^ rank as u64,
+    );
     let wopts = WriteOptions {
         direct: opts.direct_io,
         buffer_bytes: opts.buffer_bytes,
     };
-    let written = write_files(storage, &layouts, &wopts, &ctx.inner.pool)?;
+    let written = write_files(storage, &layouts, &wopts, &ctx.inner.pool).inspect_err(|_| {
+        // This save's files are its own: nobody else writes these names.
+        layout::discard(storage, layouts.iter().map(|l| l.name.as_str()));
+    })?;
     let mut out = RankWrites {
         files: Vec::new(),
         items: Vec::new(),
@@ -558,12 +519,48 @@ fn write_rank(
     Ok(out)
 }
 
-/// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`.
-fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &str, all: Vec<Vec<u8>>, overwrite: bool) -> Result<()> {
+/// Step 4 (rank 0): check every rank wrote, then commit sidecar and `.metadata`. On any error
+/// the files this save wrote are removed: the location keeps what it had.
+fn commit(
+    storage: &dyn Storage,
+    location: &str,
+    plan: &GlobalPlan,
+    prepared: &PreparedLocation,
+    all: Vec<Vec<u8>>,
+    overwrite: bool,
+) -> Result<()> {
+    let reports: Vec<Result<RankWrites>> = all
+        .iter()
+        .enumerate()
+        .map(|(r, bytes)| Wire::<RankWrites>::decode(bytes, r).and_then(|w| w.into_result(r)))
+        .collect();
+    // Ranks that failed removed their own files; these are the others'.
+    let own: Vec<String> = reports
+        .iter()
+        .flatten()
+        .flat_map(|w| w.files.iter().map(|f| f.name.clone()))
+        .collect();
+    let records = reports
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+        .and_then(|ranks| commit_records(plan, location, &prepared.save_id, ranks));
+    match records {
+        Ok((sc, md_bytes)) => {
+            let written: Vec<WrittenFile> = sc.files.iter().map(|f| WrittenFile { name: &f.name, len: f.len }).collect();
+            layout::commit(storage, prepared, &written, &sc.encode(), &md_bytes, overwrite)
+        }
+        Err(e) => {
+            layout::discard(storage, own.iter().map(String::as_str));
+            Err(e)
+        }
+    }
+}
+
+/// The sidecar and `.metadata` bytes of a save, from what every rank reports having written.
+fn commit_records(plan: &GlobalPlan, location: &str, save_id: &str, ranks: Vec<RankWrites>) -> Result<(Sidecar, Vec<u8>)> {
     let mut files = Vec::new();
     let mut written: Vec<ItemWritten> = Vec::new();
-    for (r, bytes) in all.iter().enumerate() {
-        let w = Wire::<RankWrites>::decode(bytes, r)?.into_result(r)?;
+    for (r, w) in ranks.into_iter().enumerate() {
         // A rank's items are in its own files (the sidecar's block records index them).
         if let Some(it) = w.items.iter().find(|it| !w.files.iter().any(|f| f.name == it.file)) {
             return Err(Error::comm(format!(
@@ -613,24 +610,5 @@ fn commit(storage: &dyn Storage, location: &str, plan: &GlobalPlan, save_id: &st
         files,
         blocks,
     };
-    storage.put_atomic(sidecar::FILE_NAME, &sc.encode())?;
-    if overwrite {
-        storage.put_atomic(METADATA_FILE, &md_bytes)?;
-    } else {
-        // Create-only: another job committing here first wins, and this save says so.
-        storage.put_new(METADATA_FILE, &md_bytes)?;
-    }
-    storage.sync_dir()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn data_file_names() {
-        assert!(super::is_data_file("__0_0.distcp"));
-        assert!(super::is_data_file("__12_3.distcp"));
-        assert!(!super::is_data_file("__a_0.distcp"));
-        assert!(!super::is_data_file("__0_.distcp"));
-        assert!(!super::is_data_file("x.distcp"));
-    }
+    Ok((sc, md_bytes))
 }

@@ -86,10 +86,16 @@ pub struct PayloadBlocks {
 const MIN_FILE_BYTES: u64 = 32 << 20;
 
 /// Splits a rank's items, in order, into at most `threads` files of similar size
-/// (`__{rank}_{n}.distcp`), each written by its own thread: parallel appends to separate files
+/// (`__{rank}_{n}_{token}.distcp`), each written by its own thread: parallel appends to separate files
 /// do not contend the way parallel writes into one growing file do. Items are placed back to
 /// back (64-byte aligned; tensor payloads of 4 KiB or more 4096-aligned in the file).
-pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threads: usize, seed: u64) -> Vec<FileLayout<'s, 'a>> {
+pub fn layout_files<'s, 'a>(
+    rank: usize,
+    token: &str,
+    sources: Vec<ItemSource<'s, 'a>>,
+    threads: usize,
+    seed: u64,
+) -> Vec<FileLayout<'s, 'a>> {
     let weight = |s: &ItemSource| match s {
         ItemSource::Tensor { view, .. } => view.numel() * view.dtype().size() as u64 + 2048,
         ItemSource::Object { .. } => 2048,
@@ -102,7 +108,7 @@ pub fn layout_files<'s, 'a>(rank: usize, sources: Vec<ItemSource<'s, 'a>>, threa
     for (i, src) in sources.into_iter().enumerate() {
         if acc >= target && (files.len() as u64) < nfiles {
             files.push(FileLayout {
-                name: format!("__{rank}_{}.distcp", files.len()),
+                name: super::layout::data_file_name(rank, files.len(), token),
                 items: Vec::new(),
                 len: 0,
             });

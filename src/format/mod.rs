@@ -7,3 +7,9 @@ pub mod pyobj;
 pub mod safetensors;
 pub mod sidecar;
 pub mod zipitem;
+
+/// Whether `name` is one plain file name (no separator, NUL, `.` or `..`): the only kind of
+/// name a checkpoint's `.metadata` or sidecar may give for a file inside it.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
+}

@@ -1,4 +1,4 @@
-//! The `.libdcp` sidecar: what libdcp knows about a checkpoint it wrote that torch's format does
+//! The sidecar (`.libdcp_{token}`, one per save; `.libdcp` before 0.2): what libdcp knows about a checkpoint it wrote that torch's format does
 //! not carry. torch ignores the file; a checkpoint without one (written by torch) still loads.
 //!
 //! Envelope: magic (8 bytes) | envelope version (u32 LE) | payload length (u64 LE) | payload
@@ -106,6 +106,12 @@ impl Sidecar {
             )
         );
         ensure!(s.block_size > 0, bad("zero block size"));
+        for f in &s.files {
+            ensure!(
+                super::is_plain_file_name(&f.name),
+                bad(&format!("file name {:?} is not a plain file name", f.name))
+            );
+        }
         for b in &s.blocks {
             ensure!((b.file as usize) < s.files.len(), bad("block record names a missing file"));
             ensure!(

@@ -16,6 +16,7 @@
 #include "dcp.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <netinet/in.h>
@@ -142,6 +143,25 @@ static const char *path_in(char *out, size_t cap, const char *name) {
 
 static const char *file_in(char *out, size_t cap, const char *dir, const char *name) {
     snprintf(out, cap, "%s/%s", dir, name);
+    return out;
+}
+
+/* The one file of `dir` whose name starts with `prefix` (file names carry a per-save token);
+   "" when there is none or more than one. */
+static const char *file_with_prefix(char *out, size_t cap, const char *dir, const char *prefix) {
+    out[0] = '\0';
+    DIR *d = opendir(dir);
+    if (!d) return out;
+    int found = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) {
+            found++;
+            snprintf(out, cap, "%s/%s", dir, e->d_name);
+        }
+    }
+    closedir(d);
+    if (found != 1) out[0] = '\0';
     return out;
 }
 
@@ -641,7 +661,7 @@ static void test_roundtrip(dcp_context *ctx, const char *dir) {
 
     char f[4096];
     CHECK(file_exists(file_in(f, sizeof f, dir, ".metadata")));
-    CHECK(file_exists(file_in(f, sizeof f, dir, "__0_0.distcp")));
+    CHECK(file_exists(file_with_prefix(f, sizeof f, dir, "__0_0_")));
 
     /* ---- load into fresh garbage-filled buffers ---- */
     rt_fill_garbage(&loaded);
@@ -1759,6 +1779,28 @@ static bool save_corruptible(dcp_context *ctx, const char *dir, uint8_t *big) {
     return ok;
 }
 
+/* save_corruptible into an emptied directory (an overwrite leaves the files of a damaged
+   checkpoint it cannot read), then the new data file and sidecar paths (each save names its
+   own). */
+static void empty_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char f[4096];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) remove(file_in(f, sizeof f, dir, e->d_name));
+    }
+    closedir(d);
+}
+
+static bool resave_corruptible(dcp_context *ctx, const char *dir, uint8_t *big, char data[4096], char sidecar[4096]) {
+    empty_dir(dir);
+    bool ok = save_corruptible(ctx, dir, big);
+    file_with_prefix(data, 4096, dir, "__0_0_");
+    file_with_prefix(sidecar, 4096, dir, ".libdcp_");
+    return ok && data[0] && sidecar[0];
+}
+
 typedef struct {
     dcp_state *st;
     uint8_t *buf;
@@ -1798,9 +1840,7 @@ static void check_not_loaded_at(const char *file, int line, const dcp_state *st)
 static void test_corruption(dcp_context *ctx) {
     char dir[4096], data[4096], meta[4096], sidecar[4096];
     path_in(dir, sizeof dir, "corrupt");
-    file_in(data, sizeof data, dir, "__0_0.distcp");
     file_in(meta, sizeof meta, dir, ".metadata");
-    file_in(sidecar, sizeof sidecar, dir, ".libdcp");
     uint8_t *big = xmalloc(BIG * BIG);
 
     /* 0. Intact: loads. A state that loaded successfully is reused below, so that a failed
@@ -1809,6 +1849,9 @@ static void test_corruption(dcp_context *ctx) {
         free(big);
         return;
     }
+    file_with_prefix(data, sizeof data, dir, "__0_0_");
+    file_with_prefix(sidecar, sizeof sidecar, dir, ".libdcp_");
+    CHECKF(data[0] && sidecar[0], "no single data file / sidecar in %s", dir);
     big_state reused = big_state_new();
     OK(dcp_load(ctx, reused.st, dir, NULL));
     CHECK(memcmp(reused.buf, big, BIG * BIG) == 0);
@@ -1836,7 +1879,7 @@ static void test_corruption(dcp_context *ctx) {
         CHECK(flip_byte(data, at));
         big_state b = big_state_new();
         EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CHECKSUM, "big");
-        CHECK(msg_has("__0_0.distcp"));
+        CHECK(msg_has("__0_0_"));
         CHECK_NOT_LOADED(b.st);
         big_state_free(&b);
         EXPECT(dcp_load(ctx, reused.st, dir, NULL), DCP_ERROR_CHECKSUM);
@@ -1874,7 +1917,7 @@ static void test_corruption(dcp_context *ctx) {
 
     /* 2. One flipped byte in a bytes value: CHECKSUM. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         CHECK(flip_byte(data, (size_t)marker + 10));
         big_state b = big_state_new();
         EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CHECKSUM, "marker");
@@ -1894,10 +1937,10 @@ static void test_corruption(dcp_context *ctx) {
 
     /* 3. Truncated data file: CORRUPT. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         CHECK(truncate(data, payload + 1000) == 0);
         big_state b = big_state_new();
-        EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CORRUPT, "__0_0.distcp");
+        EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CORRUPT, "__0_0_");
         CHECK_NOT_LOADED(b.st);
         big_state_free(&b);
         CHECK(truncate(data, 0) == 0);
@@ -1908,17 +1951,17 @@ static void test_corruption(dcp_context *ctx) {
 
     /* 4. Missing data file: CORRUPT. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         CHECK(remove(data) == 0);
         big_state b = big_state_new();
-        EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CORRUPT, "__0_0.distcp");
+        EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CORRUPT, "__0_0_");
         CHECK_NOT_LOADED(b.st);
         big_state_free(&b);
     }
 
     /* 5. Garbled .metadata: the sidecar's checksum catches it. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         size_t mlen = 0;
         uint8_t *m = read_whole(meta, &mlen);
         CHECK(m != NULL && mlen > 16);
@@ -1941,7 +1984,7 @@ static void test_corruption(dcp_context *ctx) {
     /* 6. Without the sidecar (as torch writes them) a checkpoint still loads, verified by the
        zip CRCs; a flipped payload byte is still caught. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         CHECK(remove(sidecar) == 0);
         big_state b = big_state_new();
         OK(dcp_load(ctx, b.st, dir, NULL));
@@ -1956,7 +1999,7 @@ static void test_corruption(dcp_context *ctx) {
 
     /* 7. Deleted .metadata: not a committed checkpoint. */
     {
-        CHECK(save_corruptible(ctx, dir, big));
+        CHECK(resave_corruptible(ctx, dir, big, data, sidecar));
         CHECK(remove(meta) == 0);
         big_state b = big_state_new();
         EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_NOT_FOUND, "not a committed checkpoint");
@@ -1992,9 +2035,11 @@ static void test_corruption(dcp_context *ctx) {
         OK(dcp_state_add_tensor(st, "huge", DCP_UINT8, 2, shape, NULL, h, (uint64_t)ROWS * COLS));
         OK(dcp_save_options_new(&so));
         OK(dcp_save_options_set_overwrite(so, true));
+        empty_dir(dir);
         OK(dcp_save(ctx, st, dir, so));
         dcp_save_options_free(so);
         dcp_state_free(st);
+        file_with_prefix(data, sizeof data, dir, "__0_0_");
         size_t len = 0;
         uint8_t *fb = read_whole(data, &len);
         long at = fb ? find_bytes(fb, len, h, 64) : -1;
