@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.distributed.checkpoint as tdcp  # noqa: E402
 from torch.distributed.checkpoint import FileSystemReader  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402 (a BaseException)
 
 import libdcp as L  # noqa: E402
 from multirank import free_ports  # noqa: E402
@@ -267,7 +268,7 @@ def judge_checkpoint(t, trial, ctx, path, winners, exclusive, local=None):
     for reader, load in (("libdcp", lambda: libdcp_load(ctx, path)), ("torch", lambda: torch_load(local))):
         try:
             w = writer_of(load())
-        except Exception as e:  # noqa: BLE001 (DcpError, or any of torch's)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 (DcpError, or any of torch's)
             t.problem("unloadable", trial, f"writers {winners} got DCP_OK, but {reader} cannot read {path}: {type(e).__name__}: {e}")
             continue
         if w is None:
