@@ -498,7 +498,8 @@ class CrashConsistency(unittest.TestCase):
 
     def test_4_multirank_one_killed(self):
         kills = [("delay", self.delay(3), [self.rng.randrange(3)]) for _ in range(int(8 * SCALE))]
-        kills += [("event", "create", "__1_0_*.distcp", [1]), ("event", "create", "__0_0_*.distcp", [0]), ("event", "create", ".libdcp_*", [2])]
+        kills += [("event", "create", "__1_0_*.distcp", [1]), ("event", "create", "__0_0_*.distcp", [0]),
+                  ("event", "create", ".libdcp_*", [2])]
         counts = {"committed": 0, "refused": 0}
         survivor_errors = 0
         worst = 0.0

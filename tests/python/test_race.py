@@ -47,11 +47,10 @@ from multirank import free_ports  # noqa: E402
 
 torch.set_num_threads(1)
 SCALE = float(os.environ.get("DCP_RACE_SCALE", "1"))
-OK, NOT_FOUND, ALREADY_EXISTS, BUSY = 0, 6, 8, 16
+OK, ALREADY_EXISTS, BUSY = 0, 8, 16
 LOSER_STATUSES = (ALREADY_EXISTS, BUSY)
 HANG_S = 60  # a racer still running this long after the release is hung
 DATA_RE = re.compile(r"__(\d+)_(\d+)_([0-9a-f]{12})\.distcp")
-SIDECAR_RE = re.compile(r"\.libdcp_([0-9a-f]{12})")
 FORK = mp.get_context("fork")
 
 # ---------------------------------------------------------------------------------------------
