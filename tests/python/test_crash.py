@@ -3,9 +3,11 @@
 Every trial saves version v of a ~100 MB state (11 float32 tensors, a bf16 one, an int64 one,
 objects) in forked processes and kills them: after a random delay drawn over the whole save
 (calibrated from a complete save), or right after a file-system event of the commit protocol
-(inotify: a data file created or closed, `.libdcp.tmp` created, `.libdcp` renamed into place,
-`.metadata.tmp` created, `.metadata` hard-linked into a new directory or, when overwriting,
-deleted or renamed into place; a trial whose event never comes fails). Then, in this
+(inotify, names matched by pattern: every save writes fresh names, data files
+`__{rank}_{n}_{token}.distcp` and the sidecar `.libdcp_{token}`; a data file created or closed,
+the sidecar created or closed, `.metadata.<hex>.tmp` created, closed or removed, `.metadata`
+hard-linked into a new directory or, when overwriting, renamed into place, and the old
+version's files removed after that; a trial whose event never comes fails). Then, in this
 process:
 
 - the previous checkpoint (another directory, saved before the trials) loads bit-exact;
@@ -14,14 +16,17 @@ process:
   ("refused"); anything else (a checksum error, a partial or mixed load) fails the test.
 
 Scenarios: one process into a new directory; one process overwriting a committed checkpoint
-(afterwards the directory holds the old version, the new one, or nothing committed — never a
-mix that loads); 2 and 3 ranks (TCP rendezvous) all killed at once; 3 ranks of which one is
+(afterwards the directory loads bit-exact as the old version or the new one — never neither,
+never a mix; and the events of a complete overwrite come in the safe order: `.metadata` is
+never removed, it is renamed into place after the new data and sidecar are closed, and the old
+files are removed only after that); 2 and 3 ranks (TCP rendezvous) all killed at once; 3 ranks of which one is
 killed (the others must return an error, COMM or TIMEOUT naming the rank, within the timeout).
 
     .venv/bin/python tests/python/test_crash.py [-v]      (after `cargo build --release`)
     env: DCP_CRASH_SCALE=2 doubles the trials; DCP_CRASH_SEED; DCP_FIGURES=FILE appends the table.
 """
 import ctypes
+import fnmatch
 import os
 import random
 import re
@@ -133,35 +138,41 @@ def verify_ok(path):
 
 class Inotify:
     """Events in one directory (ctypes inotify; Linux)."""
-    IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x80, 0x100, 0x200
-    NAMES = {"close": IN_CLOSE_WRITE, "moved_to": IN_MOVED_TO, "create": IN_CREATE, "delete": IN_DELETE}
+    IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x40, 0x80, 0x100, 0x200
+    NAMES = {"close": IN_CLOSE_WRITE, "moved_from": IN_MOVED_FROM, "moved_to": IN_MOVED_TO, "create": IN_CREATE, "delete": IN_DELETE}
 
     def __init__(self, path):
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        mask = self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_CREATE | self.IN_DELETE
+        mask = self.IN_CLOSE_WRITE | self.IN_MOVED_FROM | self.IN_MOVED_TO | self.IN_CREATE | self.IN_DELETE
         if self.libc.inotify_add_watch(self.fd, path.encode(), mask) < 0:
             raise OSError(ctypes.get_errno(), "inotify_add_watch " + path)
 
-    def wait_for(self, kind, name, deadline):
-        """True once event `kind` happens to `name` (before the monotonic `deadline`)."""
-        want = self.NAMES[kind]
+    def events(self, timeout):
+        """The events that arrive within `timeout` seconds: [(kind, name)] (empty: none came)."""
+        r, _, _ = select.select([self.fd], [], [], max(0.0, timeout))
+        if not r:
+            return []
+        try:
+            buf = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        out, at = [], 0
+        while at + 16 <= len(buf):
+            _, mask, _, n = struct.unpack_from("iIII", buf, at)
+            ev_name = buf[at + 16:at + 16 + n].rstrip(b"\0").decode()
+            at += 16 + n
+            out += [(kind, ev_name) for kind, bit in self.NAMES.items() if mask & bit]
+        return out
+
+    def wait_for(self, kind, pattern, deadline):
+        """True once event `kind` happens to a name matching the glob `pattern` (before the
+        monotonic `deadline`)."""
         while time.monotonic() < deadline:
-            r, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not r:
-                return False
-            try:
-                buf = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            at = 0
-            while at + 16 <= len(buf):
-                _, mask, _, n = struct.unpack_from("iIII", buf, at)
-                ev_name = buf[at + 16:at + 16 + n].rstrip(b"\0").decode()
-                at += 16 + n
-                if mask & want and ev_name == name:
+            for k, name in self.events(deadline - time.monotonic()):
+                if k == kind and fnmatch.fnmatchcase(name, pattern):
                     return True
         return False
 
@@ -230,7 +241,7 @@ def reap(pids, deadline):
 
 # ---------------------------------------------------------------------------------------------
 
-TABLE = []  # (scenario, trials, committed, refused/uncommitted, old, extra)
+TABLE = []  # (scenario, trials, committed, refused/uncommitted, old, neither, extra)
 
 
 class CrashConsistency(unittest.TestCase):
@@ -263,12 +274,13 @@ class CrashConsistency(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
         if TABLE:
             lines = ["", "crash consistency (SIGKILL during saves of ~100 MiB; seed %d)" % SEED,
-                     f"{'scenario':<44} {'trials':>6} {'committed':>9} {'refused':>8} {'old':>5}  notes"]
+                     f"{'scenario':<44} {'trials':>6} {'committed':>9} {'refused':>8} {'old':>5} {'neither':>7}  notes"]
             for row in TABLE:
-                lines.append(f"{row[0]:<44} {row[1]:>6} {row[2]:>9} {row[3]:>8} {row[4]:>5}  {row[5]}")
+                lines.append(f"{row[0]:<44} {row[1]:>6} {row[2]:>9} {row[3]:>8} {row[4]:>5} {row[5]:>7}  {row[6]}")
             total = sum(r[1] for r in TABLE)
             lines.append(f"{'total':<44} {total:>6} {sum(r[2] for r in TABLE):>9} {sum(r[3] for r in TABLE):>8} "
-                         f"{sum(r[4] for r in TABLE):>5}  no mixed or broken loads")
+                         f"{sum(r[4] for r in TABLE):>5} {sum(r[5] for r in TABLE):>7}  "
+                         "no mixed or broken loads; neither (overwrite left no loadable version) must be 0")
             L.append_figures(lines)
 
     @classmethod
@@ -359,8 +371,9 @@ class CrashConsistency(unittest.TestCase):
 
     # --- scenarios ----------------------------------------------------------------------------
     def test_1_new_directory(self):
-        events = [("create", "__0_0.distcp"), ("close", "__0_0.distcp"), ("create", ".libdcp.tmp"),
-                  ("moved_to", ".libdcp"), ("create", ".metadata.tmp"), ("create", ".metadata")]
+        events = [("create", "__0_0_*.distcp"), ("close", "__0_0_*.distcp"), ("create", ".libdcp_*"), ("close", ".libdcp_*"),
+                  ("create", ".metadata.*.tmp"), ("close", ".metadata.*.tmp"), ("create", ".metadata"),
+                  ("delete", ".metadata.*.tmp")]
         kills = self.plan(int(24 * SCALE), 1, events, [0])
         counts = {"committed": 0, "refused": 0}
         for i, kill in enumerate(kills):
@@ -371,36 +384,102 @@ class CrashConsistency(unittest.TestCase):
             kind, _ = self.outcome(path, [v], f"trial {i} ({kill[:3]})")
             counts[kind] += 1
             shutil.rmtree(path)
-        TABLE.append(("1 process, new directory", len(kills), counts["committed"], counts["refused"], 0,
+        TABLE.append(("1 process, new directory", len(kills), counts["committed"], counts["refused"], 0, 0,
                       f"{len(events)} of them killed at commit-protocol events"))
 
+    def overwrite_events(self, path, v):
+        """The inotify events of a complete (not killed) overwrite=true save of version v onto
+        `path`, in order: [(kind, name)]."""
+        watch = Inotify(path)
+        res = os.path.join(self.tmp, "r-order")
+        events = []
+        try:
+            pid = save_proc(path, v, True, res)
+            deadline = time.monotonic() + 120
+            while not os.waitpid(pid, os.WNOHANG)[0]:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    self.fail("a complete overwrite did not finish in 120 s")
+                events += watch.events(0.02)
+            while True:
+                more = watch.events(0.05)
+                if not more:
+                    break
+                events += more
+        finally:
+            watch.close()
+        self.assertTrue(read(res).startswith("ok"), read(res))
+        return events
+
+    def check_overwrite_order(self, path, v):
+        """A complete overwrite of the checkpoint at `path` never removes `.metadata`; renames the
+        new one into place after the new data files and sidecar are closed; removes the old
+        version's files only after that, and all of them."""
+        old = set(os.listdir(path)) - {".metadata"}
+        self.assertTrue(old, path)
+        events = self.overwrite_events(path, v)
+        for gone in (("delete", ".metadata"), ("moved_from", ".metadata")):
+            self.assertNotIn(gone, events, "an overwrite removes .metadata (uncommits the old checkpoint)")
+        self.assertIn(("moved_to", ".metadata"), events, f"an overwrite did not rename .metadata into place: {events}")
+        commit = events.index(("moved_to", ".metadata"))
+        new_closed = [(i, n) for i, (k, n) in enumerate(events) if k == "close" and n not in old and
+                      (fnmatch.fnmatchcase(n, "__*_*_*.distcp") or fnmatch.fnmatchcase(n, ".libdcp_*"))]
+        self.assertTrue(any(n.endswith(".distcp") for _, n in new_closed), f"no new data file was written: {events}")
+        self.assertTrue(any(n.startswith(".libdcp_") for _, n in new_closed), f"no new sidecar was written: {events}")
+        late = [n for i, n in new_closed if i > commit]
+        self.assertEqual(late, [], "new files closed after .metadata was renamed into place")
+        removed = [(i, n) for i, (k, n) in enumerate(events) if k in ("delete", "moved_from") and n in old]
+        early = [n for i, n in removed if i < commit]
+        self.assertEqual(early, [], "old files removed before the new .metadata was renamed into place")
+        left = sorted(old & set(os.listdir(path)))
+        self.assertEqual(left, [], "a complete overwrite left the old version's files behind")
+        stray = sorted(n for n in os.listdir(path) if n.endswith(".tmp"))
+        self.assertEqual(stray, [], "a complete overwrite left temporary files behind")
+        self.assertTrue(same(load_version(self.ctx, path), v))
+
+    def overwrite_outcome(self, path, old, new, what):
+        """("old" | "new", version) when `path` loads bit-exact as one of them (and verifies), or
+        ("neither", the load error); a mix fails the test."""
+        try:
+            loaded = load_version(self.ctx, path)
+        except L.DcpError as e:
+            return "neither", str(e)
+        got = which_version(loaded, [old, new])
+        self.assertIsNotNone(got, f"{what}: {path} loads, but as neither version {old} nor {new} (a mix)")
+        ok, msg = verify_ok(path)
+        self.assertTrue(ok, f"{what}: {path} loads as version {got} but dcp verify fails: {msg}")
+        return ("old" if got == old else "new"), got
+
     def test_2_overwrite(self):
-        events = [("delete", ".metadata"), ("delete", "__0_0.distcp"), ("create", "__0_0.distcp"),
-                  ("create", ".libdcp.tmp"), ("moved_to", ".libdcp"), ("create", ".metadata.tmp"), ("moved_to", ".metadata")]
+        events = [("create", "__0_0_*.distcp"), ("close", "__0_0_*.distcp"), ("create", ".libdcp_*"),
+                  ("create", ".metadata.*.tmp"), ("close", ".metadata.*.tmp"), ("moved_to", ".metadata"),
+                  ("delete", "__0_0_*.distcp"), ("delete", ".libdcp_*")]
         kills = self.plan(int(14 * SCALE), 1, events, [0])
         path = os.path.join(self.tmp, "ow")
+        self.run_save(path, 4999)
+        self.check_overwrite_order(path, 5000)
         current = 5000
-        self.run_save(path, current)
-        counts = {"committed": 0, "refused": 0, "old": 0}
+        counts = {"new": 0, "old": 0, "neither": 0}
+        neither = []
         for i, kill in enumerate(kills):
             v = 5001 + i
             self.killed_save(path, v, True, 1, kill, os.path.join(self.tmp, "r"))
             self.check_prev()
-            kind, got = self.outcome(path, [current, v], f"overwrite trial {i} ({kill[:3]})")
-            if kind == "committed" and got == current:
-                counts["old"] += 1
-            else:
-                counts[kind] += 1
-            if kind == "committed":
-                current = got
-            else:
+            kind, got = self.overwrite_outcome(path, current, v, f"overwrite trial {i} ({kill[:3]})")
+            counts[kind] += 1
+            if kind == "neither":
+                neither.append(f"trial {i} ({kill[:3]}): neither version {current} nor {v} loads: {got}")
                 current = 9000 + i
                 self.run_save(path, current, overwrite=True)
-        TABLE.append(("1 process, overwrite=true of a checkpoint", len(kills), counts["committed"], counts["refused"], counts["old"],
-                      "old = still the previous version"))
+            else:
+                current = got
+        TABLE.append(("1 process, overwrite=true of a checkpoint", len(kills), counts["new"], 0, counts["old"], counts["neither"],
+                      "committed = the new version loads, old = the previous one still does"))
+        self.assertEqual(neither, [], "overwrite trials left no loadable version:\n" + "\n".join(neither))
 
     def test_3_multirank_all_killed(self):
-        events = [("create", "__1_0.distcp"), ("create", ".libdcp.tmp"), ("moved_to", ".libdcp"), ("create", ".metadata")]
+        events = [("create", "__1_0_*.distcp"), ("create", ".libdcp_*"), ("create", ".metadata.*.tmp"), ("create", ".metadata")]
         counts = {"committed": 0, "refused": 0}
         n = 0
         for world, n_delay in ((2, int(6 * SCALE)), (3, int(6 * SCALE))):
@@ -414,11 +493,13 @@ class CrashConsistency(unittest.TestCase):
                 counts[kind] += 1
                 n += 1
                 shutil.rmtree(path)
-        TABLE.append(("2 and 3 ranks, all killed", n, counts["committed"], counts["refused"], 0, "4 killed at commit events"))
+        TABLE.append(("2 and 3 ranks, all killed", n, counts["committed"], counts["refused"], 0, 0,
+                      f"{len(events)} killed at commit events"))
 
     def test_4_multirank_one_killed(self):
         kills = [("delay", self.delay(3), [self.rng.randrange(3)]) for _ in range(int(8 * SCALE))]
-        kills += [("event", "create", "__1_0.distcp", [1]), ("event", "create", "__0_0.distcp", [0]), ("event", "create", ".libdcp.tmp", [2])]
+        kills += [("event", "create", "__1_0_*.distcp", [1]), ("event", "create", "__0_0_*.distcp", [0]),
+                  ("event", "create", ".libdcp_*", [2])]
         counts = {"committed": 0, "refused": 0}
         survivor_errors = 0
         worst = 0.0
@@ -446,7 +527,7 @@ class CrashConsistency(unittest.TestCase):
             kind, _ = self.outcome(path, [v], f"one rank killed, trial {i} ({kill[:3]})")
             counts[kind] += 1
             shutil.rmtree(path)
-        TABLE.append(("3 ranks, one rank killed", len(kills), counts["committed"], counts["refused"], 0,
+        TABLE.append(("3 ranks, one rank killed", len(kills), counts["committed"], counts["refused"], 0, 0,
                       f"{survivor_errors} survivor errors (COMM/TIMEOUT naming the rank), slowest {worst:.1f} s"))
 
 

@@ -4,14 +4,19 @@ file, the sidecar, `.metadata` — chosen by filling the file system to leave ju
 
 Each time: dcp_save fails with DCP_ERROR_NO_SPACE and a message naming ENOSPC and the file; the
 previous checkpoint on the same file system still loads bit-exact; the new directory is refused
-as not committed; and the next save of the same state, to a file system with room, works.
-Also an async save (dcp_save_async: the error comes from dcp_future_wait) and an overwrite.
+as not committed and holds none of the failed save's files; and the next save of the same
+state, to a file system with room, works.
+Also an async save (dcp_save_async: the error comes from dcp_future_wait) and overwrites
+(overwrite=true onto the previous checkpoint, running out of space in a data file, and on tmpfs
+in the sidecar and in the staged `.metadata`): the old checkpoint still loads bit-exact, and
+the failed save removed its own files (the directory holds exactly the old checkpoint's).
 
 Needs root (mount); skips with a message when mounting is impossible.
 
     .venv/bin/python tests/python/test_diskfull.py [-v]    (after `cargo build --release`)
     env: DCP_FIGURES=FILE appends the table of outcomes.
 """
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -122,7 +127,9 @@ class DiskFull(unittest.TestCase):
         L.save(cls.ctx, register(cls.ts), probe)
         names = os.listdir(probe)
         cls.data_pages = sum(-(-os.path.getsize(os.path.join(probe, n)) // PAGE) for n in names if n.endswith(".distcp"))
-        cls.sidecar_pages = -(-os.path.getsize(os.path.join(probe, ".libdcp")) // PAGE)
+        sidecar = [n for n in names if fnmatch.fnmatchcase(n, ".libdcp*")]
+        assert len(sidecar) == 1, names
+        cls.sidecar_pages = -(-os.path.getsize(os.path.join(probe, sidecar[0])) // PAGE)
         shutil.rmtree(probe)
 
     @classmethod
@@ -130,9 +137,9 @@ class DiskFull(unittest.TestCase):
         shutil.rmtree(cls.good, ignore_errors=True)
         if ROWS:
             lines = ["", "disk full (64 MiB file systems; the save writes %d MiB)" % (cls.data_pages * PAGE >> 20),
-                     f"{'file system':<12} {'room left':>10}  {'ENOSPC on':<18} {'status':<20} outcome"]
+                     f"{'file system':<12} {'room left':>10}  {'ENOSPC on':<27} {'status':<20} outcome"]
             for r in ROWS:
-                lines.append(f"{r[0]:<12} {r[1]:>10}  {r[2]:<18} {r[3]:<20} {r[4]}")
+                lines.append(f"{r[0]:<12} {r[1]:>10}  {r[2]:<27} {r[3]:<20} {r[4]}")
             L.append_figures(lines)
 
     def one_case(self, fs, kind, leave, label, mode="sync"):
@@ -140,6 +147,7 @@ class DiskFull(unittest.TestCase):
         L.save(self.ctx, register(self.prev_ts), prev)
         self.assertTrue(load_equal(self.ctx, prev, self.prev_ts))
         target = prev if mode == "overwrite" else os.path.join(fs.dir, f"new-{label}")
+        before = sorted(os.listdir(prev))
         room = fill_to(fs.dir, leave)
         st = register(self.ts)
         with self.assertRaises(L.DcpError, msg=f"{kind} {label}: the save did not fail") as cm:
@@ -152,20 +160,30 @@ class DiskFull(unittest.TestCase):
         self.assertIn("ENOSPC", e.message)
         self.assertIn(target, e.message, "the message does not name the file")
         failing = os.path.basename(e.message.split(target + "/", 1)[1].split(":")[0].split()[0])
-        # Nothing else damaged: the previous checkpoint (same file system) loads bit-exact,
-        # unless it was the target of the overwrite (which uncommits it first, by design).
+        # Nothing else damaged: the previous checkpoint (same file system) loads bit-exact, also
+        # when it was the target of the overwrite (the new `.metadata` never replaced it).
         if mode == "overwrite":
-            with self.assertRaises(L.DcpError) as cm2:
-                load_equal(self.ctx, prev, self.prev_ts)
-            self.assertEqual(cm2.exception.status, NOT_FOUND)
-            outcome = "old checkpoint uncommitted (overwrite uncommits first), refused"
+            lost = None
+            try:
+                kept = load_equal(self.ctx, prev, self.prev_ts)
+            except L.DcpError as e2:
+                kept, lost = False, e2
+            self.assertIsNone(lost, f"{kind} {label}: ENOSPC during an overwrite lost the old checkpoint")
+            self.assertTrue(kept, f"{kind} {label}: the old checkpoint loads, but not bit-exact")
+            self.assertEqual(sorted(os.listdir(prev)), before,
+                             f"{kind} {label}: the failed overwrite did not leave exactly the old checkpoint's files")
+            outcome = "old checkpoint loads bit-exact, failed save's files removed"
         else:
             self.assertTrue(load_equal(self.ctx, prev, self.prev_ts), "the previous checkpoint was damaged")
             with self.assertRaises(L.DcpError) as cm2:
                 load_equal(self.ctx, target, self.ts)
             self.assertEqual(cm2.exception.status, NOT_FOUND, cm2.exception.message)
-            self.assertIn("not a committed checkpoint", cm2.exception.message)
-            outcome = "previous loads; new refused"
+            msg = cm2.exception.message
+            self.assertTrue("not a committed checkpoint" in msg or "no checkpoint at" in msg, msg)
+            # The failed save removed the files it wrote (they would hold the space).
+            left = sorted(os.listdir(target)) if os.path.isdir(target) else []
+            self.assertEqual(left, [], f"{kind} {label}: the failed save left files behind")
+            outcome = "previous loads; new refused, its files removed"
         # The next save, to a file system with room, works (same context and state).
         good = os.path.join(self.good, f"{kind}-{label}")
         L.save(self.ctx, st, good)
@@ -192,11 +210,17 @@ class DiskFull(unittest.TestCase):
             for leave, label in cases:
                 seen.add(self.one_case(fs, kind, leave, label))
             self.one_case(fs, kind, d // 3, "async", mode="async")
-            self.one_case(fs, kind, d // 3, "overwrite", mode="overwrite")
-            self.assertTrue(any(n.endswith(".distcp") for n in seen), seen)
+            ow = [(d // 3, "overwrite")]
             if kind == "tmpfs":
-                self.assertIn(".libdcp.tmp", seen)
-                self.assertIn(".metadata.tmp", seen)
+                ow += [(d, "overwrite-sidecar"), (d + s, "overwrite-metadata")]
+            ow_seen = set()
+            for leave, label in ow:
+                ow_seen.add(self.one_case(fs, kind, leave, label, mode="overwrite"))
+            for names in (seen, ow_seen):
+                self.assertTrue(any(fnmatch.fnmatchcase(n, "__*_*_*.distcp") for n in names), names)
+                if kind == "tmpfs":
+                    self.assertTrue(any(fnmatch.fnmatchcase(n, ".libdcp_*") for n in names), names)
+                    self.assertTrue(any(fnmatch.fnmatchcase(n, ".metadata.*.tmp") for n in names), names)
         finally:
             fs.cleanup()
 
