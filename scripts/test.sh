@@ -81,6 +81,7 @@ run_step "C++ / LibTorch: headers, CMake package, resume, Python" scripts/cpp-te
 run_step "S3: a local SeaweedFS server, save/load/reshard, faults" "$PY" tests/python/test_s3.py
 run_step "reliability: 1-byte corruption, fuzz corpus, concurrency (Rust)" reliability_rust
 run_step "reliability: saves killed with SIGKILL (crash consistency)" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_crash.py
+run_step "reliability: racing writers (2-4 processes, 2-rank jobs, overwrite, S3)" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_race.py
 run_step "reliability: disk full (tmpfs and ext4 loop mounts; root)" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_diskfull.py
 run_step "reliability: a rank killed or frozen mid-save/load" env DCP_FIGURES="$FIGURES" "$PY" tests/python/test_rank_death.py
 run_step "reliability: C API under ASan, LSan and UBSan" scripts/asan.sh

@@ -237,16 +237,16 @@ fn inspect_text() {
     );
     assert_eq!(&row("epoch")[..5], ["epoch", "object", "-", "-", "-"]);
     // Per file and per rank.
-    let file0 = o.lines().find(|l| l.starts_with("__0_0.distcp")).unwrap();
+    let file0 = o.lines().find(|l| l.starts_with("__0_0_")).unwrap();
     assert_eq!(file0.split_whitespace().nth(1), Some("0"));
     assert_eq!(file0.split_whitespace().nth(2), Some("6"), "{file0}"); // 5 keys + 1 chunk
-    let file1 = o.lines().find(|l| l.starts_with("__1_0.distcp")).unwrap();
+    let file1 = o.lines().find(|l| l.starts_with("__1_0_")).unwrap();
     assert_eq!(file1.split_whitespace().nth(2), Some("2"), "{file1}");
     assert!(o.lines().any(|l| l.split_whitespace().take(3).eq(["1", "1", "2"])), "{o}");
 
     let out = dcp(&["inspect", s(&d), "--chunks"]);
     assert!(
-        out.stdout.contains("    chunk offsets [2, 0] sizes [2, 6]: __1_0.distcp at "),
+        out.stdout.contains("    chunk offsets [2, 0] sizes [2, 6]: __1_0_"),
         "{}",
         out.stdout
     );
@@ -287,7 +287,7 @@ fn inspect_json() {
     assert_eq!(sh.get("bytes").unwrap().as_u64(), Some(96));
     let chunks = sh.get("chunk_list").unwrap().as_array().unwrap();
     let files: Vec<&str> = chunks.iter().map(|c| c.get("file").unwrap().as_str().unwrap()).collect();
-    assert_eq!(files, ["__0_0.distcp", "__1_0.distcp"]);
+    assert_eq!(files.iter().map(|f| &f[..6]).collect::<Vec<_>>(), ["__0_0_", "__1_0_"]);
     assert_eq!(shape(key("step")), Vec::<u64>::new());
     assert_eq!(key("model.b").get("dtype").unwrap().as_str(), Some("bfloat16"));
     assert_eq!(key("epoch").get("kind").unwrap().as_str(), Some("object"));
@@ -339,15 +339,17 @@ fn verify_good_checkpoint() {
 #[test]
 fn verify_missing_data_file() {
     let d = damaged("missing-file");
-    std::fs::remove_file(d.join("__1_0.distcp")).unwrap();
+    let name = named(&d, "__1_0_");
+    std::fs::remove_file(d.join(&name)).unwrap();
     let out = dcp(&["verify", s(&d)]);
-    assert_fails_naming(&out, &["__1_0.distcp", "missing", "model.sharded"]);
+    assert_fails_naming(&out, &[&name, "missing", "model.sharded"]);
 }
 
 #[test]
 fn verify_truncated_data_file() {
     let d = damaged("truncated");
-    let path = d.join("__0_0.distcp");
+    let name = named(&d, "__0_0_");
+    let path = d.join(&name);
     let len = std::fs::metadata(&path).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -356,21 +358,21 @@ fn verify_truncated_data_file() {
         .set_len(len - 100)
         .unwrap();
     let out = dcp(&["verify", s(&d)]);
-    assert_fails_naming(&out, &["__0_0.distcp", "truncated", &format!("{}", len - 100)]);
+    assert_fails_naming(&out, &[&name, "truncated", &format!("{}", len - 100)]);
     // The last item of the file runs past its end: named with key and offset.
     let ck = Checkpoint::open(s(&d)).unwrap();
     let (idx, info) = ck
         .metadata()
         .storage
         .iter()
-        .filter(|(_, i)| i.relative_path == "__0_0.distcp")
+        .filter(|(_, i)| i.relative_path == name)
         .max_by_key(|(_, i)| i.offset)
         .unwrap();
     assert_fails_naming(
         &out,
         &[
             &format!("key {:?}", idx.fqn),
-            &format!("__0_0.distcp at offset {}", info.offset),
+            &format!("{name} at offset {}", info.offset),
             "runs past the end",
         ],
     );
@@ -432,7 +434,8 @@ fn verify_damaged_metadata_against_sidecar() {
     let out = dcp(&["verify", s(&d)]);
     assert_eq!(out.code, 1);
     assert!(
-        out.stdout.lines().any(|l| l.starts_with("FAIL: .metadata")) && out.stdout.contains("sidecar records"),
+        out.stdout.lines().any(|l| l.starts_with("FAIL: .metadata"))
+            && (out.stdout.contains("sidecar records") || out.stdout.contains("does not match sidecar .libdcp_")),
         "{}",
         out.stdout
     );
@@ -1008,4 +1011,15 @@ fn convert_output_is_created_exclusively() {
     for d in [st, victim] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// The one file of `dir` whose name starts with `prefix` (file names carry a per-save token).
+fn named(dir: &std::path::Path, prefix: &str) -> String {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    assert_eq!(names.len(), 1, "{prefix}: {names:?}");
+    names.into_iter().next().unwrap()
 }

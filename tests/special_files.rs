@@ -1,4 +1,4 @@
-//! Hostile directories: a FIFO or a symbolic link in place of `.metadata`, the `.libdcp` sidecar or
+//! Hostile directories: a FIFO or a symbolic link in place of `.metadata`, the `.libdcp_{token}` sidecar or
 //! a data file makes load, `Checkpoint::open` + a read, and verify fail promptly with an error
 //! naming the file (never hang, never read through the link); links pre-placed where a save
 //! writes are never written through.
@@ -127,7 +127,13 @@ fn check_refused(target: &str) {
         save_sample(&dir, false).unwrap();
         let location = dir.to_str().unwrap().to_string();
         assert_eq!(load_sample(&location).unwrap(), pattern(), "the intact checkpoint loads");
-        let name = if target == "data" { data_file(&dir) } else { target.to_string() };
+        let name = match target {
+            "data" => data_file(&dir),
+            "sidecar" => {
+                dcp::engine::layout::sidecar_candidates(&dcp::engine::Checkpoint::open(&location).unwrap().metadata().clone())[0].clone()
+            }
+            _ => target.to_string(),
+        };
         let copy = scratch.0.join("copy-outside");
         replace(&dir, &name, with, &copy);
         let copied = std::fs::read(&copy).unwrap();
@@ -162,7 +168,7 @@ fn metadata_fifo_or_link_is_refused() {
 
 #[test]
 fn sidecar_fifo_or_link_is_refused() {
-    check_refused(".libdcp");
+    check_refused("sidecar");
 }
 
 #[test]

@@ -194,7 +194,7 @@ const MAX_SIDECAR_CANDIDATES: usize = 16;
 /// When `.metadata` does not parse, the sidecar cannot be found through it: a sidecar in the
 /// location recorded for another `.metadata` says the metadata is damaged (a checksum error
 /// rather than a parse error).
-fn damaged_metadata(storage: &dyn Storage, md: &[u8]) -> Option<Error> {
+pub fn damaged_metadata(storage: &dyn Storage, md: &[u8]) -> Option<Error> {
     let names = storage.list().ok()?;
     for name in names.iter().filter(|n| is_sidecar(n)).take(MAX_SIDECAR_CANDIDATES) {
         let Ok(bytes) = storage.read_all(name) else { continue };

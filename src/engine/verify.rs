@@ -3,7 +3,7 @@
 //! sidecar's per-block CRCs), read in bounded pieces. Problems are collected, not returned as the
 //! first error, so one run lists everything that is wrong.
 
-use super::save::{is_data_file, METADATA_FILE};
+use super::layout::{self, is_data_file, METADATA_FILE};
 use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
 use crate::format::pickle_scan;
@@ -200,14 +200,17 @@ impl Verifier<'_> {
 
     fn run(&mut self) {
         let Some(md_bytes) = self.read_metadata() else { return };
-        let sc = self.read_sidecar(&md_bytes);
         let md = match Metadata::decode(&md_bytes, METADATA_FILE) {
             Ok(md) => md,
             Err(e) => {
                 self.add(problem(None, Some(METADATA_FILE), None, format!("cannot be parsed: {e}")));
+                if let Some(damaged) = layout::damaged_metadata(self.storage, &md_bytes) {
+                    self.add(problem(None, Some(METADATA_FILE), None, damaged.message().to_string()));
+                }
                 return;
             }
         };
+        let sc = self.read_sidecar(&md_bytes, &md);
         self.report.committed = true;
         self.report.keys = md.entries.len();
         self.check_pickle(None, METADATA_FILE, None, "the metadata pickle", &md_bytes);
@@ -237,16 +240,18 @@ impl Verifier<'_> {
         }
     }
 
-    fn read_sidecar(&mut self, md: &[u8]) -> Option<Sidecar> {
-        let name = sidecar::FILE_NAME;
-        let bytes = match self.storage.read_all(name) {
-            Ok(b) => b,
-            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+    /// The checkpoint's own sidecar (named by its data files' token, or the 0.1 `.libdcp`).
+    fn read_sidecar(&mut self, md: &[u8], metadata: &Metadata) -> Option<Sidecar> {
+        let (name, bytes) = match layout::read_sidecar(self.storage, metadata) {
+            Ok(Some(found)) => found,
+            Ok(None) => return None,
             Err(e) => {
-                self.add(problem(None, Some(name), None, format!("cannot be read: {e}")));
+                let name = layout::sidecar_candidates(metadata).swap_remove(0);
+                self.add(problem(None, Some(&name), None, format!("cannot be read: {e}")));
                 return None;
             }
         };
+        let name = name.as_str();
         let sc = match Sidecar::decode(&bytes, name) {
             Ok(s) => s,
             Err(e) if e.kind() == ErrorKind::Unsupported => {
@@ -259,6 +264,18 @@ impl Verifier<'_> {
             }
         };
         self.report.sidecar = true;
+        let referenced: HashSet<&str> = metadata.storage.iter().map(|(_, i)| i.relative_path.as_str()).collect();
+        for f in sc.files.iter().filter(|f| !referenced.contains(f.name.as_str())) {
+            self.add(problem(
+                None,
+                Some(name),
+                None,
+                format!(
+                    "records data file {:?}, which .metadata does not reference (a forged or mismatched sidecar)",
+                    f.name
+                ),
+            ));
+        }
         if let Some(crc) = sc.metadata_mismatch(md) {
             self.add(problem(
                 None,
@@ -334,6 +351,10 @@ impl Verifier<'_> {
             for n in names {
                 if is_data_file(&n) && !open.contains_key(&n) && !expected.contains_key(n.as_str()) {
                     self.report.notes.push(format!("{n} is not referenced by .metadata"));
+                } else if (layout::is_sidecar(&n) && !layout::sidecar_candidates(md).contains(&n)) || storage::is_tmp_name(&n) {
+                    self.report
+                        .notes
+                        .push(format!("{n} belongs to another save (an interrupted or losing one)"));
                 }
             }
         }
