@@ -17,8 +17,9 @@ pub mod state;
 pub mod storage;
 pub mod tensor;
 
+pub use engine::verify::{verify, verify_with_options, verify_with_progress, Problem, VerifyOptions, VerifyReport};
 pub use engine::{
-    load, save, save_async, Checkpoint, Context, DirectIo, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveFuture, SaveOptions, SaveReport,
+    writer_version, load, save, save_async, Checkpoint, Context, DirectIo, KeyInfo, KeyKind, LoadOptions, LoadReport, SaveFuture, SaveOptions, SaveReport,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};
