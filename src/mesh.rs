@@ -12,6 +12,7 @@ use crate::error::{ensure, Error, Result};
 use crate::region::Region;
 use serde::{Deserialize, Serialize};
 
+/// An n-dimensional array of global ranks (torch's `DeviceMesh`), with optional dim names.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeviceMesh {
     shape: Vec<u32>,
@@ -21,9 +22,13 @@ pub struct DeviceMesh {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// How a tensor is laid out along one mesh dim (torch's DTensor placements).
 pub enum Placement {
+    /// Every rank along the dim holds the whole tensor.
     Replicate,
+    /// The tensor's dim `d` is split into chunks (torch's ceil-divide chunking) along the mesh dim.
     Shard(usize),
+    /// As `Shard(d)`, applied after the plain shards of later mesh dims (FSDP2 over TP).
     StridedShard(usize),
 }
 
@@ -76,18 +81,23 @@ impl DeviceMesh {
         })
     }
 
+    /// Size of each dim.
     pub fn shape(&self) -> &[u32] {
         &self.shape
     }
+    /// Global ranks in row-major order of the mesh coordinates.
     pub fn ranks(&self) -> &[u32] {
         &self.ranks
     }
+    /// Number of dims.
     pub fn ndim(&self) -> usize {
         self.shape.len()
     }
+    /// Number of ranks.
     pub fn size(&self) -> usize {
         self.ranks.len()
     }
+    /// The dims' names (empty strings for unnamed dims).
     pub fn dim_names(&self) -> &[String] {
         &self.names
     }

@@ -3,12 +3,16 @@
 use crate::error::{ensure, Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+/// A box of a global tensor: where it starts in each dim and how large it is.
 pub struct Region {
+    /// Start in each dim.
     pub offsets: Vec<u64>,
+    /// Size in each dim.
     pub sizes: Vec<u64>,
 }
 
 impl Region {
+    /// A box at `offsets` of `sizes`, which must have the same length.
     pub fn new(offsets: Vec<u64>, sizes: Vec<u64>) -> Result<Self> {
         ensure!(
             offsets.len() == sizes.len(),
@@ -25,14 +29,17 @@ impl Region {
         }
     }
 
+    /// Number of dims.
     pub fn ndim(&self) -> usize {
         self.sizes.len()
     }
 
+    /// Number of elements in the box.
     pub fn numel(&self) -> u64 {
         self.sizes.iter().product()
     }
 
+    /// Whether the box has no elements.
     pub fn is_empty(&self) -> bool {
         self.sizes.contains(&0)
     }

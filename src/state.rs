@@ -59,6 +59,7 @@ fn check_fqn(fqn: &str) -> Result<()> {
 }
 
 impl<'a> State<'a> {
+    /// An empty state.
     pub fn new() -> Self {
         Self::default()
     }
@@ -166,15 +167,19 @@ impl<'a> State<'a> {
         self.add_chunk(fqn, view, global_shape, &region.offsets, sharding)
     }
 
+    /// Registers a Python object (saved like torch.save does; a load replaces it).
     pub fn add_object(&mut self, fqn: &str, value: ObjectValue) -> Result<()> {
         self.insert(fqn, EntryValue::Object(value))
     }
+    /// Registers a `bytes` object.
     pub fn add_bytes(&mut self, fqn: &str, data: &[u8]) -> Result<()> {
         self.add_object(fqn, ObjectValue::Bytes(data.to_vec()))
     }
+    /// Registers an `int` object.
     pub fn add_int(&mut self, fqn: &str, v: i64) -> Result<()> {
         self.add_object(fqn, ObjectValue::Int(v))
     }
+    /// Registers a `float` object.
     pub fn add_float(&mut self, fqn: &str, v: f64) -> Result<()> {
         self.add_object(fqn, ObjectValue::Float(v))
     }
@@ -203,7 +208,7 @@ impl<'a> State<'a> {
     }
 
     /// Sets the key's path in the nested state dict, for torch's `planner_data`.
-    pub fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
+    pub(crate) fn set_path(&mut self, fqn: &str, path: Vec<PathPart>) -> Result<()> {
         ensure!(!path.is_empty(), Error::invalid(format!("key {fqn:?}: empty path")));
         let i = self.position(fqn)?;
         self.entries[i].path = Some(path);
@@ -218,21 +223,24 @@ impl<'a> State<'a> {
             .ok_or_else(|| Error::not_found(format!("key {fqn:?} is not registered")))
     }
 
+    /// Number of registered keys.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+    /// Whether no key is registered.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-    pub fn entries(&self) -> &[Entry<'a>] {
+    pub(crate) fn entries(&self) -> &[Entry<'a>] {
         &self.entries
     }
     pub(crate) fn entries_mut(&mut self) -> &mut [Entry<'a>] {
         &mut self.entries
     }
-    pub fn get(&self, fqn: &str) -> Option<&Entry<'a>> {
+    pub(crate) fn get(&self, fqn: &str) -> Option<&Entry<'a>> {
         self.index.get(fqn).map(|&i| &self.entries[i])
     }
+    /// The object registered (or loaded) as `fqn`.
     pub fn object(&self, fqn: &str) -> Result<&ObjectValue> {
         match self.get(fqn).map(|e| &e.value) {
             Some(EntryValue::Object(v)) => Ok(v),

@@ -8,22 +8,39 @@ use std::marker::PhantomData;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(i32)]
 pub enum DType {
+    /// `torch.float32`.
     F32 = 1,
+    /// `torch.float64`.
     F64 = 2,
+    /// `torch.float16`.
     F16 = 3,
+    /// `torch.bfloat16`.
     BF16 = 4,
+    /// `torch.float8_e4m3fn`.
     F8E4M3FN = 5,
+    /// `torch.float8_e5m2`.
     F8E5M2 = 6,
+    /// `torch.int64`.
     I64 = 7,
+    /// `torch.int32`.
     I32 = 8,
+    /// `torch.int16`.
     I16 = 9,
+    /// `torch.int8`.
     I8 = 10,
+    /// `torch.uint8`.
     U8 = 11,
+    /// `torch.bool` (one byte, 0 or 1).
     Bool = 12,
+    /// `torch.complex64`.
     C64 = 13,
+    /// `torch.complex128`.
     C128 = 14,
+    /// `torch.uint16`.
     U16 = 15,
+    /// `torch.uint32`.
     U32 = 16,
+    /// `torch.uint64`.
     U64 = 17,
 }
 
@@ -59,6 +76,9 @@ impl TryFrom<i32> for DType {
 }
 
 impl DType {
+    /// Every dtype, in the order of their C values.
+    pub const ALL: [DType; 17] = ALL_DTYPES;
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         use DType::*;
@@ -103,6 +123,7 @@ impl DType {
         }
     }
 
+    /// The dtype of a `torch` attribute name, aliases included (`float`, `long`, ...).
     pub fn from_torch_name(name: &str) -> Option<DType> {
         let alias = match name {
             "float" => Some(DType::F32),
@@ -139,10 +160,12 @@ impl DType {
         })
     }
 
+    /// The dtype of a legacy typed-storage class name (`FloatStorage`).
     pub fn from_storage_name(name: &str) -> Option<DType> {
         ALL_DTYPES.iter().copied().find(|d| d.storage_name() == Some(name))
     }
 
+    /// Whether the dtype is a floating-point type (complex types are not).
     pub fn is_floating_point(self) -> bool {
         use DType::*;
         matches!(self, F32 | F64 | F16 | BF16 | F8E4M3FN | F8E5M2)
@@ -170,6 +193,7 @@ impl std::fmt::Display for DType {
 /// Where tensor memory lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
+    /// Host memory.
     Cpu,
     /// A CUDA device ordinal.
     Cuda(i32),
@@ -211,6 +235,28 @@ pub fn strided_extent_bytes(sizes: &[u64], strides: &[u64], elem: usize) -> Resu
         .ok_or_else(|| Error::invalid("strides overflow"))
 }
 
+/// A Rust element type with a libdcp [`DType`]: what [`TensorView::from_slice`] and
+/// [`TensorView::from_slice_mut`] take, so that a view's dtype is its element type's.
+///
+/// # Safety
+/// `size_of::<Self>()` is `DTYPE.size()`, and every bit pattern of that many bytes is a valid
+/// `Self` (a load writes whatever the checkpoint holds). Implement it for a crate's own types of
+/// dtypes libdcp has and Rust has not (`half::bf16` as [`DType::BF16`]).
+pub unsafe trait Element: Copy + Send + Sync + 'static {
+    /// The dtype of this element type.
+    const DTYPE: DType;
+}
+
+macro_rules! elements {
+    ($($t:ty => $d:ident),* $(,)?) => {$(
+        // SAFETY: a primitive number of exactly the dtype's size; every bit pattern is valid.
+        unsafe impl Element for $t {
+            const DTYPE: DType = DType::$d;
+        }
+    )*};
+}
+elements!(f32 => F32, f64 => F64, i64 => I64, i32 => I32, i16 => I16, i8 => I8, u8 => U8, u16 => U16, u32 => U32, u64 => U64);
+
 /// A borrowed view of caller memory holding a (local) tensor: dtype, sizes, strides in elements,
 /// and the device it lives on. The view does not own the memory.
 #[derive(Debug)]
@@ -223,6 +269,8 @@ pub struct TensorView<'a> {
     device: Device,
     /// The caller's CUDA stream (a `CUstream`), 0 for none.
     stream: usize,
+    /// False for views of shared slices ([`TensorView::from_slice`]), which may only be saved.
+    writable: bool,
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
@@ -232,32 +280,56 @@ unsafe impl Send for TensorView<'_> {}
 unsafe impl Sync for TensorView<'_> {}
 
 impl<'a> TensorView<'a> {
-    /// A contiguous CPU tensor over a mutable byte slice.
+    /// A contiguous CPU tensor over the typed slice `data` (`f32`, `i64`, ...), to save: the view
+    /// is read-only, and a load into it fails with [`ErrorKind::InvalidArgument`](crate::ErrorKind).
+    /// The dtype is the element type's.
+    ///
+    /// ```
+    /// use dcp::{DType, TensorView};
+    /// let w = vec![1.0f32; 6];
+    /// let view = TensorView::from_slice(&w, &[2, 3])?;
+    /// assert_eq!((view.dtype(), view.sizes()), (DType::F32, &[2u64, 3][..]));
+    /// assert!(TensorView::from_slice(&w, &[4, 2]).is_err()); // 8 elements do not fit in 6
+    /// # Ok::<(), dcp::Error>(())
+    /// ```
+    pub fn from_slice<T: Element>(data: &'a [T], sizes: &[u64]) -> Result<Self> {
+        // SAFETY: the slice's bytes are borrowed for 'a; the view is marked read-only below, so
+        // no load writes through the pointer.
+        let mut view = unsafe { Self::from_raw(data.as_ptr() as *mut u8, std::mem::size_of_val(data), T::DTYPE, sizes, None, Device::Cpu)? };
+        view.writable = false;
+        Ok(view)
+    }
+
+    /// A contiguous CPU tensor over the typed slice `data`, to load into (or save).
+    pub fn from_slice_mut<T: Element>(data: &'a mut [T], sizes: &[u64]) -> Result<Self> {
+        // SAFETY: the slice is borrowed exclusively for 'a, and `Element` makes any bytes a load
+        // writes valid elements.
+        unsafe { Self::from_raw(data.as_mut_ptr() as *mut u8, std::mem::size_of_val(data), T::DTYPE, sizes, None, Device::Cpu) }
+    }
+
+    /// A contiguous CPU tensor of `dtype` over the bytes `data`, to save (read-only, as
+    /// [`from_slice`](Self::from_slice)): for dtypes with no Rust element type (`bfloat16`,
+    /// `float8`, `bool`), or bytes as they come.
+    pub fn from_bytes_ref(data: &'a [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
+        // SAFETY: as in `from_slice`: borrowed for 'a, read-only.
+        let mut view = unsafe { Self::from_raw(data.as_ptr() as *mut u8, data.len(), dtype, sizes, None, Device::Cpu)? };
+        view.writable = false;
+        Ok(view)
+    }
+
+    /// A contiguous CPU tensor of `dtype` over the bytes `data`, to load into (or save).
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
+        // SAFETY: the bytes are borrowed exclusively for 'a; any bytes are valid `u8`s.
         unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, None, Device::Cpu) }
     }
 
-    /// A contiguous CPU tensor over a typed slice (`f32`, `i64`, ...); the dtype must have the
-    /// element's size.
-    pub fn from_slice<T: Copy>(data: &'a mut [T], dtype: DType, sizes: &[u64]) -> Result<Self> {
-        ensure!(
-            std::mem::size_of::<T>() == dtype.size(),
-            Error::invalid(format!(
-                "element size {} does not match dtype {dtype} ({} bytes)",
-                std::mem::size_of::<T>(),
-                dtype.size()
-            ))
-        );
-        let nbytes = std::mem::size_of_val(data);
-        let ptr = data.as_mut_ptr() as *mut u8;
-        unsafe { Self::from_raw(ptr, nbytes, dtype, sizes, None, Device::Cpu) }
-    }
-
-    /// A view of raw memory.
+    /// A view of raw memory, CPU memory or (after [`set_cuda`](Self::set_cuda)) a CUDA device
+    /// pointer; `strides` in elements, `None` for row-major.
     ///
     /// # Safety
     /// `ptr` must point to `nbytes` bytes that stay valid (and are not written by anyone else
-    /// while libdcp writes them) for `'a`. For CUDA tensors it is a device pointer.
+    /// while libdcp writes them) for `'a`, and that libdcp may write when the view is loaded
+    /// into. For CUDA tensors it is a device pointer.
     pub unsafe fn from_raw(
         ptr: *mut u8,
         nbytes: usize,
@@ -296,21 +368,42 @@ impl<'a> TensorView<'a> {
             strides,
             device,
             stream: 0,
+            writable: true,
             _borrow: PhantomData,
         })
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// The local sizes (shape) of the view.
     pub fn sizes(&self) -> &[u64] {
         &self.sizes
     }
+    /// Strides in elements, one per dimension.
     pub fn strides(&self) -> &[u64] {
         &self.strides
     }
+    /// Where the memory lives.
     pub fn device(&self) -> Device {
         self.device
+    }
+    /// Whether a load may write into the view (false for [`from_slice`](Self::from_slice) and
+    /// [`from_bytes_ref`](Self::from_bytes_ref) views).
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    /// An error unless a load may write into the view.
+    pub(crate) fn ensure_writable(&self, fqn: &str) -> Result<()> {
+        ensure!(
+            self.writable,
+            Error::invalid(format!(
+                "key {fqn:?}: its tensor view is read-only (TensorView::from_slice); load into one made with from_slice_mut"
+            ))
+            .with_key(fqn)
+        );
+        Ok(())
     }
     /// The caller's CUDA stream (0: none; libdcp then waits for the device before copying).
     pub fn stream(&self) -> usize {
@@ -328,12 +421,15 @@ impl<'a> TensorView<'a> {
         self.stream = stream;
         Ok(())
     }
+    /// The address of the first element (a device pointer for CUDA views).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr
     }
+    /// Bytes of memory the view was made over.
     pub fn nbytes(&self) -> usize {
         self.nbytes
     }
+    /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.sizes.iter().product()
     }
@@ -373,6 +469,38 @@ mod tests {
         }
         assert!(DType::try_from(0).is_err());
         assert!(DType::try_from(99).is_err());
+    }
+
+    #[test]
+    fn element_dtypes_have_their_size() {
+        fn check<T: Element>() {
+            assert_eq!(std::mem::size_of::<T>(), T::DTYPE.size(), "{}", T::DTYPE);
+        }
+        check::<f32>();
+        check::<f64>();
+        check::<i64>();
+        check::<i32>();
+        check::<i16>();
+        check::<i8>();
+        check::<u8>();
+        check::<u16>();
+        check::<u32>();
+        check::<u64>();
+    }
+
+    #[test]
+    fn shared_views_are_read_only() {
+        let data = [1.5f64, 2.5];
+        let v = TensorView::from_slice(&data, &[2]).unwrap();
+        assert_eq!(v.dtype(), DType::F64);
+        assert!(!v.is_writable());
+        assert!(v.ensure_writable("x").unwrap_err().message().contains("read-only"));
+        let bytes = [0u8; 4];
+        assert!(!TensorView::from_bytes_ref(&bytes, DType::BF16, &[2]).unwrap().is_writable());
+        let mut out = [0i32; 3];
+        let v = TensorView::from_slice_mut(&mut out, &[3]).unwrap();
+        assert_eq!(v.dtype(), DType::I32);
+        assert!(v.is_writable());
     }
 
     #[test]

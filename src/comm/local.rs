@@ -3,6 +3,7 @@
 use super::Communicator;
 use crate::error::Result;
 
+/// The job of one process: rank 0 of 1, every collective immediate.
 #[derive(Default)]
 pub struct LocalComm;
 

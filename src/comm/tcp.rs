@@ -28,6 +28,8 @@ struct Inner {
     broken: Option<Error>,
 }
 
+/// Collectives over TCP between the ranks of a job: every rank connects to rank 0 at
+/// `addr:port`, and every call is bounded by the timeout given to [`TcpComm::connect`].
 pub struct TcpComm {
     rank: usize,
     world: usize,
@@ -65,7 +67,7 @@ fn io_err(what: String, e: std::io::Error) -> Error {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ErrorKind::Timeout,
         _ => ErrorKind::Comm,
     };
-    Error::new(kind, format!("{what}: {e}"))
+    Error::new(kind, format!("{what}: {e}")).with_source(e)
 }
 
 impl TcpComm {
@@ -257,7 +259,7 @@ impl TcpComm {
     /// Rank 0 collects every rank's contribution, runs `reply` over them, and sends each rank
     /// its answer. Leaves send theirs and wait for the answer. One exchange per collective.
     fn exchange(&self, data: &[u8], reply: impl FnOnce(Vec<Vec<u8>>) -> Vec<u8>) -> Result<Vec<u8>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = crate::error::lock(&self.inner);
         if let Some(e) = &inner.broken {
             return Err(Error::new(
                 e.kind(),

@@ -44,7 +44,7 @@ unsafe impl Sync for Primary {}
 fn primary(ordinal: i32) -> Result<sys::CUcontext> {
     driver()?;
     static CTXS: OnceLock<Mutex<HashMap<i32, Primary>>> = OnceLock::new();
-    let mut map = CTXS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    let mut map = crate::error::lock(CTXS.get_or_init(Default::default));
     if let Some(p) = map.get(&ordinal) {
         return Ok(p.0);
     }
@@ -209,9 +209,6 @@ impl PinnedBuf {
     }
     pub fn len(&self) -> usize {
         self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 

@@ -12,23 +12,33 @@ use crate::region::Region;
 use crate::state::State;
 use crate::storage::{self, Storage};
 use crate::tensor::{DType, TensorView};
+use super::verify::Problem;
 use std::sync::Arc;
 
+/// What a key of a checkpoint holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
+    /// A tensor (possibly saved in chunks).
     Tensor,
     /// A torch.save'd Python object (bytes, int, float, anything picklable).
     Object,
 }
 
+/// One key of a [`Checkpoint`], as `.metadata` describes it.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct KeyInfo<'c> {
+    /// The fully qualified name (`model.layers.0.weight`).
     pub fqn: &'c str,
+    /// Tensor or object.
     pub kind: KeyKind,
     /// `None` for objects and for dtypes libdcp does not know (see `dtype_name`).
     pub dtype: Option<DType>,
+    /// The dtype as torch names it (`float32`); empty for objects.
     pub dtype_name: &'c str,
+    /// The global shape of a tensor; empty for objects.
     pub shape: &'c [u64],
+    /// The chunks the tensor was saved in (each a box of the global tensor).
     pub chunks: &'c [Region],
 }
 
@@ -40,6 +50,24 @@ impl KeyInfo<'_> {
     }
 }
 
+/// A checkpoint opened read-only on one process (no collective): its keys, and reads of single
+/// tensors and objects.
+///
+/// ```
+/// # use dcp::{save, Checkpoint, Context, KeyKind, SaveOptions, State, TensorView};
+/// # let dir = std::env::temp_dir().join(format!("libdcp-doc-ck-{}", std::process::id()));
+/// # let location = dir.to_str().unwrap();
+/// # let mut state = State::new();
+/// # state.add_tensor("w", TensorView::from_slice(&[1u16, 2, 3, 4], &[2, 2])?)?;
+/// # save(&Context::local(), &state, location, &SaveOptions::default())?;
+/// let ck = Checkpoint::open(location)?;
+/// let w = ck.find("w").unwrap();
+/// assert_eq!((w.kind, w.shape), (KeyKind::Tensor, &[2u64, 2][..]));
+/// let (_dtype, _shape, bytes) = ck.read_tensor("w")?;
+/// assert_eq!(bytes, [1, 0, 2, 0, 3, 0, 4, 0]);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), dcp::Error>(())
+/// ```
 pub struct Checkpoint {
     storage: Arc<dyn Storage>,
     opened: Opened,
@@ -50,11 +78,13 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Opens the checkpoint at `location` (a directory, or an `s3://` URL).
     pub fn open(location: &str) -> Result<Checkpoint> {
         let storage = storage::open(location)?;
         Self::open_storage(storage, location)
     }
 
+    /// Opens the checkpoint in `storage`; `location` names it in messages.
     pub fn open_storage(storage: Arc<dyn Storage>, location: &str) -> Result<Checkpoint> {
         let opened = open_local(storage.as_ref())?;
         let files = Files::new(storage.clone(), opened.sidecar.as_ref());
@@ -67,25 +97,34 @@ impl Checkpoint {
         })
     }
 
+    /// Where the checkpoint is, as given to [`open`](Self::open).
     pub fn location(&self) -> &str {
         &self.location
     }
+    /// The storage the checkpoint is read from.
     pub fn storage(&self) -> &dyn Storage {
         self.storage.as_ref()
     }
+    /// The decoded `.metadata` (for the `dcp` tool; not part of the API).
+    #[doc(hidden)]
     pub fn metadata(&self) -> &Metadata {
         &self.opened.metadata
     }
+    /// The decoded sidecar, if any (for the `dcp` tool; not part of the API).
+    #[doc(hidden)]
     pub fn sidecar(&self) -> Option<&Sidecar> {
         self.opened.sidecar.as_ref()
     }
+    /// Number of keys.
     pub fn len(&self) -> usize {
         self.opened.metadata.entries.len()
     }
+    /// Whether the checkpoint has no keys.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The `i`th key, in `.metadata` order.
     pub fn key(&self, i: usize) -> Option<KeyInfo<'_>> {
         let (fqn, e) = self.opened.metadata.entries.get(i)?;
         Some(match e {
@@ -108,6 +147,7 @@ impl Checkpoint {
         })
     }
 
+    /// Every key, in `.metadata` order.
     pub fn keys(&self) -> impl Iterator<Item = KeyInfo<'_>> {
         (0..self.len()).filter_map(|i| self.key(i))
     }
@@ -117,11 +157,14 @@ impl Checkpoint {
         self.opened.lookup.entry_index(fqn)
     }
 
+    /// The key `fqn`.
     pub fn find(&self, fqn: &str) -> Option<KeyInfo<'_>> {
         self.key(self.index_of(fqn)?)
     }
 
-    /// Where the item of `fqn` (a tensor chunk at `offsets`, or an object with `None`) is stored.
+    /// Where the item of `fqn` (a tensor chunk at `offsets`, or an object with `None`) is stored
+    /// (for the `dcp` tool; not part of the API).
+    #[doc(hidden)]
     pub fn storage_info(&self, fqn: &str, offsets: Option<&[u64]>) -> Option<&StorageInfo> {
         self.opened.lookup.storage(&self.opened.metadata, fqn, offsets)
     }
@@ -178,11 +221,19 @@ impl Checkpoint {
         Ok((dtype, shape, buf))
     }
 
+    /// Reads the object `fqn`.
     pub fn read_object(&self, fqn: &str) -> Result<ObjectValue> {
         self.key_of(fqn, KeyKind::Object)?;
         let info = self
             .storage_info(fqn, None)
             .ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
         read_object(&self.files, fqn, info)
+    }
+
+    /// The checks of [`verify`](crate::verify) for the items of `fqn` only (zip structure, CRC-32s,
+    /// what each item holds); empty when they pass. Run it before reading a large tensor in
+    /// pieces without the reader's own checks, so that its bytes are checked once.
+    pub fn verify_key(&self, fqn: &str) -> Vec<Problem> {
+        super::verify::verify_key(self.storage(), self.metadata(), self.sidecar(), fqn)
     }
 }

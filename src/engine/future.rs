@@ -22,17 +22,18 @@ impl SaveFuture {
     }
 
     pub(crate) fn complete(&self, r: Result<SaveReport>) {
-        *self.shared.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        *crate::error::lock(&self.shared.result) = Some(r);
         self.shared.done.notify_all();
     }
 
+    /// Whether the save has finished (committed or failed); [`wait`](Self::wait) then returns at once.
     pub fn is_done(&self) -> bool {
-        self.shared.result.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        crate::error::lock(&self.shared.result).is_some()
     }
 
     /// Blocks until the save completes; returns its outcome (every call returns the same).
     pub fn wait(&self) -> Result<SaveReport> {
-        let mut g = self.shared.result.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::error::lock(&self.shared.result);
         while g.is_none() {
             g = self.shared.done.wait(g).unwrap_or_else(|p| p.into_inner());
         }

@@ -67,11 +67,6 @@ pub fn is_data_file(name: &str) -> bool {
     parse_data_file(name).is_some()
 }
 
-/// The writing rank encoded in a data-file name.
-pub fn rank_of_data_file(name: &str) -> Option<u64> {
-    parse_data_file(name).map(|(r, _, _)| r)
-}
-
 /// Whether `name` is a libdcp sidecar (the legacy `.libdcp` or a per-save `.libdcp_{token}`).
 pub fn is_sidecar(name: &str) -> bool {
     name == LEGACY_SIDECAR
@@ -435,7 +430,7 @@ mod tests {
             parse_data_file(&data_file_name(4, 2, "00ff00ff00ff")),
             Some((4, 2, Some("00ff00ff00ff")))
         );
-        assert_eq!(rank_of_data_file("__7_1.distcp"), Some(7));
+        assert_eq!(parse_data_file("__7_1.distcp").map(|(rank, _, _)| rank), Some(7));
     }
 
     #[test]

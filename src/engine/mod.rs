@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 pub use checkpoint::{Checkpoint, KeyInfo, KeyKind};
 pub use future::SaveFuture;
 pub use load::DirectIo;
-pub use load::{load, LoadOptions, LoadReport};
-pub use save::{save, save_async, SaveOptions, SaveReport};
+pub use load::{load, LoadOptions};
+pub use save::{save, save_async, SaveOptions};
 pub use staging::PoolStats;
 
 pub(crate) struct ContextInner {
@@ -51,6 +51,8 @@ impl Context {
         Context::with_communicator(Box::new(LocalComm))
     }
 
+    /// A context over `comm`, the job's collectives ([`TcpComm`](crate::comm::TcpComm), or a
+    /// [`Communicator`] of the caller's own).
     pub fn with_communicator(comm: Box<dyn Communicator>) -> Context {
         Context {
             inner: Arc::new(ContextInner {
@@ -64,19 +66,22 @@ impl Context {
         }
     }
 
+    /// This process's rank in the job.
     pub fn rank(&self) -> usize {
         self.inner.comm.rank()
     }
+    /// Number of ranks in the job.
     pub fn world_size(&self) -> usize {
         self.inner.comm.world_size()
     }
+    /// The job's communicator.
     pub fn communicator(&self) -> &dyn Communicator {
         self.inner.comm.as_ref()
     }
 
     /// Most page-locked host memory the staging pool may hold (default: half of RAM).
     pub fn set_staging_budget(&self, bytes: u64) {
-        let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = crate::error::lock(&self.inner.pool);
         pool.budget = bytes;
         pool.trim();
     }
@@ -85,26 +90,26 @@ impl Context {
     /// `object_store` configuration keys: `aws_endpoint`, `aws_access_key_id`, `aws_region`,
     /// `aws_allow_http`, `aws_virtual_hosted_style_request`, ...). Later values win.
     pub fn set_storage_option(&self, key: &str, value: &str) {
-        let mut o = self.inner.storage_options.lock().unwrap_or_else(|p| p.into_inner());
+        let mut o = crate::error::lock(&self.inner.storage_options);
         o.retain(|(k, _)| k != key);
         o.push((key.to_string(), value.to_string()));
     }
 
     /// Opens a checkpoint location with this context's storage options.
     pub fn open_storage(&self, location: &str) -> Result<Arc<dyn crate::storage::Storage>> {
-        let opts = self.inner.storage_options.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let opts = crate::error::lock(&self.inner.storage_options).clone();
         crate::storage::open_with(location, &opts)
     }
 
     /// What the staging pool holds now.
     pub fn staging_stats(&self) -> PoolStats {
-        self.inner.pool.lock().unwrap_or_else(|p| p.into_inner()).stats()
+        crate::error::lock(&self.inner.pool).stats()
     }
 
     /// Waits for the async save in flight (or fails with `Busy` when `wait` is false). Every
     /// collective operation settles first, so collectives never interleave.
     pub fn settle(&self, wait: bool) -> Result<()> {
-        let current = self.inner.in_flight.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = crate::error::lock(&self.inner.in_flight).clone();
         if let Some(f) = current {
             if !f.is_done() {
                 if !wait {

@@ -29,12 +29,15 @@ const SMALL_ITEM: u64 = 1 << 20;
 
 /// One thing wrong with a checkpoint, located as precisely as known.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Problem {
+    /// The key the problem concerns.
     pub key: Option<String>,
     /// The file's name in the checkpoint directory.
     pub file: Option<String>,
     /// Absolute byte offset in `file`.
     pub offset: Option<u64>,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -53,9 +56,13 @@ impl fmt::Display for Problem {
     }
 }
 
+/// What [`verify`] found.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct VerifyReport {
+    /// The checkpoint checked.
     pub location: String,
+    /// Everything wrong with it; empty for a good checkpoint.
     pub problems: Vec<Problem>,
     /// Remarks that do not make the checkpoint bad (a sidecar from a newer libdcp, stray files).
     pub notes: Vec<String>,
@@ -63,8 +70,11 @@ pub struct VerifyReport {
     pub committed: bool,
     /// A sidecar was present and decoded.
     pub sidecar: bool,
+    /// Keys in `.metadata`.
     pub keys: usize,
+    /// Data files checked.
     pub files: usize,
+    /// Zip items (tensors and objects) checked.
     pub items: usize,
     /// Zip records whose CRC-32 was checked.
     pub records: usize,
@@ -76,15 +86,31 @@ pub struct VerifyReport {
     pub pickles: usize,
 }
 
-/// What [`verify_with_options`] treats as a failure beyond the defaults.
+/// What [`verify_with_options`] treats as a failure beyond the defaults. Made with [`Default`]
+/// and the setters:
+///
+/// ```
+/// let opts = dcp::VerifyOptions::default().strict_pickles(true);
+/// assert!(opts.strict_pickles);
+/// ```
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct VerifyOptions {
     /// A pickle naming a callable outside torch's own checkpoint classes (what `pickle.load`
     /// would import and may run when torch opens the checkpoint) is a problem, not a note.
     pub strict_pickles: bool,
 }
 
+impl VerifyOptions {
+    /// Sets [`strict_pickles`](Self::strict_pickles).
+    pub fn strict_pickles(mut self, strict_pickles: bool) -> Self {
+        self.strict_pickles = strict_pickles;
+        self
+    }
+}
+
 impl VerifyReport {
+    /// Whether the checkpoint is committed and has no problems.
     pub fn is_ok(&self) -> bool {
         self.committed && self.problems.is_empty()
     }
@@ -131,10 +157,6 @@ pub fn verify_key(storage: &dyn Storage, md: &Metadata, sidecar: Option<&Sidecar
     let files = v.open_files(&sub, None);
     v.check_items(&sub, sub_sidecar.as_ref(), &files);
     v.report.problems
-}
-
-pub fn verify_storage(storage: &dyn Storage, location: &str, progress: &mut dyn FnMut(u64, u64)) -> VerifyReport {
-    verify_storage_with(storage, location, &VerifyOptions::default(), progress)
 }
 
 pub fn verify_storage_with(

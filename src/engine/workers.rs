@@ -32,7 +32,7 @@ where
             if r.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
-            results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            crate::error::lock(&results)[i] = Some(r);
         }
         Ok(())
     };

@@ -11,9 +11,7 @@ mod io;
 mod options;
 mod state;
 
-pub use checkpoint::*;
 pub use context::*;
-pub use io::*;
 pub use options::*;
 pub use state::*;
 
@@ -98,6 +96,8 @@ impl dcp_status {
 }
 
 /// Element types (`int32_t dtype` arguments take these values).
+// Read by cbindgen for include/dcp.h; Rust code converts through `DType::try_from`.
+#[allow(dead_code)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub enum dcp_dtype {

@@ -1,16 +1,15 @@
 //! Byte formats: pickles, `.metadata`, torch.save zip items, the `.libdcp` sidecar.
 
+// The `dcp` tool's (a binary of this package, so it sees only what is public).
+#[doc(hidden)]
 pub mod json;
-pub mod metadata;
-pub mod pickle;
-pub mod pickle_scan;
-pub mod pyobj;
+#[doc(hidden)]
 pub mod safetensors;
-pub mod sidecar;
-pub mod zipitem;
+
+crate::internal_mod!(metadata, pickle, pickle_scan, pyobj, sidecar, zipitem);
 
 /// Whether `name` is one plain file name (no separator, NUL, `.` or `..`): the only kind of
 /// name a checkpoint's `.metadata` or sidecar may give for a file inside it.
-pub fn is_plain_file_name(name: &str) -> bool {
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['/', '\\', '\0']) && name != "." && name != ".."
 }

@@ -296,14 +296,12 @@ impl TensorItemLayout {
         }
     }
 
+    #[cfg(test)]
     pub fn payload_offset(&self) -> u64 {
         self.prefix.len() as u64
     }
     pub fn len(&self) -> u64 {
         self.prefix.len() as u64 + self.payload_len + self.trailer.len() as u64
-    }
-    pub fn is_empty(&self) -> bool {
-        false
     }
     /// The bytes after the payload, once the payload's CRC-32 is known.
     pub fn trailer(&self, payload_crc: u32) -> Vec<u8> {

@@ -71,6 +71,7 @@ pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: 
                 });
             }
             (EntryValue::Tensor(t), EntryMeta::Tensor(tm)) => {
+                t.view.ensure_writable(&e.fqn)?;
                 let saved_dtype = tm.dtype.ok_or_else(|| {
                     Error::unsupported(format!(
                         "key {:?}: the checkpoint's dtype torch.{} is not supported",

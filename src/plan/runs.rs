@@ -22,13 +22,6 @@ impl Run {
             (self.count - 1) * self.a_step + elem
         }
     }
-    pub fn b_span(&self, elem: u64) -> u64 {
-        if self.count == 0 {
-            0
-        } else {
-            (self.count - 1) * self.b_step + elem
-        }
-    }
 
     /// Splits the run so that the first part's elements start before `bound` on side a
     /// (`on_a`) or side b; returns (before, after).
@@ -127,6 +120,7 @@ impl BoxRuns {
         }
     }
 
+    #[cfg(test)]
     pub fn num_runs(&self) -> u64 {
         if self.inner.count == 0 {
             0

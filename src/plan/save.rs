@@ -509,7 +509,9 @@ impl GlobalPlan {
         &self.meshes[spec.mesh as usize]
     }
 
-    /// The chunks `rank` writes for an entry (region list), in plan order.
+    /// The chunks `rank` writes for an entry (region list), in plan order (what tests, the fuzz
+    /// targets and the plan benchmark check plans with).
+    #[cfg(any(test, feature = "internals"))]
     pub fn chunks_written_by(&self, e: &GlobalEntry, rank: u32) -> Vec<Region> {
         match &e.kind {
             GlobalKind::Tensor { chunks, .. } => chunks.iter().filter(|c| c.writer == rank).map(|c| c.region.clone()).collect(),
@@ -543,6 +545,7 @@ impl GlobalPlan {
     }
 
     /// Bytes of tensor data each rank writes.
+    #[cfg(any(test, feature = "internals"))]
     pub fn bytes_per_rank(&self) -> Vec<u64> {
         self.bytes_written(|_| true)
     }

@@ -171,10 +171,7 @@ pub fn run(args: &Args) -> CliResult {
             }
         })
     });
-    let opts = SaveOptions {
-        overwrite,
-        ..Default::default()
-    };
+    let opts = SaveOptions::default().overwrite(overwrite);
     let saved = dcp::save(&Context::local(), &state, out, &opts);
     stop.store(true, Ordering::Relaxed);
     if let Some(w) = watcher {

@@ -89,7 +89,7 @@ fn run(argv: Vec<String>) -> CliResult {
             return Ok(());
         }
         "-V" | "--version" => {
-            println!("dcp ({})", dcp::engine::writer_version());
+            println!("dcp ({})", dcp::writer_version());
             return Ok(());
         }
         "help" => {

@@ -2,7 +2,7 @@
 
 use crate::args::{CliError, CliResult};
 use crate::progress::{human_bytes, Progress};
-use dcp::engine::verify::{verify_with_options, VerifyOptions};
+use dcp::{verify_with_options, VerifyOptions};
 
 pub const HELP: &str = "\
 usage: dcp verify DIR [--strict-pickles]
@@ -42,9 +42,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
         ));
     };
     let mut bar = Progress::new("verify", 0);
-    let opts = VerifyOptions {
-        strict_pickles: args.flag("strict-pickles"),
-    };
+    let opts = VerifyOptions::default().strict_pickles(args.flag("strict-pickles"));
     let report = verify_with_options(dir, &opts, &mut |done, total| {
         bar.set_total(total);
         bar.update(done);

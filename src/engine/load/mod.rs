@@ -24,7 +24,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// How [`load`] runs. Made with [`Default`] and the setters, so that new options do not break
+/// callers:
+///
+/// ```
+/// let opts = dcp::LoadOptions::default().strict(false).threads(2);
+/// assert!(!opts.strict && opts.verify);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct LoadOptions {
     /// Every registered key must be in the checkpoint (default). Off: load what exists and
     /// report the rest in [`LoadReport::missing`] and [`State::missing`].
@@ -52,13 +60,45 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// Sets [`strict`](Self::strict).
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+    /// Sets [`verify`](Self::verify).
+    pub fn verify(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
+    }
+    /// Sets [`threads`](Self::threads).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+    /// Sets [`direct_io`](Self::direct_io).
+    pub fn direct_io(mut self, direct_io: DirectIo) -> Self {
+        self.direct_io = direct_io;
+        self
+    }
+    /// Sets [`broadcast_replicated`](Self::broadcast_replicated).
+    pub fn broadcast_replicated(mut self, broadcast_replicated: bool) -> Self {
+        self.broadcast_replicated = broadcast_replicated;
+        self
+    }
+}
+
+/// What a load did, on this rank.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct LoadReport {
     /// Bytes of tensor data this rank read from storage.
     pub bytes_read: u64,
     /// Bytes this rank received from another rank instead (replicated boxes over NCCL).
     pub bytes_broadcast: u64,
+    /// Registered keys the checkpoint does not have (a non-strict load).
     pub missing: Vec<String>,
+    /// Seconds the load took.
     pub seconds: f64,
 }
 

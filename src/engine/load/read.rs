@@ -40,7 +40,7 @@ impl Files {
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
-        if let Some(h) = self.open.lock().unwrap().get(name) {
+        if let Some(h) = crate::error::lock(&self.open).get(name) {
             return Ok(h.clone());
         }
         let h = self.storage.open_read(name).map_err(|e| match e.kind() {
@@ -56,7 +56,7 @@ impl Files {
                 )));
             }
         }
-        self.open.lock().unwrap().insert(name.to_string(), h.clone());
+        crate::error::lock(&self.open).insert(name.to_string(), h.clone());
         Ok(h)
     }
 
@@ -130,7 +130,9 @@ enum Check<'b> {
 pub enum DirectIo {
     /// O_DIRECT for byte ranges mostly not in the page cache (cold), buffered otherwise.
     Auto,
+    /// O_DIRECT wherever the file system allows it.
     On,
+    /// Always through the page cache.
     Off,
 }
 

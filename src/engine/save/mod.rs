@@ -16,7 +16,7 @@ mod write;
 
 use super::future::SaveFuture;
 use super::layout::{self, PreparedLocation, WrittenFile};
-use super::staging::{self, sync_devices};
+use super::staging::sync_devices;
 use super::wire::{broadcast_result, Wire};
 use super::Context;
 use crate::error::{Error, Result};
@@ -30,11 +30,19 @@ use std::sync::Arc;
 use std::time::Instant;
 use write::{layout_files, write_files, ItemSource, WriteOptions};
 
+#[cfg(feature = "internals")]
 pub use records::metadata_of;
 
-pub use super::layout::{is_data_file, METADATA_FILE};
 
+/// How [`save`] and [`save_async`] run. Made with [`Default`] and the setters, so that new options
+/// do not break callers:
+///
+/// ```
+/// let opts = dcp::SaveOptions::default().overwrite(true).threads(8);
+/// assert!(opts.overwrite && opts.direct_io);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SaveOptions {
     /// Replace a committed checkpoint at the destination (default: refuse).
     pub overwrite: bool,
@@ -61,7 +69,37 @@ impl Default for SaveOptions {
     }
 }
 
+impl SaveOptions {
+    /// Sets [`overwrite`](Self::overwrite).
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+    /// Sets [`threads`](Self::threads).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+    /// Sets [`direct_io`](Self::direct_io).
+    pub fn direct_io(mut self, direct_io: bool) -> Self {
+        self.direct_io = direct_io;
+        self
+    }
+    /// Sets [`buffer_bytes`](Self::buffer_bytes).
+    pub fn buffer_bytes(mut self, buffer_bytes: usize) -> Self {
+        self.buffer_bytes = buffer_bytes;
+        self
+    }
+    /// Sets [`wait_if_busy`](Self::wait_if_busy).
+    pub fn wait_if_busy(mut self, wait_if_busy: bool) -> Self {
+        self.wait_if_busy = wait_if_busy;
+        self
+    }
+}
+
+/// What a save did, on this rank.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct SaveReport {
     /// Bytes this rank wrote.
     pub bytes_written: u64,
@@ -114,7 +152,7 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
     let staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
     let blocked = t0.elapsed().as_secs_f64();
     let future = SaveFuture::new();
-    *ctx.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some(future.clone());
+    *crate::error::lock(&ctx.inner.in_flight) = Some(future.clone());
     let (ctx2, fut2, opts2) = (ctx.clone(), future.clone(), opts.clone());
     let spawned = std::thread::Builder::new().name("dcp-async-save".into()).spawn(move || {
         // A panic here must still complete the future: every later call on the context waits
@@ -122,7 +160,7 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
             .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
-        staging::lock(&ctx2.inner.pool).release(staged.into_arena());
+        crate::error::lock(&ctx2.inner.pool).release(staged.into_arena());
         fut2.complete(r.map(|bytes_written| SaveReport {
             bytes_written,
             plan_cached,
@@ -188,7 +226,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
     for (r, h) in hashes.iter().enumerate() {
         all.push(Wire::<u64>::decode(h, r)?.into_result(r)?);
     }
-    let mut cache = ctx.inner.plan_cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = crate::error::lock(&ctx.inner.plan_cache);
     if let Some((h, plan)) = cache.as_ref() {
         if *h == all {
             return Ok((plan.clone(), true));

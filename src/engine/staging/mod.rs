@@ -7,8 +7,8 @@ mod device;
 mod gather;
 mod pool;
 
-pub use arena::{AlignedBuf, HostBuf, ALIGN};
+pub use arena::{HostBuf, ALIGN};
 pub(crate) use device::{first_cuda_device, sync_devices, with_host_extent, DeviceStreams};
 pub(crate) use gather::{copy_dense, HostGather};
-pub(crate) use pool::{lock, PoolBuf};
+pub(crate) use pool::PoolBuf;
 pub use pool::{PoolStats, StagingPool};

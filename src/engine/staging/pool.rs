@@ -5,7 +5,7 @@ use super::arena::{AlignedBuf, HostBuf, ALIGN};
 use crate::cuda::PinnedBuf;
 use crate::error::Result;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 /// Buffers kept between operations of one context.
 pub struct StagingPool {
@@ -18,9 +18,13 @@ pub struct StagingPool {
 
 /// What a pool holds now.
 #[derive(Clone, Copy, Debug, Default)]
+#[non_exhaustive]
 pub struct PoolStats {
+    /// Page-locked (CUDA-registered) host bytes held.
     pub pinned_bytes: u64,
+    /// Ordinary heap bytes held.
     pub heap_bytes: u64,
+    /// Most page-locked bytes the pool may hold.
     pub budget: u64,
 }
 
@@ -99,12 +103,6 @@ impl Default for StagingPool {
     }
 }
 
-/// Locks a pool; one left poisoned by a panicking thread is still usable (it only holds
-/// buffers).
-pub(crate) fn lock(pool: &Mutex<StagingPool>) -> MutexGuard<'_, StagingPool> {
-    pool.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A buffer taken from a pool, given back to it when dropped.
 pub(crate) struct PoolBuf<'p> {
     pool: &'p Mutex<StagingPool>,
@@ -114,7 +112,7 @@ pub(crate) struct PoolBuf<'p> {
 impl<'p> PoolBuf<'p> {
     /// [`StagingPool::acquire`] through `pool`'s lock (held only while acquiring).
     pub(crate) fn acquire(pool: &'p Mutex<StagingPool>, len: usize, pin_for: Option<i32>) -> Result<PoolBuf<'p>> {
-        let buf = lock(pool).acquire(len, pin_for)?;
+        let buf = crate::error::lock(pool).acquire(len, pin_for)?;
         Ok(PoolBuf { pool, buf: Some(buf) })
     }
 
@@ -140,7 +138,7 @@ impl DerefMut for PoolBuf<'_> {
 impl Drop for PoolBuf<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            lock(self.pool).release(b);
+            crate::error::lock(self.pool).release(b);
         }
     }
 }
