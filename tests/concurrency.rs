@@ -4,14 +4,15 @@
 //! another context (they proceed side by side). Every value is compared bit for bit.
 
 use dcp::comm::tcp::TcpComm;
-use dcp::{load, save, save_async, Context, DType, ErrorKind, LoadOptions, SaveOptions, State, TensorView};
-use std::path::PathBuf;
+use dcp::{load, save, save_async, Context, ErrorKind, LoadOptions, SaveOptions, State, TensorView};
 use std::time::Duration;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("libdcp-conc-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir;
+
+fn tmp(name: &str) -> TempDir {
+    TempDir::new(&format!("conc-{name}"))
 }
 
 /// Deterministic f32 values of a key and version.
@@ -28,7 +29,7 @@ fn state_of(bufs: &mut [Vec<f32>]) -> State<'_> {
     let mut st = State::new();
     for (k, b) in bufs.iter_mut().enumerate() {
         let n = b.len() as u64;
-        st.add_tensor(&format!("w{k}"), TensorView::from_slice(b, DType::F32, &[n]).unwrap())
+        st.add_tensor(&format!("w{k}"), TensorView::from_slice_mut(b.as_mut_slice(), &[n]).unwrap())
             .unwrap();
     }
     st
@@ -63,10 +64,7 @@ fn two_contexts_save_to_different_directories_at_once() {
                     let v = 10 * i as u32 + round;
                     let mut bufs = version_bufs(v);
                     let st = state_of(&mut bufs);
-                    let opts = SaveOptions {
-                        overwrite: true,
-                        ..Default::default()
-                    };
+                    let opts = SaveOptions::default().overwrite(true);
                     save(&ctx, &st, dir.to_str().unwrap(), &opts).unwrap();
                     drop(st);
                     load_and_compare(&ctx, dir, v);
@@ -105,7 +103,7 @@ fn two_multi_rank_jobs_in_one_process_at_once() {
                         let n = h.len() as u64;
                         st.add_tensor_chunk(
                             &format!("w{k}"),
-                            TensorView::from_slice(h, DType::F32, &[n]).unwrap(),
+                            TensorView::from_slice(h.as_slice(), &[n]).unwrap(),
                             &[N as u64],
                             &[rank as u64 * n],
                         )
@@ -156,15 +154,12 @@ fn async_save_in_flight_while_loading_another_checkpoint() {
             // or it runs after A finished.
             _ => {
                 let mut c = version_bufs(3);
-                let opts = SaveOptions {
-                    wait_if_busy: false,
-                    ..Default::default()
-                };
+                let opts = SaveOptions::default().wait_if_busy(false);
                 match save(&ctx, &state_of(&mut c), dir_c.to_str().unwrap(), &opts) {
                     Ok(_) => load_and_compare(&ctx, &dir_c, 3),
                     Err(e) => {
                         assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
-                        assert!(!std::path::Path::new(&dir_c).join(".metadata").exists());
+                        assert!(!dir_c.join(".metadata").exists());
                     }
                 }
             }
@@ -211,11 +206,10 @@ fn a_garbled_commit_message_is_an_error_and_the_async_future_completes() {
     let dir = tmp("garbled");
     let ctx = Context::with_communicator(Box::new(Garbling));
     // Larger than a 4 MiB block: its item has block CRCs that name its file.
-    let mut w = values(0, 0, 3 << 20);
+    let w = values(0, 0, 3 << 20);
     let n = w.len() as u64;
     let mut st = State::new();
-    st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[n]).unwrap())
-        .unwrap();
+    st.add_tensor("w", TensorView::from_slice(&w, &[n]).unwrap()).unwrap();
     // Synchronously: an error naming the file, not a panic.
     let sync = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).map(|_| ())

@@ -2,7 +2,7 @@
 //! every kind of place — tensor payloads (checked by zip CRC-32s and by the sidecar's per-4 MiB
 //! block CRCs), zip structure of tensor items, object items, the padding between items,
 //! `.metadata`, the `.libdcp_{token}` sidecar — then a full load in this process through the safe Rust
-//! API (checksums on) and `dcp verify`'s checks (`engine::verify::verify`).
+//! API (checksums on) and `dcp verify`'s checks (`dcp::verify`).
 //!
 //! Every outcome must be one of: an error with a message (never a panic: a panic fails this
 //! test), or a load that is bit-exact (the byte was irrelevant: zip padding, an unread record, a
@@ -16,14 +16,17 @@
 //! appended to. Run: `cargo test --release --test corruption -- --nocapture`.
 
 use dcp::comm::tcp::TcpComm;
-use dcp::engine::verify;
 use dcp::format::metadata::{EntryMeta, Metadata};
 use dcp::format::sidecar::BLOCK_SIZE;
 use dcp::format::zipitem::{read_item, ItemContent, ItemSource};
 use dcp::{load, save, Context, DType, ErrorKind, LoadOptions, ObjectValue, SaveOptions, State, TensorView};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
+
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir;
 
 /// splitmix64: a deterministic generator (the seed is printed, and `DCP_CORRUPTION_SEED` replays it).
 struct Rng(u64);
@@ -307,7 +310,7 @@ fn run_mode(name: &str, dir: &Path, keys: &[Key], with_sidecar: bool, per_class:
             let path = dir.join(&file);
             xor_byte(&path, at, mask);
             let loaded = load_all(dir, keys);
-            let report_v = verify::verify(dir.to_str().unwrap()).unwrap();
+            let report_v = dcp::verify(dir.to_str().unwrap()).unwrap();
             xor_byte(&path, at, mask);
             let t = tallies.entry(class).or_default();
             t.trials += 1;
@@ -389,11 +392,10 @@ fn one_changed_byte_is_an_error_or_irrelevant() {
         .unwrap_or(45);
     let mut rng = Rng(seed);
     let keys = keys(&mut rng);
-    let dir: PathBuf = std::env::temp_dir().join(format!("libdcp-corruption-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TempDir::new("corruption");
     save_fixture(&dir, &keys);
     assert!(load_all(&dir, &keys).unwrap(), "the fixture does not load bit-exact");
-    assert!(verify::verify(dir.to_str().unwrap()).unwrap().is_ok());
+    assert!(dcp::verify(dir.to_str().unwrap()).unwrap().is_ok());
 
     let mut report = format!("corruption: seed {seed}, {per_class} flips per class\n");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -436,8 +438,7 @@ fn one_changed_byte_is_an_error_or_irrelevant() {
 /// silent; each must be an error.
 #[test]
 fn metadata_edits_that_keep_crcs_valid_are_errors() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("libdcp-corruption-md-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = TempDir::new("corruption-md");
     let mut rng = Rng(7);
     // Only evenly split tensors: both ranks' files have the same layout.
     let keys: Vec<Key> = keys(&mut rng)

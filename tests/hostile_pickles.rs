@@ -10,13 +10,16 @@
 //! as a tree it would not fit); the hostile `.metadata` is refused with an error naming the file.
 //! Run: `cargo test --release --test hostile_pickles -- --nocapture` (prints input vs peak).
 
-use dcp::engine::verify;
 use dcp::format::metadata::Metadata;
 use dcp::format::pickle::{self, PickleWriter};
 use dcp::{load, save, Checkpoint, Context, DType, ErrorKind, LoadOptions, ObjectValue, PyValue, SaveOptions, State, TensorView};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
+
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir;
 
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
@@ -220,10 +223,8 @@ fn hostile_pickles() -> Vec<(&'static str, Vec<u8>)> {
 // Checkpoints
 // ---------------------------------------------------------------------------------------------
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dcp-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+fn tmpdir(name: &str) -> TempDir {
+    TempDir::new(&format!("hostile-{name}"))
 }
 
 const WEIGHTS: [f32; 6] = [1.0, -2.0, 3.5, 0.25, 8.0, -0.5];
@@ -394,7 +395,7 @@ fn checkpoint_with_a_shared_reference_pickle_loads_it_byte_for_byte() {
     measured("Checkpoint::open + read_object: clean (baseline)", 5, || {
         Checkpoint::open(clean.to_str().unwrap()).unwrap().read_object("blob").unwrap()
     });
-    measured("verify: clean (baseline)", 5, || verify::verify(clean.to_str().unwrap()).unwrap());
+    measured("verify: clean (baseline)", 5, || dcp::verify(clean.to_str().unwrap()).unwrap());
     println!("{:<58} peak RSS  {baseline:>11} B", "dcp verify: clean (baseline)");
     for (i, (label, blob)) in hostile_pickles().into_iter().enumerate() {
         let dir = tmpdir(&format!("shared{i}"));
@@ -407,7 +408,7 @@ fn checkpoint_with_a_shared_reference_pickle_loads_it_byte_for_byte() {
             ck.read_object("blob").unwrap()
         });
         assert_eq!(v, ObjectValue::Pickle(blob.clone()), "{label}");
-        let report = measured(&format!("verify: {label}"), n, || verify::verify(dir.to_str().unwrap()).unwrap());
+        let report = measured(&format!("verify: {label}"), n, || dcp::verify(dir.to_str().unwrap()).unwrap());
         assert!(report.is_ok(), "{label}: {:?}", report.problems);
         let d = dir.to_str().unwrap();
         for args in [vec!["inspect", d], vec!["verify", d], vec!["diff", d, clean.to_str().unwrap()]] {
@@ -446,7 +447,7 @@ fn checkpoint_with_a_memo_repeat_metadata_is_refused() {
             Checkpoint::open(dir.to_str().unwrap()).err().expect("refused")
         });
         assert!(expands(&e), "{e}");
-        let report = measured(&format!("verify: .metadata {label}"), n, || verify::verify(dir.to_str().unwrap()));
+        let report = measured(&format!("verify: .metadata {label}"), n, || dcp::verify(dir.to_str().unwrap()));
         match report {
             Ok(r) => {
                 assert!(!r.is_ok());

@@ -1,13 +1,14 @@
 //! Save/load through the safe Rust API on one process: every dtype, strides, boxes, objects,
 //! overwrite rules, and damaged checkpoints.
 
-use dcp::{load, save, Checkpoint, Context, DType, ErrorKind, LoadOptions, ObjectValue, SaveOptions, State, TensorView};
-use std::path::PathBuf;
+use dcp::{load, save, Checkpoint, Context, DType, DirectIo, ErrorKind, LoadOptions, ObjectValue, SaveOptions, State, TensorView};
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("libdcp-rt-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir;
+
+fn tmp(name: &str) -> TempDir {
+    TempDir::new(&format!("rt-{name}"))
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -18,7 +19,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 fn every_dtype_roundtrips_bit_exact() {
     let dir = tmp("dtypes");
     let ctx = Context::local();
-    let dtypes = dcp::tensor::ALL_DTYPES;
+    let dtypes = DType::ALL;
     let mut saved: Vec<Vec<u8>> = dtypes.iter().enumerate().map(|(i, d)| pattern(3 * 5 * d.size(), i as u8)).collect();
     {
         let mut st = State::new();
@@ -30,7 +31,7 @@ fn every_dtype_roundtrips_bit_exact() {
         st.add_int("step", -7).unwrap();
         st.add_float("lr", 0.125).unwrap();
         st.add_literal("betas", "(0.9, 0.999)").unwrap();
-        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+        save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
     }
     let mut loaded: Vec<Vec<u8>> = saved.iter().map(|b| vec![0xAA; b.len()]).collect();
     let mut st = State::new();
@@ -42,7 +43,7 @@ fn every_dtype_roundtrips_bit_exact() {
     st.add_int("step", 0).unwrap();
     st.add_float("lr", 0.0).unwrap();
     st.add_int("betas", 0).unwrap();
-    load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap();
     assert_eq!(st.object("blob").unwrap(), &ObjectValue::Bytes(b"ab\0c\xff".to_vec()));
     assert_eq!(st.object("step").unwrap(), &ObjectValue::Int(-7));
     assert_eq!(st.object("lr").unwrap(), &ObjectValue::Float(0.125));
@@ -74,10 +75,10 @@ fn strided_views_and_boxes() {
             .unwrap()
         };
         st.add_tensor("wt", v).unwrap();
-        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+        save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
     }
     let expect = |i: usize, j: usize| base[j * 6 + i];
-    let ck = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let ck = Checkpoint::open(dir.s()).unwrap();
     let (dtype, shape, bytes) = ck.read_tensor("wt").unwrap();
     assert_eq!((dtype, shape.clone()), (DType::F32, vec![6, 4]));
     let full: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
@@ -115,23 +116,14 @@ fn overwrite_rules_and_missing_keys() {
     let mut st = State::new();
     st.add_tensor("a", TensorView::from_bytes(&mut a, DType::U8, &[8]).unwrap())
         .unwrap();
-    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
-    let e = save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap_err();
+    save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
+    let e = save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
     assert!(
-        e.message().contains("checkpoint already exists") && e.message().contains(dir.to_str().unwrap()),
+        e.message().contains("checkpoint already exists") && e.message().contains(dir.s()),
         "{e}"
     );
-    save(
-        &ctx,
-        &st,
-        dir.to_str().unwrap(),
-        &SaveOptions {
-            overwrite: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    save(&ctx, &st, dir.s(), &SaveOptions::default().overwrite(true)).unwrap();
     drop(st);
 
     let mut b = vec![0u8; 8];
@@ -141,19 +133,10 @@ fn overwrite_rules_and_missing_keys() {
         .unwrap();
     st.add_tensor("not_there", TensorView::from_bytes(&mut c, DType::U8, &[2]).unwrap())
         .unwrap();
-    let e = load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default()).unwrap_err();
+    let e = load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(e.message().contains("not_there"), "{e}");
-    let r = load(
-        &ctx,
-        &mut st,
-        dir.to_str().unwrap(),
-        &LoadOptions {
-            strict: false,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = load(&ctx, &mut st, dir.s(), &LoadOptions::default().strict(false)).unwrap();
     assert_eq!(r.missing, vec!["not_there".to_string()]);
     assert_eq!(st.missing(), ["not_there".to_string()]);
     drop(st);
@@ -169,16 +152,16 @@ fn damaged_checkpoints_are_refused() {
     let mut st = State::new();
     st.add_tensor("w", TensorView::from_bytes(&mut data, DType::U8, &[256, 256]).unwrap())
         .unwrap();
-    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
     drop(st);
-    let data_file = dir.join(file_starting(&dir, "__0_0_"));
+    let data_file = dir.join(file_starting(dir.path(), "__0_0_"));
     let pristine = std::fs::read(&data_file).unwrap();
     let try_load = || {
         let mut out = vec![0u8; 1 << 16];
         let mut st = State::new();
         st.add_tensor("w", TensorView::from_bytes(&mut out, DType::U8, &[256, 256]).unwrap())
             .unwrap();
-        load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default())
+        load(&ctx, &mut st, dir.s(), &LoadOptions::default())
     };
     try_load().unwrap();
     // A flipped byte in the payload.
@@ -205,7 +188,7 @@ fn damaged_checkpoints_are_refused() {
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
     // Without the sidecar, the pickle itself is garbled.
-    std::fs::remove_file(dir.join(file_starting(&dir, ".libdcp_"))).unwrap();
+    std::fs::remove_file(dir.join(file_starting(dir.path(), ".libdcp_"))).unwrap();
     let _ = try_load().unwrap_err();
     // No .metadata: not a committed checkpoint.
     std::fs::remove_file(&md).unwrap();
@@ -224,8 +207,7 @@ fn async_save_holds_the_values_at_the_call() {
     let expect_t: Vec<u16> = (0..8).flat_map(|j| (0..8).map(move |i| (i * 8 + j) as u16)).collect();
     let fut = {
         let mut st = State::new();
-        st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[1024, 1024]).unwrap())
-            .unwrap();
+        st.add_tensor("w", TensorView::from_slice(&w, &[1024, 1024]).unwrap()).unwrap();
         let t = unsafe {
             TensorView::from_raw(
                 strided.as_mut_ptr() as *mut u8,
@@ -239,7 +221,7 @@ fn async_save_holds_the_values_at_the_call() {
         };
         st.add_tensor("t", t).unwrap();
         st.add_int("step", 3).unwrap();
-        dcp::save_async(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap()
+        dcp::save_async(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap()
     };
     // The caller changes its tensors right away: the checkpoint keeps the old values.
     w.iter_mut().for_each(|x| *x = -1.0);
@@ -250,10 +232,7 @@ fn async_save_holds_the_values_at_the_call() {
         &ctx,
         &st,
         dir.join("other").to_str().unwrap(),
-        &SaveOptions {
-            wait_if_busy: false,
-            ..Default::default()
-        },
+        &SaveOptions::default().wait_if_busy(false),
     );
     match busy {
         Err(e) => assert_eq!(e.kind(), ErrorKind::Busy),
@@ -266,7 +245,7 @@ fn async_save_holds_the_values_at_the_call() {
     }
     let report = fut.wait().unwrap();
     assert!(report.blocked_seconds <= report.seconds);
-    let ck = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let ck = Checkpoint::open(dir.s()).unwrap();
     let (_, _, bytes) = ck.read_tensor("w").unwrap();
     let got: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(got, expect_w);
@@ -286,9 +265,9 @@ fn direct_io_modes_read_the_same_bytes() {
     let mut st = State::new();
     st.add_tensor("w", TensorView::from_bytes(&mut data, DType::U8, &[3, 1 << 20]).unwrap())
         .unwrap();
-    save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
     drop(st);
-    for mode in [dcp::engine::DirectIo::On, dcp::engine::DirectIo::Off, dcp::engine::DirectIo::Auto] {
+    for mode in [DirectIo::On, DirectIo::Off, DirectIo::Auto] {
         // A box (rows 1..3, a column range) and the whole tensor.
         let mut part = vec![0u8; 2 * 1000];
         let mut whole = vec![0u8; 3 << 20];
@@ -300,30 +279,12 @@ fn direct_io_modes_read_the_same_bytes() {
             &[1, 4097],
         )
         .unwrap();
-        load(
-            &ctx,
-            &mut st,
-            dir.to_str().unwrap(),
-            &LoadOptions {
-                direct_io: mode,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        load(&ctx, &mut st, dir.s(), &LoadOptions::default().direct_io(mode)).unwrap();
         drop(st);
         let mut st = State::new();
         st.add_tensor("w", TensorView::from_bytes(&mut whole, DType::U8, &[3, 1 << 20]).unwrap())
             .unwrap();
-        load(
-            &ctx,
-            &mut st,
-            dir.to_str().unwrap(),
-            &LoadOptions {
-                direct_io: mode,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        load(&ctx, &mut st, dir.s(), &LoadOptions::default().direct_io(mode)).unwrap();
         drop(st);
         assert_eq!(whole, data, "{mode:?}");
         for r in 0..2 {
@@ -359,4 +320,49 @@ fn file_starting(dir: &std::path::Path, prefix: &str) -> String {
         .collect();
     assert_eq!(names.len(), 1, "files starting with {prefix:?} in {}: {names:?}", dir.display());
     names.into_iter().next().unwrap()
+}
+
+#[test]
+fn typed_views_save_from_shared_slices_and_load_into_mutable_ones() {
+    let dir = tmp("typed");
+    let ctx = Context::local();
+    let w: Vec<f64> = (0..12).map(|i| i as f64 * -1.25).collect();
+    let ids: Vec<i64> = (0..5).map(|i| (i - 2) * 1_000_000_007).collect();
+    let bits: Vec<u8> = pattern(6, 1); // bfloat16 x 3: a dtype with no Rust element type
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice(&w, &[3, 4]).unwrap()).unwrap();
+    st.add_tensor("ids", TensorView::from_slice(&ids, &[5]).unwrap()).unwrap();
+    st.add_tensor("h", TensorView::from_bytes_ref(&bits, DType::BF16, &[3]).unwrap())
+        .unwrap();
+    save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
+
+    // Loading into the same read-only views is refused before anything is written.
+    let e = load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.message().contains("read-only"), "{e}");
+    assert!(e.key().is_some(), "{e:?}");
+    drop(st);
+
+    let mut w2 = vec![f64::NAN; 12];
+    let mut ids2 = vec![i64::MIN; 5];
+    let mut bits2 = vec![0xA5u8; 6];
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice_mut(&mut w2, &[3, 4]).unwrap()).unwrap();
+    st.add_tensor("ids", TensorView::from_slice_mut(&mut ids2, &[5]).unwrap()).unwrap();
+    st.add_tensor("h", TensorView::from_bytes(&mut bits2, DType::BF16, &[3]).unwrap())
+        .unwrap();
+    load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap();
+    drop(st);
+    let as_bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(as_bits(&w2), as_bits(&w));
+    assert_eq!(ids2, ids);
+    assert_eq!(bits2, bits);
+
+    // The element type is the dtype: an f32 view of an f64 key is a mismatch.
+    let mut wrong = vec![0f32; 12];
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice_mut(&mut wrong, &[3, 4]).unwrap())
+        .unwrap();
+    let e = load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
 }

@@ -11,23 +11,9 @@ use std::time::Duration;
 const ELEMS: usize = 64;
 const OUTSIDE_BYTES: &[u8] = b"bytes outside the checkpoint that no save may touch";
 
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("libdcp-special-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "common/tempdir.rs"]
+mod tempdir;
+use tempdir::TempDir as Scratch;
 
 fn pattern() -> Vec<u8> {
     (0..ELEMS * 4).map(|i| (i as u8).wrapping_mul(37).wrapping_add(11)).collect()
@@ -39,10 +25,7 @@ fn save_sample(dir: &Path, overwrite: bool) -> dcp::Result<()> {
     st.add_tensor("w", TensorView::from_bytes(&mut bytes, DType::F32, &[ELEMS as u64]).unwrap())
         .unwrap();
     st.add_int("step", 5).unwrap();
-    let opts = SaveOptions {
-        overwrite,
-        ..Default::default()
-    };
+    let opts = SaveOptions::default().overwrite(overwrite);
     save(&Context::local(), &st, dir.to_str().unwrap(), &opts).map(drop)
 }
 
@@ -76,6 +59,17 @@ fn data_file(dir: &Path) -> String {
         .filter(|n| n.starts_with("__0_0") && n.ends_with(".distcp"))
         .collect();
     assert_eq!(names.len(), 1, "one data file of rank 0 in {}: {names:?}", dir.display());
+    names.pop().unwrap()
+}
+
+/// The one file of `dir` whose name starts with `prefix`.
+fn file_starting(dir: &Path, prefix: &str) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    assert_eq!(names.len(), 1, "files starting with {prefix:?} in {}: {names:?}", dir.display());
     names.pop().unwrap()
 }
 
@@ -122,19 +116,20 @@ fn assert_names(what: &str, err: &str, name: &str, with: Replacement) {
 
 fn check_refused(target: &str) {
     for with in [Replacement::Fifo, Replacement::LinkToCopy] {
-        let scratch = Scratch::new(&format!("{}-{with:?}", target.trim_start_matches('.')));
-        let dir = scratch.0.join("ck");
+        let scratch = Scratch::new(&format!("special-{}-{with:?}", target.trim_start_matches('.')));
+        let dir = scratch.join("ck");
         save_sample(&dir, false).unwrap();
         let location = dir.to_str().unwrap().to_string();
         assert_eq!(load_sample(&location).unwrap(), pattern(), "the intact checkpoint loads");
         let name = match target {
             "data" => data_file(&dir),
             "sidecar" => {
-                dcp::engine::layout::sidecar_candidates(&dcp::engine::Checkpoint::open(&location).unwrap().metadata().clone())[0].clone()
+                // The save's own sidecar, `.libdcp_{token}` (the only one in a fresh directory).
+                file_starting(&dir, ".libdcp_")
             }
             _ => target.to_string(),
         };
-        let copy = scratch.0.join("copy-outside");
+        let copy = scratch.join("copy-outside");
         replace(&dir, &name, with, &copy);
         let copied = std::fs::read(&copy).unwrap();
 
@@ -150,7 +145,7 @@ fn check_refused(target: &str) {
         assert_names("Checkpoint::open + read_tensor", err.message(), &name, with);
 
         let loc = location.clone();
-        let report = within_5s("verify", move || dcp::engine::verify::verify(&loc)).unwrap();
+        let report = within_5s("verify", move || dcp::verify(&loc)).unwrap();
         assert!(!report.is_ok(), "verify with {with:?} at {name} passes");
         let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
         assert!(
@@ -184,7 +179,7 @@ fn plant_links(scratch: &Scratch, dir: &Path) -> Vec<PathBuf> {
     BAIT.iter()
         .enumerate()
         .map(|(i, name)| {
-            let target = scratch.0.join(format!("outside-{i}"));
+            let target = scratch.join(format!("outside-{i}"));
             std::fs::write(&target, OUTSIDE_BYTES).unwrap();
             let link = dir.join(name);
             let _ = std::fs::remove_file(&link);
@@ -207,7 +202,7 @@ fn check_not_written_through(scratch: &Scratch, dir: &Path, targets: &[PathBuf],
             t.display()
         );
     }
-    let entries: Vec<String> = std::fs::read_dir(&scratch.0)
+    let entries: Vec<String> = std::fs::read_dir(scratch.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -227,8 +222,8 @@ fn check_not_written_through(scratch: &Scratch, dir: &Path, targets: &[PathBuf],
 
 #[test]
 fn save_into_a_directory_of_links_does_not_write_through_them() {
-    let scratch = Scratch::new("links-new");
-    let dir = scratch.0.join("ck");
+    let scratch = Scratch::new("special-links-new");
+    let dir = scratch.join("ck");
     std::fs::create_dir_all(&dir).unwrap();
     let targets = plant_links(&scratch, &dir);
     check_not_written_through(&scratch, &dir, &targets, false);
@@ -236,12 +231,12 @@ fn save_into_a_directory_of_links_does_not_write_through_them() {
 
 #[test]
 fn overwrite_beside_links_does_not_write_through_them() {
-    let scratch = Scratch::new("links-over");
-    let dir = scratch.0.join("ck");
+    let scratch = Scratch::new("special-links-over");
+    let dir = scratch.join("ck");
     save_sample(&dir, false).unwrap();
     let mut targets = Vec::new();
     for (i, name) in BAIT.iter().enumerate().skip(1) {
-        let target = scratch.0.join(format!("outside-{i}"));
+        let target = scratch.join(format!("outside-{i}"));
         std::fs::write(&target, OUTSIDE_BYTES).unwrap();
         std::os::unix::fs::symlink(&target, dir.join(name)).unwrap();
         targets.push(target);

@@ -3,9 +3,9 @@
 //! the same planning and item reading as `dcp_load`) and reported by `verify`. Then pickles that
 //! name callables outside torch's checkpoint classes: notes, failures under `strict_pickles`.
 
-use dcp::engine::verify::{verify, verify_with_options, VerifyOptions, VerifyReport};
 use dcp::format::metadata::{default_path, EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use dcp::format::zipitem::{self, TensorItemLayout};
+use dcp::{verify, verify_with_options, VerifyOptions, VerifyReport};
 use dcp::{Checkpoint, DType, ErrorKind, ObjectValue, Region};
 use std::path::{Path, PathBuf};
 
@@ -342,7 +342,7 @@ fn pickles_naming_callables_are_reported() {
         assert!(notes[0].contains("key \"evil\"") && notes[0].contains(FILE), "{}", notes[0]);
         assert_eq!(rep.notes.len(), 1, "{:?}", rep.notes);
 
-        let strict = verify_with_options(d.s(), &VerifyOptions { strict_pickles: true }, &mut |_, _| {}).unwrap();
+        let strict = verify_with_options(d.s(), &VerifyOptions::default().strict_pickles(true), &mut |_, _| {}).unwrap();
         assert_reported(&strict, "evil", &[callable, "pickle.load"]);
         assert_eq!(strict.problems.len(), 1, "{:?}", strict.problems);
     }
