@@ -20,8 +20,11 @@ use dcp::plan::save::{GlobalPlan, LocalItem, LocalKind, LocalPlan, Plans};
 use dcp::region::Region;
 use dcp::{DType, State, TensorView};
 
+/// A fuzz target: its name and the function that runs one input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The targets, by name (the names of `fuzz/fuzz_targets/*.rs` and of `fuzz/corpus/*`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("pickle", pickle_parse),
     ("metadata", metadata_decode),
     ("zipitem", zip_item),

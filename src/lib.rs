@@ -59,7 +59,8 @@ pub mod comm;
 #[allow(missing_docs)]
 pub mod storage;
 
-internal_mod!(cuda, engine, error, mesh, plan, region, state, tensor);
+mod cuda;
+internal_mod!(engine, error, mesh, plan, region, state, tensor);
 
 /// Formats. Hidden: only the JSON and safetensors helpers of the `dcp` tool in this package are
 /// reachable (the rest under the `internals` feature).

@@ -26,6 +26,9 @@ pub struct Sharding {
     pub placements: Vec<Placement>,
 }
 
+// Entries live in one Vec per state, a few thousand at most: boxing the tensor would add an
+// allocation per key to save memory nobody misses.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum EntryValue<'a> {
     Tensor(TensorEntry<'a>),
@@ -275,7 +278,6 @@ impl<'a> State<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::DType;
 
     #[test]
     fn duplicate_and_bad_keys() {
@@ -287,19 +289,33 @@ mod tests {
     }
 
     #[test]
+    fn cuda_tensors_are_refused_cleanly_without_a_driver() {
+        if crate::cuda::available() {
+            return; // covered by tests/gpu on machines with a GPU
+        }
+        let mut buf = vec![0u8; 16];
+        let mut st = State::new();
+        st.add_tensor("g", TensorView::from_bytes(&mut buf, crate::DType::F32, &[4]).unwrap())
+            .unwrap();
+        let e = st.set_cuda("g", 0, 0).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{e}");
+        assert!(e.message().contains("CUDA"), "{e}");
+    }
+
+    #[test]
     fn chunk_must_fit() {
-        let mut buf = vec![0f32; 4];
+        let buf = vec![0f32; 4];
         let mut s = State::new();
-        let v = TensorView::from_slice(&mut buf, DType::F32, &[2, 2]).unwrap();
+        let v = TensorView::from_slice(&buf, &[2, 2]).unwrap();
         let e = s.add_tensor_chunk("w", v, &[3, 2], &[2, 0]).unwrap_err();
         assert!(e.message().contains("exceeds"), "{e}");
     }
 
     #[test]
     fn region_shape_mismatch_names_both_shapes() {
-        let mut buf = vec![0f32; 4];
+        let buf = vec![0f32; 4];
         let mut s = State::new();
-        let v = TensorView::from_slice(&mut buf, DType::F32, &[2, 2]).unwrap();
+        let v = TensorView::from_slice(&buf, &[2, 2]).unwrap();
         let e = s
             .add_tensor_region(
                 "w",

@@ -220,7 +220,7 @@ pub fn contiguous_strides(sizes: &[u64]) -> Vec<u64> {
 
 /// Bytes spanned by a strided layout: one past the furthest element, or 0 if it has no elements.
 pub fn strided_extent_bytes(sizes: &[u64], strides: &[u64], elem: usize) -> Result<u64> {
-    if sizes.iter().any(|&s| s == 0) {
+    if sizes.contains(&0) {
         return Ok(0);
     }
     let mut last = 0u64;

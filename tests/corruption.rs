@@ -109,6 +109,9 @@ fn sub_box(data: &[u8], shape: &[u64], elem: usize, offsets: &[u64], sizes: &[u6
 
 /// Saves the checkpoint with two ranks (threads over the TCP rendezvous), so tensors have
 /// several chunks in two files.
+/// A rank's part of a key: the key's index, the part's offsets and sizes, and its bytes.
+type Piece = (usize, Vec<u64>, Vec<u64>, Vec<u8>);
+
 fn save_fixture(dir: &Path, keys: &[Key]) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::thread::scope(|s| {
@@ -117,7 +120,7 @@ fn save_fixture(dir: &Path, keys: &[Key]) {
                 let ctx = Context::with_communicator(Box::new(
                     TcpComm::connect(rank, 2, "127.0.0.1", port, Duration::from_secs(30)).unwrap(),
                 ));
-                let mut pieces: Vec<(usize, Vec<u64>, Vec<u64>, Vec<u8>)> = keys
+                let mut pieces: Vec<Piece> = keys
                     .iter()
                     .enumerate()
                     .map(|(i, k)| {

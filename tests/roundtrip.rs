@@ -297,20 +297,6 @@ fn direct_io_modes_read_the_same_bytes() {
     }
 }
 
-#[test]
-fn cuda_tensors_are_refused_cleanly_without_a_driver() {
-    if dcp::cuda::available() {
-        return; // covered by tests/gpu on machines with a GPU
-    }
-    let mut buf = vec![0u8; 16];
-    let mut st = State::new();
-    st.add_tensor("g", TensorView::from_bytes(&mut buf, DType::F32, &[4]).unwrap())
-        .unwrap();
-    let e = st.set_cuda("g", 0, 0).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
-    assert!(e.message().contains("CUDA"), "{e}");
-}
-
 /// The one file of `dir` whose name starts with `prefix` (file names carry a per-save token).
 fn file_starting(dir: &std::path::Path, prefix: &str) -> String {
     let names: Vec<String> = std::fs::read_dir(dir)

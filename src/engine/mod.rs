@@ -6,7 +6,7 @@ pub mod future;
 pub mod layout;
 pub mod load;
 pub mod save;
-pub mod staging;
+pub(crate) mod staging;
 pub mod verify;
 mod wire;
 mod workers;

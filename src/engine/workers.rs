@@ -37,7 +37,7 @@ where
         Ok(())
     };
     let started: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(&worker)).collect();
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
         handles
             .into_iter()
             .map(|h| {

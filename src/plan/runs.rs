@@ -77,7 +77,7 @@ pub struct BoxRuns {
 impl BoxRuns {
     /// `sizes` of the box; byte strides on each side; byte offsets of the box's first element.
     pub fn new(sizes: &[u64], a_strides: &[u64], b_strides: &[u64], a_base: u64, b_base: u64, elem: u64) -> BoxRuns {
-        let empty = sizes.iter().any(|&s| s == 0);
+        let empty = sizes.contains(&0);
         let mut dims: Vec<(u64, u64, u64)> = sizes
             .iter()
             .zip(a_strides)

@@ -587,7 +587,10 @@ fn sharding_of<'p>(k: &'p LocalKind, plan: &'p LocalPlan) -> Option<(&'p DeviceM
     }
 }
 
-fn uniform_sharding<'p>(specs: &[(u32, Option<(&'p DeviceMesh, &'p [Placement])>)]) -> Option<(&'p DeviceMesh, &'p [Placement])> {
+/// A mesh and the placements of a tensor on it.
+type ShardingRef<'p> = (&'p DeviceMesh, &'p [Placement]);
+
+fn uniform_sharding<'p>(specs: &[(u32, Option<ShardingRef<'p>>)]) -> Option<ShardingRef<'p>> {
     let first = specs.first()?.1?;
     specs.iter().all(|(_, s)| *s == Some(first)).then_some(first)
 }

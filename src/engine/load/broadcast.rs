@@ -162,7 +162,7 @@ pub(crate) fn arrange(comm: &dyn Communicator, state: &State, plan: Option<&mut 
 
 /// The context's NCCL communicator over the whole job, made on first use (collective).
 pub(crate) fn world_comm(cell: &Mutex<Option<Arc<nccl::Comm>>>, comm: &dyn Communicator, device: i32) -> Result<Arc<nccl::Comm>> {
-    let mut g = crate::error::lock(&cell);
+    let mut g = crate::error::lock(cell);
     if let Some(c) = g.as_ref() {
         return Ok(c.clone());
     }
