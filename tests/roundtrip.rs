@@ -170,14 +170,20 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(&data_file, &m).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
+    let file_name = data_file.file_name().unwrap().to_str().unwrap();
+    assert!(e.message().contains("\"w\"") && e.message().contains(file_name), "{e}");
+    // The same, structured: the key, the file, and where in it the bad bytes are.
+    assert_eq!((e.key(), e.file()), (Some("w"), Some(file_name)), "{e:?}");
+    let at = e.offset().expect("a checksum error names its offset");
     assert!(
-        e.message().contains("\"w\"") && e.message().contains(data_file.file_name().unwrap().to_str().unwrap()),
-        "{e}"
+        at <= 4096 + 1000 && 4096 + 1000 < at + (1 << 16),
+        "offset {at} does not cover the flipped byte: {e}"
     );
     // A truncated data file.
     std::fs::write(&data_file, &pristine[..pristine.len() / 2]).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(e.file(), Some(file_name), "{e:?}");
     std::fs::write(&data_file, &pristine).unwrap();
     // A garbled .metadata.
     let md = dir.join(".metadata");

@@ -140,9 +140,10 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Vec<u8>> {
                     storage.describe(""),
                     storage.describe(METADATA_FILE)
                 )
-            }))
+            })
+            .with_file(METADATA_FILE))
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.with_file(METADATA_FILE)),
     }
 }
 
@@ -153,7 +154,7 @@ pub fn read_sidecar(storage: &dyn Storage, md: &Metadata) -> Result<Option<(Stri
         match storage.read_all(&name) {
             Ok(b) => return Ok(Some((name, b))),
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.with_file(name)),
         }
     }
     Ok(None)
@@ -204,14 +205,15 @@ pub fn damaged_metadata(storage: &dyn Storage, md: &[u8]) -> Option<Error> {
                     sc.metadata_len,
                     sc.metadata_crc32
                 ),
-            ));
+            )
+            .with_file(METADATA_FILE));
         }
     }
     None
 }
 
 fn decode_metadata(storage: &dyn Storage, md: &[u8]) -> Result<Metadata> {
-    Metadata::decode(md, &storage.describe(METADATA_FILE))
+    Metadata::decode(md, &storage.describe(METADATA_FILE)).map_err(|e| e.with_file(METADATA_FILE))
 }
 
 /// Decodes the sidecar and checks it against the metadata: same bytes (CRC), and every file it
@@ -224,7 +226,7 @@ fn finish_open(storage: &dyn Storage, raw: &RawCheckpoint, metadata: Metadata) -
             Ok(s) => Some(s),
             // Written by a newer libdcp: fall back to the zip CRCs.
             Err(e) if e.kind() == ErrorKind::Unsupported => None,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.with_file(name.as_str())),
         },
     };
     if let (Some(s), Some((name, _))) = (&sidecar, &raw.sidecar) {
@@ -237,7 +239,8 @@ fn finish_open(storage: &dyn Storage, raw: &RawCheckpoint, metadata: Metadata) -
                     s.metadata_len,
                     s.metadata_crc32
                 ),
-            ));
+            )
+            .with_file(METADATA_FILE));
         }
         let referenced: HashSet<&str> = metadata.storage.iter().map(|(_, i)| i.relative_path.as_str()).collect();
         if let Some(f) = s.files.iter().find(|f| !referenced.contains(f.name.as_str())) {
@@ -245,7 +248,8 @@ fn finish_open(storage: &dyn Storage, raw: &RawCheckpoint, metadata: Metadata) -
                 "{}: records data file {:?}, which {md_what} does not reference (a forged or mismatched sidecar)",
                 storage.describe(name),
                 f.name
-            )));
+            ))
+            .with_file(name.as_str()));
         }
     }
     let lookup = metadata.index();
@@ -336,14 +340,15 @@ pub fn commit(
         for f in files {
             let h = storage
                 .open_read(f.name)
-                .map_err(|e| e.context(format!("data file {} vanished before the commit", storage.describe(f.name))))?;
+                .map_err(|e| e.context(format!("data file {} vanished before the commit", storage.describe(f.name))).with_file(f.name))?;
             if h.len() != f.len {
                 return Err(Error::corrupt(format!(
                     "data file {} has {} bytes at the commit, but {} were written (another process changed it)",
                     storage.describe(f.name),
                     h.len(),
                     f.len
-                )));
+                ))
+                .with_file(f.name));
             }
         }
         storage.put_atomic(&sc_name, sidecar_bytes)?;

@@ -500,7 +500,12 @@ pub fn local_data_offset(header: &[u8], entry: &ZipEntry, len: u64, what: &str) 
 
 /// Random access to one item's bytes (offsets relative to the item's start).
 pub trait ItemSource {
+    /// `len` bytes at `offset` of the item.
     fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Where the item starts in its file: errors name file offsets.
+    fn item_start(&self) -> u64 {
+        0
+    }
 }
 
 /// What a tensor item holds, decoded from its `data.pkl`.
@@ -530,6 +535,9 @@ pub enum ItemContent {
 pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemContent> {
     const WHOLE: u64 = 256 * 1024;
     const EDGE: u64 = 64 * 1024;
+    let base = src.item_start();
+    // An error about the item's bytes at `off` names their offset in the file.
+    let at = |off: u64| move |e: Error| e.with_offset(base.saturating_add(off));
     let head = src.read_item_range(0, len.min(if len <= WHOLE { WHOLE } else { EDGE }) as usize)?;
     let tail_len = if len <= WHOLE { len } else { EDGE };
     let tail_owned;
@@ -544,7 +552,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     let fetch = |off: u64, n: u64| -> Result<Vec<u8>> {
         ensure!(
             off.checked_add(n).is_some_and(|e| e <= len),
-            Error::corrupt(format!("{what}: range {off}+{n} outside the {len}-byte item"))
+            Error::corrupt(format!("{what}: range {off}+{n} outside the {len}-byte item")).with_offset(base.saturating_add(off))
         );
         if off + n <= head.len() as u64 {
             return Ok(head[off as usize..(off + n) as usize].to_vec());
@@ -567,7 +575,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         }
     })?;
     let cd = fetch(loc.offset, loc.size)?;
-    let entries = parse_central_directory(&cd, loc, len, what)?;
+    let entries = parse_central_directory(&cd, loc, len, what).map_err(at(loc.offset))?;
     let pkl = entries
         .iter()
         .find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl")
@@ -582,7 +590,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         Error::corrupt(format!("{what}: data.pkl of {} bytes", pkl.size))
     );
     let lh = fetch(pkl.header_offset, LOCAL_HEADER_LEN.min(len - pkl.header_offset))?;
-    let pkl_off = local_data_offset(&lh, pkl, len, what)?;
+    let pkl_off = local_data_offset(&lh, pkl, len, what).map_err(at(pkl.header_offset))?;
     let pkl_bytes = fetch(pkl_off, pkl.size)?;
     let crc = crc32fast::hash(&pkl_bytes);
     ensure!(
@@ -594,13 +602,14 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
                 pkl.crc
             )
         )
+        .with_offset(base.saturating_add(pkl_off))
     );
-    let graph = pickle::parse(&pkl_bytes, what)?;
+    let graph = pickle::parse(&pkl_bytes, what).map_err(at(pkl_off))?;
     let (func, args) = match graph.as_call(graph.root) {
         Some(((module, func), args, _)) if module == "torch._utils" && func.starts_with("_rebuild_tensor") => (func, args),
         _ => return Ok(ItemContent::Object(ObjectValue::from_graph(&graph, &pkl_bytes))),
     };
-    let bad = |m: &str| Error::corrupt(format!("{what}: tensor pickle: {m}"));
+    let bad = |m: &str| Error::corrupt(format!("{what}: tensor pickle: {m}")).with_offset(base.saturating_add(pkl_off));
     let args = graph.as_seq(args).ok_or_else(|| bad("arguments are not a tuple"))?;
     ensure!(args.len() >= 4, bad("too few arguments"));
     let pid = match graph.node(args[0]) {
@@ -620,7 +629,8 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
     let dtype = if func == "_rebuild_tensor_v3" {
         let d = args.get(6).ok_or_else(|| bad("_rebuild_tensor_v3 without a dtype"))?;
         let (_, name) = graph.as_global(*d).ok_or_else(|| bad("dtype is not a global"))?;
-        DType::from_torch_name(name).ok_or_else(|| Error::unsupported(format!("{what}: dtype torch.{name} is not supported")))?
+        DType::from_torch_name(name)
+            .ok_or_else(|| Error::unsupported(format!("{what}: dtype torch.{name} is not supported")).with_offset(base.saturating_add(pkl_off)))?
     } else {
         DType::from_storage_name(storage_class)
             .ok_or_else(|| Error::unsupported(format!("{what}: storage type torch.{storage_class} is not supported")))?
@@ -643,7 +653,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         ))
     );
     let lh = fetch(st.header_offset, LOCAL_HEADER_LEN.min(len - st.header_offset))?;
-    let data_offset = local_data_offset(&lh, st, len, what)?;
+    let data_offset = local_data_offset(&lh, st, len, what).map_err(at(st.header_offset))?;
     let extent = crate::tensor::strided_extent_bytes(&sizes, &strides, dtype.size())?;
     let offset_bytes = storage_offset
         .checked_mul(dtype.size() as u64)
@@ -740,6 +750,36 @@ mod tests {
             m[i] ^= 0xff;
             let _ = read_item(&Mem(m), item.len() as u64, "t");
         }
+    }
+
+    /// An item 1000 bytes into its file.
+    struct At1000(Vec<u8>);
+    impl ItemSource for At1000 {
+        fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+            Ok(self.0[offset as usize..offset as usize + len].to_vec())
+        }
+        fn item_start(&self) -> u64 {
+            1000
+        }
+    }
+
+    #[test]
+    fn a_damaged_pickle_error_names_its_file_offset() {
+        let item = build_tensor(DType::F32, &[4], 0, &[0u8; 16]);
+        let src = Mem(item.clone());
+        let ItemContent::Tensor(_) = read_item(&src, item.len() as u64, "t").unwrap() else {
+            panic!("not a tensor item")
+        };
+        // A byte inside the pickle: after the data.pkl record's name, past its PROTO opcode.
+        let name = rec("data.pkl");
+        let after = item.windows(name.len()).position(|w| w == name.as_bytes()).expect("the data.pkl header") + name.len();
+        let proto = after + item[after..].windows(2).position(|w| w == [0x80, 0x02]).expect("the pickle's PROTO opcode");
+        let mut m = item.clone();
+        m[proto + 3] ^= 0xff;
+        let e = read_item(&At1000(m), item.len() as u64, "t").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Checksum, "{e}");
+        let off = e.offset().expect("a data.pkl checksum error names its offset");
+        assert!((1000..1000 + item.len() as u64).contains(&off), "{e}: offset {off}");
     }
 
     #[test]

@@ -75,6 +75,9 @@ impl ItemSource for ItemSlice<'_> {
     fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.file.read_vec(self.info.offset + offset, len)
     }
+    fn item_start(&self) -> u64 {
+        self.info.offset
+    }
 }
 
 fn item_what(files: &Files, fqn: &str, info: &StorageInfo) -> String {
@@ -85,8 +88,18 @@ fn item_what(files: &Files, fqn: &str, info: &StorageInfo) -> String {
     )
 }
 
+/// An error about the item `info` of `fqn`, with its key, file and item offset (unless the error
+/// already names a more precise one).
+fn at_item(e: Error, fqn: &str, info: &StorageInfo) -> Error {
+    e.with_key(fqn).with_file(info.relative_path.as_str()).with_offset(info.offset)
+}
+
 /// Reads the item of a non-tensor entry.
 pub fn read_object(files: &Files, fqn: &str, info: &StorageInfo) -> Result<crate::format::pyobj::ObjectValue> {
+    read_object_item(files, fqn, info).map_err(|e| at_item(e, fqn, info))
+}
+
+fn read_object_item(files: &Files, fqn: &str, info: &StorageInfo) -> Result<crate::format::pyobj::ObjectValue> {
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
     check_item_bounds(file.as_ref(), info, &what)?;
@@ -356,6 +369,17 @@ pub(crate) fn read_chunk(
     info: &StorageInfo,
     targets: &[Target],
 ) -> Result<()> {
+    read_chunk_item(rd, sidecar_blocks, fqn, chunk, info, targets).map_err(|e| at_item(e, fqn, info))
+}
+
+fn read_chunk_item(
+    rd: &mut Reader,
+    sidecar_blocks: Option<(&BlockRecord, u64)>,
+    fqn: &str,
+    chunk: &Region,
+    info: &StorageInfo,
+    targets: &[Target],
+) -> Result<()> {
     let files = rd.files;
     let file = files.get(&info.relative_path)?;
     let what = item_what(files, fqn, info);
@@ -463,6 +487,7 @@ fn checksum_error(what: &str, at: u64, len: u64, got: u32, expected: u32) -> Err
             at + len
         ),
     )
+    .with_offset(at)
 }
 
 /// Verifies `data`, which holds payload bytes from `off`: whole-record CRC (only when `data` is

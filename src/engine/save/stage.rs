@@ -75,7 +75,7 @@ fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::stat
     let mut used = Vec::new();
     let mut host = Vec::new();
     for ((entry, t), dst) in tensors.iter().zip(slots.iter_mut()) {
-        let key = |e: Error| e.context(format!("key {:?}", entry.fqn));
+        let key = |e: Error| e.context(format!("key {:?}", entry.fqn)).with_key(entry.fqn.as_str());
         match t.view.device() {
             Device::Cuda(ordinal) if t.view.is_contiguous() => {
                 let s = streams.get(ordinal, t.view.stream())?;

@@ -7,7 +7,7 @@
 use crate::cuda;
 use crate::engine::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, ALIGN};
 use crate::engine::workers::for_each_parallel;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{BlockHasher, BLOCK_SIZE};
 use crate::format::zipitem::{self, TensorItemLayout, RECORD_ALIGN};
@@ -284,15 +284,16 @@ pub fn write_files(
 }
 
 fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, pool: &Mutex<StagingPool>) -> Result<(u64, Vec<ItemWritten>)> {
-    let handle = storage.create(&file.name, opts.direct)?;
+    let in_file = |e: Error| e.with_file(file.name.as_str());
+    let handle = storage.create(&file.name, opts.direct).map_err(in_file)?;
     let buffer_bytes = opts.buffer_bytes.max(ALIGN).next_multiple_of(ALIGN);
     let pinned = first_cuda_device(file.items.iter().filter_map(|i| match &i.body {
         ItemBody::Tensor { view, .. } => Some(*view),
         ItemBody::Object(_) => None,
     }));
-    let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool)?;
-    handle.set_len(file.len)?;
-    handle.sync()?;
+    let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool).map_err(in_file)?;
+    handle.set_len(file.len).map_err(in_file)?;
+    handle.sync().map_err(in_file)?;
     Ok((file.len, written))
 }
 
@@ -314,15 +315,16 @@ fn write_items(
     let mut streams = DeviceStreams::default();
     let mut out = Vec::with_capacity(items.len());
     for item in items {
+        let at_item = |e: Error| e.with_key(item.fqn).with_file(file).with_offset(item.offset);
         w.zeros_to(item.offset)?;
         let mut block = None;
         match &item.body {
-            ItemBody::Object(bytes) => w.put(bytes)?,
+            ItemBody::Object(bytes) => w.put(bytes).map_err(at_item)?,
             ItemBody::Tensor { view, layout } => {
-                w.put(&layout.prefix)?;
+                w.put(&layout.prefix).map_err(at_item)?;
                 let payload_offset = w.pos();
-                let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool)?;
-                w.put(&layout.trailer(crc))?;
+                let (crc, blocks) = write_payload(&mut w, view, layout.payload_len, &mut streams, pool).map_err(at_item)?;
+                w.put(&layout.trailer(crc)).map_err(at_item)?;
                 block = blocks.map(|crcs| PayloadBlocks {
                     payload_offset,
                     payload_len: layout.payload_len,
