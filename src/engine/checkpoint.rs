@@ -185,4 +185,12 @@ impl Checkpoint {
             .ok_or_else(|| Error::corrupt(format!("key {fqn:?} has no storage entry")))?;
         read_object(&self.files, fqn, info)
     }
+
+    /// The checks of [`verify`](crate::verify) for the items of key `fqn` only: zip structure,
+    /// every record's CRC-32, the sidecar's block CRCs, and what each item holds. Empty when all
+    /// hold. For reading a key without the reader's own CRC checks (a large tensor read in
+    /// pieces, each of which would otherwise check its whole chunk): its bytes are checked once.
+    pub fn verify_key(&self, fqn: &str) -> Vec<super::verify::Problem> {
+        super::verify::verify_key(self.storage(), self.metadata(), self.sidecar(), fqn)
+    }
 }

@@ -3,7 +3,6 @@
 //! file's length) before anything is read, and then at most [`PIECE_BYTES`] are in memory at a
 //! time, whatever the claim.
 
-use dcp::engine::verify::verify_key;
 use dcp::{Checkpoint, DType, KeyInfo, TensorView};
 use std::collections::HashMap;
 
@@ -155,7 +154,7 @@ impl<'c> TensorStream<'c> {
         };
         let verify_pieces = nbytes <= piece_bytes() || k.chunks.iter().all(has_blocks);
         if !verify_pieces {
-            if let Some(p) = verify_key(ck.storage(), ck.metadata(), ck.sidecar(), fqn).first() {
+            if let Some(p) = ck.verify_key(fqn).first() {
                 return Err(p.to_string());
             }
         }
