@@ -64,9 +64,7 @@ fn without_comments(src: &str) -> String {
     let mut chars = src.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
-            '/' if chars.peek() == Some(&'/') => {
-                while chars.next_if(|&n| n != '\n').is_some() {}
-            }
+            '/' if chars.peek() == Some(&'/') => while chars.next_if(|&n| n != '\n').is_some() {},
             '/' if chars.peek() == Some(&'*') => {
                 chars.next();
                 let mut prev = ' ';
