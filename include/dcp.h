@@ -10,8 +10,11 @@
  *   matching dcp_*_free; freeing NULL is a no-op.
  * - Enum arguments are int32_t holding the enum's values; unknown values give
  *   DCP_ERROR_INVALID_ARGUMENT.
- * - Collective functions (dcp_save, dcp_load) must be called by every rank of the
+ * - Collective functions (dcp_save, dcp_save_async, dcp_load, dcp_context_barrier,
+ *   dcp_context_new_tcp, dcp_context_new_from_env) must be called by every rank of the
  *   context's job, in the same order. Everything else is local.
+ * - Each function's comment says who owns what it returns and what may run
+ *   concurrently; dcp_last_error() is per thread.
  * - No panic crosses this boundary: internal failures return DCP_ERROR_INTERNAL.
  */
 
@@ -191,7 +194,9 @@ typedef struct dcp_context dcp_context;
 typedef struct dcp_future dcp_future;
 
 /**
- * Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads.
+ * Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads,
+ * direct I/O AUTO, broadcast of replicated boxes on. Thread safety: not shared; one thread at
+ * a time.
  */
 typedef struct dcp_load_options dcp_load_options;
 
@@ -275,50 +280,54 @@ extern "C" {
 /**
  * The message of the last failed call on this thread ("" if none). The pointer stays valid
  * until the next failing libdcp call on the same thread. Never NULL. Thread safety: per thread.
+ * Not collective.
  */
 const char *dcp_last_error(void);
 
 /**
- * The library version, e.g. "0.1.0". A static string; never NULL.
+ * The library version, e.g. "0.1.0". A static string; never NULL. Not collective; thread-safe.
  */
 const char *dcp_version(void);
 
 /**
  * A static name for a status value ("DCP_OK", "DCP_ERROR_IO", ...; "DCP_UNKNOWN_STATUS" for
- * values this version does not define). Never NULL.
+ * values this version does not define). Never NULL. Not collective; thread-safe.
  */
 const char *dcp_status_name(int32_t status);
 
 /**
  * Opens the checkpoint at `path` for inspection (reads and checks `.metadata` and the
- * sidecar). Not collective. `*out` is owned by the caller; free it with
+ * sidecar). Not collective; thread-safe. `*out` is owned by the caller; free it with
  * `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`.
  */
 dcp_status dcp_checkpoint_open(const char *path, dcp_checkpoint **out);
 
 /**
- * Frees an open checkpoint. NULL is a no-op.
+ * Frees an open checkpoint, and with it every pointer its functions returned. NULL is a
+ * no-op. Must not race with other calls on the checkpoint. Not collective.
  */
 void dcp_checkpoint_free(dcp_checkpoint *ckpt);
 
 /**
- * Number of keys.
+ * Number of keys. Not collective; thread-safe.
  */
 dcp_status dcp_checkpoint_num_keys(const dcp_checkpoint *ckpt, size_t *n);
 
 /**
- * Describes key number `index` (0-based, in the checkpoint's order).
+ * Describes key number `index` (0-based, in the checkpoint's order). The pointers in `*info`
+ * are owned by the checkpoint. Not collective; thread-safe.
  */
 dcp_status dcp_checkpoint_key(const dcp_checkpoint *ckpt, size_t index, dcp_key_info *info);
 
 /**
- * Finds a key's index. A key that is not there gives `DCP_ERROR_NOT_FOUND`.
+ * Finds a key's index. A key that is not there gives `DCP_ERROR_NOT_FOUND`. Not collective;
+ * thread-safe.
  */
 dcp_status dcp_checkpoint_find(const dcp_checkpoint *ckpt, const char *fqn, size_t *index);
 
 /**
  * The offsets and sizes (each `ndim` entries, valid until the checkpoint is freed) of saved
- * chunk `chunk` of key `key`.
+ * chunk `chunk` of key `key`. Not collective; thread-safe.
  */
 dcp_status dcp_checkpoint_chunk(const dcp_checkpoint *ckpt,
                                 size_t key,
@@ -330,7 +339,8 @@ dcp_status dcp_checkpoint_chunk(const dcp_checkpoint *ckpt,
  * Reads a box of tensor `fqn` into `dst`, with no registration: the box starts at `offsets`
  * and has `sizes` (each `ndim` entries, which must equal the tensor's rank; both NULL: the
  * whole tensor). `dst` receives the elements in the saved dtype, laid out with `strides`
- * (elements; NULL: contiguous) within `dst_nbytes` bytes. CRC-32s are verified.
+ * (elements; NULL: contiguous) within `dst_nbytes` bytes. CRC-32s are verified. Not
+ * collective; thread-safe (concurrent reads into disjoint buffers).
  */
 dcp_status dcp_checkpoint_read_tensor(const dcp_checkpoint *ckpt,
                                       const char *fqn,
@@ -342,9 +352,15 @@ dcp_status dcp_checkpoint_read_tensor(const dcp_checkpoint *ckpt,
                                       uint64_t dst_nbytes);
 
 /**
+ * The kind (`dcp_value_kind`) of a non-tensor value, as `dcp_state_value_kind` reports it
+ * after a load. Not collective; thread-safe.
+ */
+dcp_status dcp_checkpoint_value_kind(const dcp_checkpoint *ckpt, const char *fqn, int32_t *kind);
+
+/**
  * Reads a non-tensor value as in `dcp_state_get_bytes`: raw bytes for a bytes value, the
  * pickle (data.pkl) for any other object, with the `dcp_value_kind` in `*kind` (may be NULL)
- * and a size query through `*len`.
+ * and a size query through `*len`. Not collective; thread-safe.
  */
 dcp_status dcp_checkpoint_read_bytes(const dcp_checkpoint *ckpt,
                                      const char *fqn,
@@ -354,17 +370,46 @@ dcp_status dcp_checkpoint_read_bytes(const dcp_checkpoint *ckpt,
                                      int32_t *kind);
 
 /**
- * Reads an int value (a float with an integral value converts).
+ * Reads an int value (a float with an integral value converts), as `dcp_state_get_int`. Not
+ * collective; thread-safe.
  */
 dcp_status dcp_checkpoint_read_int(const dcp_checkpoint *ckpt, const char *fqn, int64_t *value);
 
 /**
- * Reads a float value (an int converts).
+ * Reads a float value (an int converts), as `dcp_state_get_double`. Not collective;
+ * thread-safe.
  */
 dcp_status dcp_checkpoint_read_double(const dcp_checkpoint *ckpt, const char *fqn, double *value);
 
 /**
- * Reads a non-tensor value as Python literal text, as in `dcp_state_get_literal`.
+ * Reads a Python `bool` value, as `dcp_state_get_bool`. Not collective; thread-safe.
+ */
+dcp_status dcp_checkpoint_read_bool(const dcp_checkpoint *ckpt, const char *fqn, bool *value);
+
+/**
+ * Reads a list or tuple of numbers as doubles, as `dcp_state_get_doubles` (`cap` and `*len`
+ * count doubles). Not collective; thread-safe.
+ */
+dcp_status dcp_checkpoint_read_doubles(const dcp_checkpoint *ckpt,
+                                       const char *fqn,
+                                       double *buf,
+                                       size_t cap,
+                                       size_t *len);
+
+/**
+ * Reads a list or tuple of strings, NUL after each, as `dcp_state_get_strings`. Not
+ * collective; thread-safe.
+ */
+dcp_status dcp_checkpoint_read_strings(const dcp_checkpoint *ckpt,
+                                       const char *fqn,
+                                       char *buf,
+                                       size_t cap,
+                                       size_t *len,
+                                       size_t *count);
+
+/**
+ * Reads a non-tensor value as Python literal text, as in `dcp_state_get_literal`. Not
+ * collective; thread-safe.
  */
 dcp_status dcp_checkpoint_read_literal(const dcp_checkpoint *ckpt,
                                        const char *fqn,
@@ -374,7 +419,8 @@ dcp_status dcp_checkpoint_read_literal(const dcp_checkpoint *ckpt,
 
 /**
  * Creates a context for a job of one process (rank 0 of 1); no communication.
- * On success `*out` owns a new context; free it with `dcp_context_free`. Not collective.
+ * On success `*out` owns a new context; free it with `dcp_context_free`. Not collective;
+ * thread-safe.
  */
 dcp_status dcp_context_new_local(dcp_context **out);
 
@@ -384,6 +430,8 @@ dcp_status dcp_context_new_local(dcp_context **out);
  * it; it returns once all `world_size` ranks are connected, or fails with
  * `DCP_ERROR_TIMEOUT` naming the missing ranks after `timeout_ms`. Every later collective is
  * bounded by `timeout_ms` too. Only control messages cross this connection, never tensor data.
+ * On success `*out` owns a new context; free it with `dcp_context_free`.
+ * Thread-safe (each call makes its own context).
  */
 dcp_status dcp_context_new_tcp(int32_t rank,
                                int32_t world_size,
@@ -396,7 +444,8 @@ dcp_status dcp_context_new_tcp(int32_t rank,
  * Like `dcp_context_new_tcp` with torchrun's environment: `RANK`, `WORLD_SIZE`,
  * `MASTER_ADDR` (default 127.0.0.1) and the port `DCP_MASTER_PORT`, or else `MASTER_PORT` + 1
  * (under torchrun, `MASTER_PORT` itself is taken by torch's store). With neither `RANK` nor
- * `WORLD_SIZE` set it makes a single-process context.
+ * `WORLD_SIZE` set it makes a single-process context. Collective as `dcp_context_new_tcp`;
+ * `*out` as there. Thread-safe (each call makes its own context).
  */
 dcp_status dcp_context_new_from_env(uint64_t timeout_ms, dcp_context **out);
 
@@ -406,7 +455,7 @@ dcp_status dcp_context_new_from_env(uint64_t timeout_ms, dcp_context **out);
  * all-gather is used). libdcp calls them only from the thread that called `dcp_save` /
  * `dcp_load`, in the same order on every rank, with `user_data` and the call's timeout, which
  * they should honour (libdcp cannot interrupt them). Not collective itself. `user_data` must
- * outlive the context.
+ * outlive the context. On success `*out` owns a new context; free it with `dcp_context_free`.
  */
 dcp_status dcp_context_new_callbacks(int32_t rank,
                                      int32_t world_size,
@@ -418,31 +467,34 @@ dcp_status dcp_context_new_callbacks(int32_t rank,
                                      dcp_context **out);
 
 /**
- * This process's rank and the job's world size. Either out-pointer may be NULL.
+ * This process's rank and the job's world size. Either out-pointer may be NULL. Not
+ * collective; thread-safe.
  */
 dcp_status dcp_context_rank(const dcp_context *ctx, int32_t *rank, int32_t *world_size);
 
 /**
- * Waits until every rank of the job calls it. Collective.
+ * Waits until every rank of the job calls it. Collective; one collective per context at a time.
+ * Thread safety: not concurrent with other collectives on the context.
  */
 dcp_status dcp_context_barrier(dcp_context *ctx);
 
 /**
  * Frees a context, after waiting for its async save in flight, if any. NULL is a no-op. No
- * other call may be running on it.
+ * other call may be running on it. Not collective.
+ * Thread safety: no other call may use the context meanwhile.
  */
 void dcp_context_free(dcp_context *ctx);
 
 /**
  * Limits the page-locked (pinned) host memory the context's staging pool holds, in bytes
  * (default: half of physical memory). Staging beyond it uses ordinary memory (slower device
- * copies). Frees cached buffers not in use.
+ * copies). Frees cached buffers not in use. Not collective; thread-safe.
  */
 dcp_status dcp_context_set_staging_budget(dcp_context *ctx, uint64_t bytes);
 
 /**
  * Bytes the context's staging pool holds now: page-locked and ordinary. Either out-pointer may
- * be NULL.
+ * be NULL. Not collective; thread-safe.
  */
 dcp_status dcp_context_staging_bytes(const dcp_context *ctx, uint64_t *pinned, uint64_t *heap);
 
@@ -451,12 +503,14 @@ dcp_status dcp_context_staging_bytes(const dcp_context *ctx, uint64_t *pinned, u
  * `s3://bucket/prefix` locations the keys are `object_store`'s S3 configuration keys, e.g.
  * `aws_endpoint` ("http://127.0.0.1:8333"), `aws_access_key_id`, `aws_secret_access_key`,
  * `aws_region`, `aws_allow_http` ("true"), `aws_virtual_hosted_style_request` ("false" for
- * path-style addressing). Unknown keys are rejected at the next save or load. Not collective.
+ * path-style addressing). Unknown keys are rejected at the next save or load. `key` and
+ * `value` are copied. Not collective; not concurrent with a save or load on the context.
  */
 dcp_status dcp_context_set_storage_option(dcp_context *ctx, const char *key, const char *value);
 
 /**
  * Whether CUDA is usable in this process (a driver and at least one device). Never fails.
+ * Not collective; thread-safe.
  */
 bool dcp_cuda_available(void);
 
@@ -465,7 +519,8 @@ bool dcp_cuda_available(void);
  * row-major order (NULL: 0, 1, 2, ...), with optional dim names (NULL, or `ndim` strings).
  * A sub-mesh (the "tp" dim of a 2-D mesh, a pipeline stage's group) is just a mesh over those
  * ranks. The mesh records `ctx`'s rank, which need not be in it (registering a tensor on a mesh
- * the rank is not part of is an error). Not collective. Free with `dcp_mesh_free`.
+ * the rank is not part of is an error). Not collective; thread-safe. `*out` is owned by the
+ * caller; free it with `dcp_mesh_free`. The arrays and names are copied.
  */
 dcp_status dcp_mesh_new(const dcp_context *ctx,
                         int32_t ndim,
@@ -476,6 +531,7 @@ dcp_status dcp_mesh_new(const dcp_context *ctx,
 
 /**
  * Frees a mesh. NULL is a no-op. States that registered tensors with it keep their own copy.
+ * Must not race with other uses of the mesh. Not collective.
  */
 void dcp_mesh_free(dcp_mesh *mesh);
 
@@ -484,9 +540,9 @@ void dcp_mesh_free(dcp_mesh *mesh);
  *
  * Collective: every rank of `ctx` calls it with its own state and the same `path`. Data files
  * are written and synced, then `.metadata` is committed atomically; the previous content of
- * `path` is not a checkpoint again until the commit. `opts` may be NULL (defaults). Registered
- * tensor memory is read during the call and must not be modified until it returns.
- * Thread safety: one save or load per context at a time.
+ * `path` is not a checkpoint again until the commit. `opts` may be NULL (defaults); nothing
+ * is kept after the call. Registered tensor memory is read during the call and must not be
+ * modified until it returns. Thread safety: one save or load per context at a time.
  */
 dcp_status dcp_save(dcp_context *ctx,
                     const dcp_state *state,
@@ -499,7 +555,8 @@ dcp_status dcp_save(dcp_context *ctx,
  * are stored in the state (read them with `dcp_state_get_*`).
  *
  * Collective: every rank of `ctx` calls it. `opts` may be NULL (strict, verified). On error,
- * registered buffers may be partly overwritten; nothing on disk is changed.
+ * registered buffers may be partly overwritten; nothing on disk is changed. Thread safety:
+ * one save or load per context at a time; nothing else may use the state meanwhile.
  */
 dcp_status dcp_load(dcp_context *ctx,
                     dcp_state *state,
@@ -527,61 +584,67 @@ dcp_status dcp_save_async(dcp_context *ctx,
 
 /**
  * Blocks until the async save completes and returns its status (the same on every call; on
- * failure `dcp_last_error` on this thread says why). Not collective.
+ * failure `dcp_last_error` on this thread says why). Not collective; thread-safe.
  */
 dcp_status dcp_future_wait(const dcp_future *future);
 
 /**
- * Whether the async save has completed (successfully or not), without blocking.
+ * Whether the async save has completed (successfully or not), without blocking. Not
+ * collective; thread-safe.
  */
 dcp_status dcp_future_done(const dcp_future *future, bool *done);
 
 /**
  * Frees the handle. The save itself goes on; the context waits for it before its next
- * collective and in `dcp_context_free`. NULL is a no-op.
+ * collective and in `dcp_context_free`. NULL is a no-op. Must not race with other calls on
+ * the handle.
  */
 void dcp_future_free(dcp_future *future);
 
 /**
  * Creates save options with the defaults. `*out` is owned by the caller; free it with
- * `dcp_save_options_free`.
+ * `dcp_save_options_free`. Options are read only during the calls they are passed to. The
+ * option functions are local (not collective). Thread-safe.
  */
 dcp_status dcp_save_options_new(dcp_save_options **out);
 
 /**
- * Frees save options. NULL is a no-op.
+ * Frees save options. NULL is a no-op. Not collective; not concurrent with other uses of `opts`.
  */
 void dcp_save_options_free(dcp_save_options *opts);
 
 /**
  * Replace a committed checkpoint at the destination. Off (the default), saving where a
  * checkpoint exists fails with `DCP_ERROR_ALREADY_EXISTS` ("checkpoint already exists").
+ * Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_save_options_set_overwrite(dcp_save_options *opts, bool overwrite);
 
 /**
- * Writer threads per rank, 1..=1024.
+ * Writer threads per rank, 1..=1024. Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_save_options_set_threads(dcp_save_options *opts, uint32_t threads);
 
 /**
  * Use O_DIRECT for data files where the file system supports it (default on).
+ * Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_save_options_set_direct_io(dcp_save_options *opts, bool direct_io);
 
 /**
  * When an async save is still in flight on the context: wait for it (default) or fail with
- * `DCP_ERROR_BUSY`.
+ * `DCP_ERROR_BUSY`. Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_save_options_set_wait_if_busy(dcp_save_options *opts, bool wait);
 
 /**
- * Creates load options with the defaults. Free with `dcp_load_options_free`.
+ * Creates load options with the defaults. `*out` is owned by the caller; free it with
+ * `dcp_load_options_free`. The option functions are local (not collective). Thread-safe.
  */
 dcp_status dcp_load_options_new(dcp_load_options **out);
 
 /**
- * Frees load options. NULL is a no-op.
+ * Frees load options. NULL is a no-op. Not collective; not concurrent with other uses of `opts`.
  */
 void dcp_load_options_free(dcp_load_options *opts);
 
@@ -589,16 +652,19 @@ void dcp_load_options_free(dcp_load_options *opts);
  * Strict (default): every registered key must be in the checkpoint with the same dtype and
  * global shape. Partial: keys the checkpoint lacks are skipped and listed by
  * `dcp_state_missing_key` (dtype and shape must still match for keys that exist).
+ * Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_load_options_set_strict(dcp_load_options *opts, bool strict);
 
 /**
  * Verify the CRC-32 of everything read (default on).
+ * Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_load_options_set_verify(dcp_load_options *opts, bool verify);
 
 /**
  * Whether reads bypass the page cache: a `dcp_direct_io` value (default AUTO).
+ * Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_load_options_set_direct_io(dcp_load_options *opts, int32_t mode);
 
@@ -607,21 +673,24 @@ dcp_status dcp_load_options_set_direct_io(dcp_load_options *opts, int32_t mode);
  * reads it and NCCL sends it to the others (default on). Used only when every rank of the job
  * has NCCL (`libnccl.so.2`, or `DCP_NCCL_LIBRARY`) and loads into CUDA tensors; the first such
  * load makes an NCCL communicator over the job (collective). Off: every rank reads for itself.
+ * Setting it is local; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_load_options_set_broadcast(dcp_load_options *opts, bool enabled);
 
 /**
- * Reader threads per rank, 1..=1024.
+ * Reader threads per rank, 1..=1024. Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_load_options_set_threads(dcp_load_options *opts, uint32_t threads);
 
 /**
  * Creates an empty state. `*out` is owned by the caller; free it with `dcp_state_free`.
+ * Not collective; thread-safe.
  */
 dcp_status dcp_state_new(dcp_state **out);
 
 /**
- * Frees a state (not the tensor memory it refers to). NULL is a no-op.
+ * Frees a state (not the tensor memory it refers to). NULL is a no-op. Must not race with any
+ * other use of the state. Not collective.
  */
 void dcp_state_free(dcp_state *state);
 
@@ -632,7 +701,8 @@ void dcp_state_free(dcp_state *state);
  * `strides` are in elements (NULL: contiguous; any non-negative strides are allowed, e.g. a
  * transposed view); `data` points to caller memory of at least `nbytes` bytes covering every
  * element. The memory is borrowed: it must stay valid, and must not be freed, until the state
- * is freed. Save reads it; load writes it.
+ * is freed. Save reads it; load writes it. `fqn` and the arrays are copied. Not collective;
+ * not thread-safe (one state, one thread).
  */
 dcp_status dcp_state_add_tensor(dcp_state *state,
                                 const char *fqn,
@@ -647,7 +717,8 @@ dcp_status dcp_state_add_tensor(dcp_state *state,
  * Registers a CPU tensor that is one piece of a larger global tensor: the piece (described
  * as in `dcp_state_add_tensor`) sits at `offsets` (ndim entries) of a global tensor of
  * `global_shape` (ndim entries). This is the explicit-chunk form for flat or irregular
- * layouts; the pieces of all ranks must tile the global tensor.
+ * layouts; the pieces of all ranks must tile the global tensor. Ownership and threads as in
+ * `dcp_state_add_tensor`. Not collective.
  */
 dcp_status dcp_state_add_tensor_chunk(dcp_state *state,
                                       const char *fqn,
@@ -669,7 +740,8 @@ dcp_status dcp_state_add_tensor_chunk(dcp_state *state,
  * local tensor (described as in `dcp_state_add_tensor`) must have exactly that shape, else
  * `DCP_ERROR_INVALID_ARGUMENT` with both shapes in the message. Uneven and empty shards are
  * fine. Registering the same key with the same mesh and placements on every rank of the mesh
- * lets saves skip exchanging plans.
+ * lets saves skip exchanging plans. The state keeps its own copy of the mesh. Not collective;
+ * ownership and threads as in `dcp_state_add_tensor`.
  */
 dcp_status dcp_state_add_tensor_sharded(dcp_state *state,
                                         const char *fqn,
@@ -689,35 +761,37 @@ dcp_status dcp_state_add_tensor_sharded(dcp_state *state,
  * device). `stream` is the caller's `cudaStream_t` (NULL: none): libdcp's copies are queued on
  * it, after the caller's work; with NULL, libdcp waits for the whole device before copying.
  * Without a CUDA driver this returns `DCP_ERROR_UNSUPPORTED`. Applies to tensors registered
- * with any `dcp_state_add_tensor*` function.
+ * with any `dcp_state_add_tensor*` function. The stream must outlive the state's saves and
+ * loads. Not collective; not thread-safe.
  */
 dcp_status dcp_state_set_cuda(dcp_state *state, const char *fqn, int32_t device, void *stream);
 
 /**
  * Registers opaque bytes (saved as a Python `bytes` object). `data` is copied; `(NULL, 0)`
- * is the empty value.
+ * is the empty value. Not collective; not thread-safe.
  */
 dcp_status dcp_state_add_bytes(dcp_state *state, const char *fqn, const void *data, size_t len);
 
 /**
- * Registers an integer (saved as a Python `int`).
+ * Registers an integer (saved as a Python `int`). Not collective; not thread-safe.
  */
 dcp_status dcp_state_add_int(dcp_state *state, const char *fqn, int64_t value);
 
 /**
- * Registers a double (saved as a Python `float`).
+ * Registers a double (saved as a Python `float`). Not collective; not thread-safe.
  */
 dcp_status dcp_state_add_double(dcp_state *state, const char *fqn, double value);
 
 /**
  * Registers a plain Python value written in Python literal syntax, e.g. "(0.9, 0.999)",
- * "None", "['net1.weight', 'net1.bias']", "{'a': 1}". Saved as that Python object.
+ * "None", "['net1.weight', 'net1.bias']", "{'a': 1}". Saved as that Python object. The
+ * literal is parsed and copied. Not collective; not thread-safe.
  */
 dcp_status dcp_state_add_literal(dcp_state *state, const char *fqn, const char *literal);
 
 /**
  * Registers a pickle (any Python object, pickled by the caller) stored as-is. `pickle` is
- * copied.
+ * copied. Not collective; not thread-safe.
  */
 dcp_status dcp_state_add_pickle(dcp_state *state, const char *fqn, const void *pickle, size_t len);
 
@@ -726,7 +800,8 @@ dcp_status dcp_state_add_pickle(dcp_state *state, const char *fqn, const void *p
  * uses to rebuild nesting (e.g. for "optimizer.state.net1.weight.exp_avg" the path
  * "optimizer", "state", "net1.weight", "exp_avg"). `parts` has `nparts` strings;
  * `is_index` (NULL: none) marks parts that are list indices (decimal digits). Without a
- * path, the fqn is split on '.' and all-digit parts are indices.
+ * path, the fqn is split on '.' and all-digit parts are indices. The strings are copied.
+ * Not collective; not thread-safe.
  */
 dcp_status dcp_state_set_path(dcp_state *state,
                               const char *fqn,
@@ -736,26 +811,63 @@ dcp_status dcp_state_set_path(dcp_state *state,
 
 /**
  * The kind (`dcp_value_kind`) of a non-tensor entry: what was registered, or after a load,
- * what the checkpoint holds.
+ * what the checkpoint holds. Not collective; reads may run concurrently with other reads.
  */
 dcp_status dcp_state_value_kind(const dcp_state *state, const char *fqn, int32_t *kind);
 
 /**
  * Reads an integer entry. A float entry with an integral value converts; other kinds give
- * `DCP_ERROR_MISMATCH`.
+ * `DCP_ERROR_MISMATCH`. Not collective; reads may run concurrently with other reads.
  */
 dcp_status dcp_state_get_int(const dcp_state *state, const char *fqn, int64_t *value);
 
 /**
- * Reads a double entry (an int entry converts).
+ * Reads a double entry (an int entry converts). Not collective; reads may run concurrently
+ * with other reads.
  */
 dcp_status dcp_state_get_double(const dcp_state *state, const char *fqn, double *value);
+
+/**
+ * Reads a Python `bool` entry (`True`/`False`; ints do not convert, other kinds give
+ * `DCP_ERROR_MISMATCH`). Not collective; reads may run concurrently with other reads.
+ */
+dcp_status dcp_state_get_bool(const dcp_state *state, const char *fqn, bool *value);
+
+/**
+ * Copies the items of a list or tuple of numbers (Python ints and floats, e.g. Adam's
+ * `betas`) into `buf` as doubles. `*len` always receives the number of items (call with `buf`
+ * NULL and `cap` 0 to query it); a `cap` (in doubles) smaller than that gives
+ * `DCP_ERROR_BUFFER_TOO_SMALL`. Any other value, or an item that is not an int or float
+ * (bools included), gives `DCP_ERROR_MISMATCH`. Not collective; reads may run concurrently
+ * with other reads.
+ */
+dcp_status dcp_state_get_doubles(const dcp_state *state,
+                                 const char *fqn,
+                                 double *buf,
+                                 size_t cap,
+                                 size_t *len);
+
+/**
+ * Copies the items of a list or tuple of strings (e.g. a param group's `params`) into `buf`,
+ * each followed by a NUL: "a\0b.c\0". `*len` always receives the bytes needed, NULs
+ * included, and `*count` (may be NULL) the number of strings; a `cap` smaller than `*len`
+ * gives `DCP_ERROR_BUFFER_TOO_SMALL`. Any other value gives `DCP_ERROR_MISMATCH`; a string
+ * holding a NUL character gives `DCP_ERROR_UNSUPPORTED`. Not collective; reads may run
+ * concurrently with other reads.
+ */
+dcp_status dcp_state_get_strings(const dcp_state *state,
+                                 const char *fqn,
+                                 char *buf,
+                                 size_t cap,
+                                 size_t *len,
+                                 size_t *count);
 
 /**
  * Copies a non-tensor value into `buf`: the raw bytes of a bytes value, the pickle of any
  * other value. `*len` always receives the value's size (call with `buf` NULL and `cap` 0 to
  * query it); a buffer smaller than that gives `DCP_ERROR_BUFFER_TOO_SMALL`. `kind` (may be
- * NULL) receives the `dcp_value_kind`.
+ * NULL) receives the `dcp_value_kind`. Not collective; reads may run concurrently with other
+ * reads.
  */
 dcp_status dcp_state_get_bytes(const dcp_state *state,
                                const char *fqn,
@@ -767,6 +879,8 @@ dcp_status dcp_state_get_bytes(const dcp_state *state,
 /**
  * Copies a non-tensor value as Python literal text (NUL-terminated; `*len` excludes the NUL
  * and `cap` must hold `*len + 1`). Values that are opaque pickles give `DCP_ERROR_UNSUPPORTED`.
+ * For typed reads prefer `dcp_state_get_int`, `_get_double`, `_get_bool`, `_get_doubles` and
+ * `_get_strings`. Not collective; reads may run concurrently with other reads.
  */
 dcp_status dcp_state_get_literal(const dcp_state *state,
                                  const char *fqn,
@@ -775,23 +889,27 @@ dcp_status dcp_state_get_literal(const dcp_state *state,
                                  size_t *len);
 
 /**
- * Whether the last load filled this entry.
+ * Whether the last load filled this entry. Not collective; reads may run concurrently with
+ * other reads.
  */
 dcp_status dcp_state_loaded(const dcp_state *state, const char *fqn, bool *loaded);
 
 /**
- * Number of registered keys the last (partial) load did not find in the checkpoint.
+ * Number of registered keys the last (partial) load did not find in the checkpoint (0 before
+ * any load and after a failed one). Not collective; reads may run concurrently with other
+ * reads.
  */
 dcp_status dcp_state_num_missing(const dcp_state *state, size_t *n);
 
 /**
- * The `index`-th missing key. `*key` points into the state and stays valid until the next
- * load on this state or `dcp_state_free`.
+ * The `index`-th missing key. `*key` points into the state (owned by it) and stays valid until
+ * the next load on this state or `dcp_state_free`. Not collective; reads may run concurrently
+ * with other reads.
  */
 dcp_status dcp_state_missing_key(const dcp_state *state, size_t index, const char **key);
 
 /**
- * Number of registered entries.
+ * Number of registered entries. Not collective; reads may run concurrently with other reads.
  */
 dcp_status dcp_state_len(const dcp_state *state, size_t *n);
 

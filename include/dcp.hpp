@@ -2,7 +2,8 @@
  * libdcp for C++: a header-only C++17 layer over the C API of include/dcp.h.
  *
  * - RAII handles: dcp::Context, dcp::State, dcp::Mesh, dcp::Future, dcp::Checkpoint (move-only;
- *   the destructor frees the C object). dcp::SaveOptions and dcp::LoadOptions are plain values.
+ *   the destructor frees the C object; all built on detail::Handle).
+ * - Every function of dcp.h has a counterpart here (tests/header.rs checks it). dcp::SaveOptions and dcp::LoadOptions are plain values.
  * - Errors are exceptions: every failing call throws dcp::Error (a std::runtime_error) whose
  *   what() is the library's message (key, file, offset) and whose status() is the dcp_status.
  * - dcp::Communicator: derive from it to plug the host's collectives (a c10d ProcessGroup, MPI)
@@ -90,6 +91,72 @@ template <class F> std::string fetch_literal(F copy) {
     out.resize(n);
     return out;
 }
+
+/** A list of numbers with a size query first: `copy(buf, cap, &len)` (dcp_*_doubles). */
+template <class F> std::vector<double> fetch_doubles(F copy) {
+    size_t n = 0;
+    dcp_status s = copy(nullptr, 0, &n);
+    if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) check(s);
+    std::vector<double> out(n);
+    if (n) check(copy(out.data(), n, &n));
+    return out;
+}
+
+/** A list of strings with a size query first: `copy(buf, cap, &len, &count)` (dcp_*_strings,
+    each string followed by a NUL). */
+template <class F> std::vector<std::string> fetch_strings(F copy) {
+    size_t n = 0, count = 0;
+    dcp_status s = copy(nullptr, 0, &n, &count);
+    if (s != DCP_OK && s != DCP_ERROR_BUFFER_TOO_SMALL) check(s);
+    std::string packed(n, '\0');
+    if (n) check(copy(&packed[0], n, &n, &count));
+    std::vector<std::string> out;
+    out.reserve(count);
+    for (size_t at = 0; at < n;) {
+        size_t end = packed.find('\0', at);
+        out.push_back(packed.substr(at, end - at));
+        at = end + 1;
+    }
+    return out;
+}
+
+/**
+ * Owns one C object and frees it with `Free` (which accepts NULL): the move-only core of every
+ * handle class here (Context, Mesh, State, Future, Checkpoint, the option handles), so that
+ * their moves are the defaults.
+ */
+template <class T, void (*Free)(T *)> class Handle {
+public:
+    Handle() noexcept = default;
+    explicit Handle(T *p) noexcept : p_(p) {}
+    Handle(Handle &&o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+    /** Frees the object held before taking `o`'s. */
+    Handle &operator=(Handle &&o) noexcept {
+        if (this != &o) {
+            reset();
+            p_ = std::exchange(o.p_, nullptr);
+        }
+        return *this;
+    }
+    Handle(const Handle &) = delete;
+    Handle &operator=(const Handle &) = delete;
+    ~Handle() { reset(); }
+
+    void reset() noexcept {
+        if (p_) Free(p_);
+        p_ = nullptr;
+    }
+    T *get() const noexcept { return p_; }
+    /** For the C constructors' out-parameter: frees the current object first. */
+    T **out() noexcept {
+        reset();
+        return &p_;
+    }
+    explicit operator bool() const noexcept { return p_ != nullptr; }
+
+private:
+    T *p_ = nullptr;
+};
 
 } // namespace detail
 
@@ -269,41 +336,39 @@ public:
         return ctx;
     }
 
-    Context(Context &&o) noexcept
-        : h_(std::exchange(o.h_, nullptr)), comm_(std::move(o.comm_)), keep_alive_(std::move(o.keep_alive_)) {}
-    Context &operator=(Context &&o) noexcept {
-        if (this != &o) {
-            reset();
-            h_ = std::exchange(o.h_, nullptr);
-            comm_ = std::move(o.comm_);
-            keep_alive_ = std::move(o.keep_alive_);
-        }
-        return *this;
-    }
-    Context(const Context &) = delete;
-    Context &operator=(const Context &) = delete;
-    /** Waits for an async save in flight, then frees the context. */
-    ~Context() { reset(); }
+    // The handle is the first member, so a move assignment frees the old context before the
+    // communicator it may still call is released.
+    Context(Context &&) noexcept = default;
+    Context &operator=(Context &&) noexcept = default;
+    /** Waits for an async save in flight, then frees the context (before its communicator). */
+    ~Context() { h_.reset(); }
 
     int32_t rank() const {
         int32_t r = 0;
-        check(dcp_context_rank(h_, &r, nullptr));
+        check(dcp_context_rank(get(), &r, nullptr));
         return r;
     }
     int32_t world_size() const {
         int32_t w = 0;
-        check(dcp_context_rank(h_, nullptr, &w));
+        check(dcp_context_rank(get(), nullptr, &w));
         return w;
     }
     /** Collective. */
-    void barrier() { check(dcp_context_barrier(h_)); }
+    void barrier() { check(dcp_context_barrier(get())); }
     /** Limits the pinned host memory of the staging pool (bytes). */
-    void set_staging_budget(uint64_t bytes) { check(dcp_context_set_staging_budget(h_, bytes)); }
+    void set_staging_budget(uint64_t bytes) { check(dcp_context_set_staging_budget(get(), bytes)); }
     /** {pinned, ordinary} bytes the staging pool holds. */
     std::pair<uint64_t, uint64_t> staging_bytes() const {
         uint64_t p = 0, h = 0;
-        check(dcp_context_staging_bytes(h_, &p, &h));
+        check(dcp_context_staging_bytes(get(), &p, &h));
         return {p, h};
+    }
+    /** A storage option over the environment's, e.g. {"aws_endpoint", "http://127.0.0.1:8333"}
+        for s3:// locations (see dcp_context_set_storage_option); unknown keys fail at the next
+        save or load. */
+    Context &set_storage_option(const std::string &key, const std::string &value) {
+        check(dcp_context_set_storage_option(get(), key.c_str(), value.c_str()));
+        return *this;
     }
     /** The communicator given to from_communicator (nullptr otherwise). */
     const std::shared_ptr<Communicator> &communicator() const noexcept { return comm_; }
@@ -313,17 +378,13 @@ public:
         if (s != DCP_OK) detail::throw_status(s, comm_, /*clear=*/true);
     }
 
-    dcp_context *get() const noexcept { return h_; }
+    dcp_context *get() const noexcept { return h_.get(); }
 
 private:
     explicit Context(dcp_context *h) : h_(h) {}
-    void reset() noexcept {
-        if (h_) dcp_context_free(h_);
-        h_ = nullptr;
-    }
     static uint64_t to_ms(std::chrono::milliseconds t) { return t.count() < 0 ? 0 : static_cast<uint64_t>(t.count()); }
 
-    dcp_context *h_ = nullptr;
+    detail::Handle<dcp_context, dcp_context_free> h_;
     std::shared_ptr<Communicator> comm_;
     std::shared_ptr<void> keep_alive_;
 };
@@ -347,28 +408,13 @@ public:
                                                         " dimensions");
         detail::check(dcp_mesh_new(ctx.get(), static_cast<int32_t>(shape_.size()), detail::dims_or_null(shape_),
                                    ranks_.empty() ? nullptr : ranks_.data(), names.empty() ? nullptr : names.data(),
-                                   &h_));
+                                   h_.out()));
         if (ranks_.empty()) {
             int64_t n = 1;
             for (int64_t s : shape_) n *= s;
             for (int64_t i = 0; i < n; ++i) ranks_.push_back(static_cast<int32_t>(i));
         }
     }
-    Mesh(Mesh &&o) noexcept
-        : h_(std::exchange(o.h_, nullptr)), shape_(std::move(o.shape_)), ranks_(std::move(o.ranks_)), rank_(o.rank_) {}
-    Mesh &operator=(Mesh &&o) noexcept {
-        if (this != &o) {
-            dcp_mesh_free(h_);
-            h_ = std::exchange(o.h_, nullptr);
-            shape_ = std::move(o.shape_);
-            ranks_ = std::move(o.ranks_);
-            rank_ = o.rank_;
-        }
-        return *this;
-    }
-    Mesh(const Mesh &) = delete;
-    Mesh &operator=(const Mesh &) = delete;
-    ~Mesh() { dcp_mesh_free(h_); }
 
     size_t ndim() const noexcept { return shape_.size(); }
     const std::vector<int64_t> &shape() const noexcept { return shape_; }
@@ -389,10 +435,10 @@ public:
         }
         return {};
     }
-    dcp_mesh *get() const noexcept { return h_; }
+    dcp_mesh *get() const noexcept { return h_.get(); }
 
 private:
-    dcp_mesh *h_ = nullptr;
+    detail::Handle<dcp_mesh, dcp_mesh_free> h_;
     std::vector<int64_t> shape_;
     std::vector<int32_t> ranks_;
     int32_t rank_ = 0;
@@ -408,24 +454,13 @@ private:
  */
 class State {
 public:
-    State() { detail::check(dcp_state_new(&h_)); }
-    State(State &&o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-    State &operator=(State &&o) noexcept {
-        if (this != &o) {
-            dcp_state_free(h_);
-            h_ = std::exchange(o.h_, nullptr);
-        }
-        return *this;
-    }
-    State(const State &) = delete;
-    State &operator=(const State &) = delete;
-    ~State() { dcp_state_free(h_); }
+    State() { detail::check(dcp_state_new(h_.out())); }
 
     /** A whole tensor; `strides` in elements (empty: contiguous); `nbytes` covers every element. */
     State &add_tensor(const std::string &fqn, int32_t dtype, const std::vector<int64_t> &sizes, void *data,
                       uint64_t nbytes, const std::vector<int64_t> &strides = {}) {
         check_ndim(fqn, sizes, strides);
-        detail::check(dcp_state_add_tensor(h_, fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
+        detail::check(dcp_state_add_tensor(get(), fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
                                            detail::dims_or_null(sizes), detail::dims_or_null(strides), data, nbytes));
         return *this;
     }
@@ -436,7 +471,7 @@ public:
         check_ndim(fqn, sizes, strides);
         if (global_shape.size() != sizes.size() || offsets.size() != sizes.size())
             throw Error(DCP_ERROR_INVALID_ARGUMENT, "add_tensor_chunk \"" + fqn + "\": sizes, global_shape and offsets differ in length");
-        detail::check(dcp_state_add_tensor_chunk(h_, fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
+        detail::check(dcp_state_add_tensor_chunk(get(), fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
                                                  detail::dims_or_null(sizes), detail::dims_or_null(strides), data,
                                                  nbytes, detail::dims_or_null(global_shape),
                                                  detail::dims_or_null(offsets)));
@@ -454,7 +489,7 @@ public:
             throw Error(DCP_ERROR_INVALID_ARGUMENT, "add_tensor_sharded \"" + fqn + "\": " +
                                                         std::to_string(placements.size()) + " placements for a mesh of " +
                                                         std::to_string(mesh.ndim()) + " dimensions");
-        detail::check(dcp_state_add_tensor_sharded(h_, fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
+        detail::check(dcp_state_add_tensor_sharded(get(), fqn.c_str(), dtype, static_cast<int32_t>(sizes.size()),
                                                    detail::dims_or_null(sizes), detail::dims_or_null(strides), data,
                                                    nbytes, detail::dims_or_null(global_shape), mesh.get(),
                                                    placements.data()));
@@ -462,29 +497,29 @@ public:
     }
     /** Marks `fqn`'s memory as CUDA memory of `device`; copies are queued on `stream` (a cudaStream_t; null: none). */
     State &set_cuda(const std::string &fqn, int32_t device, void *stream) {
-        detail::check(dcp_state_set_cuda(h_, fqn.c_str(), device, stream));
+        detail::check(dcp_state_set_cuda(get(), fqn.c_str(), device, stream));
         return *this;
     }
     State &add_bytes(const std::string &fqn, const void *data, size_t len) {
-        detail::check(dcp_state_add_bytes(h_, fqn.c_str(), len ? data : nullptr, len));
+        detail::check(dcp_state_add_bytes(get(), fqn.c_str(), len ? data : nullptr, len));
         return *this;
     }
     State &add_bytes(const std::string &fqn, const std::string &data) { return add_bytes(fqn, data.data(), data.size()); }
     State &add_int(const std::string &fqn, int64_t v) {
-        detail::check(dcp_state_add_int(h_, fqn.c_str(), v));
+        detail::check(dcp_state_add_int(get(), fqn.c_str(), v));
         return *this;
     }
     State &add_double(const std::string &fqn, double v) {
-        detail::check(dcp_state_add_double(h_, fqn.c_str(), v));
+        detail::check(dcp_state_add_double(get(), fqn.c_str(), v));
         return *this;
     }
     /** A Python value in literal syntax: "(0.9, 0.999)", "None", "True", "['a', 'b']". */
     State &add_literal(const std::string &fqn, const std::string &literal) {
-        detail::check(dcp_state_add_literal(h_, fqn.c_str(), literal.c_str()));
+        detail::check(dcp_state_add_literal(get(), fqn.c_str(), literal.c_str()));
         return *this;
     }
     State &add_pickle(const std::string &fqn, const void *pickle, size_t len) {
-        detail::check(dcp_state_add_pickle(h_, fqn.c_str(), pickle, len));
+        detail::check(dcp_state_add_pickle(get(), fqn.c_str(), pickle, len));
         return *this;
     }
     /** The key's path in the nested state dict (torch's planner_data), e.g.
@@ -496,7 +531,7 @@ public:
         for (const auto &s : parts) p.push_back(s.c_str());
         std::vector<uint8_t> idx;
         for (bool b : is_index) idx.push_back(b ? 1 : 0);
-        detail::check(dcp_state_set_path(h_, fqn.c_str(), p.size(), p.empty() ? nullptr : p.data(),
+        detail::check(dcp_state_set_path(get(), fqn.c_str(), p.size(), p.empty() ? nullptr : p.data(),
                                          idx.empty() ? nullptr : idx.data()));
         return *this;
     }
@@ -504,43 +539,60 @@ public:
     /** The dcp_value_kind of a non-tensor entry. */
     dcp_value_kind value_kind(const std::string &fqn) const {
         int32_t k = 0;
-        detail::check(dcp_state_value_kind(h_, fqn.c_str(), &k));
+        detail::check(dcp_state_value_kind(get(), fqn.c_str(), &k));
         return static_cast<dcp_value_kind>(k);
     }
     int64_t get_int(const std::string &fqn) const {
         int64_t v = 0;
-        detail::check(dcp_state_get_int(h_, fqn.c_str(), &v));
+        detail::check(dcp_state_get_int(get(), fqn.c_str(), &v));
         return v;
     }
     double get_double(const std::string &fqn) const {
         double v = 0;
-        detail::check(dcp_state_get_double(h_, fqn.c_str(), &v));
+        detail::check(dcp_state_get_double(get(), fqn.c_str(), &v));
         return v;
+    }
+    /** A Python bool (ints do not convert). */
+    bool get_bool(const std::string &fqn) const {
+        bool v = false;
+        detail::check(dcp_state_get_bool(get(), fqn.c_str(), &v));
+        return v;
+    }
+    /** A list or tuple of numbers, e.g. Adam's betas. */
+    std::vector<double> get_doubles(const std::string &fqn) const {
+        return detail::fetch_doubles(
+            [&](double *buf, size_t cap, size_t *n) { return dcp_state_get_doubles(get(), fqn.c_str(), buf, cap, n); });
+    }
+    /** A list or tuple of strings, e.g. a param group's params. */
+    std::vector<std::string> get_strings(const std::string &fqn) const {
+        return detail::fetch_strings([&](char *buf, size_t cap, size_t *n, size_t *count) {
+            return dcp_state_get_strings(get(), fqn.c_str(), buf, cap, n, count);
+        });
     }
     /** Raw bytes of a bytes value; the pickle of any other value. */
     std::string get_bytes(const std::string &fqn, dcp_value_kind *kind = nullptr) const {
         return detail::fetch_bytes(
-            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_state_get_bytes(h_, fqn.c_str(), buf, cap, n, k); }, kind);
+            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_state_get_bytes(get(), fqn.c_str(), buf, cap, n, k); }, kind);
     }
     /** The value as Python literal text ("(0.9, 0.999)", "False", "None"). */
     std::string get_literal(const std::string &fqn) const {
         return detail::fetch_literal(
-            [&](char *buf, size_t cap, size_t *n) { return dcp_state_get_literal(h_, fqn.c_str(), buf, cap, n); });
+            [&](char *buf, size_t cap, size_t *n) { return dcp_state_get_literal(get(), fqn.c_str(), buf, cap, n); });
     }
     /** Whether the last load filled this entry. */
     bool loaded(const std::string &fqn) const {
         bool b = false;
-        detail::check(dcp_state_loaded(h_, fqn.c_str(), &b));
+        detail::check(dcp_state_loaded(get(), fqn.c_str(), &b));
         return b;
     }
     /** Registered keys the last (partial) load did not find. */
     std::vector<std::string> missing_keys() const {
         size_t n = 0;
-        detail::check(dcp_state_num_missing(h_, &n));
+        detail::check(dcp_state_num_missing(get(), &n));
         std::vector<std::string> out;
         for (size_t i = 0; i < n; ++i) {
             const char *k = nullptr;
-            detail::check(dcp_state_missing_key(h_, i, &k));
+            detail::check(dcp_state_missing_key(get(), i, &k));
             out.emplace_back(k);
         }
         return out;
@@ -548,11 +600,11 @@ public:
     /** Number of registered entries. */
     size_t size() const {
         size_t n = 0;
-        detail::check(dcp_state_len(h_, &n));
+        detail::check(dcp_state_len(get(), &n));
         return n;
     }
 
-    dcp_state *get() const noexcept { return h_; }
+    dcp_state *get() const noexcept { return h_.get(); }
 
 private:
     static void check_ndim(const std::string &fqn, const std::vector<int64_t> &sizes, const std::vector<int64_t> &strides) {
@@ -560,7 +612,7 @@ private:
             throw Error(DCP_ERROR_INVALID_ARGUMENT, "tensor \"" + fqn + "\": " + std::to_string(strides.size()) +
                                                         " strides for " + std::to_string(sizes.size()) + " dimensions");
     }
-    dcp_state *h_ = nullptr;
+    detail::Handle<dcp_state, dcp_state_free> h_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -568,11 +620,8 @@ private:
 // ------------------------------------------------------------------------------------------------
 
 namespace detail {
-template <class T, void (*Free)(T *)> struct Deleter {
-    void operator()(T *p) const noexcept { Free(p); }
-};
-using SaveOptionsHandle = std::unique_ptr<dcp_save_options, Deleter<dcp_save_options, dcp_save_options_free>>;
-using LoadOptionsHandle = std::unique_ptr<dcp_load_options, Deleter<dcp_load_options, dcp_load_options_free>>;
+using SaveOptionsHandle = Handle<dcp_save_options, dcp_save_options_free>;
+using LoadOptionsHandle = Handle<dcp_load_options, dcp_load_options_free>;
 } // namespace detail
 
 /** Options of save / save_async. Defaults: no overwrite, library's thread count, O_DIRECT, wait if busy. */
@@ -588,9 +637,9 @@ struct SaveOptions {
     SaveOptions &set_wait_if_busy(bool v) { wait_if_busy = v; return *this; }
 
     detail::SaveOptionsHandle handle() const {
-        dcp_save_options *o = nullptr;
-        detail::check(dcp_save_options_new(&o));
-        detail::SaveOptionsHandle h(o);
+        detail::SaveOptionsHandle h;
+        detail::check(dcp_save_options_new(h.out()));
+        dcp_save_options *o = h.get();
         detail::check(dcp_save_options_set_overwrite(o, overwrite));
         if (threads) detail::check(dcp_save_options_set_threads(o, *threads));
         if (direct_io) detail::check(dcp_save_options_set_direct_io(o, *direct_io));
@@ -599,26 +648,31 @@ struct SaveOptions {
     }
 };
 
-/** Options of load. Defaults: strict, CRC-32 verified, library's thread count, direct I/O AUTO. */
+/** Options of load. Defaults: strict, CRC-32 verified, library's thread count, direct I/O AUTO,
+    replicated boxes read once and broadcast over NCCL where possible. */
 struct LoadOptions {
     bool strict = true;
     bool verify = true;
     std::optional<uint32_t> threads;
     std::optional<dcp_direct_io> direct_io;
+    /** See dcp_load_options_set_broadcast; unset: the library's default (on). */
+    std::optional<bool> broadcast;
 
     LoadOptions &set_strict(bool v) { strict = v; return *this; }
     LoadOptions &set_verify(bool v) { verify = v; return *this; }
     LoadOptions &set_threads(uint32_t v) { threads = v; return *this; }
     LoadOptions &set_direct_io(dcp_direct_io v) { direct_io = v; return *this; }
+    LoadOptions &set_broadcast(bool v) { broadcast = v; return *this; }
 
     detail::LoadOptionsHandle handle() const {
-        dcp_load_options *o = nullptr;
-        detail::check(dcp_load_options_new(&o));
-        detail::LoadOptionsHandle h(o);
+        detail::LoadOptionsHandle h;
+        detail::check(dcp_load_options_new(h.out()));
+        dcp_load_options *o = h.get();
         detail::check(dcp_load_options_set_strict(o, strict));
         detail::check(dcp_load_options_set_verify(o, verify));
         if (threads) detail::check(dcp_load_options_set_threads(o, *threads));
         if (direct_io) detail::check(dcp_load_options_set_direct_io(o, static_cast<int32_t>(*direct_io)));
+        if (broadcast) detail::check(dcp_load_options_set_broadcast(o, *broadcast));
         return h;
     }
 };
@@ -635,42 +689,32 @@ public:
     explicit Future(dcp_future *h, std::shared_ptr<void> keep_alive = nullptr,
                     std::shared_ptr<Communicator> comm = nullptr)
         : h_(h), keep_alive_(std::move(keep_alive)), comm_(std::move(comm)) {}
-    Future(Future &&o) noexcept
-        : h_(std::exchange(o.h_, nullptr)), keep_alive_(std::move(o.keep_alive_)), comm_(std::move(o.comm_)) {}
-    Future &operator=(Future &&o) noexcept {
-        if (this != &o) {
-            dcp_future_free(h_);
-            h_ = std::exchange(o.h_, nullptr);
-            keep_alive_ = std::move(o.keep_alive_);
-            comm_ = std::move(o.comm_);
-        }
-        return *this;
-    }
-    Future(const Future &) = delete;
-    Future &operator=(const Future &) = delete;
-    ~Future() { dcp_future_free(h_); }
+    Future(Future &&) noexcept = default;
+    Future &operator=(Future &&) noexcept = default;
+    /** Frees the handle before releasing what it keeps alive. */
+    ~Future() { h_.reset(); }
 
-    bool valid() const noexcept { return h_ != nullptr; }
+    bool valid() const noexcept { return static_cast<bool>(h_); }
     /** Blocks until the save has committed; throws dcp::Error if it failed. */
     void wait() const {
         require();
-        dcp_status s = dcp_future_wait(h_);
+        dcp_status s = dcp_future_wait(get());
         if (s != DCP_OK) detail::throw_status(s, comm_, /*clear=*/false);
     }
     /** Whether the save has completed (successfully or not). */
     bool done() const {
         require();
         bool d = false;
-        detail::check(dcp_future_done(h_, &d));
+        detail::check(dcp_future_done(get(), &d));
         return d;
     }
-    dcp_future *get() const noexcept { return h_; }
+    dcp_future *get() const noexcept { return h_.get(); }
 
 private:
     void require() const {
         if (!h_) throw Error(DCP_ERROR_NULL_ARGUMENT, "dcp::Future: no async save (moved from or default)");
     }
-    dcp_future *h_ = nullptr;
+    detail::Handle<dcp_future, dcp_future_free> h_;
     std::shared_ptr<void> keep_alive_;
     std::shared_ptr<Communicator> comm_;
 };
@@ -718,27 +762,16 @@ struct ChunkInfo {
 /** A checkpoint opened read-only (no registration, no communication). Move-only. */
 class Checkpoint {
 public:
-    explicit Checkpoint(const std::string &path) { detail::check(dcp_checkpoint_open(path.c_str(), &h_)); }
-    Checkpoint(Checkpoint &&o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-    Checkpoint &operator=(Checkpoint &&o) noexcept {
-        if (this != &o) {
-            dcp_checkpoint_free(h_);
-            h_ = std::exchange(o.h_, nullptr);
-        }
-        return *this;
-    }
-    Checkpoint(const Checkpoint &) = delete;
-    Checkpoint &operator=(const Checkpoint &) = delete;
-    ~Checkpoint() { dcp_checkpoint_free(h_); }
+    explicit Checkpoint(const std::string &path) { detail::check(dcp_checkpoint_open(path.c_str(), h_.out())); }
 
     size_t num_keys() const {
         size_t n = 0;
-        detail::check(dcp_checkpoint_num_keys(h_, &n));
+        detail::check(dcp_checkpoint_num_keys(get(), &n));
         return n;
     }
     KeyInfo key(size_t index) const {
         dcp_key_info info{};
-        detail::check(dcp_checkpoint_key(h_, index, &info));
+        detail::check(dcp_checkpoint_key(get(), index, &info));
         KeyInfo k;
         k.fqn = info.fqn;
         k.kind = static_cast<dcp_key_kind>(info.kind);
@@ -756,7 +789,7 @@ public:
     /** The key's index, or nullopt if the checkpoint lacks it. */
     std::optional<size_t> find(const std::string &fqn) const {
         size_t i = 0;
-        dcp_status s = dcp_checkpoint_find(h_, fqn.c_str(), &i);
+        dcp_status s = dcp_checkpoint_find(get(), fqn.c_str(), &i);
         if (s == DCP_ERROR_NOT_FOUND) return std::nullopt;
         detail::check(s);
         return i;
@@ -764,7 +797,7 @@ public:
     bool contains(const std::string &fqn) const { return find(fqn).has_value(); }
     ChunkInfo chunk(size_t key_index, size_t chunk_index) const {
         const int64_t *off = nullptr, *sz = nullptr;
-        detail::check(dcp_checkpoint_chunk(h_, key_index, chunk_index, &off, &sz));
+        detail::check(dcp_checkpoint_chunk(get(), key_index, chunk_index, &off, &sz));
         size_t nd = key(key_index).shape.size();
         return ChunkInfo{std::vector<int64_t>(off, off + nd), std::vector<int64_t>(sz, sz + nd)};
     }
@@ -776,41 +809,61 @@ public:
             auto i = find(fqn);
             if (!i) throw Error(DCP_ERROR_NOT_FOUND, "key \"" + fqn + "\" is not in the checkpoint");
             int32_t nd = static_cast<int32_t>(key(*i).shape.size());
-            detail::check(dcp_checkpoint_read_tensor(h_, fqn.c_str(), nd, nullptr, nullptr, detail::dims_or_null(strides),
+            detail::check(dcp_checkpoint_read_tensor(get(), fqn.c_str(), nd, nullptr, nullptr, detail::dims_or_null(strides),
                                                      dst, dst_nbytes));
             return;
         }
         std::vector<int64_t> off = offsets.empty() ? std::vector<int64_t>(sizes.size(), 0) : offsets;
         if (sizes.size() != off.size())
             throw Error(DCP_ERROR_INVALID_ARGUMENT, "read_tensor \"" + fqn + "\": offsets and sizes differ in length");
-        detail::check(dcp_checkpoint_read_tensor(h_, fqn.c_str(), static_cast<int32_t>(sizes.size()),
+        detail::check(dcp_checkpoint_read_tensor(get(), fqn.c_str(), static_cast<int32_t>(sizes.size()),
                                                  detail::dims_or_null(off), detail::dims_or_null(sizes),
                                                  detail::dims_or_null(strides), dst, dst_nbytes));
     }
     std::string read_bytes(const std::string &fqn, dcp_value_kind *kind = nullptr) const {
         return detail::fetch_bytes(
-            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_checkpoint_read_bytes(h_, fqn.c_str(), buf, cap, n, k); },
+            [&](void *buf, size_t cap, size_t *n, int32_t *k) { return dcp_checkpoint_read_bytes(get(), fqn.c_str(), buf, cap, n, k); },
             kind);
+    }
+    /** The dcp_value_kind of a non-tensor value. */
+    dcp_value_kind value_kind(const std::string &fqn) const {
+        int32_t k = 0;
+        detail::check(dcp_checkpoint_value_kind(get(), fqn.c_str(), &k));
+        return static_cast<dcp_value_kind>(k);
+    }
+    bool read_bool(const std::string &fqn) const {
+        bool v = false;
+        detail::check(dcp_checkpoint_read_bool(get(), fqn.c_str(), &v));
+        return v;
+    }
+    std::vector<double> read_doubles(const std::string &fqn) const {
+        return detail::fetch_doubles(
+            [&](double *buf, size_t cap, size_t *n) { return dcp_checkpoint_read_doubles(get(), fqn.c_str(), buf, cap, n); });
+    }
+    std::vector<std::string> read_strings(const std::string &fqn) const {
+        return detail::fetch_strings([&](char *buf, size_t cap, size_t *n, size_t *count) {
+            return dcp_checkpoint_read_strings(get(), fqn.c_str(), buf, cap, n, count);
+        });
     }
     int64_t read_int(const std::string &fqn) const {
         int64_t v = 0;
-        detail::check(dcp_checkpoint_read_int(h_, fqn.c_str(), &v));
+        detail::check(dcp_checkpoint_read_int(get(), fqn.c_str(), &v));
         return v;
     }
     double read_double(const std::string &fqn) const {
         double v = 0;
-        detail::check(dcp_checkpoint_read_double(h_, fqn.c_str(), &v));
+        detail::check(dcp_checkpoint_read_double(get(), fqn.c_str(), &v));
         return v;
     }
     std::string read_literal(const std::string &fqn) const {
         return detail::fetch_literal(
-            [&](char *buf, size_t cap, size_t *n) { return dcp_checkpoint_read_literal(h_, fqn.c_str(), buf, cap, n); });
+            [&](char *buf, size_t cap, size_t *n) { return dcp_checkpoint_read_literal(get(), fqn.c_str(), buf, cap, n); });
     }
 
-    dcp_checkpoint *get() const noexcept { return h_; }
+    dcp_checkpoint *get() const noexcept { return h_.get(); }
 
 private:
-    dcp_checkpoint *h_ = nullptr;
+    detail::Handle<dcp_checkpoint, dcp_checkpoint_free> h_;
 };
 
 } // namespace dcp

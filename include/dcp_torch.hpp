@@ -306,74 +306,6 @@ inline std::string py_str_list(const std::vector<std::string> &items) {
     return out + "]";
 }
 
-inline std::string trim(const std::string &s) {
-    size_t a = s.find_first_not_of(" \t\n"), b = s.find_last_not_of(" \t\n");
-    return a == std::string::npos ? std::string() : s.substr(a, b - a + 1);
-}
-
-[[noreturn]] inline void bad_literal(const std::string &fqn, const std::string &lit, const char *want) {
-    throw Error(DCP_ERROR_MISMATCH, "\"" + fqn + "\" holds " + lit + " where " + want + " was expected");
-}
-
-inline bool parse_bool(const std::string &fqn, const std::string &lit) {
-    std::string t = trim(lit);
-    if (t == "True") return true;
-    if (t == "False") return false;
-    bad_literal(fqn, lit, "a bool");
-}
-
-inline double parse_number(const std::string &fqn, const std::string &text) {
-    std::string t = trim(text);
-    double v = 0;
-    auto r = std::from_chars(t.data(), t.data() + t.size(), v);
-    if (t.empty() || r.ec != std::errc() || r.ptr != t.data() + t.size()) bad_literal(fqn, text, "a number");
-    return v;
-}
-
-/** "(0.9, 0.999)" (or a list) -> {0.9, 0.999}. */
-inline std::vector<double> parse_numbers(const std::string &fqn, const std::string &lit) {
-    std::string t = trim(lit);
-    if (t.size() < 2 || !((t.front() == '(' && t.back() == ')') || (t.front() == '[' && t.back() == ']')))
-        bad_literal(fqn, lit, "a tuple of numbers");
-    t = t.substr(1, t.size() - 2);
-    std::vector<double> out;
-    size_t start = 0;
-    while (start <= t.size()) {
-        size_t comma = t.find(',', start);
-        std::string item = t.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-        if (!trim(item).empty()) out.push_back(parse_number(fqn, item));
-        if (comma == std::string::npos) break;
-        start = comma + 1;
-    }
-    return out;
-}
-
-/** "['net1.weight', 'net1.bias']" -> {"net1.weight", "net1.bias"}. */
-inline std::vector<std::string> parse_str_list(const std::string &fqn, const std::string &lit) {
-    std::string t = trim(lit);
-    if (t.size() < 2 || !((t.front() == '[' && t.back() == ']') || (t.front() == '(' && t.back() == ')')))
-        bad_literal(fqn, lit, "a list of strings");
-    std::vector<std::string> out;
-    size_t i = 1, end = t.size() - 1;
-    while (i < end) {
-        char c = t[i];
-        if (c == ' ' || c == ',') {
-            ++i;
-            continue;
-        }
-        if (c != '\'' && c != '"') bad_literal(fqn, lit, "a list of strings");
-        std::string item;
-        for (++i; i < end && t[i] != c; ++i) {
-            if (t[i] == '\\' && i + 1 < end) ++i;
-            item += t[i];
-        }
-        if (i >= end) bad_literal(fqn, lit, "a list of strings");
-        ++i; // closing quote
-        out.push_back(std::move(item));
-    }
-    return out;
-}
-
 /** "model." -> {"model"}; "" -> {}; "a.b." -> {"a", "b"}. */
 inline std::vector<std::string> prefix_parts(const std::string &prefix) {
     std::vector<std::string> parts;
@@ -454,7 +386,7 @@ inline Hyper hyper_ignored(std::string name, std::string text) {
 inline Hyper hyper_fixed_bool(std::string name, bool want, bool optional, std::string why) {
     Hyper h{name, true, py_bool(want), 0, optional, nullptr, nullptr};
     h.check = [want, why](const State &st, const std::string &fqn) {
-        if (parse_bool(fqn, st.get_literal(fqn)) != want)
+        if (st.get_bool(fqn) != want)
             throw Error(DCP_ERROR_MISMATCH, "\"" + fqn + "\" is " + py_bool(!want) + " in the checkpoint: " + why);
     };
     return h;
@@ -588,7 +520,7 @@ public:
             b.state.add_literal(fqn, b.mode == detail::Mode::Save ? detail::py_bool(*value) : "None");
             b.path(fqn, {});
             b.apply.push_back([fqn, value](const State &st) {
-                if (st.loaded(fqn)) *value = detail::parse_bool(fqn, st.get_literal(fqn));
+                if (st.loaded(fqn)) *value = st.get_bool(fqn);
             });
         });
         return *this;
@@ -756,11 +688,12 @@ private:
                                 "(" + detail::py_float(std::get<0>(o->betas())) + ", " + detail::py_float(std::get<1>(o->betas())) + ")",
                                 0, false, nullptr, nullptr};
                 h.check = [](const State &st, const std::string &fqn) {
-                    if (detail::parse_numbers(fqn, st.get_literal(fqn)).size() != 2)
-                        detail::bad_literal(fqn, st.get_literal(fqn), "a pair (beta1, beta2)");
+                    if (st.get_doubles(fqn).size() != 2)
+                        throw Error(DCP_ERROR_MISMATCH, "\"" + fqn + "\" holds " + st.get_literal(fqn) +
+                                                            " where a pair (beta1, beta2) was expected");
                 };
                 h.apply = [o](const State &st, const std::string &fqn) {
-                    auto v = detail::parse_numbers(fqn, st.get_literal(fqn));
+                    auto v = st.get_doubles(fqn);
                     o->betas(std::make_tuple(v[0], v[1]));
                 };
                 hs.push_back(std::move(h));
@@ -827,8 +760,8 @@ private:
             hs.push_back(detail::hyper_double("weight_decay", o->weight_decay(), [o](double v) { o->weight_decay(v); }));
             {
                 detail::Hyper h{"nesterov", true, detail::py_bool(o->nesterov()), 0, false, nullptr, nullptr};
-                h.check = [](const State &st, const std::string &fqn) { detail::parse_bool(fqn, st.get_literal(fqn)); };
-                h.apply = [o](const State &st, const std::string &fqn) { o->nesterov(detail::parse_bool(fqn, st.get_literal(fqn))); };
+                h.check = [](const State &st, const std::string &fqn) { st.get_bool(fqn); };
+                h.apply = [o](const State &st, const std::string &fqn) { o->nesterov(st.get_bool(fqn)); };
                 hs.push_back(std::move(h));
             }
             hs.push_back(detail::hyper_fixed_bool("maximize", false, true, "torch::optim::SGD cannot maximize"));
@@ -870,7 +803,7 @@ private:
         if (load)
             b.validate.push_back([fqns, fqn](const State &st) {
                 if (!st.loaded(fqn)) return;
-                auto saved = detail::parse_str_list(fqn, st.get_literal(fqn));
+                auto saved = st.get_strings(fqn);
                 if (std::set<std::string>(saved.begin(), saved.end()) != std::set<std::string>(fqns.begin(), fqns.end()))
                     throw Error(DCP_ERROR_MISMATCH, "\"" + fqn + "\" is " + st.get_literal(fqn) +
                                                         " in the checkpoint, but this optimizer's group holds " +

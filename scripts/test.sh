@@ -63,8 +63,9 @@ reliability_rust() {
     DCP_FIGURES="$FIGURES" cargo test --release --test corruption --test fuzz_corpus --test concurrency -- --nocapture
 }
 
+# The dcp tool is its own crate (cli/, package dcp-cli): its unit tests and cli/tests/cli.rs.
 cli_tests() {
-    cargo test --release --test cli &&
+    cargo test --release -p dcp-cli &&
         DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
 }
 

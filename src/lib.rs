@@ -60,12 +60,7 @@ pub mod comm;
 pub mod storage;
 
 mod cuda;
-internal_mod!(engine, error, mesh, plan, region, state, tensor);
-
-/// Formats. Hidden: only the JSON and safetensors helpers of the `dcp` tool in this package are
-/// reachable (the rest under the `internals` feature).
-#[doc(hidden)]
-pub mod format;
+internal_mod!(engine, error, format, mesh, plan, region, state, tensor);
 
 mod ffi;
 

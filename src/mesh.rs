@@ -21,6 +21,13 @@ pub struct DeviceMesh {
     names: Vec<String>,
 }
 
+/// Most dimensions a mesh may have.
+pub const MAX_MESH_DIMS: usize = 16;
+/// Most positions (ranks) a mesh may have.
+pub const MAX_MESH_RANKS: u64 = 1 << 24;
+/// Strided shards name tensor dims below this (the code `-2 - d` of a larger `d` is rejected).
+pub const MAX_STRIDED_SHARD_DIM: usize = 64;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 /// How a tensor is laid out along one mesh dim (torch's DTensor placements).
 pub enum Placement {
@@ -32,22 +39,44 @@ pub enum Placement {
     StridedShard(usize),
 }
 
+impl Placement {
+    /// The C API's code of [`Placement::Replicate`] (`DCP_REPLICATE`).
+    pub const REPLICATE_CODE: i32 = -1;
+
+    /// Decodes the C API's `int32_t` placement: `DCP_REPLICATE` (-1), `DCP_SHARD(d)` (`d` >= 0)
+    /// or `DCP_STRIDED_SHARD(d)` (`-2 - d`, `d` below [`MAX_STRIDED_SHARD_DIM`]).
+    pub fn from_code(code: i32) -> Result<Placement> {
+        match code {
+            Self::REPLICATE_CODE => Ok(Placement::Replicate),
+            d if d >= 0 => Ok(Placement::Shard(d as usize)),
+            c if c <= -2 && ((-2 - c) as usize) < MAX_STRIDED_SHARD_DIM => Ok(Placement::StridedShard((-2 - c) as usize)),
+            other => Err(Error::invalid(format!(
+                "placement value {other} is not DCP_REPLICATE, DCP_SHARD(d) or DCP_STRIDED_SHARD(d)"
+            ))),
+        }
+    }
+}
+
+/// Number of positions of a mesh of `shape`, if it is at most [`MAX_MESH_RANKS`].
+pub fn mesh_positions(shape: &[u32]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(1u64, |a, &s| a.checked_mul(s as u64))
+        .filter(|&n| n <= MAX_MESH_RANKS)
+}
+
 impl DeviceMesh {
     /// A mesh of `shape` over `ranks` (row-major; `None`: 0, 1, 2, ...), with optional dim names.
     pub fn new(shape: &[u32], ranks: Option<&[u32]>, names: Option<&[String]>) -> Result<DeviceMesh> {
         ensure!(
-            !shape.is_empty() && shape.len() <= 16,
-            Error::invalid(format!("a mesh needs 1..=16 dimensions, not {}", shape.len()))
+            !shape.is_empty() && shape.len() <= MAX_MESH_DIMS,
+            Error::invalid(format!("a mesh needs 1..={MAX_MESH_DIMS} dimensions, not {}", shape.len()))
         );
         ensure!(
             shape.iter().all(|&s| s > 0),
             Error::invalid(format!("mesh shape {shape:?} has a zero dimension"))
         );
-        let n = shape
-            .iter()
-            .try_fold(1u64, |a, &s| a.checked_mul(s as u64))
-            .filter(|&n| n <= 1 << 24)
-            .ok_or_else(|| Error::invalid(format!("mesh shape {shape:?} is too large")))?;
+        let n = mesh_positions(shape).ok_or_else(|| Error::invalid(format!("mesh shape {shape:?} is too large")))?;
         let ranks = match ranks {
             Some(r) => {
                 ensure!(
@@ -203,6 +232,22 @@ pub fn region_of(global_shape: &[u64], mesh: &DeviceMesh, rank: u32, placements:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placement_codes() {
+        assert_eq!(Placement::from_code(-1).unwrap(), Placement::Replicate);
+        assert_eq!(Placement::from_code(0).unwrap(), Placement::Shard(0));
+        assert_eq!(Placement::from_code(i32::MAX).unwrap(), Placement::Shard(i32::MAX as usize));
+        assert_eq!(Placement::from_code(-2).unwrap(), Placement::StridedShard(0));
+        assert_eq!(Placement::from_code(-65).unwrap(), Placement::StridedShard(63));
+        for bad in [-66, i32::MIN] {
+            assert!(Placement::from_code(bad).unwrap_err().message().contains(&bad.to_string()));
+        }
+        assert_eq!(mesh_positions(&[4, 2]), Some(8));
+        assert_eq!(mesh_positions(&[1 << 12, 1 << 12]), Some(MAX_MESH_RANKS));
+        assert_eq!(mesh_positions(&[1 << 12, (1 << 12) + 1]), None);
+        assert_eq!(mesh_positions(&[u32::MAX; 16]), None);
+    }
 
     #[test]
     fn torch_chunking() {

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
+#[path = "common/dcp_bin.rs"]
+mod dcp_bin;
 #[path = "common/tempdir.rs"]
 mod tempdir;
 use tempdir::TempDir;
@@ -291,7 +293,7 @@ fn rss_reaper() {
     let out = std::fs::File::create(&out_path).unwrap();
     // Reaped by `wait4` below, which also gives its resource usage.
     #[allow(clippy::zombie_processes)]
-    let child = Command::new(env!("CARGO_BIN_EXE_dcp"))
+    let child = Command::new(dcp_bin::dcp_bin())
         .args(args.split('\u{1f}'))
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())

@@ -9,6 +9,8 @@ use dcp::{verify, verify_with_options, VerifyOptions, VerifyReport};
 use dcp::{Checkpoint, DType, ErrorKind, ObjectValue, Region};
 use std::path::{Path, PathBuf};
 
+#[path = "common/dcp_bin.rs"]
+mod dcp_bin;
 struct Dir(PathBuf);
 
 impl Dir {
@@ -355,7 +357,7 @@ fn strict_pickles_flag() {
     let mut b = good();
     b.object("evil", OS_SYSTEM);
     b.write(&d);
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_dcp")).args(args).output().unwrap();
+    let run = |args: &[&str]| std::process::Command::new(dcp_bin::dcp_bin()).args(args).output().unwrap();
     let o = run(&["verify", d.s()]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("note: key \"evil\""));

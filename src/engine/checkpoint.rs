@@ -12,7 +12,6 @@ use crate::region::Region;
 use crate::state::State;
 use crate::storage::{self, Storage};
 use crate::tensor::{DType, TensorView};
-use super::verify::Problem;
 use std::sync::Arc;
 
 /// What a key of a checkpoint holds.
@@ -230,10 +229,11 @@ impl Checkpoint {
         read_object(&self.files, fqn, info)
     }
 
-    /// The checks of [`verify`](crate::verify) for the items of `fqn` only (zip structure, CRC-32s,
-    /// what each item holds); empty when they pass. Run it before reading a large tensor in
-    /// pieces without the reader's own checks, so that its bytes are checked once.
-    pub fn verify_key(&self, fqn: &str) -> Vec<Problem> {
+    /// The checks of [`verify`](crate::verify) for the items of key `fqn` only: zip structure,
+    /// every record's CRC-32, the sidecar's block CRCs, and what each item holds. Empty when all
+    /// hold. For reading a key without the reader's own CRC checks (a large tensor read in
+    /// pieces, each of which would otherwise check its whole chunk): its bytes are checked once.
+    pub fn verify_key(&self, fqn: &str) -> Vec<super::verify::Problem> {
         super::verify::verify_key(self.storage(), self.metadata(), self.sidecar(), fqn)
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 pub use checkpoint::{Checkpoint, KeyInfo, KeyKind};
 pub use future::SaveFuture;
 pub use load::DirectIo;
-pub use load::{load, LoadOptions};
+pub use load::{load, LoadOptions, LoadReport};
 pub use save::{save, save_async, SaveOptions};
 pub use staging::PoolStats;
 

@@ -1,5 +1,5 @@
-use super::state::{copy_literal, copy_object, cpu_view, literal_of, object_as_double, object_as_int, strides_arg};
-use super::{dcp_status, dims_arg, free_box, guard, invalid, mut_arg, ref_arg, str_arg, FfiResult};
+use super::state::{copy_doubles, copy_object, copy_strings, cpu_view, strides_arg, value_kind};
+use super::{copy_text_out, dcp_status, dims_arg, free_box, guard, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::engine::{Checkpoint, KeyKind};
 use crate::tensor::numel;
 use std::ffi::{c_char, c_void, CString};
@@ -42,13 +42,13 @@ pub struct dcp_key_info {
 }
 
 /// Opens the checkpoint at `path` for inspection (reads and checks `.metadata` and the
-/// sidecar). Not collective. `*out` is owned by the caller; free it with
+/// sidecar). Not collective; thread-safe. `*out` is owned by the caller; free it with
 /// `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_open(path: *const c_char, out: *mut *mut dcp_checkpoint) -> dcp_status {
     guard("dcp_checkpoint_open", || {
-        let path = str_arg(path, "path")?;
-        let out = mut_arg(out, "out")?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (path, out) = unsafe { (str_arg(path, "path")?, mut_arg(out, "out")?) };
         let inner = Checkpoint::open(path)?;
         let mut names = Vec::with_capacity(inner.len());
         let mut shapes = Vec::with_capacity(inner.len());
@@ -78,27 +78,32 @@ pub unsafe extern "C" fn dcp_checkpoint_open(path: *const c_char, out: *mut *mut
     })
 }
 
-/// Frees an open checkpoint. NULL is a no-op.
+/// Frees an open checkpoint, and with it every pointer its functions returned. NULL is a
+/// no-op. Must not race with other calls on the checkpoint. Not collective.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_free(ckpt: *mut dcp_checkpoint) {
-    free_box(ckpt)
+    // SAFETY: `ckpt` is NULL or from `dcp_checkpoint_open`, freed once (header contract).
+    unsafe { free_box(ckpt) }
 }
 
-/// Number of keys.
+/// Number of keys. Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_num_keys(ckpt: *const dcp_checkpoint, n: *mut usize) -> dcp_status {
     guard("dcp_checkpoint_num_keys", || {
-        *mut_arg(n, "n")? = ref_arg(ckpt, "ckpt")?.names.len();
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (c, n) = unsafe { (ref_arg(ckpt, "ckpt")?, mut_arg(n, "n")?) };
+        *n = c.names.len();
         Ok(())
     })
 }
 
-/// Describes key number `index` (0-based, in the checkpoint's order).
+/// Describes key number `index` (0-based, in the checkpoint's order). The pointers in `*info`
+/// are owned by the checkpoint. Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_key(ckpt: *const dcp_checkpoint, index: usize, info: *mut dcp_key_info) -> dcp_status {
     guard("dcp_checkpoint_key", || {
-        let c = ref_arg(ckpt, "ckpt")?;
-        let info = mut_arg(info, "info")?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (c, info) = unsafe { (ref_arg(ckpt, "ckpt")?, mut_arg(info, "info")?) };
         let k = c
             .inner
             .key(index)
@@ -118,23 +123,25 @@ pub unsafe extern "C" fn dcp_checkpoint_key(ckpt: *const dcp_checkpoint, index: 
     })
 }
 
-/// Finds a key's index. A key that is not there gives `DCP_ERROR_NOT_FOUND`.
+/// Finds a key's index. A key that is not there gives `DCP_ERROR_NOT_FOUND`. Not collective;
+/// thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_find(ckpt: *const dcp_checkpoint, fqn: *const c_char, index: *mut usize) -> dcp_status {
     guard("dcp_checkpoint_find", || {
-        let c = ref_arg(ckpt, "ckpt")?;
-        let fqn = str_arg(fqn, "fqn")?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (c, fqn) = unsafe { (ref_arg(ckpt, "ckpt")?, str_arg(fqn, "fqn")?) };
         let i = c
             .inner
             .index_of(fqn)
             .ok_or_else(|| crate::Error::not_found(format!("key {fqn:?} is not in the checkpoint")))?;
-        *mut_arg(index, "index")? = i;
+        // SAFETY: `index` is NULL or writable (header contract).
+        *unsafe { mut_arg(index, "index")? } = i;
         Ok(())
     })
 }
 
 /// The offsets and sizes (each `ndim` entries, valid until the checkpoint is freed) of saved
-/// chunk `chunk` of key `key`.
+/// chunk `chunk` of key `key`. Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_chunk(
     ckpt: *const dcp_checkpoint,
@@ -144,7 +151,8 @@ pub unsafe extern "C" fn dcp_checkpoint_chunk(
     sizes: *mut *const i64,
 ) -> dcp_status {
     guard("dcp_checkpoint_chunk", || {
-        let c = ref_arg(ckpt, "ckpt")?;
+        // SAFETY: `ckpt` is NULL or valid (header contract).
+        let c = unsafe { ref_arg(ckpt, "ckpt")? };
         let chunks = c
             .chunks
             .get(key)
@@ -152,8 +160,10 @@ pub unsafe extern "C" fn dcp_checkpoint_chunk(
         let (o, s) = chunks
             .get(chunk)
             .ok_or_else(|| invalid(format!("chunk index {chunk} is out of range ({} chunks)", chunks.len())))?;
-        *mut_arg(offsets, "offsets")? = o.as_ptr();
-        *mut_arg(sizes, "sizes")? = s.as_ptr();
+        // SAFETY: the out-pointers are NULL or writable (header contract).
+        let (offsets, sizes) = unsafe { (mut_arg(offsets, "offsets")?, mut_arg(sizes, "sizes")?) };
+        *offsets = o.as_ptr();
+        *sizes = s.as_ptr();
         Ok(())
     })
 }
@@ -161,7 +171,8 @@ pub unsafe extern "C" fn dcp_checkpoint_chunk(
 /// Reads a box of tensor `fqn` into `dst`, with no registration: the box starts at `offsets`
 /// and has `sizes` (each `ndim` entries, which must equal the tensor's rank; both NULL: the
 /// whole tensor). `dst` receives the elements in the saved dtype, laid out with `strides`
-/// (elements; NULL: contiguous) within `dst_nbytes` bytes. CRC-32s are verified.
+/// (elements; NULL: contiguous) within `dst_nbytes` bytes. CRC-32s are verified. Not
+/// collective; thread-safe (concurrent reads into disjoint buffers).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
     ckpt: *const dcp_checkpoint,
@@ -174,8 +185,8 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
     dst_nbytes: u64,
 ) -> dcp_status {
     guard("dcp_checkpoint_read_tensor", || {
-        let c = ref_arg(ckpt, "ckpt")?;
-        let fqn = str_arg(fqn, "fqn")?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (c, fqn) = unsafe { (ref_arg(ckpt, "ckpt")?, str_arg(fqn, "fqn")?) };
         let k = c
             .inner
             .find(fqn)
@@ -192,23 +203,45 @@ pub unsafe extern "C" fn dcp_checkpoint_read_tensor(
         let (offsets, sizes) = if offsets.is_null() && sizes.is_null() {
             (vec![0; k.shape.len()], k.shape.to_vec())
         } else {
-            (dims_arg(offsets, ndim, "offsets")?, dims_arg(sizes, ndim, "sizes")?)
+            // SAFETY: both arrays are NULL or hold `ndim` entries (documented above).
+            unsafe { (dims_arg(offsets, ndim, "offsets")?, dims_arg(sizes, ndim, "sizes")?) }
         };
-        let strides = strides_arg(strides, ndim)?;
+        // SAFETY: NULL or `ndim` entries (documented above).
+        let strides = unsafe { strides_arg(strides, ndim)? };
         numel(&sizes)?;
-        let view = cpu_view(dtype, &sizes, strides.as_deref(), dst, dst_nbytes, ("dst", "dst_nbytes"))?;
+        // SAFETY: `dst` is NULL or `dst_nbytes` writable bytes for the call (documented above).
+        let view = unsafe { cpu_view(dtype, &sizes, strides.as_deref(), dst, dst_nbytes, ("dst", "dst_nbytes"))? };
         c.inner.read_tensor_into(fqn, &offsets, view, true)?;
         Ok(())
     })
 }
 
-fn object<'c>(c: &'c dcp_checkpoint, fqn: &str) -> FfiResult<crate::ObjectValue> {
-    Ok(c.inner.read_object(fqn)?)
+/// Reads the non-tensor value `fqn` of the checkpoint.
+///
+/// # Safety
+/// `ckpt` and `fqn` are NULL or valid.
+unsafe fn read_object<'a>(ckpt: *const dcp_checkpoint, fqn: *const c_char) -> FfiResult<(&'a str, crate::ObjectValue)> {
+    // SAFETY: forwarded from this function's contract.
+    let (c, fqn) = unsafe { (ref_arg(ckpt, "ckpt")?, str_arg(fqn, "fqn")?) };
+    Ok((fqn, c.inner.read_object(fqn)?))
+}
+
+/// The kind (`dcp_value_kind`) of a non-tensor value, as `dcp_state_value_kind` reports it
+/// after a load. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_checkpoint_value_kind(ckpt: *const dcp_checkpoint, fqn: *const c_char, kind: *mut i32) -> dcp_status {
+    guard("dcp_checkpoint_value_kind", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (_, v) = unsafe { read_object(ckpt, fqn)? };
+        // SAFETY: `kind` is NULL or writable (header contract).
+        *unsafe { mut_arg(kind, "kind")? } = value_kind(&v);
+        Ok(())
+    })
 }
 
 /// Reads a non-tensor value as in `dcp_state_get_bytes`: raw bytes for a bytes value, the
 /// pickle (data.pkl) for any other object, with the `dcp_value_kind` in `*kind` (may be NULL)
-/// and a size query through `*len`.
+/// and a size query through `*len`. Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_read_bytes(
     ckpt: *const dcp_checkpoint,
@@ -219,35 +252,93 @@ pub unsafe extern "C" fn dcp_checkpoint_read_bytes(
     kind: *mut i32,
 ) -> dcp_status {
     guard("dcp_checkpoint_read_bytes", || {
-        let c = ref_arg(ckpt, "ckpt")?;
-        let v = object(c, str_arg(fqn, "fqn")?)?;
-        copy_object(&v, buf, cap, len, kind)
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (_, v) = unsafe { read_object(ckpt, fqn)? };
+        // SAFETY: `len` and `kind` are NULL or writable; `buf` is NULL or `cap` bytes.
+        unsafe { copy_object(&v, buf, cap, len, kind) }
     })
 }
 
-/// Reads an int value (a float with an integral value converts).
+/// Reads an int value (a float with an integral value converts), as `dcp_state_get_int`. Not
+/// collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_read_int(ckpt: *const dcp_checkpoint, fqn: *const c_char, value: *mut i64) -> dcp_status {
     guard("dcp_checkpoint_read_int", || {
-        let fqn = str_arg(fqn, "fqn")?;
-        let v = object(ref_arg(ckpt, "ckpt")?, fqn)?;
-        *mut_arg(value, "value")? = object_as_int(fqn, &v)?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        let converted = v.to_int(fqn)?;
+        // SAFETY: `value` is NULL or writable (header contract).
+        *unsafe { mut_arg(value, "value")? } = converted;
         Ok(())
     })
 }
 
-/// Reads a float value (an int converts).
+/// Reads a float value (an int converts), as `dcp_state_get_double`. Not collective;
+/// thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_read_double(ckpt: *const dcp_checkpoint, fqn: *const c_char, value: *mut f64) -> dcp_status {
     guard("dcp_checkpoint_read_double", || {
-        let fqn = str_arg(fqn, "fqn")?;
-        let v = object(ref_arg(ckpt, "ckpt")?, fqn)?;
-        *mut_arg(value, "value")? = object_as_double(fqn, &v)?;
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        let converted = v.to_float(fqn)?;
+        // SAFETY: `value` is NULL or writable (header contract).
+        *unsafe { mut_arg(value, "value")? } = converted;
         Ok(())
     })
 }
 
-/// Reads a non-tensor value as Python literal text, as in `dcp_state_get_literal`.
+/// Reads a Python `bool` value, as `dcp_state_get_bool`. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_checkpoint_read_bool(ckpt: *const dcp_checkpoint, fqn: *const c_char, value: *mut bool) -> dcp_status {
+    guard("dcp_checkpoint_read_bool", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        let converted = v.to_bool(fqn)?;
+        // SAFETY: `value` is NULL or writable (header contract).
+        *unsafe { mut_arg(value, "value")? } = converted;
+        Ok(())
+    })
+}
+
+/// Reads a list or tuple of numbers as doubles, as `dcp_state_get_doubles` (`cap` and `*len`
+/// count doubles). Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_checkpoint_read_doubles(
+    ckpt: *const dcp_checkpoint,
+    fqn: *const c_char,
+    buf: *mut f64,
+    cap: usize,
+    len: *mut usize,
+) -> dcp_status {
+    guard("dcp_checkpoint_read_doubles", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        // SAFETY: `len` is NULL or writable; `buf` is NULL or holds `cap` doubles.
+        unsafe { copy_doubles(fqn, &v, buf, cap, len) }
+    })
+}
+
+/// Reads a list or tuple of strings, NUL after each, as `dcp_state_get_strings`. Not
+/// collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_checkpoint_read_strings(
+    ckpt: *const dcp_checkpoint,
+    fqn: *const c_char,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+    count: *mut usize,
+) -> dcp_status {
+    guard("dcp_checkpoint_read_strings", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        // SAFETY: `len` and `count` are NULL or writable; `buf` is NULL or `cap` bytes.
+        unsafe { copy_strings(fqn, &v, buf, cap, len, count) }
+    })
+}
+
+/// Reads a non-tensor value as Python literal text, as in `dcp_state_get_literal`. Not
+/// collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_read_literal(
     ckpt: *const dcp_checkpoint,
@@ -257,8 +348,10 @@ pub unsafe extern "C" fn dcp_checkpoint_read_literal(
     len: *mut usize,
 ) -> dcp_status {
     guard("dcp_checkpoint_read_literal", || {
-        let fqn = str_arg(fqn, "fqn")?;
-        let v = object(ref_arg(ckpt, "ckpt")?, fqn)?;
-        copy_literal(&literal_of(fqn, &v)?, buf, cap, len)
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (fqn, v) = unsafe { read_object(ckpt, fqn)? };
+        let text = v.to_literal(fqn)?;
+        // SAFETY: `len` is NULL or writable; `buf` is NULL or `cap` bytes (documented above).
+        unsafe { copy_text_out(text.as_bytes(), buf, cap, len, "literal") }
     })
 }

@@ -1,26 +1,33 @@
 use super::{dcp_context, dcp_load_options, dcp_save_options, dcp_state, dcp_status, guard, mut_arg, ref_arg, str_arg};
-use crate::engine::{LoadOptions, SaveOptions};
+use crate::engine::{LoadOptions, LoadReport, SaveOptions};
+use std::ffi::c_char;
 
 /// Saves the registered state to the checkpoint directory `path`.
 ///
 /// Collective: every rank of `ctx` calls it with its own state and the same `path`. Data files
 /// are written and synced, then `.metadata` is committed atomically; the previous content of
-/// `path` is not a checkpoint again until the commit. `opts` may be NULL (defaults). Registered
-/// tensor memory is read during the call and must not be modified until it returns.
-/// Thread safety: one save or load per context at a time.
+/// `path` is not a checkpoint again until the commit. `opts` may be NULL (defaults); nothing
+/// is kept after the call. Registered tensor memory is read during the call and must not be
+/// modified until it returns. Thread safety: one save or load per context at a time.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save(
     ctx: *mut dcp_context,
     state: *const dcp_state,
-    path: *const std::ffi::c_char,
+    path: *const c_char,
     opts: *const dcp_save_options,
 ) -> dcp_status {
     guard("dcp_save", || {
-        let ctx = mut_arg(ctx, "ctx")?;
-        let state = ref_arg(state, "state")?;
-        let path = str_arg(path, "path")?;
+        // SAFETY: every pointer is NULL or valid (header contract).
+        let (ctx, state, path, opts) = unsafe {
+            (
+                mut_arg(ctx, "ctx")?,
+                ref_arg(state, "state")?,
+                str_arg(path, "path")?,
+                opts.as_ref(),
+            )
+        };
         let default = SaveOptions::default();
-        let opts = opts.as_ref().map(|o| &o.inner).unwrap_or(&default);
+        let opts = opts.map(|o| &o.inner).unwrap_or(&default);
         crate::engine::save(&ctx.inner, &state.inner, path, opts)?;
         Ok(())
     })
@@ -31,23 +38,30 @@ pub unsafe extern "C" fn dcp_save(
 /// are stored in the state (read them with `dcp_state_get_*`).
 ///
 /// Collective: every rank of `ctx` calls it. `opts` may be NULL (strict, verified). On error,
-/// registered buffers may be partly overwritten; nothing on disk is changed.
+/// registered buffers may be partly overwritten; nothing on disk is changed. Thread safety:
+/// one save or load per context at a time; nothing else may use the state meanwhile.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load(
     ctx: *mut dcp_context,
     state: *mut dcp_state,
-    path: *const std::ffi::c_char,
+    path: *const c_char,
     opts: *const dcp_load_options,
 ) -> dcp_status {
     guard("dcp_load", || {
-        let ctx = mut_arg(ctx, "ctx")?;
-        let state = mut_arg(state, "state")?;
-        let path = str_arg(path, "path")?;
+        // SAFETY: every pointer is NULL or valid (header contract).
+        let (ctx, state, path, opts) = unsafe {
+            (
+                mut_arg(ctx, "ctx")?,
+                mut_arg(state, "state")?,
+                str_arg(path, "path")?,
+                opts.as_ref(),
+            )
+        };
         let default = LoadOptions::default();
-        let opts = opts.as_ref().map(|o| &o.inner).unwrap_or(&default);
-        state.missing_c.clear();
-        crate::engine::load(&ctx.inner, &mut state.inner, path, opts)?;
-        state.refresh_missing();
+        let opts = opts.map(|o| &o.inner).unwrap_or(&default);
+        // A failed load reports nothing missing.
+        state.last_load = LoadReport::default();
+        state.last_load = crate::engine::load(&ctx.inner, &mut state.inner, path, opts)?;
         Ok(())
     })
 }
@@ -73,17 +87,23 @@ pub struct dcp_future {
 pub unsafe extern "C" fn dcp_save_async(
     ctx: *mut dcp_context,
     state: *const dcp_state,
-    path: *const std::ffi::c_char,
+    path: *const c_char,
     opts: *const dcp_save_options,
     out: *mut *mut dcp_future,
 ) -> dcp_status {
     guard("dcp_save_async", || {
-        let ctx = mut_arg(ctx, "ctx")?;
-        let state = ref_arg(state, "state")?;
-        let path = str_arg(path, "path")?;
-        let out = mut_arg(out, "out")?;
+        // SAFETY: every pointer is NULL or valid (header contract).
+        let (ctx, state, path, out, opts) = unsafe {
+            (
+                mut_arg(ctx, "ctx")?,
+                ref_arg(state, "state")?,
+                str_arg(path, "path")?,
+                mut_arg(out, "out")?,
+                opts.as_ref(),
+            )
+        };
         let default = SaveOptions::default();
-        let opts = opts.as_ref().map(|o| &o.inner).unwrap_or(&default);
+        let opts = opts.map(|o| &o.inner).unwrap_or(&default);
         let f = crate::engine::save_async(&ctx.inner, &state.inner, path, opts)?;
         *out = Box::into_raw(Box::new(dcp_future { inner: f }));
         Ok(())
@@ -91,28 +111,33 @@ pub unsafe extern "C" fn dcp_save_async(
 }
 
 /// Blocks until the async save completes and returns its status (the same on every call; on
-/// failure `dcp_last_error` on this thread says why). Not collective.
+/// failure `dcp_last_error` on this thread says why). Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_wait(future: *const dcp_future) -> dcp_status {
     guard("dcp_future_wait", || {
-        ref_arg(future, "future")?.inner.wait()?;
+        // SAFETY: `future` is NULL or from `dcp_save_async` (header contract).
+        unsafe { ref_arg(future, "future")? }.inner.wait()?;
         Ok(())
     })
 }
 
-/// Whether the async save has completed (successfully or not), without blocking.
+/// Whether the async save has completed (successfully or not), without blocking. Not
+/// collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_done(future: *const dcp_future, done: *mut bool) -> dcp_status {
     guard("dcp_future_done", || {
-        let f = ref_arg(future, "future")?;
-        *mut_arg(done, "done")? = f.inner.is_done();
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (f, done) = unsafe { (ref_arg(future, "future")?, mut_arg(done, "done")?) };
+        *done = f.inner.is_done();
         Ok(())
     })
 }
 
 /// Frees the handle. The save itself goes on; the context waits for it before its next
-/// collective and in `dcp_context_free`. NULL is a no-op.
+/// collective and in `dcp_context_free`. NULL is a no-op. Must not race with other calls on
+/// the handle.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_free(future: *mut dcp_future) {
-    super::free_box(future)
+    // SAFETY: `future` is NULL or from `dcp_save_async`, freed once (header contract).
+    unsafe { super::free_box(future) }
 }

@@ -1,8 +1,18 @@
 //! The C API: every `extern "C"` function and nothing else. Each body runs inside [`guard`]
 //! (panics become `DCP_ERROR_INTERNAL`), checks its pointers through the helpers below, converts
 //! enums from `int32_t` with `TryFrom`, and calls the safe core.
+//!
+//! Logic lives in the safe layers (placement codes in [`crate::mesh`], typed reads of values
+//! in [`crate::format::pyobj`], missing keys in [`crate::engine::LoadReport`]); what stays here
+//! is what only the boundary needs: pointer checks, C types, status codes.
+//!
+//! Every exported function's safety contract is the header's: pointer arguments are NULL or
+//! point to what their documentation says (objects made by this library and not yet freed,
+//! NUL-terminated strings, arrays of the stated length), and an object is not used from two
+//! threads at once unless its documentation allows it.
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 // Declared in the order the header lists them.
 mod checkpoint;
@@ -201,10 +211,14 @@ pub(crate) fn guard_void(body: impl FnOnce()) {
 }
 
 /// The body of every `_free` function: drops a box made by `Box::into_raw`; NULL is a no-op.
+///
+/// # Safety
+/// `p` is NULL or a pointer this library returned for a `T` that has not been freed yet.
 pub(crate) unsafe fn free_box<T>(p: *mut T) {
     guard_void(|| {
         if !p.is_null() {
-            drop(Box::from_raw(p));
+            // SAFETY: per this function's contract `p` came from `Box::into_raw` and is freed once.
+            drop(unsafe { Box::from_raw(p) });
         }
     })
 }
@@ -217,27 +231,44 @@ pub(crate) fn threads_arg(threads: u32) -> FfiResult<usize> {
     Ok(threads as usize)
 }
 
+/// A C string argument as UTF-8.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that outlives `'a`.
 pub(crate) unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> FfiResult<&'a str> {
     if p.is_null() {
         return Err(null(name));
     }
-    CStr::from_ptr(p)
+    // SAFETY: `p` is non-NULL and NUL-terminated per this function's contract.
+    unsafe { CStr::from_ptr(p) }
         .to_str()
         .map_err(|_| invalid(format!("argument `{name}` is not valid UTF-8")))
 }
 
+/// # Safety
+/// `p` is NULL or points to a valid `T` that is not written during `'a`.
 pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, name: &str) -> FfiResult<&'a T> {
-    p.as_ref().ok_or_else(|| null(name))
+    // SAFETY: NULL is checked by `as_ref`; otherwise `p` is valid per this function's contract.
+    unsafe { p.as_ref() }.ok_or_else(|| null(name))
 }
 
+/// # Safety
+/// `p` is NULL or points to a valid `T` that nothing else accesses during `'a`.
 pub(crate) unsafe fn mut_arg<'a, T>(p: *mut T, name: &str) -> FfiResult<&'a mut T> {
-    p.as_mut().ok_or_else(|| null(name))
+    // SAFETY: NULL is checked by `as_mut`; otherwise `p` is valid and unaliased per the contract.
+    unsafe { p.as_mut() }.ok_or_else(|| null(name))
 }
+
+/// Most dimensions of a tensor argument.
+const MAX_NDIM: i32 = 64;
 
 /// `n` dimensions from a C array; NULL is allowed when `n` is 0; negative values are rejected.
+///
+/// # Safety
+/// `p` is NULL or points to at least `n` readable `i64`s.
 pub(crate) unsafe fn dims_arg(p: *const i64, n: i32, name: &str) -> FfiResult<Vec<u64>> {
-    if !(0..=64).contains(&n) {
-        return Err(invalid(format!("`ndim` must be 0..=64, not {n}")));
+    if !(0..=MAX_NDIM).contains(&n) {
+        return Err(invalid(format!("`ndim` must be 0..={MAX_NDIM}, not {n}")));
     }
     if n == 0 {
         return Ok(vec![]);
@@ -245,13 +276,17 @@ pub(crate) unsafe fn dims_arg(p: *const i64, n: i32, name: &str) -> FfiResult<Ve
     if p.is_null() {
         return Err(null(name));
     }
-    std::slice::from_raw_parts(p, n as usize)
+    // SAFETY: `p` is non-NULL with `n` (checked positive) elements per this function's contract.
+    unsafe { std::slice::from_raw_parts(p, n as usize) }
         .iter()
         .map(|&v| u64::try_from(v).map_err(|_| invalid(format!("`{name}` has a negative value {v}"))))
         .collect()
 }
 
 /// `(NULL, 0)` is the empty slice.
+///
+/// # Safety
+/// `p` is NULL or points to `len` readable bytes that are not written during `'a`.
 pub(crate) unsafe fn bytes_arg<'a>(p: *const u8, len: usize, name: &str) -> FfiResult<&'a [u8]> {
     if len == 0 {
         return Ok(&[]);
@@ -259,45 +294,92 @@ pub(crate) unsafe fn bytes_arg<'a>(p: *const u8, len: usize, name: &str) -> FfiR
     if p.is_null() {
         return Err(null(name));
     }
-    Ok(std::slice::from_raw_parts(p, len))
+    // SAFETY: `p` is non-NULL with `len` bytes per this function's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
-/// Writes `data` to a caller buffer with a size query: `len` always receives the size; a
-/// buffer that is NULL or too small gives `DCP_ERROR_BUFFER_TOO_SMALL`.
-pub(crate) unsafe fn copy_out(data: &[u8], buf: *mut u8, cap: usize, len: *mut usize) -> FfiResult {
-    let len = mut_arg(len, "len")?;
-    *len = data.len();
-    if data.is_empty() {
+/// Writes `items` to a caller buffer with a size query: `len` always receives the number of
+/// items; a buffer that is NULL or holds fewer gives `DCP_ERROR_BUFFER_TOO_SMALL` (`what`
+/// names the unit in that message: "bytes", "numbers").
+///
+/// # Safety
+/// `len` is NULL or writable; `buf` is NULL or points to `cap` writable `T`s.
+pub(crate) unsafe fn copy_items_out<T: Copy>(items: &[T], buf: *mut T, cap: usize, len: *mut usize, what: &str) -> FfiResult {
+    // SAFETY: `len` is NULL or writable per this function's contract.
+    let len = unsafe { mut_arg(len, "len")? };
+    *len = items.len();
+    if items.is_empty() {
         return Ok(());
     }
-    if buf.is_null() || cap < data.len() {
+    if buf.is_null() || cap < items.len() {
         return Err(FfiError {
             status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
             message: format!(
-                "the value has {} bytes but the buffer holds {cap}; `len` holds the size needed",
-                data.len()
+                "the value has {} {what} but the buffer holds {cap}; `len` holds the size needed",
+                items.len()
             ),
         });
     }
-    std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len());
+    // SAFETY: `buf` is non-NULL with room for `cap` >= `items.len()` items (contract), and
+    // caller memory cannot overlap the library's `items`.
+    unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), buf, items.len()) };
+    Ok(())
+}
+
+/// [`copy_items_out`] for bytes.
+///
+/// # Safety
+/// As for [`copy_items_out`].
+pub(crate) unsafe fn copy_out(data: &[u8], buf: *mut u8, cap: usize, len: *mut usize) -> FfiResult {
+    // SAFETY: this function's contract is `copy_items_out`'s.
+    unsafe { copy_items_out(data, buf, cap, len, "bytes") }
+}
+
+/// Writes `text` and a NUL to a caller buffer with a size query: `len` always receives the
+/// text's length without the NUL; `cap` must hold the NUL too, else
+/// `DCP_ERROR_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `len` is NULL or writable; `buf` is NULL or points to `cap` writable bytes.
+pub(crate) unsafe fn copy_text_out(text: &[u8], buf: *mut c_char, cap: usize, len: *mut usize, what: &str) -> FfiResult {
+    // SAFETY: `len` is NULL or writable per this function's contract.
+    let len = unsafe { mut_arg(len, "len")? };
+    *len = text.len();
+    if buf.is_null() || cap <= text.len() {
+        return Err(FfiError {
+            status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
+            message: format!(
+                "the {what} has {} characters and needs a buffer of {} bytes (with its NUL), not {cap}",
+                text.len(),
+                text.len() + 1
+            ),
+        });
+    }
+    // SAFETY: `buf` is non-NULL with `cap` > `text.len()` writable bytes (contract); caller
+    // memory cannot overlap the library's `text`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf as *mut u8, text.len());
+        *buf.add(text.len()) = 0;
+    }
     Ok(())
 }
 
 /// The message of the last failed call on this thread ("" if none). The pointer stays valid
 /// until the next failing libdcp call on the same thread. Never NULL. Thread safety: per thread.
+/// Not collective.
 #[no_mangle]
 pub extern "C" fn dcp_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// The library version, e.g. "0.1.0". A static string; never NULL.
+/// The library version, e.g. "0.1.0". A static string; never NULL. Not collective; thread-safe.
 #[no_mangle]
 pub extern "C" fn dcp_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
 }
 
 /// A static name for a status value ("DCP_OK", "DCP_ERROR_IO", ...; "DCP_UNKNOWN_STATUS" for
-/// values this version does not define). Never NULL.
+/// values this version does not define). Never NULL. Not collective; thread-safe.
 #[no_mangle]
 pub extern "C" fn dcp_status_name(status: i32) -> *const c_char {
     let name = STATUSES

@@ -7,17 +7,21 @@ pub struct dcp_save_options {
     pub(crate) inner: SaveOptions,
 }
 
-/// Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads.
+/// Options of `dcp_load`. Defaults: strict, CRC-32 verification on, 4 reader threads,
+/// direct I/O AUTO, broadcast of replicated boxes on. Thread safety: not shared; one thread at
+/// a time.
 pub struct dcp_load_options {
     pub(crate) inner: LoadOptions,
 }
 
 /// Creates save options with the defaults. `*out` is owned by the caller; free it with
-/// `dcp_save_options_free`.
+/// `dcp_save_options_free`. Options are read only during the calls they are passed to. The
+/// option functions are local (not collective). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_new(out: *mut *mut dcp_save_options) -> dcp_status {
     guard("dcp_save_options_new", || {
-        let out = mut_arg(out, "out")?;
+        // SAFETY: `out` is NULL or writable (header contract).
+        let out = unsafe { mut_arg(out, "out")? };
         *out = Box::into_raw(Box::new(dcp_save_options {
             inner: SaveOptions::default(),
         }));
@@ -25,47 +29,54 @@ pub unsafe extern "C" fn dcp_save_options_new(out: *mut *mut dcp_save_options) -
     })
 }
 
-/// Frees save options. NULL is a no-op.
+/// Frees save options. NULL is a no-op. Not collective; not concurrent with other uses of `opts`.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_free(opts: *mut dcp_save_options) {
-    free_box(opts)
+    // SAFETY: `opts` is NULL or from the matching `_new`, freed once (header contract).
+    unsafe { free_box(opts) }
 }
 
 /// Replace a committed checkpoint at the destination. Off (the default), saving where a
 /// checkpoint exists fails with `DCP_ERROR_ALREADY_EXISTS` ("checkpoint already exists").
+/// Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_set_overwrite(opts: *mut dcp_save_options, overwrite: bool) -> dcp_status {
     guard("dcp_save_options_set_overwrite", || {
-        mut_arg(opts, "opts")?.inner.overwrite = overwrite;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.overwrite = overwrite;
         Ok(())
     })
 }
 
-/// Writer threads per rank, 1..=1024.
+/// Writer threads per rank, 1..=1024. Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_set_threads(opts: *mut dcp_save_options, threads: u32) -> dcp_status {
     guard("dcp_save_options_set_threads", || {
         let threads = threads_arg(threads)?;
-        mut_arg(opts, "opts")?.inner.threads = threads;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.threads = threads;
         Ok(())
     })
 }
 
 /// Use O_DIRECT for data files where the file system supports it (default on).
+/// Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_set_direct_io(opts: *mut dcp_save_options, direct_io: bool) -> dcp_status {
     guard("dcp_save_options_set_direct_io", || {
-        mut_arg(opts, "opts")?.inner.direct_io = direct_io;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.direct_io = direct_io;
         Ok(())
     })
 }
 
 /// When an async save is still in flight on the context: wait for it (default) or fail with
-/// `DCP_ERROR_BUSY`.
+/// `DCP_ERROR_BUSY`. Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_save_options_set_wait_if_busy(opts: *mut dcp_save_options, wait: bool) -> dcp_status {
     guard("dcp_save_options_set_wait_if_busy", || {
-        mut_arg(opts, "opts")?.inner.wait_if_busy = wait;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.wait_if_busy = wait;
         Ok(())
     })
 }
@@ -80,11 +91,13 @@ pub enum dcp_direct_io {
     DCP_DIRECT_IO_OFF = 2,
 }
 
-/// Creates load options with the defaults. Free with `dcp_load_options_free`.
+/// Creates load options with the defaults. `*out` is owned by the caller; free it with
+/// `dcp_load_options_free`. The option functions are local (not collective). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -> dcp_status {
     guard("dcp_load_options_new", || {
-        let out = mut_arg(out, "out")?;
+        // SAFETY: `out` is NULL or writable (header contract).
+        let out = unsafe { mut_arg(out, "out")? };
         *out = Box::into_raw(Box::new(dcp_load_options {
             inner: LoadOptions::default(),
         }));
@@ -92,37 +105,44 @@ pub unsafe extern "C" fn dcp_load_options_new(out: *mut *mut dcp_load_options) -
     })
 }
 
-/// Frees load options. NULL is a no-op.
+/// Frees load options. NULL is a no-op. Not collective; not concurrent with other uses of `opts`.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_free(opts: *mut dcp_load_options) {
-    free_box(opts)
+    // SAFETY: `opts` is NULL or from the matching `_new`, freed once (header contract).
+    unsafe { free_box(opts) }
 }
 
 /// Strict (default): every registered key must be in the checkpoint with the same dtype and
 /// global shape. Partial: keys the checkpoint lacks are skipped and listed by
 /// `dcp_state_missing_key` (dtype and shape must still match for keys that exist).
+/// Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_strict(opts: *mut dcp_load_options, strict: bool) -> dcp_status {
     guard("dcp_load_options_set_strict", || {
-        mut_arg(opts, "opts")?.inner.strict = strict;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.strict = strict;
         Ok(())
     })
 }
 
 /// Verify the CRC-32 of everything read (default on).
+/// Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_verify(opts: *mut dcp_load_options, verify: bool) -> dcp_status {
     guard("dcp_load_options_set_verify", || {
-        mut_arg(opts, "opts")?.inner.verify = verify;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.verify = verify;
         Ok(())
     })
 }
 
 /// Whether reads bypass the page cache: a `dcp_direct_io` value (default AUTO).
+/// Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_direct_io(opts: *mut dcp_load_options, mode: i32) -> dcp_status {
     guard("dcp_load_options_set_direct_io", || {
-        let o = mut_arg(opts, "opts")?;
+        // SAFETY: `opts` is NULL or from `dcp_load_options_new` (header contract).
+        let o = unsafe { mut_arg(opts, "opts")? };
         o.inner.direct_io = match mode {
             m if m == dcp_direct_io::DCP_DIRECT_IO_AUTO as i32 => DirectIo::Auto,
             m if m == dcp_direct_io::DCP_DIRECT_IO_ON as i32 => DirectIo::On,
@@ -137,20 +157,23 @@ pub unsafe extern "C" fn dcp_load_options_set_direct_io(opts: *mut dcp_load_opti
 /// reads it and NCCL sends it to the others (default on). Used only when every rank of the job
 /// has NCCL (`libnccl.so.2`, or `DCP_NCCL_LIBRARY`) and loads into CUDA tensors; the first such
 /// load makes an NCCL communicator over the job (collective). Off: every rank reads for itself.
+/// Setting it is local; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_broadcast(opts: *mut dcp_load_options, enabled: bool) -> dcp_status {
     guard("dcp_load_options_set_broadcast", || {
-        mut_arg(opts, "opts")?.inner.broadcast_replicated = enabled;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.broadcast_replicated = enabled;
         Ok(())
     })
 }
 
-/// Reader threads per rank, 1..=1024.
+/// Reader threads per rank, 1..=1024. Not collective; not thread-safe (one thread per `opts`).
 #[no_mangle]
 pub unsafe extern "C" fn dcp_load_options_set_threads(opts: *mut dcp_load_options, threads: u32) -> dcp_status {
     guard("dcp_load_options_set_threads", || {
         let threads = threads_arg(threads)?;
-        mut_arg(opts, "opts")?.inner.threads = threads;
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.threads = threads;
         Ok(())
     })
 }

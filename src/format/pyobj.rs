@@ -7,16 +7,26 @@ use super::pickle::{self, Budget, Graph, Node, NodeId, PickleWriter};
 use crate::error::{Error, Result};
 use std::fmt;
 
+/// A plain Python value, as a pickle or a Python literal (`(0.9, 0.999)`) gives it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PyValue {
+    /// `None`.
     None,
+    /// `True` or `False`.
     Bool(bool),
+    /// An `int` that fits in 64 bits.
     Int(i64),
+    /// A `float`.
     Float(f64),
+    /// A `str`.
     Str(String),
+    /// A `bytes` object.
     Bytes(Vec<u8>),
+    /// A `list`.
     List(Vec<PyValue>),
+    /// A `tuple`.
     Tuple(Vec<PyValue>),
+    /// A `dict`, its pairs in insertion order.
     Dict(Vec<(PyValue, PyValue)>),
 }
 
@@ -681,6 +691,8 @@ impl ObjectValue {
         w.finish()
     }
 
+    /// The value of the pickle `data` (`what` names it in errors); a pickle that is not a plain
+    /// value stays [`ObjectValue::Pickle`].
     pub fn from_pickle(data: &[u8], what: &str) -> Result<ObjectValue> {
         Ok(match pickle::parse(data, what) {
             Ok(g) => Self::from_graph(&g, data),
@@ -711,6 +723,7 @@ impl ObjectValue {
         })
     }
 
+    /// What the value is, in a word (`bytes`, `int`, `float`, `object`, `pickle`).
     pub fn kind_name(&self) -> &'static str {
         match self {
             ObjectValue::Bytes(_) => "bytes",
@@ -719,6 +732,102 @@ impl ObjectValue {
             ObjectValue::Py(_) => "object",
             ObjectValue::Pickle(_) => "pickle",
         }
+    }
+}
+
+/// Floats below this magnitude with no fractional part convert to `i64` exactly. `i64::MAX` is
+/// about 9.223e18; staying under 9.2e18 keeps clear of the top of the range, where a float cast
+/// to `i64` would saturate instead of converting.
+pub const MAX_FLOAT_AS_INT: f64 = 9.2e18;
+
+/// Typed reads of a non-tensor value, for callers that know what they saved (the C API's
+/// `_get_int`, `_get_bool`, `_get_doubles`, ...). A value of another type gives
+/// [`ErrorKind::Mismatch`](crate::error::ErrorKind) naming `fqn` and the type found.
+impl ObjectValue {
+    /// An int, or a float with an integral value below [`MAX_FLOAT_AS_INT`].
+    pub fn to_int(&self, fqn: &str) -> Result<i64> {
+        match self {
+            ObjectValue::Int(i) => Ok(*i),
+            ObjectValue::Float(f) if f.fract() == 0.0 && f.abs() < MAX_FLOAT_AS_INT => Ok(*f as i64),
+            other => Err(Error::mismatch(format!("key {fqn:?} holds a {}, not an int", other.kind_name()))),
+        }
+    }
+
+    /// A float, or an int (rounded to the nearest float).
+    pub fn to_float(&self, fqn: &str) -> Result<f64> {
+        match self {
+            ObjectValue::Float(f) => Ok(*f),
+            ObjectValue::Int(i) => Ok(*i as f64),
+            other => Err(Error::mismatch(format!("key {fqn:?} holds a {}, not a float", other.kind_name()))),
+        }
+    }
+
+    /// A Python `bool` (ints do not convert).
+    pub fn to_bool(&self, fqn: &str) -> Result<bool> {
+        match self {
+            ObjectValue::Py(PyValue::Bool(b)) => Ok(*b),
+            other => Err(other.wrong_type(fqn, "a bool")),
+        }
+    }
+
+    /// The items of a list or tuple of ints and floats (bools are not numbers here), in order;
+    /// ints convert as in [`ObjectValue::to_float`].
+    pub fn to_floats(&self, fqn: &str) -> Result<Vec<f64>> {
+        let want = "a list or tuple of numbers";
+        self.sequence(fqn, want)?
+            .iter()
+            .map(|v| match v {
+                PyValue::Float(f) => Ok(*f),
+                PyValue::Int(i) => Ok(*i as f64),
+                _ => Err(self.wrong_type(fqn, want)),
+            })
+            .collect()
+    }
+
+    /// The items of a list or tuple of strings, in order.
+    pub fn to_strs(&self, fqn: &str) -> Result<Vec<&str>> {
+        let want = "a list or tuple of strings";
+        self.sequence(fqn, want)?
+            .iter()
+            .map(|v| match v {
+                PyValue::Str(s) => Ok(s.as_str()),
+                _ => Err(self.wrong_type(fqn, want)),
+            })
+            .collect()
+    }
+
+    /// The raw bytes of a bytes value; the pickle of any other value.
+    pub fn bytes_or_pickle(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            ObjectValue::Bytes(b) | ObjectValue::Pickle(b) => std::borrow::Cow::Borrowed(b),
+            other => std::borrow::Cow::Owned(other.to_pickle()),
+        }
+    }
+
+    /// [`ObjectValue::literal`], with [`ErrorKind::Unsupported`](crate::error::ErrorKind) naming
+    /// `fqn` for an opaque pickle.
+    pub fn to_literal(&self, fqn: &str) -> Result<String> {
+        self.literal()
+            .ok_or_else(|| Error::unsupported(format!("key {fqn:?} holds a pickled object that has no literal form")))
+    }
+
+    fn sequence(&self, fqn: &str, want: &str) -> Result<&[PyValue]> {
+        match self {
+            ObjectValue::Py(PyValue::List(items) | PyValue::Tuple(items)) => Ok(items),
+            other => Err(other.wrong_type(fqn, want)),
+        }
+    }
+
+    /// "key "x" holds (0.9, 'a') where a list or tuple of numbers was expected".
+    fn wrong_type(&self, fqn: &str, want: &str) -> Error {
+        /// Longer literals are cut to this many characters in the message.
+        const SHOWN: usize = 80;
+        let found = match self.literal() {
+            Some(l) if l.chars().count() <= SHOWN => l,
+            Some(l) => format!("{}...", l.chars().take(SHOWN).collect::<String>()),
+            None => "a pickled object".to_string(),
+        };
+        Error::mismatch(format!("key {fqn:?} holds {found} where {want} was expected"))
     }
 }
 
@@ -731,5 +840,50 @@ impl From<PyValue> for ObjectValue {
             PyValue::Float(f) => ObjectValue::Float(f),
             other => ObjectValue::Py(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod typed_read_tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn lit(text: &str) -> ObjectValue {
+        PyValue::parse_literal(text).unwrap().into()
+    }
+
+    #[test]
+    fn ints_and_integral_floats() {
+        assert_eq!(lit("-7").to_int("k").unwrap(), -7);
+        assert_eq!(lit("3.0").to_int("k").unwrap(), 3);
+        assert_eq!(ObjectValue::Float(-9.1e18).to_int("k").unwrap(), -9_100_000_000_000_000_000);
+        for bad in ["3.5", "9.2e18", "True", "'3'", "b'3'"] {
+            let e = lit(bad).to_int("k").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Mismatch, "{bad}");
+            assert!(e.message().contains("\"k\""), "{bad}: {}", e.message());
+        }
+        assert_eq!(lit("5").to_float("k").unwrap(), 5.0);
+        assert_eq!(lit("None").to_float("k").unwrap_err().kind(), ErrorKind::Mismatch);
+    }
+
+    #[test]
+    fn bools_sequences_and_strings() {
+        assert!(lit("True").to_bool("k").unwrap());
+        assert!(!lit("False").to_bool("k").unwrap());
+        assert_eq!(lit("1").to_bool("k").unwrap_err().kind(), ErrorKind::Mismatch);
+        assert_eq!(lit("(0.9, 0.999)").to_floats("k").unwrap(), [0.9, 0.999]);
+        assert_eq!(lit("[1, 2.5]").to_floats("k").unwrap(), [1.0, 2.5]);
+        assert!(lit("[]").to_floats("k").unwrap().is_empty());
+        let e = lit("(0.9, True)").to_floats("k").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Mismatch);
+        assert!(e.message().contains("(0.9, True)"), "{}", e.message());
+        assert_eq!(lit("['a', 'b.c']").to_strs("k").unwrap(), ["a", "b.c"]);
+        assert_eq!(lit("('x',)").to_strs("k").unwrap(), ["x"]);
+        assert_eq!(lit("['a', 1]").to_strs("k").unwrap_err().kind(), ErrorKind::Mismatch);
+        assert_eq!(lit("'a'").to_strs("k").unwrap_err().kind(), ErrorKind::Mismatch);
+        let opaque = ObjectValue::Pickle(vec![0x80, 2]);
+        assert!(opaque.to_bool("k").unwrap_err().message().contains("a pickled object"));
+        assert_eq!(opaque.to_literal("k").unwrap_err().kind(), ErrorKind::Unsupported);
+        assert_eq!(&*opaque.bytes_or_pickle(), &[0x80, 2]);
     }
 }

@@ -2620,6 +2620,180 @@ static void test_async_and_options(dcp_context *ctx, const char *rt_dir) {
     dcp_load_options_free(lo);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Typed reads of values: bool, list of numbers, list of strings                              */
+/* ------------------------------------------------------------------------------------------ */
+
+/* The typed reads of one state (registered or loaded): exact values, size queries, poisoned
+   buffers left alone past what was written, wrong kinds, missing keys. */
+static void check_typed_state(dcp_state *st, const char *when) {
+    bool b = false;
+    OK(dcp_state_get_bool(st, "ty.true", &b));
+    CHECKF(b == true, "%s: ty.true read %d", when, (int)b);
+    b = true;
+    OK(dcp_state_get_bool(st, "ty.false", &b));
+    CHECKF(b == false, "%s: ty.false read %d", when, (int)b);
+    b = true;
+    EXPECT_MSG(dcp_state_get_bool(st, "ty.one", &b), DCP_ERROR_MISMATCH, "ty.one");
+    CHECK(b == true); /* not written on failure */
+    EXPECT_MSG(dcp_state_get_bool(st, "ty.betas", &b), DCP_ERROR_MISMATCH, "(0.9, 0.999)");
+    EXPECT(dcp_state_get_bool(st, "ty.none", &b), DCP_ERROR_MISMATCH);
+    EXPECT(dcp_state_get_bool(st, "ty.tensor", &b), DCP_ERROR_MISMATCH);
+    EXPECT_MSG(dcp_state_get_bool(st, "ty.nope", &b), DCP_ERROR_NOT_FOUND, "ty.nope");
+
+    /* Numbers: size query, too small, exact, poisoned tail untouched. */
+    double d[4] = {-1, -1, -1, -1};
+    size_t len = 999;
+    EXPECT(dcp_state_get_doubles(st, "ty.betas", NULL, 0, &len), DCP_ERROR_BUFFER_TOO_SMALL);
+    CHECKF(len == 2, "%s: ty.betas size query gave %zu", when, len);
+    len = 999;
+    EXPECT_MSG(dcp_state_get_doubles(st, "ty.betas", d, 1, &len), DCP_ERROR_BUFFER_TOO_SMALL, "len");
+    CHECK(len == 2 && d[0] == -1);
+    OK(dcp_state_get_doubles(st, "ty.betas", d, 4, &len));
+    CHECKF(len == 2 && d[0] == 0.9 && d[1] == 0.999 && d[2] == -1, "%s: ty.betas = %zu {%g, %g, %g}", when, len,
+           d[0], d[1], d[2]);
+    OK(dcp_state_get_doubles(st, "ty.mixed", d, 4, &len));
+    CHECK(len == 3 && d[0] == 1.0 && d[1] == -2.5 && d[2] == 9007199254740992.0);
+    len = 999;
+    OK(dcp_state_get_doubles(st, "ty.empty", NULL, 0, &len));
+    CHECK(len == 0);
+    EXPECT_MSG(dcp_state_get_doubles(st, "ty.boolpair", d, 4, &len), DCP_ERROR_MISMATCH, "ty.boolpair");
+    EXPECT(dcp_state_get_doubles(st, "ty.names", d, 4, &len), DCP_ERROR_MISMATCH);
+    EXPECT(dcp_state_get_doubles(st, "ty.one", d, 4, &len), DCP_ERROR_MISMATCH);
+    EXPECT(dcp_state_get_doubles(st, "ty.blob", d, 4, &len), DCP_ERROR_MISMATCH);
+
+    /* Strings: NUL after each; size query; too small. */
+    char buf[64];
+    size_t count = 999;
+    len = 999;
+    EXPECT(dcp_state_get_strings(st, "ty.names", NULL, 0, &len, &count), DCP_ERROR_BUFFER_TOO_SMALL);
+    CHECKF(len == 21 && count == 2, "%s: ty.names size query gave len %zu count %zu", when, len, count);
+    memset(buf, '#', sizeof buf);
+    EXPECT(dcp_state_get_strings(st, "ty.names", buf, 20, &len, &count), DCP_ERROR_BUFFER_TOO_SMALL);
+    CHECK(len == 21 && buf[0] == '#');
+    OK(dcp_state_get_strings(st, "ty.names", buf, 21, &len, NULL));
+    CHECK(len == 21 && memcmp(buf, "net1.weight\0net1.b\xc3\xa4\0", 21) == 0 && buf[21] == '#');
+    count = 999;
+    OK(dcp_state_get_strings(st, "ty.tuple1", buf, sizeof buf, &len, &count));
+    CHECK(len == 1 && count == 1 && buf[0] == '\0');
+    count = 999;
+    OK(dcp_state_get_strings(st, "ty.empty", NULL, 0, &len, &count));
+    CHECK(len == 0 && count == 0);
+    EXPECT_MSG(dcp_state_get_strings(st, "ty.nul", buf, sizeof buf, &len, &count), DCP_ERROR_UNSUPPORTED, "NUL");
+    EXPECT_MSG(dcp_state_get_strings(st, "ty.betas", buf, sizeof buf, &len, &count), DCP_ERROR_MISMATCH, "strings");
+    EXPECT(dcp_state_get_strings(st, "ty.str", buf, sizeof buf, &len, &count), DCP_ERROR_MISMATCH);
+    EXPECT(dcp_state_get_strings(st, "ty.tensor", buf, sizeof buf, &len, &count), DCP_ERROR_MISMATCH);
+}
+
+static void register_typed_values(dcp_state *st, bool placeholders, float *tensor) {
+    const int64_t n = 2;
+    OK(dcp_state_add_tensor(st, "ty.tensor", DCP_FLOAT32, 1, &n, NULL, tensor, sizeof(float) * 2));
+    if (placeholders) {
+        const char *keys[] = {"ty.true", "ty.false", "ty.one", "ty.betas", "ty.mixed", "ty.empty", "ty.boolpair",
+                              "ty.names", "ty.tuple1", "ty.nul", "ty.str", "ty.none", "ty.blob"};
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) OK(dcp_state_add_literal(st, keys[i], "None"));
+        return;
+    }
+    OK(dcp_state_add_literal(st, "ty.true", "True"));
+    OK(dcp_state_add_literal(st, "ty.false", "False"));
+    OK(dcp_state_add_int(st, "ty.one", 1));
+    OK(dcp_state_add_literal(st, "ty.betas", "(0.9, 0.999)"));
+    OK(dcp_state_add_literal(st, "ty.mixed", "[1, -2.5, 9007199254740992]"));
+    OK(dcp_state_add_literal(st, "ty.empty", "[]"));
+    OK(dcp_state_add_literal(st, "ty.boolpair", "(True, False)"));
+    OK(dcp_state_add_literal(st, "ty.names", "['net1.weight', 'net1.b\xc3\xa4']"));
+    OK(dcp_state_add_literal(st, "ty.tuple1", "('',)"));
+    OK(dcp_state_add_literal(st, "ty.nul", "['a\\x00b']"));
+    OK(dcp_state_add_literal(st, "ty.str", "'net1.weight'"));
+    OK(dcp_state_add_literal(st, "ty.none", "None"));
+    OK(dcp_state_add_bytes(st, "ty.blob", "ab", 2));
+}
+
+static void test_typed_values(dcp_context *ctx) {
+    char dir[4096];
+    path_in(dir, sizeof dir, "typed");
+    float saved_t[2] = {1.5f, -2.0f}, loaded_t[2] = {0, 0};
+
+    dcp_state *st = NULL;
+    OK(dcp_state_new(&st));
+    register_typed_values(st, false, saved_t);
+    check_typed_state(st, "registered");
+    OK(dcp_save(ctx, st, dir, NULL));
+    dcp_state_free(st);
+
+    OK(dcp_state_new(&st));
+    register_typed_values(st, true, loaded_t);
+    OK(dcp_load(ctx, st, dir, NULL));
+    check_typed_state(st, "loaded");
+
+    /* NULL arguments. */
+    bool b = false;
+    double d[2];
+    char text[8];
+    size_t len = 0, count = 0;
+    EXPECT_NULL(dcp_state_get_bool(NULL, "ty.true", &b));
+    EXPECT_NULL(dcp_state_get_bool(st, NULL, &b));
+    EXPECT_NULL(dcp_state_get_bool(st, "ty.true", NULL));
+    EXPECT_NULL(dcp_state_get_doubles(NULL, "ty.betas", d, 2, &len));
+    EXPECT_NULL(dcp_state_get_doubles(st, NULL, d, 2, &len));
+    EXPECT_NULL(dcp_state_get_doubles(st, "ty.betas", d, 2, NULL));
+    EXPECT_NULL(dcp_state_get_strings(NULL, "ty.names", text, sizeof text, &len, &count));
+    EXPECT_NULL(dcp_state_get_strings(st, NULL, text, sizeof text, &len, &count));
+    EXPECT_NULL(dcp_state_get_strings(st, "ty.names", text, sizeof text, NULL, &count));
+    dcp_state_free(st);
+
+    /* The same reads from the checkpoint, without registration. */
+    dcp_checkpoint *c = NULL;
+    if (!OK(dcp_checkpoint_open(dir, &c))) return;
+    int32_t kind = 0;
+    OK(dcp_checkpoint_value_kind(c, "ty.one", &kind));
+    CHECK(kind == DCP_VALUE_INT);
+    OK(dcp_checkpoint_value_kind(c, "ty.blob", &kind));
+    CHECK(kind == DCP_VALUE_BYTES);
+    OK(dcp_checkpoint_value_kind(c, "ty.names", &kind));
+    CHECK(kind == DCP_VALUE_PICKLE);
+    kind = -7;
+    EXPECT_MSG(dcp_checkpoint_value_kind(c, "ty.nope", &kind), DCP_ERROR_NOT_FOUND, "ty.nope");
+    EXPECT(dcp_checkpoint_value_kind(c, "ty.tensor", &kind), DCP_ERROR_MISMATCH);
+    CHECK(kind == -7);
+    b = false;
+    OK(dcp_checkpoint_read_bool(c, "ty.true", &b));
+    CHECK(b == true);
+    OK(dcp_checkpoint_read_bool(c, "ty.false", &b));
+    CHECK(b == false);
+    EXPECT_MSG(dcp_checkpoint_read_bool(c, "ty.one", &b), DCP_ERROR_MISMATCH, "ty.one");
+    EXPECT(dcp_checkpoint_read_bool(c, "ty.nope", &b), DCP_ERROR_NOT_FOUND);
+    len = 999;
+    EXPECT(dcp_checkpoint_read_doubles(c, "ty.betas", NULL, 0, &len), DCP_ERROR_BUFFER_TOO_SMALL);
+    CHECK(len == 2);
+    d[0] = d[1] = -1;
+    OK(dcp_checkpoint_read_doubles(c, "ty.betas", d, 2, &len));
+    CHECK(len == 2 && d[0] == 0.9 && d[1] == 0.999);
+    EXPECT(dcp_checkpoint_read_doubles(c, "ty.boolpair", d, 2, &len), DCP_ERROR_MISMATCH);
+    EXPECT(dcp_checkpoint_read_doubles(c, "ty.tensor", d, 2, &len), DCP_ERROR_MISMATCH);
+    char buf[32];
+    memset(buf, '#', sizeof buf);
+    EXPECT(dcp_checkpoint_read_strings(c, "ty.names", buf, 8, &len, &count), DCP_ERROR_BUFFER_TOO_SMALL);
+    CHECK(len == 21 && count == 2 && buf[0] == '#');
+    OK(dcp_checkpoint_read_strings(c, "ty.names", buf, sizeof buf, &len, &count));
+    CHECK(len == 21 && count == 2 && memcmp(buf, "net1.weight\0net1.b\xc3\xa4\0", 21) == 0 && buf[21] == '#');
+    EXPECT(dcp_checkpoint_read_strings(c, "ty.nul", buf, sizeof buf, &len, &count), DCP_ERROR_UNSUPPORTED);
+    EXPECT(dcp_checkpoint_read_strings(c, "ty.mixed", buf, sizeof buf, &len, &count), DCP_ERROR_MISMATCH);
+    EXPECT_NULL(dcp_checkpoint_value_kind(NULL, "ty.one", &kind));
+    EXPECT_NULL(dcp_checkpoint_value_kind(c, NULL, &kind));
+    EXPECT_NULL(dcp_checkpoint_value_kind(c, "ty.one", NULL));
+    EXPECT_NULL(dcp_checkpoint_read_bool(NULL, "ty.true", &b));
+    EXPECT_NULL(dcp_checkpoint_read_bool(c, NULL, &b));
+    EXPECT_NULL(dcp_checkpoint_read_bool(c, "ty.true", NULL));
+    EXPECT_NULL(dcp_checkpoint_read_doubles(NULL, "ty.betas", d, 2, &len));
+    EXPECT_NULL(dcp_checkpoint_read_doubles(c, NULL, d, 2, &len));
+    EXPECT_NULL(dcp_checkpoint_read_doubles(c, "ty.betas", d, 2, NULL));
+    EXPECT_NULL(dcp_checkpoint_read_strings(NULL, "ty.names", buf, sizeof buf, &len, &count));
+    EXPECT_NULL(dcp_checkpoint_read_strings(c, NULL, buf, sizeof buf, &len, &count));
+    EXPECT_NULL(dcp_checkpoint_read_strings(c, "ty.names", buf, sizeof buf, NULL, &count));
+    dcp_checkpoint_free(c);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -2654,6 +2828,7 @@ int main(int argc, char **argv) {
     test_communicators();
     test_meshes_and_sharding(ctx);
     test_async_and_options(ctx, rt_dir);
+    test_typed_values(ctx);
 
     dcp_context_free(ctx);
 

@@ -111,6 +111,51 @@ static void test_round_trip() {
     CHECK(ck2.num_keys() == 6 && ck.get() == nullptr);
     dcp::State st2 = std::move(st);
     CHECK(st2.size() == 6 && st.get() == nullptr);
+    // Move assignment frees what the target held and takes the source's handle.
+    dcp::State st3;
+    dcp_state *raw = st2.get();
+    st3 = std::move(st2);
+    CHECK(st3.get() == raw && st2.get() == nullptr && st3.size() == 6);
+    dcp::Context ctx2 = dcp::Context::local();
+    ctx2 = std::move(ctx);
+    CHECK(ctx.get() == nullptr && ctx2.rank() == 0);
+}
+
+// Typed values (no literal parsing in C++), the storage option and the broadcast load option.
+static void test_typed_values_and_options() {
+    dcp::Context ctx = dcp::Context::local();
+    ctx.set_storage_option("aws_region", "us-east-1");
+    dcp::State st;
+    st.add_literal("amsgrad", "True")
+        .add_literal("betas", "(0.8, 0.95)")
+        .add_literal("params", "['net1.weight', 'net1.bias']")
+        .add_literal("empty", "[]")
+        .add_int("step", 3);
+    CHECK(st.get_bool("amsgrad") == true);
+    CHECK((st.get_doubles("betas") == std::vector<double>{0.8, 0.95}));
+    CHECK((st.get_strings("params") == std::vector<std::string>{"net1.weight", "net1.bias"}));
+    CHECK(st.get_doubles("empty").empty() && st.get_strings("empty").empty());
+    EXPECT_ERROR(DCP_ERROR_MISMATCH, "step", st.get_bool("step"));
+    EXPECT_ERROR(DCP_ERROR_MISMATCH, "betas", st.get_strings("betas"));
+    EXPECT_ERROR(DCP_ERROR_MISMATCH, "params", st.get_doubles("params"));
+    dcp::save(ctx, st, dir + "/typed");
+
+    dcp::State ld;
+    for (const char *k : {"amsgrad", "betas", "params", "empty", "step"}) ld.add_literal(k, "None");
+    dcp::load(ctx, ld, dir + "/typed", dcp::LoadOptions().set_broadcast(false));
+    CHECK(ld.get_bool("amsgrad") && ld.get_doubles("betas") == (std::vector<double>{0.8, 0.95}));
+    CHECK((ld.get_strings("params") == std::vector<std::string>{"net1.weight", "net1.bias"}));
+
+    dcp::Checkpoint ck(dir + "/typed");
+    CHECK(ck.value_kind("step") == DCP_VALUE_INT && ck.value_kind("params") == DCP_VALUE_PICKLE);
+    CHECK(ck.read_bool("amsgrad") && ck.read_doubles("betas") == (std::vector<double>{0.8, 0.95}));
+    CHECK((ck.read_strings("params") == std::vector<std::string>{"net1.weight", "net1.bias"}));
+    EXPECT_ERROR(DCP_ERROR_MISMATCH, "amsgrad", ck.read_doubles("amsgrad"));
+
+    // An unknown storage option fails at the next save, naming the key.
+    dcp::Context bad = dcp::Context::local();
+    bad.set_storage_option("no_such_option", "1");
+    EXPECT_ERROR(DCP_ERROR_INVALID_ARGUMENT, "no_such_option", dcp::save(bad, st, "s3://bucket/x"));
 }
 
 static void test_errors() {
@@ -268,6 +313,7 @@ int main(int argc, char **argv) {
     dir = argv[1];
     try {
         test_round_trip();
+        test_typed_values_and_options();
         test_errors();
         test_communicator();
     } catch (const std::exception &e) {

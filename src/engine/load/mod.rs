@@ -21,7 +21,8 @@ use crate::state::{EntryValue, State};
 use crate::storage::Storage;
 pub use read::DirectIo;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::ffi::{CStr, CString};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 /// How [`load`] runs. Made with [`Default`] and the setters, so that new options do not break
@@ -96,10 +97,24 @@ pub struct LoadReport {
     pub bytes_read: u64,
     /// Bytes this rank received from another rank instead (replicated boxes over NCCL).
     pub bytes_broadcast: u64,
-    /// Registered keys the checkpoint does not have (a non-strict load).
+    /// Registered keys the checkpoint lacks (a partial load skips them).
     pub missing: Vec<String>,
     /// Seconds the load took.
     pub seconds: f64,
+    /// `missing` as C strings, made on first use by [`LoadReport::missing_c_str`].
+    missing_c: OnceLock<Vec<CString>>,
+}
+
+impl LoadReport {
+    /// Missing key `index` as a NUL-terminated string that lives as long as the report (the C
+    /// API hands out pointers to it). A key with a NUL byte (which no key from a checkpoint
+    /// has) comes back empty.
+    pub fn missing_c_str(&self, index: usize) -> Option<&CStr> {
+        let all = self
+            .missing_c
+            .get_or_init(|| self.missing.iter().map(|k| CString::new(k.as_str()).unwrap_or_default()).collect());
+        all.get(index).map(CString::as_c_str)
+    }
 }
 
 pub use super::layout::Opened;
@@ -294,5 +309,6 @@ fn execute_plan(
         bytes_broadcast: 0,
         missing,
         seconds: t0.elapsed().as_secs_f64(),
+        ..Default::default()
     })
 }

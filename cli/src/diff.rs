@@ -3,8 +3,8 @@
 //! time, in pieces of at most 64 MiB of each side: a tensor's claimed size is checked against the
 //! bytes its items hold before anything is read.
 
-use crate::args::{CliError, CliResult};
 use crate::cast::{components, int_value};
+use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::stream::{piece_bytes, Pieces, TensorStream};
 use dcp::{Checkpoint, DType, KeyInfo, KeyKind, ObjectValue};
@@ -165,8 +165,15 @@ fn tensor_bytes(k: &KeyInfo) -> u64 {
     k.nbytes().unwrap_or(0).min(u64::MAX / 4)
 }
 
-pub fn run(args: crate::args::Args) -> CliResult {
-    let [a, b] = args.positional.as_slice() else {
+/// The command line of `dcp diff` (see [`HELP`]).
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_name = "DIR")]
+    pub dirs: Vec<String>,
+}
+
+pub fn run(args: Args) -> CliResult {
+    let [a, b] = args.dirs.as_slice() else {
         return Err(CliError::usage("diff", "expects two checkpoint directories A and B"));
     };
     let fail = |e: dcp::Error| CliError::fail("diff", e);

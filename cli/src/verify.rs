@@ -1,6 +1,6 @@
-//! `dcp verify DIR`: prints the library's integrity report (`dcp::engine::verify`).
+//! `dcp verify DIR`: prints the library's integrity report (`dcp::verify_with_options`).
 
-use crate::args::{CliError, CliResult};
+use crate::error::{CliError, CliResult};
 use crate::progress::{human_bytes, Progress};
 use dcp::{verify_with_options, VerifyOptions};
 
@@ -30,11 +30,20 @@ options:
   --strict-pickles  a pickle naming anything outside that allowlist is a failure
   -h, --help        show this help";
 
-pub fn run(args: crate::args::Args) -> CliResult {
-    let [dir] = args.positional.as_slice() else {
+/// The command line of `dcp verify` (see [`HELP`]).
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_name = "DIR")]
+    pub dirs: Vec<String>,
+    #[arg(long)]
+    pub strict_pickles: bool,
+}
+
+pub fn run(args: Args) -> CliResult {
+    let [dir] = args.dirs.as_slice() else {
         return Err(CliError::usage(
             "verify",
-            if args.positional.is_empty() {
+            if args.dirs.is_empty() {
                 "missing DIR"
             } else {
                 "expects exactly one DIR"
@@ -42,7 +51,7 @@ pub fn run(args: crate::args::Args) -> CliResult {
         ));
     };
     let mut bar = Progress::new("verify", 0);
-    let opts = VerifyOptions::default().strict_pickles(args.flag("strict-pickles"));
+    let opts = VerifyOptions::default().strict_pickles(args.strict_pickles);
     let report = verify_with_options(dir, &opts, &mut |done, total| {
         bar.set_total(total);
         bar.update(done);

@@ -2,12 +2,12 @@
 //! safetensors shards plus `model.safetensors.index.json`. Every file's header (offsets) is
 //! computed from the metadata first; tensors are then read and written one at a time.
 
-use crate::args::{Args, CliError, CliResult};
 use crate::cast::cast_float;
+use crate::error::{CliError, CliResult};
+use crate::json::quote;
 use crate::progress::{human_bytes, parse_size, Progress};
+use crate::safetensors_file::{dtype_name, encode_header};
 use crate::stream::TensorStream;
-use dcp::format::json::quote;
-use dcp::format::safetensors::{dtype_name, encode_header, layout};
 use dcp::{Checkpoint, DType, KeyKind};
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,9 +45,34 @@ common:
   --overwrite            replace existing output (a committed checkpoint; model*.safetensors)
   -h, --help             show this help";
 
+/// The command line of `dcp convert` (see [`HELP`]). Values may start with `-`
+/// (`--strip-prefix -x`), as the option always takes the next argument.
+#[derive(clap::Args)]
+pub struct Args {
+    /// DIR OUT_DIR (--to), or FILE|DIR... OUT_DIR (--from).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+    #[arg(long, value_name = "FORMAT", allow_hyphen_values = true)]
+    pub to: Option<String>,
+    #[arg(long, value_name = "FORMAT", allow_hyphen_values = true)]
+    pub from: Option<String>,
+    #[arg(long, value_name = "PREFIX", allow_hyphen_values = true)]
+    pub filter: Vec<String>,
+    #[arg(long, value_name = "PREFIX", allow_hyphen_values = true)]
+    pub strip_prefix: Option<String>,
+    #[arg(long, value_name = "DTYPE", allow_hyphen_values = true)]
+    pub dtype: Option<String>,
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    pub max_shard_size: Option<String>,
+    #[arg(long, value_name = "PREFIX", allow_hyphen_values = true)]
+    pub prefix: Option<String>,
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
 pub fn run(args: Args) -> CliResult {
     let fmt_ok = |v: Option<&str>| v.is_none_or(|f| f == "safetensors");
-    let (to, from) = (args.value("to"), args.value("from"));
+    let (to, from) = (args.to.as_deref(), args.from.as_deref());
     if !fmt_ok(to) || !fmt_ok(from) {
         return Err(CliError::usage(
             "convert",
@@ -137,19 +162,19 @@ pub fn prepare_out_dir(cmd: &str, out: &Path, overwrite: bool, is_ours: fn(&str)
 fn to_safetensors(args: &Args) -> CliResult {
     let usage = |m: &str| CliError::usage("convert", m);
     let fail = |m: String| CliError::fail("convert", m);
-    let [dir, out] = args.positional.as_slice() else {
+    let [dir, out] = args.paths.as_slice() else {
         return Err(usage("--to safetensors expects DIR and OUT_DIR"));
     };
-    let cast = match args.value("dtype") {
+    let cast = match args.dtype.as_deref() {
         Some(s) => Some(parse_dtype(s).ok_or_else(|| usage(&format!("--dtype {s}: expected bf16, f16 or f32")))?),
         None => None,
     };
-    let max_shard = match args.value("max-shard-size") {
+    let max_shard = match args.max_shard_size.as_deref() {
         Some(s) => parse_size(s).ok_or_else(|| usage(&format!("--max-shard-size {s}: expected a size such as 5GB, 500MiB or 1000000")))?,
         None => 5_000_000_000,
     };
-    let filters = args.values("filter");
-    let strip = args.value("strip-prefix").unwrap_or("");
+    let filters = &args.filter;
+    let strip = args.strip_prefix.as_deref().unwrap_or("");
 
     let ck = Checkpoint::open(dir).map_err(|e| fail(e.to_string()))?;
     let mut plan: Vec<Planned> = Vec::new();
@@ -228,7 +253,7 @@ fn to_safetensors(args: &Args) -> CliResult {
     }
     let shards = split(&plan.iter().map(|p| p.bytes).collect::<Vec<_>>(), max_shard);
     let out_dir = Path::new(out);
-    prepare_out_dir("convert", out_dir, args.flag("overwrite"), is_model_file)?;
+    prepare_out_dir("convert", out_dir, args.overwrite, is_model_file)?;
     let total: u64 = plan.iter().map(|p| p.bytes).fold(0, u64::saturating_add);
     let mut bar = Progress::new("convert", total);
     let mut weight_map: Vec<(&str, String)> = Vec::new();
@@ -237,12 +262,11 @@ fn to_safetensors(args: &Args) -> CliResult {
         // Larger elements first keeps every tensor aligned to its element size.
         let mut order = shard.clone();
         order.sort_by_key(|&i| std::cmp::Reverse(plan[i].dst.size()));
-        let specs: Vec<(String, DType, Vec<u64>)> = order
+        let specs: Vec<(String, DType, Vec<u64>, u64)> = order
             .iter()
-            .map(|&i| (plan[i].name.clone(), plan[i].dst, plan[i].shape.clone()))
+            .map(|&i| (plan[i].name.clone(), plan[i].dst, plan[i].shape.clone(), plan[i].bytes))
             .collect();
-        let infos = layout(&specs).map_err(|e| fail(e.to_string()))?;
-        let header = encode_header(&infos, &[("format".to_string(), "pt".to_string())]).map_err(|e| fail(e.to_string()))?;
+        let header = encode_header(&specs, &[("format", "pt")]).map_err(fail)?;
         let final_path = out_dir.join(&fname);
         let tmp = Partial::create(out_dir.join(format!(".{fname}.partial"))).map_err(fail)?;
         let io_err = |e: std::io::Error| fail(format!("writing {}: {e}", tmp.path.display()));

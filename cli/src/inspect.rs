@@ -1,9 +1,9 @@
 //! `dcp inspect DIR [--json] [--chunks]`: keys, dtypes, shapes, chunks, bytes; totals per data
 //! file and per writing rank; which writer produced the checkpoint.
 
-use crate::args::{CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::json::quote;
 use crate::progress::human_bytes;
-use dcp::format::json::quote;
 use dcp::{Checkpoint, KeyKind};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
@@ -49,11 +49,22 @@ fn json_list(s: &[u64]) -> String {
     format!("[{}]", parts.join(","))
 }
 
-pub fn run(args: crate::args::Args) -> CliResult {
-    let [dir] = args.positional.as_slice() else {
+/// The command line of `dcp inspect` (see [`HELP`]).
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_name = "DIR")]
+    pub dirs: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub chunks: bool,
+}
+
+pub fn run(args: Args) -> CliResult {
+    let [dir] = args.dirs.as_slice() else {
         return Err(CliError::usage(
             "inspect",
-            if args.positional.is_empty() {
+            if args.dirs.is_empty() {
                 "missing DIR"
             } else {
                 "expects exactly one DIR"
@@ -111,9 +122,9 @@ pub fn run(args: crate::args::Args) -> CliResult {
         rows,
         files,
         ranks,
-        chunks: args.flag("chunks"),
+        chunks: args.chunks,
     };
-    let out = if args.flag("json") { to_json(&report) } else { to_text(&report) };
+    let out = if args.json { to_json(&report) } else { to_text(&report) };
     print!("{out}");
     Ok(())
 }

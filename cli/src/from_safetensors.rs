@@ -2,10 +2,10 @@
 //! Each file is memory-mapped read-only and its tensors are registered as views into the
 //! mapping, so the save reads them straight from the page cache (nothing is copied up front).
 
-use crate::args::{Args, CliError, CliResult};
+use crate::convert::Args;
+use crate::error::{CliError, CliResult};
 use crate::progress::{human_bytes, stderr_is_terminal, Progress};
-use dcp::format::json;
-use dcp::format::safetensors::{header_len, parse_header};
+use crate::safetensors_file::{header_len, read_tensors};
 use dcp::{Context, Device, ErrorKind, SaveOptions, State, TensorView};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ impl Mapping {
         let mut first = [0u8; 8];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut first, 0)
             .map_err(|_| format!("{}: too short for a safetensors file", path.display()))?;
-        header_len(&first, len, &path.display().to_string()).map_err(|e| e.to_string())?;
+        header_len(&first, len, &path.display().to_string())?;
         // SAFETY: a fresh read-only mapping of an open file; unmapped in Drop.
         let ptr = unsafe {
             libc::mmap(
@@ -49,6 +49,7 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(format!("mmap of {}: {}", path.display(), std::io::Error::last_os_error()));
         }
+        // SAFETY: a hint about the mapping just made, of exactly this length.
         unsafe { libc::madvise(ptr, len as usize, libc::MADV_SEQUENTIAL) };
         Ok(Mapping { ptr, len: len as usize })
     }
@@ -61,6 +62,7 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // SAFETY: the mapping made in open, unmapped once; no view into it outlives self.
         unsafe { libc::munmap(self.ptr, self.len) };
     }
 }
@@ -84,10 +86,10 @@ fn expand(inputs: &[String]) -> CliResult<Vec<PathBuf>> {
             out.extend(found);
         } else if i.ends_with(".json") {
             let text = std::fs::read_to_string(p).map_err(|e| fail(format!("reading {i}: {e}")))?;
-            let v = json::parse(&text, i).map_err(fail)?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| fail(format!("{i}: invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
-                .and_then(json::Value::as_object)
+                .and_then(serde_json::Value::as_object)
                 .ok_or_else(|| fail(format!("{i}: no weight_map object")))?;
             let base = p.parent().unwrap_or(Path::new("."));
             let mut files: Vec<PathBuf> = Vec::new();
@@ -118,11 +120,11 @@ fn bytes_written() -> Option<u64> {
 }
 
 pub fn run(args: &Args) -> CliResult {
-    let (inputs, out) = match args.positional.as_slice() {
+    let (inputs, out) = match args.paths.as_slice() {
         [inputs @ .., out] if !inputs.is_empty() => (inputs, out),
         _ => return Err(CliError::usage("convert", "--from safetensors expects FILE... and OUT_DIR")),
     };
-    let prefix = args.value("prefix").unwrap_or("");
+    let prefix = args.prefix.as_deref().unwrap_or("");
     let files = expand(inputs)?;
     let maps: Vec<Mapping> = files.iter().map(|f| Mapping::open(f).map_err(fail)).collect::<CliResult<_>>()?;
     let mut state = State::new();
@@ -130,15 +132,14 @@ pub fn run(args: &Args) -> CliResult {
     let mut total = 0u64;
     for (fi, (path, m)) in files.iter().zip(&maps).enumerate() {
         let what = path.display().to_string();
-        let header = parse_header(m.bytes(), m.len as u64, &what).map_err(fail)?;
-        for t in &header.tensors {
+        for t in &read_tensors(m.bytes(), &what).map_err(fail)? {
             let name = format!("{prefix}{}", t.name);
             if let Some(&other) = owner.get(&name) {
                 return Err(fail(format!("tensor {name:?} is in both {} and {what}", files[other].display())));
             }
             owner.insert(name.clone(), fi);
-            let start = (header.data_start + t.start) as usize;
-            // SAFETY: parse_header checked the range lies inside the mapping, which outlives
+            let start = t.start as usize;
+            // SAFETY: read_tensors checked the range lies inside the mapping, which outlives
             // `state`; the save only reads through the view (the mapping is read-only).
             let view = unsafe {
                 TensorView::from_raw(
@@ -158,7 +159,7 @@ pub fn run(args: &Args) -> CliResult {
     if state.is_empty() {
         return Err(fail("the input files hold no tensors"));
     }
-    let overwrite = args.flag("overwrite");
+    let overwrite = args.overwrite;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = (stderr_is_terminal() && bytes_written().is_some()).then(|| {
         let stop = stop.clone();
