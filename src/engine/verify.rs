@@ -116,7 +116,24 @@ impl VerifyReport {
     }
 }
 
-/// Checks the checkpoint at `location`.
+/// Checks the checkpoint at `location` without loading it: every item's zip structure and
+/// CRC-32s, the sidecar's block CRCs, the metadata against the items, the pickles' globals. A
+/// damaged checkpoint is a report with problems, not an error; an error means it could not be
+/// looked at (no such location, no permission).
+///
+/// ```
+/// # use dcp::{save, verify, Context, SaveOptions, State, TensorView};
+/// # let dir = std::env::temp_dir().join(format!("libdcp-doc-verify-{}", std::process::id()));
+/// # let location = dir.to_str().unwrap();
+/// # let mut state = State::new();
+/// # state.add_tensor("w", TensorView::from_slice(&[0.5f32; 8], &[8])?)?;
+/// # save(&Context::local(), &state, location, &SaveOptions::default())?;
+/// let report = verify(location)?;
+/// assert!(report.is_ok(), "{:?}", report.problems);
+/// assert_eq!(report.keys, 1);
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), dcp::Error>(())
+/// ```
 pub fn verify(location: &str) -> Result<VerifyReport> {
     verify_with_progress(location, &mut |_, _| {})
 }

@@ -143,6 +143,25 @@ pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location
 /// the caller may change its tensors right away); writing and committing continue on a thread
 /// of the context. Collective. At most one async save is in flight per context: a second one
 /// (or any save or load) first waits for it, or fails with `Busy` when `wait_if_busy` is off.
+///
+/// ```
+/// use dcp::{save_async, Checkpoint, Context, SaveOptions, State, TensorView};
+/// # let dir = std::env::temp_dir().join(format!("libdcp-doc-async-{}", std::process::id()));
+/// # let location = dir.to_str().unwrap();
+/// let ctx = Context::local();
+/// let mut step = vec![1i64];
+/// let future = {
+///     let mut state = State::new();
+///     state.add_tensor("step", TensorView::from_slice(&step, &[1])?)?;
+///     save_async(&ctx, &state, location, &SaveOptions::default())?
+/// };
+/// step[0] = 2; // the checkpoint keeps the value at the call
+/// future.wait()?;
+/// let (_, _, bytes) = Checkpoint::open(location)?.read_tensor("step")?;
+/// assert_eq!(bytes, 1i64.to_le_bytes());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// # Ok::<(), dcp::Error>(())
+/// ```
 pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptions) -> Result<SaveFuture> {
     let t0 = Instant::now();
     ctx.settle(opts.wait_if_busy)?;
