@@ -44,7 +44,7 @@ impl Placement {
     pub const REPLICATE_CODE: i32 = -1;
 
     /// Decodes the C API's `int32_t` placement: `DCP_REPLICATE` (-1), `DCP_SHARD(d)` (`d` >= 0)
-    /// or `DCP_STRIDED_SHARD(d)` (`-2 - d`, `d` below [`MAX_STRIDED_SHARD_DIM`]).
+    /// or `DCP_STRIDED_SHARD(d)` (`-2 - d`, `d` below 64).
     pub fn from_code(code: i32) -> Result<Placement> {
         match code {
             Self::REPLICATE_CODE => Ok(Placement::Replicate),

@@ -744,7 +744,7 @@ pub const MAX_FLOAT_AS_INT: f64 = 9.2e18;
 /// `_get_int`, `_get_bool`, `_get_doubles`, ...). A value of another type gives
 /// [`ErrorKind::Mismatch`](crate::error::ErrorKind) naming `fqn` and the type found.
 impl ObjectValue {
-    /// An int, or a float with an integral value below [`MAX_FLOAT_AS_INT`].
+    /// An int, or a float with an integral value below 9.2e18.
     pub fn to_int(&self, fqn: &str) -> Result<i64> {
         match self {
             ObjectValue::Int(i) => Ok(*i),
