@@ -219,6 +219,13 @@ impl Error {
         }
         self
     }
+    /// Moves the offset from one relative to a buffer to one in the file, where the buffer starts
+    /// at `base` (an error with no offset gets `base`, the buffer's start).
+    pub(crate) fn rebased(mut self, base: u64) -> Self {
+        let d = self.details_mut();
+        d.offset = Some(d.offset.map_or(base, |o| base.saturating_add(o)));
+        self
+    }
     /// Sets the underlying error, returned by [`source`](std::error::Error::source).
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.details_mut().source = Some(Arc::new(source));
@@ -287,6 +294,9 @@ mod tests {
         assert_eq!((e.key(), e.file(), e.offset()), (Some("a"), Some("f"), Some(7)));
         assert_eq!(e.message(), "outer: bad");
         assert!(e.source().is_none());
+        let rebased = Error::corrupt("in a pickle").with_offset(5).rebased(100).with_offset(1);
+        assert_eq!(rebased.offset(), Some(105));
+        assert_eq!(Error::corrupt("no offset").rebased(100).offset(), Some(100));
         let plain = Error::invalid("x");
         assert_eq!((plain.key(), plain.file(), plain.offset()), (None, None, None));
     }

@@ -193,9 +193,17 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(&md, &g).unwrap();
     let e = try_load().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
+    assert_eq!(e.file(), Some(".metadata"), "{e:?}");
     // Without the sidecar, the pickle itself is garbled.
     std::fs::remove_file(dir.join(file_starting(dir.path(), ".libdcp_"))).unwrap();
-    let _ = try_load().unwrap_err();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.file(), Some(".metadata"), "{e:?}");
+    // A truncated .metadata: the pickle ends early, at a byte the error names.
+    std::fs::write(&md, &md_bytes[..md_bytes.len() / 2]).unwrap();
+    let e = try_load().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_eq!(e.file(), Some(".metadata"), "{e:?}");
+    assert!(e.offset().is_some_and(|at| at <= md_bytes.len() as u64 / 2), "{e:?}");
     // No .metadata: not a committed checkpoint.
     std::fs::remove_file(&md).unwrap();
     let e = try_load().unwrap_err();

@@ -8,7 +8,15 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 #[derive(Serialize, Deserialize)]
 pub enum Wire<T> {
     Ok(T),
-    Err { code: i32, message: String },
+    /// An error: its kind, message, and where known its key, file and offset (the source, a
+    /// value of this process, stays behind).
+    Err {
+        code: i32,
+        message: String,
+        key: Option<String>,
+        file: Option<String>,
+        offset: Option<u64>,
+    },
 }
 
 impl<T: Serialize + DeserializeOwned> Wire<T> {
@@ -18,20 +26,39 @@ impl<T: Serialize + DeserializeOwned> Wire<T> {
             Err(e) => Wire::Err {
                 code: e.kind().code(),
                 message: e.message().to_string(),
+                key: e.key().map(str::to_string),
+                file: e.file().map(str::to_string),
+                offset: e.offset(),
             },
         }
     }
     pub fn into_result(self, rank: usize) -> Result<T> {
         match self {
             Wire::Ok(v) => Ok(v),
-            Wire::Err { code, message } => Err(Error::new(
-                ErrorKind::from_code(code),
-                if rank == usize::MAX {
+            Wire::Err {
+                code,
+                message,
+                key,
+                file,
+                offset,
+            } => {
+                let message = if rank == usize::MAX {
                     message
                 } else {
                     format!("rank {rank}: {message}")
-                },
-            )),
+                };
+                let mut e = Error::new(ErrorKind::from_code(code), message);
+                if let Some(k) = key {
+                    e = e.with_key(k);
+                }
+                if let Some(f) = file {
+                    e = e.with_file(f);
+                }
+                if let Some(o) = offset {
+                    e = e.with_offset(o);
+                }
+                Err(e)
+            }
         }
     }
     pub fn encode(&self) -> Vec<u8> {
@@ -42,14 +69,20 @@ impl<T: Serialize + DeserializeOwned> Wire<T> {
     }
 }
 
-/// Broadcasts `root`'s outcome; every rank returns it (a failure on root fails everyone).
+/// Broadcasts `root`'s outcome; every rank returns it (a failure on root fails everyone; root
+/// returns its own error, with its source).
 pub fn broadcast_result<T: Serialize + DeserializeOwned>(comm: &dyn Communicator, root: usize, local: Result<T>) -> Result<T> {
+    let mut own = None;
     let bytes = if comm.rank() == root {
+        own = local.as_ref().err().cloned();
         Wire::from_result(local).encode()
     } else {
         Vec::new()
     };
     let got = comm.broadcast(&bytes, root)?;
+    if let Some(e) = own {
+        return Err(e);
+    }
     Wire::<T>::decode(&got, root)?.into_result(usize::MAX)
 }
 
@@ -65,4 +98,19 @@ pub fn agree(comm: &dyn Communicator, local: Result<()>) -> Result<()> {
         Wire::<()>::decode(bytes, rank)?.into_result(rank)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_details_across_ranks() {
+        let e = Error::corrupt("bad item").with_key("w").with_file("__1_0.distcp").with_offset(4096);
+        let bytes = Wire::<()>::from_result(Err(e)).encode();
+        let back = Wire::<()>::decode(&bytes, 1).unwrap().into_result(1).unwrap_err();
+        assert_eq!(back.kind(), ErrorKind::Corrupt);
+        assert_eq!(back.message(), "rank 1: bad item");
+        assert_eq!((back.key(), back.file(), back.offset()), (Some("w"), Some("__1_0.distcp"), Some(4096)));
+    }
 }

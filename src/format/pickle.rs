@@ -401,7 +401,8 @@ pub fn parse(data: &[u8], what: &str) -> Result<Graph> {
 
 impl<'a> Vm<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::corrupt(format!("{}: invalid pickle at byte {}: {msg}", self.what, self.pos))
+        // The offset is within the pickle; a caller that knows where the pickle sits rebases it.
+        Error::corrupt(format!("{}: invalid pickle at byte {}: {msg}", self.what, self.pos)).with_offset(self.pos as u64)
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -412,6 +413,7 @@ impl<'a> Vm<'a> {
                 self.pos,
                 self.data.len()
             ))
+            .with_offset(self.pos as u64)
         })?;
         let s = &self.data[self.pos..end];
         self.pos = end;

@@ -604,7 +604,7 @@ pub fn read_item(src: &dyn ItemSource, len: u64, what: &str) -> Result<ItemConte
         )
         .with_offset(base.saturating_add(pkl_off))
     );
-    let graph = pickle::parse(&pkl_bytes, what).map_err(at(pkl_off))?;
+    let graph = pickle::parse(&pkl_bytes, what).map_err(|e| e.rebased(base.saturating_add(pkl_off)))?;
     let (func, args) = match graph.as_call(graph.root) {
         Some(((module, func), args, _)) if module == "torch._utils" && func.starts_with("_rebuild_tensor") => (func, args),
         _ => return Ok(ItemContent::Object(ObjectValue::from_graph(&graph, &pkl_bytes))),
