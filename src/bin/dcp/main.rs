@@ -116,6 +116,8 @@ fn run(argv: Vec<String>) -> CliResult {
 
 fn main() {
     // Die quietly on a closed pipe (`dcp inspect DIR | head`), as other Unix tools do.
+    // SAFETY: restores the default disposition (no handler function involved), before any
+    // thread is started.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let mut argv = Vec::new();
     for a in std::env::args_os().skip(1) {
