@@ -422,3 +422,46 @@ fn strided_payload_split_mid_element_by_the_write_buffer() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A sidecar whose checksum block size is not a whole number of elements (forged, with block
+/// CRCs that match) would cut an element at the end of a read window, which would then be read
+/// from past the window: the load refuses it instead.
+#[test]
+fn sidecar_block_size_that_cuts_elements_is_refused() {
+    use dcp::format::sidecar::{Sidecar, BLOCK_SIZE};
+    let dir = tmp("odd-blocks");
+    let ctx = Context::local();
+    // 80 MiB of f32: more than one 64 MiB read window.
+    let n = 20usize << 20;
+    let mut w: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    {
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&mut w, DType::F32, &[n as u64]).unwrap())
+            .unwrap();
+        save(&ctx, &st, dir.to_str().unwrap(), &SaveOptions::default()).unwrap();
+    }
+    let name = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with(".libdcp"))
+        .expect("a sidecar");
+    let path = dir.join(name);
+    let mut sc = Sidecar::decode(&std::fs::read(&path).unwrap(), "sidecar").unwrap();
+    let bs = BLOCK_SIZE + 2;
+    for b in &mut sc.blocks {
+        let file = std::fs::read(dir.join(&sc.files[b.file as usize].name)).unwrap();
+        let payload = &file[b.payload_offset as usize..(b.payload_offset + b.payload_len) as usize];
+        b.crcs = payload.chunks(bs as usize).map(crc32fast::hash).collect();
+    }
+    assert!(!sc.blocks.is_empty());
+    sc.block_size = bs;
+    std::fs::write(&path, sc.encode()).unwrap();
+    let mut got = vec![f32::from_bits(0x7fc0_dead); n];
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice(&mut got, DType::F32, &[n as u64]).unwrap())
+        .unwrap();
+    let e = load(&ctx, &mut st, dir.to_str().unwrap(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.message().contains("block size"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
