@@ -196,7 +196,7 @@ pub fn contiguous_strides(sizes: &[u64]) -> Vec<u64> {
 
 /// Bytes spanned by a strided layout: one past the furthest element, or 0 if it has no elements.
 pub fn strided_extent_bytes(sizes: &[u64], strides: &[u64], elem: usize) -> Result<u64> {
-    if sizes.iter().any(|&s| s == 0) {
+    if sizes.contains(&0) {
         return Ok(0);
     }
     let mut last = 0u64;
@@ -226,20 +226,41 @@ pub struct TensorView<'a> {
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
-// The view is a description of memory the caller lends for the duration of a save or load;
-// libdcp threads read (save) or write disjoint parts of it (load).
+// SAFETY: the view stands for memory lent to it for `'a` (a `&'a mut [u8]`, or `from_raw`'s
+// contract), which is not tied to a thread: sending the view is sending that loan.
 unsafe impl Send for TensorView<'_> {}
+// SAFETY: `&TensorView` gives only the description and the raw pointer; the memory is reached
+// through the pointer solely in libdcp's unsafe blocks, where threads only read it (save) or
+// write disjoint elements of it (load: plan overlaps tile each box without overlapping).
 unsafe impl Sync for TensorView<'_> {}
+
+/// Element types a typed slice may be lent as (`TensorView::from_slice`): plain numbers, for
+/// which any bytes a load writes are a valid value (unlike `bool`, `char` or references).
+pub trait Element: Copy + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! elements {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t {}
+    )*};
+}
+elements!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
 
 impl<'a> TensorView<'a> {
     /// A contiguous CPU tensor over a mutable byte slice.
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
+        // SAFETY: `data` is `data.len()` bytes exclusively borrowed for `'a`, so nobody else
+        // reads or writes them while the view exists.
         unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, None, Device::Cpu) }
     }
 
     /// A contiguous CPU tensor over a typed slice (`f32`, `i64`, ...); the dtype must have the
     /// element's size.
-    pub fn from_slice<T: Copy>(data: &'a mut [T], dtype: DType, sizes: &[u64]) -> Result<Self> {
+    pub fn from_slice<T: Element>(data: &'a mut [T], dtype: DType, sizes: &[u64]) -> Result<Self> {
         ensure!(
             std::mem::size_of::<T>() == dtype.size(),
             Error::invalid(format!(
@@ -250,14 +271,20 @@ impl<'a> TensorView<'a> {
         );
         let nbytes = std::mem::size_of_val(data);
         let ptr = data.as_mut_ptr() as *mut u8;
+        // SAFETY: `data` is `nbytes` bytes exclusively borrowed for `'a`; `T` is a plain number
+        // type without padding, so every byte is initialised and any bytes a load writes form
+        // valid `T`s.
         unsafe { Self::from_raw(ptr, nbytes, dtype, sizes, None, Device::Cpu) }
     }
 
     /// A view of raw memory.
     ///
     /// # Safety
-    /// `ptr` must point to `nbytes` bytes that stay valid (and are not written by anyone else
-    /// while libdcp writes them) for `'a`. For CUDA tensors it is a device pointer.
+    /// `ptr` must point to `nbytes` initialised bytes that stay allocated for `'a` (for CUDA
+    /// tensors it is a device pointer, see [`TensorView::set_cuda`]). While a save uses the view
+    /// nobody may write those bytes; while a load uses it nobody else may read or write them,
+    /// and the views of one load must not overlap one another. Whatever the bytes are read as
+    /// must accept any bit pattern (a load writes what the checkpoint holds).
     pub unsafe fn from_raw(
         ptr: *mut u8,
         nbytes: usize,
@@ -320,6 +347,9 @@ impl<'a> TensorView<'a> {
     /// Makes this view memory of CUDA device `ordinal` (the pointer is a device pointer), with
     /// the caller's stream (`0` for none). Checks that the driver is present and that the view's
     /// bytes lie in one allocation of that device; on failure the view is left as it was.
+    /// `stream` goes to the driver as is: it must be a live `CUstream` until the saves and
+    /// loads that use the view have returned (it cannot be checked, so this is the caller's
+    /// promise, as in the C API).
     pub fn set_cuda(&mut self, ordinal: i32, stream: usize) -> Result<()> {
         let extent = strided_extent_bytes(&self.sizes, &self.strides, self.dtype.size())?;
         crate::cuda::driver().map_err(|e| Error::unsupported(format!("CUDA tensors cannot be used here: {}", e.message())))?;
