@@ -1,6 +1,6 @@
 //! An in-memory backend, for tests and for staging small checkpoints.
 
-use super::{ReadHandle, Storage, WriteHandle};
+use super::{Capabilities, ReadHandle, Storage, WriteHandle};
 use crate::error::{Error, Result};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -38,7 +38,19 @@ impl ReadHandle for MemFile {
     }
 }
 
-impl WriteHandle for MemFile {
+/// A file being created: appends go after `end`, positional writes anywhere.
+struct MemWrite {
+    data: FileBytes,
+    end: Mutex<u64>,
+}
+
+impl WriteHandle for MemWrite {
+    fn append(&self, data: &[u8]) -> Result<()> {
+        let mut end = self.end.lock().unwrap();
+        self.write_at(*end, data)?;
+        *end += data.len() as u64;
+        Ok(())
+    }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         let mut d = self.data.lock().unwrap();
         let end = offset as usize + data.len();
@@ -68,6 +80,12 @@ impl Storage for MemStorage {
     fn describe(&self, name: &str) -> String {
         format!("mem://{name}")
     }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            positional_writes: true,
+            direct_alignment: None,
+        }
+    }
     fn prepare(&self) -> Result<()> {
         Ok(())
     }
@@ -96,10 +114,7 @@ impl Storage for MemStorage {
             Entry::Occupied(_) => return Err(already_exists(name)),
             Entry::Vacant(v) => v.insert(data.clone()),
         };
-        Ok(Arc::new(MemFile {
-            name: name.to_string(),
-            data,
-        }))
+        Ok(Arc::new(MemWrite { data, end: Mutex::new(0) }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         super::check_name(name)?;

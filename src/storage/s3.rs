@@ -209,7 +209,8 @@ impl ReadHandle for S3Read {
     }
 }
 
-/// A data file being uploaded: sequential writes feed a multipart upload.
+/// A data file being uploaded: appends feed a multipart upload (no positional writes: an object
+/// is uploaded front to back).
 struct S3Write {
     url: String,
     state: Mutex<UploadState>,
@@ -221,14 +222,8 @@ struct UploadState {
 }
 
 impl WriteHandle for S3Write {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+    fn append(&self, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if offset != st.written {
-            return Err(Error::internal(format!(
-                "{}: object uploads are sequential, but a write came at offset {offset} after {} bytes",
-                self.url, st.written
-            )));
-        }
         let url = &self.url;
         let upload = st
             .upload
@@ -248,7 +243,7 @@ impl WriteHandle for S3Write {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if len != st.written {
             return Err(Error::internal(format!(
-                "{}: {} bytes were uploaded but the file is {len} bytes long",
+                "{}: {} bytes were appended but the file is to be {len} bytes long (an object cannot be truncated or extended)",
                 self.url, st.written
             )));
         }
@@ -413,5 +408,28 @@ mod tests {
         assert_eq!(parse_url("s3://b").unwrap(), ("b".to_string(), String::new()));
         assert!(parse_url("s3:///x").is_err());
         assert!(parse_url("/tmp/x").is_err());
+    }
+
+    /// The storage conformance suite against a real S3 server: `tests/python/test_s3.py` starts
+    /// one and runs this test with `DCP_TEST_S3_URL` (an `s3://bucket/prefix`) and the AWS
+    /// settings in the environment, and checks that it passed. Without the variable it says it
+    /// skipped.
+    #[test]
+    fn conformance_against_a_local_server() {
+        let Ok(base) = std::env::var("DCP_TEST_S3_URL") else {
+            println!("SKIPPED: no S3 server (DCP_TEST_S3_URL is unset; tests/python/test_s3.py starts one and runs this test)");
+            return;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let url = format!("{}/conformance-{}-{nanos}", base.trim_end_matches('/'), std::process::id());
+        let s = S3Storage::new(&url, &[]).unwrap();
+        assert_eq!(s.capabilities(), crate::storage::Capabilities::SEQUENTIAL);
+        crate::storage::conformance::run(&s);
+        s.remove("m").unwrap();
+        assert_eq!(s.list().unwrap(), Vec::<String>::new());
+        println!("S3 conformance passed against {url}");
     }
 }
