@@ -275,3 +275,55 @@ fn forged_sidecars_are_refused() {
     st.add_int("writer", 0).unwrap();
     load_from(&Context::local(), &mut st, Arc::new(FsStorage::new(&loc)), &LoadOptions::default()).unwrap();
 }
+
+/// A store that takes appends only (as an object store does) gets whole checkpoints: the save
+/// path writes every file front to back without positional writes, over several files and
+/// buffer flushes, and the load reads back every byte.
+#[test]
+fn a_storage_without_positional_writes_is_written_by_appends() {
+    use dcp::storage::mem::MemStorage;
+    use dcp::storage::Storage;
+    let storage = Arc::new(MemStorage::sequential_only());
+    assert!(!storage.capabilities().positional_writes);
+    let big_len = (40 << 20) / 4 + 3;
+    let mut big: Vec<f32> = (0..big_len).map(|i| (i as f32) * 0.5 - 7.0).collect();
+    let mut odd: Vec<u8> = (0..1001u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mid_len = (30 << 20) / 4 + 1;
+    let mut mid = values(7, mid_len);
+    let mut st = State::new();
+    st.add_tensor("big", TensorView::from_slice(&mut big, DType::F32, &[big_len as u64]).unwrap())
+        .unwrap();
+    st.add_tensor("odd", TensorView::from_slice(&mut odd, DType::U8, &[7, 11, 13]).unwrap())
+        .unwrap();
+    st.add_tensor("mid", TensorView::from_slice(&mut mid, DType::F32, &[mid_len as u64]).unwrap())
+        .unwrap();
+    st.add_int("step", 1234).unwrap();
+    let opts = SaveOptions {
+        threads: 4,
+        buffer_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let ctx = Context::local();
+    save_to(&ctx, &st, storage.clone(), "mem://sequential", &opts).unwrap();
+    drop(st);
+    let data_files = storage.list().unwrap().into_iter().filter(|n| n.ends_with(".distcp")).count();
+    assert!(data_files >= 2, "{data_files} data files: the save spreads over several");
+
+    let mut big_out = vec![f32::from_bits(0xA5A5_A5A5); big_len];
+    let mut odd_out = vec![0xA5u8; 1001];
+    let mut mid_out = vec![f32::from_bits(0xA5A5_A5A5); mid_len];
+    let mut st = State::new();
+    st.add_tensor("big", TensorView::from_slice(&mut big_out, DType::F32, &[big_len as u64]).unwrap())
+        .unwrap();
+    st.add_tensor("odd", TensorView::from_slice(&mut odd_out, DType::U8, &[7, 11, 13]).unwrap())
+        .unwrap();
+    st.add_tensor("mid", TensorView::from_slice(&mut mid_out, DType::F32, &[mid_len as u64]).unwrap())
+        .unwrap();
+    st.add_int("step", -1).unwrap();
+    load_from(&ctx, &mut st, storage, &LoadOptions::default()).unwrap();
+    assert_eq!(st.object("step").unwrap(), &dcp::ObjectValue::Int(1234));
+    drop(st);
+    assert!(big_out.iter().map(|v| v.to_bits()).eq(big.iter().map(|v| v.to_bits())), "big");
+    assert_eq!(odd_out, odd);
+    assert!(mid_out.iter().map(|v| v.to_bits()).eq(mid.iter().map(|v| v.to_bits())), "mid");
+}

@@ -12,11 +12,21 @@ type FileBytes = Arc<Mutex<Vec<u8>>>;
 #[derive(Default, Clone)]
 pub struct MemStorage {
     files: Arc<Mutex<HashMap<String, FileBytes>>>,
+    /// Takes appends only, as an object store does (for tests of that path).
+    sequential_only: bool,
 }
 
 impl MemStorage {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that declares no positional writes and refuses them, like an object store.
+    pub fn sequential_only() -> Self {
+        MemStorage {
+            sequential_only: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -42,28 +52,47 @@ impl ReadHandle for MemFile {
 struct MemWrite {
     data: FileBytes,
     end: Mutex<u64>,
+    positional: bool,
 }
 
-impl WriteHandle for MemWrite {
-    fn append(&self, data: &[u8]) -> Result<()> {
-        let mut end = self.end.lock().unwrap();
-        self.write_at(*end, data)?;
-        *end += data.len() as u64;
-        Ok(())
-    }
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+impl MemWrite {
+    fn write(&self, offset: u64, data: &[u8]) {
         let mut d = self.data.lock().unwrap();
         let end = offset as usize + data.len();
         if d.len() < end {
             d.resize(end, 0);
         }
         d[offset as usize..end].copy_from_slice(data);
+    }
+}
+
+impl WriteHandle for MemWrite {
+    fn append(&self, data: &[u8]) -> Result<()> {
+        let mut end = self.end.lock().unwrap();
+        self.write(*end, data);
+        *end += data.len() as u64;
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.positional {
+            return Err(Error::unsupported(format!(
+                "writing {} bytes at offset {offset}: this in-memory store takes appends only",
+                data.len()
+            )));
+        }
+        self.write(offset, data);
         Ok(())
     }
     fn direct_alignment(&self) -> Option<usize> {
         None
     }
     fn set_len(&self, len: u64) -> Result<()> {
+        let appended = *self.end.lock().unwrap();
+        if !self.positional && len != appended {
+            return Err(Error::internal(format!(
+                "{appended} bytes were appended but the file is to be {len} bytes long (this in-memory store, like an object store, cannot truncate or extend)"
+            )));
+        }
         self.data.lock().unwrap().resize(len as usize, 0);
         Ok(())
     }
@@ -82,7 +111,7 @@ impl Storage for MemStorage {
     }
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            positional_writes: true,
+            positional_writes: !self.sequential_only,
             direct_alignment: None,
         }
     }
@@ -114,7 +143,11 @@ impl Storage for MemStorage {
             Entry::Occupied(_) => return Err(already_exists(name)),
             Entry::Vacant(v) => v.insert(data.clone()),
         };
-        Ok(Arc::new(MemWrite { data, end: Mutex::new(0) }))
+        Ok(Arc::new(MemWrite {
+            data,
+            end: Mutex::new(0),
+            positional: !self.sequential_only,
+        }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         super::check_name(name)?;
@@ -153,5 +186,6 @@ mod tests {
     #[test]
     fn conformance() {
         super::super::conformance::run(&super::MemStorage::new());
+        super::super::conformance::run(&super::MemStorage::sequential_only());
     }
 }

@@ -410,26 +410,57 @@ mod tests {
         assert!(parse_url("/tmp/x").is_err());
     }
 
-    /// The storage conformance suite against a real S3 server: `tests/python/test_s3.py` starts
-    /// one and runs this test with `DCP_TEST_S3_URL` (an `s3://bucket/prefix`) and the AWS
-    /// settings in the environment, and checks that it passed. Without the variable it says it
-    /// skipped.
-    #[test]
-    fn conformance_against_a_local_server() {
+    /// A fresh `s3://bucket/prefix/{what}-{pid}-{nanos}` under `DCP_TEST_S3_URL`, or `None`
+    /// (and a line saying the test skipped) without it. `tests/python/test_s3.py` starts a
+    /// local S3 server and runs the `server_` tests with that variable and the AWS settings in
+    /// the environment, and checks that they ran.
+    fn server_url(what: &str) -> Option<String> {
         let Ok(base) = std::env::var("DCP_TEST_S3_URL") else {
             println!("SKIPPED: no S3 server (DCP_TEST_S3_URL is unset; tests/python/test_s3.py starts one and runs this test)");
-            return;
+            return None;
         };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos();
-        let url = format!("{}/conformance-{}-{nanos}", base.trim_end_matches('/'), std::process::id());
+        Some(format!("{}/{what}-{}-{nanos}", base.trim_end_matches('/'), std::process::id()))
+    }
+
+    /// The storage conformance suite against a real S3 server.
+    #[test]
+    fn server_conformance() {
+        let Some(url) = server_url("conformance") else { return };
         let s = S3Storage::new(&url, &[]).unwrap();
         assert_eq!(s.capabilities(), crate::storage::Capabilities::SEQUENTIAL);
         crate::storage::conformance::run(&s);
         s.remove("m").unwrap();
         assert_eq!(s.list().unwrap(), Vec::<String>::new());
         println!("S3 conformance passed against {url}");
+    }
+
+    /// `Checkpoint::open_with` opens the location with the context's storage options (here a
+    /// wrong secret, which the server refuses), `Checkpoint::open` with the environment's.
+    #[test]
+    fn server_checkpoint_open_with_context_options() {
+        use crate::{Checkpoint, Context, DType, SaveOptions, State, TensorView};
+        let Some(url) = server_url("open-with") else { return };
+        let mut v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&mut v, DType::F32, &[1000]).unwrap())
+            .unwrap();
+        crate::save(&Context::local(), &st, &url, &SaveOptions::default()).unwrap();
+        let good = Checkpoint::open(&url).unwrap();
+        assert_eq!(good.keys().map(|k| k.fqn).collect::<Vec<_>>(), ["w"]);
+        let ctx = Context::local();
+        ctx.set_storage_option("aws_secret_access_key", "not-the-secret");
+        let err = Checkpoint::open_with(&ctx, &url).err().expect("a wrong secret is refused");
+        assert!(err.message().contains(&url), "{err}");
+        let refused = ["403", "Forbidden", "SignatureDoesNotMatch", "AccessDenied"];
+        assert!(refused.iter().any(|r| err.message().contains(r)), "{err}");
+        let ctx = Context::local();
+        ctx.set_storage_option("aws_region", "us-east-1");
+        let opened = Checkpoint::open_with(&ctx, &url).unwrap();
+        assert_eq!(opened.keys().map(|k| k.fqn).collect::<Vec<_>>(), ["w"]);
+        println!("Checkpoint::open_with applied the context's storage options against {url}");
     }
 }
