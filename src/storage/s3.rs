@@ -388,12 +388,18 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    /// The objects directly under the prefix. Some servers (SeaweedFS) also list the prefix
+    /// itself as an object once everything under it was removed: that is not a file of the
+    /// checkpoint.
     fn list(&self) -> Result<Vec<String>> {
         let listed = block(self.store.list_with_delimiter(self.prefix_path().as_ref())).map_err(|e| s3_err("listing", &self.url(""), e))?;
         Ok(listed
             .objects
             .into_iter()
-            .filter_map(|o| o.location.filename().map(str::to_string))
+            .filter_map(|o| {
+                let name = o.location.filename()?;
+                (self.path(name) == o.location).then(|| name.to_string())
+            })
             .collect())
     }
 }
