@@ -138,7 +138,7 @@ fn random_u64() -> u64 {
 pub const DIRECT_ALIGN: usize = 4096;
 
 /// What a backend can do beyond the write contract every backend honours (see the module
-/// documentation).
+/// documentation). The default is the contract alone: sequential appends, no direct I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
     /// [`WriteHandle::write_at`] works: writes at any offset of a file being created, from
@@ -148,14 +148,6 @@ pub struct Capabilities {
     /// page cache and must be n-aligned in offset, length and memory (the handle's
     /// [`WriteHandle::direct_alignment`] says whether this one does). `None`: never.
     pub direct_alignment: Option<usize>,
-}
-
-impl Capabilities {
-    /// The contract alone: sequential appends, no direct I/O.
-    pub const SEQUENTIAL: Capabilities = Capabilities {
-        positional_writes: false,
-        direct_alignment: None,
-    };
 }
 
 /// One data file being created. Every backend takes [`append`](Self::append)s from one writer
@@ -192,7 +184,7 @@ pub trait Storage: Send + Sync {
     fn describe(&self, name: &str) -> String;
     /// What this backend can do beyond sequential appends.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::SEQUENTIAL
+        Capabilities::default()
     }
     /// Creates the checkpoint location if needed.
     fn prepare(&self) -> Result<()>;

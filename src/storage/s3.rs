@@ -437,7 +437,7 @@ mod tests {
     fn server_conformance() {
         let Some(url) = server_url("conformance") else { return };
         let s = S3Storage::new(&url, &[]).unwrap();
-        assert_eq!(s.capabilities(), crate::storage::Capabilities::SEQUENTIAL);
+        assert_eq!(s.capabilities(), crate::storage::Capabilities::default());
         crate::storage::conformance::run(&s);
         s.remove("m").unwrap();
         assert_eq!(s.list().unwrap(), Vec::<String>::new());
