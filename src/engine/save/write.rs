@@ -143,9 +143,11 @@ pub fn layout_files<'s, 'a>(
     files
 }
 
-/// Sequential writer of one file through an aligned buffer.
+/// Sequential writer of one file through an aligned buffer: the file is written front to back,
+/// by offset (pwrite) where the storage takes positional writes, by appends elsewhere.
 struct FileWriter<'h, 'p> {
     handle: &'h dyn WriteHandle,
+    positional: bool,
     buf: PoolBuf<'p>,
     cap: usize,
     start: u64,
@@ -156,10 +158,19 @@ impl FileWriter<'_, '_> {
     fn pos(&self) -> u64 {
         self.start + self.filled as u64
     }
+    /// Writes `data` at `start` (the end of what was written) and moves `start` past it.
+    fn write_next(handle: &dyn WriteHandle, positional: bool, start: &mut u64, data: &[u8]) -> Result<()> {
+        if positional {
+            handle.write_at(*start, data)?;
+        } else {
+            handle.append(data)?;
+        }
+        *start += data.len() as u64;
+        Ok(())
+    }
     fn flush(&mut self) -> Result<()> {
         if self.filled > 0 {
-            self.handle.write_at(self.start, self.buf.bytes(self.filled))?;
-            self.start += self.filled as u64;
+            Self::write_next(self.handle, self.positional, &mut self.start, self.buf.bytes(self.filled))?;
             self.filled = 0;
         }
         Ok(())
@@ -210,8 +221,7 @@ impl FileWriter<'_, '_> {
         }
         self.flush()?;
         for piece in data[..bulk].chunks(WRITE_PIECE) {
-            self.handle.write_at(self.start, piece)?;
-            self.start += piece.len() as u64;
+            Self::write_next(self.handle, self.positional, &mut self.start, piece)?;
         }
         self.put(&data[bulk..])?;
         Ok(true)
@@ -290,7 +300,8 @@ fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, poo
         ItemBody::Tensor { view, .. } => Some(*view),
         ItemBody::Object(_) => None,
     }));
-    let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool)?;
+    let positional = storage.capabilities().positional_writes;
+    let written = write_items(handle.as_ref(), positional, &file.items, &file.name, buffer_bytes, pinned, pool)?;
     handle.set_len(file.len)?;
     handle.sync()?;
     Ok((file.len, written))
@@ -298,6 +309,7 @@ fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, poo
 
 fn write_items(
     handle: &dyn WriteHandle,
+    positional: bool,
     items: &[PlacedItem],
     file: &str,
     buffer_bytes: usize,
@@ -306,6 +318,7 @@ fn write_items(
 ) -> Result<Vec<ItemWritten>> {
     let mut w = FileWriter {
         handle,
+        positional,
         cap: buffer_bytes,
         buf: PoolBuf::acquire(pool, buffer_bytes, pinned)?,
         start: 0,
