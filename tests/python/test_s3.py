@@ -260,6 +260,28 @@ class S3(unittest.TestCase):
         self.assertIn("S3 conformance passed against s3://", out)
         self.assertIn("Checkpoint::open_with applied the context's storage options", out)
 
+    def test_checkpoint_open_with_context_uses_its_storage_options(self):
+        import ctypes
+        url = self.url()
+        L.save(L.Context(), state_of({"w": torch.arange(10.0)}), url)
+        lib = L.lib()
+        for secret in ("not-the-secret", SECRET):
+            ctx = L.Context()
+            ctx.set_storage_option("aws_secret_access_key", secret)
+            ck = L.Checkpoint.__new__(L.Checkpoint)
+            ck.h = ctypes.c_void_p()
+            status = lib.dcp_checkpoint_open_with_context(ctx.h, url.encode(), ctypes.byref(ck.h))
+            if secret == SECRET:
+                self.assertEqual(status, 0, lib.dcp_last_error())
+                self.assertEqual(list(ck.keys()), ["w"])
+                self.assertTrue(torch.equal(ck.read_tensor("w", torch.empty(10)), torch.arange(10.0)))
+            else:
+                message = lib.dcp_last_error().decode()
+                self.assertNotEqual(status, 0)
+                self.assertIn(f"s3://{BUCKET}", message)
+                self.assertTrue(any(s in message for s in ("403", "Forbidden", "SignatureDoesNotMatch", "AccessDenied")),
+                                message)
+
     def test_missing_bucket(self):
         ctx = L.Context()
         for op in (lambda: L.load(ctx, state_of({"w": torch.empty(2)}), "s3://no-such-bucket/x"),
