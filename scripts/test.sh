@@ -82,8 +82,17 @@ cli_tests() {
         DCP_BIN="$ROOT/target/release/dcp" "$PY" tests/python/test_cli.py -v
 }
 
+# The habits every change keeps: formatted, no clippy warnings in any target (tests, examples, the
+# CLI), documentation that builds without warnings (broken links, missing docs).
+rust_habits() {
+    cargo fmt --all --check || return 1
+    cargo clippy --release --workspace --all-targets -- -D warnings || return 1
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p libdcp || return 1
+}
+
 run_step "setup: OpenMPI, valgrind, cmake, Python venv with torch" bash -c "source scripts/setup.sh; setup_system; setup_venv"
 run_step "cargo build --release" cargo build --release
+run_step "cargo fmt --check, clippy -D warnings, cargo doc" rust_habits
 run_step "cargo test (units, header is current, round trips, plan cache)" cargo test --release
 run_step "C API tests, C++ header, valgrind, C example" scripts/c-tests.sh
 run_step "dcp command-line tool (Rust; torch and safetensors)" cli_tests
