@@ -277,19 +277,6 @@ fn dcp_cli(args: &[&str], scratch: &Path) -> (i32, String, usize) {
     (code as i32, text, kib as usize * 1024)
 }
 
-/// The `dcp` binary of this build (the CLI is its own crate, `cli/`, built into the same target
-/// directory: this test's executable is `target/<profile>/deps/hostile_pickles-*`).
-fn dcp_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("dcp");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build the CLI first (cargo build -p dcp-cli, with this test's profile)",
-        bin.display()
-    );
-    bin
-}
-
 /// Not a test: [`dcp_cli`] runs this binary with `rss_reaper --exact --ignored` and the
 /// arguments in `DCP_RSS_REAPER`; it runs `dcp` with them and prints its exit code (minus the
 /// signal number if killed) and peak RSS in KiB, from `wait4`.
@@ -303,7 +290,7 @@ fn rss_reaper() {
     let out = std::fs::File::create(&out_path).unwrap();
     // Reaped by `wait4` below, which also gives its resource usage.
     #[allow(clippy::zombie_processes)]
-    let child = Command::new(dcp_binary())
+    let child = Command::new(env!("CARGO_BIN_EXE_dcp"))
         .args(args.split('\u{1f}'))
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
