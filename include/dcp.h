@@ -298,9 +298,21 @@ const char *dcp_status_name(int32_t status);
 /**
  * Opens the checkpoint at `path` for inspection (reads and checks `.metadata` and the
  * sidecar). Not collective; thread-safe. `*out` is owned by the caller; free it with
- * `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`.
+ * `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`. Storage
+ * settings come from the environment (for S3 the AWS variables); see
+ * `dcp_checkpoint_open_with_context` for a context's storage options.
  */
 dcp_status dcp_checkpoint_open(const char *path, dcp_checkpoint **out);
+
+/**
+ * Like `dcp_checkpoint_open`, with the storage options set on `ctx`
+ * (`dcp_context_set_storage_option`: an S3 endpoint, credentials), as its saves and loads use
+ * them. Not collective; thread-safe (`ctx` is only read). `*out` is owned by the caller; free
+ * it with `dcp_checkpoint_free`.
+ */
+dcp_status dcp_checkpoint_open_with_context(const dcp_context *ctx,
+                                            const char *path,
+                                            dcp_checkpoint **out);
 
 /**
  * Frees an open checkpoint, and with it every pointer its functions returned. NULL is a

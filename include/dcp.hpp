@@ -763,6 +763,11 @@ struct ChunkInfo {
 class Checkpoint {
 public:
     explicit Checkpoint(const std::string &path) { detail::check(dcp_checkpoint_open(path.c_str(), h_.out())); }
+    /// Opens with `ctx`'s storage options (an S3 endpoint or credentials set with
+    /// `Context::set_storage_option`).
+    Checkpoint(const Context &ctx, const std::string &path) {
+        detail::check(dcp_checkpoint_open_with_context(ctx.get(), path.c_str(), h_.out()));
+    }
 
     size_t num_keys() const {
         size_t n = 0;

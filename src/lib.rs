@@ -55,8 +55,6 @@ macro_rules! internal_mod {
 pub(crate) use internal_mod;
 
 pub mod comm;
-// TODO(lead): drop the allow once the storage branch's docs are merged (src/storage is its files).
-#[allow(missing_docs)]
 pub mod storage;
 
 mod cuda;

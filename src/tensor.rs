@@ -274,9 +274,12 @@ pub struct TensorView<'a> {
     _borrow: PhantomData<&'a mut [u8]>,
 }
 
-// The view is a description of memory the caller lends for the duration of a save or load;
-// libdcp threads read (save) or write disjoint parts of it (load).
+// SAFETY: the view stands for memory lent to it for `'a` (a `&'a mut [u8]`, or `from_raw`'s
+// contract), which is not tied to a thread: sending the view is sending that loan.
 unsafe impl Send for TensorView<'_> {}
+// SAFETY: `&TensorView` gives only the description and the raw pointer; the memory is reached
+// through the pointer solely in libdcp's unsafe blocks, where threads only read it (save) or
+// write disjoint elements of it (load: plan overlaps tile each box without overlapping).
 unsafe impl Sync for TensorView<'_> {}
 
 impl<'a> TensorView<'a> {
@@ -319,17 +322,20 @@ impl<'a> TensorView<'a> {
 
     /// A contiguous CPU tensor of `dtype` over the bytes `data`, to load into (or save).
     pub fn from_bytes(data: &'a mut [u8], dtype: DType, sizes: &[u64]) -> Result<Self> {
-        // SAFETY: the bytes are borrowed exclusively for 'a; any bytes are valid `u8`s.
+        // SAFETY: `data` is `data.len()` bytes exclusively borrowed for `'a`, so nobody else
+        // reads or writes them while the view exists; any bytes are valid `u8`s.
         unsafe { Self::from_raw(data.as_mut_ptr(), data.len(), dtype, sizes, None, Device::Cpu) }
     }
 
-    /// A view of raw memory, CPU memory or (after [`set_cuda`](Self::set_cuda)) a CUDA device
+    /// A view of raw memory: CPU memory, or (after [`set_cuda`](Self::set_cuda)) a CUDA device
     /// pointer; `strides` in elements, `None` for row-major.
     ///
     /// # Safety
-    /// `ptr` must point to `nbytes` bytes that stay valid (and are not written by anyone else
-    /// while libdcp writes them) for `'a`, and that libdcp may write when the view is loaded
-    /// into. For CUDA tensors it is a device pointer.
+    /// `ptr` must point to `nbytes` initialised bytes that stay allocated for `'a` (for CUDA
+    /// tensors it is a device pointer, see [`TensorView::set_cuda`]). While a save uses the view
+    /// nobody may write those bytes; while a load uses it nobody else may read or write them,
+    /// and the views of one load must not overlap one another. Whatever the bytes are read as
+    /// must accept any bit pattern (a load writes what the checkpoint holds).
     pub unsafe fn from_raw(
         ptr: *mut u8,
         nbytes: usize,
@@ -413,6 +419,9 @@ impl<'a> TensorView<'a> {
     /// Makes this view memory of CUDA device `ordinal` (the pointer is a device pointer), with
     /// the caller's stream (`0` for none). Checks that the driver is present and that the view's
     /// bytes lie in one allocation of that device; on failure the view is left as it was.
+    /// `stream` goes to the driver as is: it must be a live `CUstream` until the saves and
+    /// loads that use the view have returned (it cannot be checked, so this is the caller's
+    /// promise, as in the C API).
     pub fn set_cuda(&mut self, ordinal: i32, stream: usize) -> Result<()> {
         let extent = strided_extent_bytes(&self.sizes, &self.strides, self.dtype.size())?;
         crate::cuda::driver().map_err(|e| Error::unsupported(format!("CUDA tensors cannot be used here: {}", e.message())))?;

@@ -8,9 +8,9 @@ use dcp::engine::save::save_to;
 use dcp::error::Result;
 use dcp::format::metadata::Metadata;
 use dcp::format::sidecar::Sidecar;
+use dcp::storage::fault::{FaultStorage, Faults};
 use dcp::storage::fs::FsStorage;
-use dcp::storage::{ReadHandle, Storage, WriteHandle};
-use dcp::{load, save, Context, DType, ErrorKind, LoadOptions, SaveOptions, State, TensorView};
+use dcp::{load, save, Context, ErrorKind, LoadOptions, SaveOptions, State, TensorView};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 
@@ -54,12 +54,9 @@ const N: usize = 3 << 20; // 12 MiB of f32: several sidecar blocks, several writ
 fn save_values(ctx: &Context, loc: &str, w: u32, overwrite: bool) -> Result<()> {
     let mut v = values(w, N);
     let mut st = State::new();
-    st.add_tensor("w", TensorView::from_slice(&mut v, DType::F32, &[N as u64]).unwrap())?;
+    st.add_tensor("w", TensorView::from_slice_mut(&mut v, &[N as u64]).unwrap())?;
     st.add_int("writer", w as i64)?;
-    let opts = SaveOptions {
-        overwrite,
-        ..Default::default()
-    };
+    let opts = SaveOptions::default().overwrite(overwrite);
     save(ctx, &st, loc, &opts).map(|_| ())
 }
 
@@ -67,7 +64,7 @@ fn save_values(ctx: &Context, loc: &str, w: u32, overwrite: bool) -> Result<()> 
 fn load_values(loc: &str) -> Result<Vec<f32>> {
     let mut out = vec![f32::from_bits(0xA5A5_A5A5); N];
     let mut st = State::new();
-    st.add_tensor("w", TensorView::from_slice(&mut out, DType::F32, &[N as u64]).unwrap())?;
+    st.add_tensor("w", TensorView::from_slice_mut(&mut out, &[N as u64]).unwrap())?;
     st.add_int("writer", -1)?;
     load(&Context::local(), &mut st, loc, &LoadOptions::default())?;
     drop(st);
@@ -120,85 +117,6 @@ fn racing_writers_at_most_one_commits_and_nobody_loses_files() {
     }
 }
 
-/// Storage whose data-file writes fail after `fail_after` bytes, or whose `.metadata` commit
-/// fails: a disk filling up during an overwrite.
-struct Failing {
-    inner: FsStorage,
-    fail_after: Option<u64>,
-    fail_commit: bool,
-}
-
-struct FailingWrite {
-    inner: Arc<dyn WriteHandle>,
-    left: std::sync::atomic::AtomicI64,
-}
-
-fn no_space(what: &str) -> dcp::Error {
-    dcp::Error::new(ErrorKind::NoSpace, format!("{what}: no space left on device (injected)"))
-}
-
-impl WriteHandle for FailingWrite {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let left = self.left.fetch_sub(data.len() as i64, std::sync::atomic::Ordering::SeqCst);
-        if left < data.len() as i64 {
-            return Err(no_space("data file"));
-        }
-        self.inner.write_at(offset, data)
-    }
-    fn direct_alignment(&self) -> Option<usize> {
-        self.inner.direct_alignment()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
-    fn sync(&self) -> Result<()> {
-        self.inner.sync()
-    }
-}
-
-impl Storage for Failing {
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
-    }
-    fn prepare(&self) -> Result<()> {
-        self.inner.prepare()
-    }
-    fn exists(&self, name: &str) -> Result<bool> {
-        self.inner.exists(name)
-    }
-    fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
-        self.inner.open_read(name)
-    }
-    fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>> {
-        let inner = self.inner.create(name, direct)?;
-        Ok(match self.fail_after {
-            Some(n) => Arc::new(FailingWrite {
-                inner,
-                left: (n as i64).into(),
-            }),
-            None => inner,
-        })
-    }
-    fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
-        if self.fail_commit && name == ".metadata" {
-            return Err(no_space(".metadata"));
-        }
-        self.inner.put_atomic(name, data)
-    }
-    fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.inner.put_new(name, data)
-    }
-    fn remove(&self, name: &str) -> Result<()> {
-        self.inner.remove(name)
-    }
-    fn sync_dir(&self) -> Result<()> {
-        self.inner.sync_dir()
-    }
-    fn list(&self) -> Result<Vec<String>> {
-        self.inner.list()
-    }
-}
-
 #[test]
 fn a_failed_overwrite_keeps_the_previous_checkpoint() {
     let dir = TmpDir::new("overwrite-fail");
@@ -206,21 +124,20 @@ fn a_failed_overwrite_keeps_the_previous_checkpoint() {
     let ctx = Context::local();
     save_values(&ctx, &loc, 1, false).unwrap();
     let before = names(Path::new(&loc));
+    // A disk filling up during the overwrite: at its first data byte, 5 MiB in, at the commit.
     for (fail_after, fail_commit) in [(Some(0), false), (Some(5 << 20), false), (None, true)] {
-        let storage = Arc::new(Failing {
-            inner: FsStorage::new(&loc),
-            fail_after,
-            fail_commit,
-        });
+        let faults = Faults {
+            write: fail_after.map(|n| (String::new(), n)),
+            put: fail_commit.then(|| ".metadata".to_string()),
+            kind: ErrorKind::NoSpace,
+        };
+        let storage = Arc::new(FaultStorage::new(Arc::new(FsStorage::new(&loc)), faults));
         let mut v = values(2, N);
         let mut st = State::new();
-        st.add_tensor("w", TensorView::from_slice(&mut v, DType::F32, &[N as u64]).unwrap())
+        st.add_tensor("w", TensorView::from_slice_mut(&mut v, &[N as u64]).unwrap())
             .unwrap();
         st.add_int("writer", 2).unwrap();
-        let opts = SaveOptions {
-            overwrite: true,
-            ..Default::default()
-        };
+        let opts = SaveOptions::default().overwrite(true);
         let e = save_to(&ctx, &st, storage, &loc, &opts).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
         // The previous checkpoint loads, bit for bit, and the failed save left nothing behind.
@@ -347,8 +264,56 @@ fn forged_sidecars_are_refused() {
     // Also through a storage the test controls (no path-based lookups).
     let mut out = vec![0f32; N];
     let mut st = State::new();
-    st.add_tensor("w", TensorView::from_slice(&mut out, DType::F32, &[N as u64]).unwrap())
+    st.add_tensor("w", TensorView::from_slice_mut(&mut out, &[N as u64]).unwrap())
         .unwrap();
     st.add_int("writer", 0).unwrap();
     load_from(&Context::local(), &mut st, Arc::new(FsStorage::new(&loc)), &LoadOptions::default()).unwrap();
+}
+
+/// A store that takes appends only (as an object store does) gets whole checkpoints: the save
+/// path writes every file front to back without positional writes, over several files and
+/// buffer flushes, and the load reads back every byte.
+#[test]
+fn a_storage_without_positional_writes_is_written_by_appends() {
+    use dcp::storage::mem::MemStorage;
+    use dcp::storage::Storage;
+    let storage = Arc::new(MemStorage::sequential_only());
+    assert!(!storage.capabilities().positional_writes);
+    let big_len = (40 << 20) / 4 + 3;
+    let mut big: Vec<f32> = (0..big_len).map(|i| (i as f32) * 0.5 - 7.0).collect();
+    let mut odd: Vec<u8> = (0..1001u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mid_len = (30 << 20) / 4 + 1;
+    let mut mid = values(7, mid_len);
+    let mut st = State::new();
+    st.add_tensor("big", TensorView::from_slice_mut(&mut big, &[big_len as u64]).unwrap())
+        .unwrap();
+    st.add_tensor("odd", TensorView::from_slice_mut(&mut odd, &[7, 11, 13]).unwrap())
+        .unwrap();
+    st.add_tensor("mid", TensorView::from_slice_mut(&mut mid, &[mid_len as u64]).unwrap())
+        .unwrap();
+    st.add_int("step", 1234).unwrap();
+    let opts = SaveOptions::default().threads(4).buffer_bytes(1 << 20);
+    let ctx = Context::local();
+    save_to(&ctx, &st, storage.clone(), "mem://sequential", &opts).unwrap();
+    drop(st);
+    let data_files = storage.list().unwrap().into_iter().filter(|n| n.ends_with(".distcp")).count();
+    assert!(data_files >= 2, "{data_files} data files: the save spreads over several");
+
+    let mut big_out = vec![f32::from_bits(0xA5A5_A5A5); big_len];
+    let mut odd_out = vec![0xA5u8; 1001];
+    let mut mid_out = vec![f32::from_bits(0xA5A5_A5A5); mid_len];
+    let mut st = State::new();
+    st.add_tensor("big", TensorView::from_slice_mut(&mut big_out, &[big_len as u64]).unwrap())
+        .unwrap();
+    st.add_tensor("odd", TensorView::from_slice_mut(&mut odd_out, &[7, 11, 13]).unwrap())
+        .unwrap();
+    st.add_tensor("mid", TensorView::from_slice_mut(&mut mid_out, &[mid_len as u64]).unwrap())
+        .unwrap();
+    st.add_int("step", -1).unwrap();
+    load_from(&ctx, &mut st, storage, &LoadOptions::default()).unwrap();
+    assert_eq!(st.object("step").unwrap(), &dcp::ObjectValue::Int(1234));
+    drop(st);
+    assert!(big_out.iter().map(|v| v.to_bits()).eq(big.iter().map(|v| v.to_bits())), "big");
+    assert_eq!(odd_out, odd);
+    assert!(mid_out.iter().map(|v| v.to_bits()).eq(mid.iter().map(|v| v.to_bits())), "mid");
 }

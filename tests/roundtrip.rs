@@ -63,6 +63,8 @@ fn strided_views_and_boxes() {
     let mut base: Vec<f32> = (0..24).map(|i| i as f32).collect();
     {
         let mut st = State::new();
+        // SAFETY: `base` holds the 24 f32s (96 bytes) the transposed view spans and outlives
+        // `st`, which only reads it.
         let v = unsafe {
             TensorView::from_raw(
                 base.as_mut_ptr() as *mut u8,
@@ -89,6 +91,8 @@ fn strided_views_and_boxes() {
     }
     // A box [1..4, 1..3] into a transposed destination.
     let mut dst = vec![0f32; 6];
+    // SAFETY: `dst` holds the 6 f32s (24 bytes) the transposed 3x2 view spans; nothing else
+    // touches it while `read_tensor_into`, which consumes the view, writes it.
     let v = unsafe {
         TensorView::from_raw(
             dst.as_mut_ptr() as *mut u8,
@@ -222,6 +226,8 @@ fn async_save_holds_the_values_at_the_call() {
     let fut = {
         let mut st = State::new();
         st.add_tensor("w", TensorView::from_slice(&w, &[1024, 1024]).unwrap()).unwrap();
+        // SAFETY: `strided` holds the 64 u16s (128 bytes) the transposed view spans, and is
+        // only written after `st` is gone (the async save copied it during the call).
         let t = unsafe {
             TensorView::from_raw(
                 strided.as_mut_ptr() as *mut u8,
@@ -365,4 +371,98 @@ fn typed_views_save_from_shared_slices_and_load_into_mutable_ones() {
         .unwrap();
     let e = load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Mismatch, "{e}");
+}
+
+/// A strided payload whose bytes cross the write buffer's end in the middle of an element: a
+/// contiguous payload of odd length written straight to the (buffered) file first leaves the
+/// buffer starting at an odd file position, so buffer ends fall inside the f32 elements that
+/// follow.
+#[test]
+fn strided_payload_split_mid_element_by_the_write_buffer() {
+    let dir = tmp("strided-split");
+    let ctx = Context::local();
+    let mut odd = pattern((1 << 20) + 1, 7);
+    let mut base: Vec<f32> = (0..256 * 256).map(|i| i as f32 * 0.5 + 1.0).collect();
+    let expect: Vec<f32> = (0..256)
+        .flat_map(|i| (0..256).map(move |j| (j * 256 + i) as f32 * 0.5 + 1.0))
+        .collect();
+    {
+        let mut st = State::new();
+        st.add_tensor("a", TensorView::from_bytes(&mut odd, DType::U8, &[(1 << 20) + 1]).unwrap())
+            .unwrap();
+        // SAFETY: `base` holds 256 * 256 f32s (the transposed view's whole extent) and outlives
+        // `st`, which only reads it.
+        let t = unsafe {
+            TensorView::from_raw(
+                base.as_mut_ptr() as *mut u8,
+                256 * 256 * 4,
+                DType::F32,
+                &[256, 256],
+                Some(&[1, 256]),
+                dcp::Device::Cpu,
+            )
+            .unwrap()
+        };
+        st.add_tensor("b", t).unwrap();
+        // Buffered I/O: O_DIRECT keeps the buffer's file position aligned.
+        let opts = SaveOptions::default().buffer_bytes(4096 * 3).direct_io(false);
+        save(&ctx, &st, dir.s(), &opts).unwrap();
+    }
+    let mut got = vec![f32::from_bits(0x7fc0_dead); 256 * 256];
+    let mut odd_back = vec![0xAAu8; (1 << 20) + 1];
+    let mut st = State::new();
+    st.add_tensor("a", TensorView::from_bytes(&mut odd_back, DType::U8, &[(1 << 20) + 1]).unwrap())
+        .unwrap();
+    st.add_tensor("b", TensorView::from_slice_mut(&mut got, &[256, 256]).unwrap())
+        .unwrap();
+    load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap();
+    drop(st);
+    assert_eq!(odd_back, odd);
+    assert!(
+        got.iter().zip(&expect).all(|(g, e)| g.to_bits() == e.to_bits()),
+        "strided payload differs after the round trip"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A sidecar whose checksum block size is not a whole number of elements (forged, with block
+/// CRCs that match) would cut an element at the end of a read window, which would then be read
+/// from past the window: the load refuses it instead.
+#[test]
+fn sidecar_block_size_that_cuts_elements_is_refused() {
+    use dcp::format::sidecar::{Sidecar, BLOCK_SIZE};
+    let dir = tmp("odd-blocks");
+    let ctx = Context::local();
+    // 80 MiB of f32: more than one 64 MiB read window.
+    let n = 20usize << 20;
+    let w: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    {
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&w, &[n as u64]).unwrap()).unwrap();
+        save(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap();
+    }
+    let name = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with(".libdcp"))
+        .expect("a sidecar");
+    let path = dir.join(name);
+    let mut sc = Sidecar::decode(&std::fs::read(&path).unwrap(), "sidecar").unwrap();
+    let bs = BLOCK_SIZE + 2;
+    for b in &mut sc.blocks {
+        let file = std::fs::read(dir.join(&sc.files[b.file as usize].name)).unwrap();
+        let payload = &file[b.payload_offset as usize..(b.payload_offset + b.payload_len) as usize];
+        b.crcs = payload.chunks(bs as usize).map(crc32fast::hash).collect();
+    }
+    assert!(!sc.blocks.is_empty());
+    sc.block_size = bs;
+    std::fs::write(&path, sc.encode()).unwrap();
+    let mut got = vec![f32::from_bits(0x7fc0_dead); n];
+    let mut st = State::new();
+    st.add_tensor("w", TensorView::from_slice_mut(&mut got, &[n as u64]).unwrap())
+        .unwrap();
+    let e = load(&ctx, &mut st, dir.s(), &LoadOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.message().contains("block size"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -35,7 +35,10 @@ impl Mapping {
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut first, 0)
             .map_err(|_| format!("{}: too short for a safetensors file", path.display()))?;
         header_len(&first, len, &path.display().to_string())?;
-        // SAFETY: a fresh read-only mapping of an open file; unmapped in Drop.
+        // SAFETY: a fresh private read-only mapping of `len` bytes of an open file (at least 8:
+        // `header_len` read them), at an address the kernel picks, so no existing memory is
+        // touched; unmapped in Drop. Like any file mapping it assumes nobody truncates or
+        // rewrites the input file while `dcp` runs.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -49,20 +52,22 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(format!("mmap of {}: {}", path.display(), std::io::Error::last_os_error()));
         }
-        // SAFETY: a hint about the mapping just made, of exactly this length.
+        // SAFETY: only advice on the mapping just made (`len` bytes from `ptr`).
         unsafe { libc::madvise(ptr, len as usize, libc::MADV_SEQUENTIAL) };
         Ok(Mapping { ptr, len: len as usize })
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is valid for `len` bytes while self lives.
+        // SAFETY: the mapping is readable for `len` bytes while `self` lives (unmapped only in
+        // Drop) and read-only, so nothing in this process writes it.
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in open, unmapped once; no view into it outlives self.
+        // SAFETY: exactly the mapping made in `open`, unmapped once; slices and views of it
+        // borrow `self` or are dropped first (the state goes before the mappings).
         unsafe { libc::munmap(self.ptr, self.len) };
     }
 }

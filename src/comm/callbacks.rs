@@ -29,9 +29,13 @@ pub struct CallbackComm {
     cb: HostCallbacks,
 }
 
-// The host promises (in the C API's documentation) that its callbacks may be called from the
-// thread that calls save/load, with `user_data` as given.
+// SAFETY: `user_data` is only handed back to the host's callbacks, never dereferenced here, and
+// the host promises in the C API (`dcp_context_new_callbacks`, `dcp_save_async`) that they may be
+// called with it from the thread of the save or load, or from libdcp's async save thread.
 unsafe impl Send for CallbackComm {}
+// SAFETY: as above; the callbacks are never called from two threads at once: each save or load
+// on a context settles the async save in flight first (`Context::settle`), so one collective
+// runs at a time.
 unsafe impl Sync for CallbackComm {}
 
 impl CallbackComm {
@@ -60,6 +64,9 @@ impl CallbackComm {
 
     fn gather_fixed(&self, send: &[u8]) -> Result<Vec<u8>> {
         let mut recv = vec![0u8; send.len() * self.world];
+        // SAFETY: the host's all-gather reads `send.len()` bytes from `send` and writes
+        // `world * len` bytes to `recv`, which has exactly that many; both outlive the call
+        // (the callback returns when done), and `user_data` is the host's own pointer.
         let rc = unsafe {
             (self.cb.all_gather)(
                 self.cb.user_data,
@@ -74,6 +81,9 @@ impl CallbackComm {
     }
 
     fn bcast_fixed(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        // SAFETY: the host's broadcast reads (on the root) or writes (elsewhere) `buf.len()`
+        // bytes of `buf`, exclusively borrowed for the call; `root` is a rank of the world
+        // (checked by the callers), so it fits an i32 like `world` (checked by the C API).
         let rc = unsafe {
             (self.cb.broadcast)(
                 self.cb.user_data,
@@ -125,6 +135,7 @@ impl Communicator for CallbackComm {
     }
     fn barrier(&self) -> Result<()> {
         match self.cb.barrier {
+            // SAFETY: takes only the host's `user_data` and the timeout.
             Some(b) => self.check("barrier", unsafe { b(self.cb.user_data, self.timeout_ms) }),
             None => self.gather_fixed(&[0u8]).map(|_| ()),
         }

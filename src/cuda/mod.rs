@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 fn cuda_err(what: &str, e: result::DriverError) -> Error {
     let text = e
@@ -23,6 +23,8 @@ pub fn driver() -> Result<()> {
     static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
         // cudarc panics when the library is missing: look first.
+        // SAFETY: this only tries to dlopen libcuda by its usual names (and closes it again);
+        // loading runs the driver library's initialisers, which have no preconditions on us.
         if !unsafe { sys::is_culib_present() } {
             return Err("the CUDA driver library (libcuda.so) is not installed on this machine".into());
         }
@@ -38,7 +40,10 @@ pub fn available() -> bool {
 
 #[derive(Clone, Copy)]
 struct Primary(sys::CUcontext);
+// SAFETY: a CUcontext is an opaque driver handle that libdcp never dereferences; the driver API
+// is thread-safe and a primary context may be made current on any thread.
 unsafe impl Send for Primary {}
+// SAFETY: as above: `&Primary` only copies the handle out.
 unsafe impl Sync for Primary {}
 
 fn primary(ordinal: i32) -> Result<sys::CUcontext> {
@@ -55,6 +60,8 @@ fn primary(ordinal: i32) -> Result<sys::CUcontext> {
         )));
     }
     let dev = result::device::get(ordinal).map_err(|e| cuda_err("cuDeviceGet", e))?;
+    // SAFETY: `dev` was just returned by cuDeviceGet for an ordinal checked to exist. The
+    // retained context is never released: `CTXS` keeps it for the life of the process.
     let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
     map.insert(ordinal, Primary(ctx));
     Ok(ctx)
@@ -63,6 +70,7 @@ fn primary(ordinal: i32) -> Result<sys::CUcontext> {
 /// Makes device `ordinal`'s primary context current on this thread.
 pub fn activate(ordinal: i32) -> Result<()> {
     let ctx = primary(ordinal)?;
+    // SAFETY: `ctx` is a primary context retained by `primary` and never released.
     unsafe { result::ctx::set_current(ctx) }.map_err(|e| cuda_err("cuCtxSetCurrent", e))
 }
 
@@ -72,7 +80,13 @@ pub fn check_device_range(ordinal: i32, ptr: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    let attr = |a: sys::CUpointer_attribute, out: *mut c_void| unsafe { sys::cuPointerGetAttribute(out, a, ptr).result() };
+    // Each call below passes a pointer to a local of the attribute's C type (int for the device
+    // ordinal, CUdeviceptr for the start address, size_t for the size).
+    let attr = |a: sys::CUpointer_attribute, out: *mut c_void| {
+        // SAFETY: `out` points to a live local of the type the driver writes for `a` (see
+        // above); `ptr` is only looked up, never dereferenced.
+        unsafe { sys::cuPointerGetAttribute(out, a, ptr).result() }
+    };
     let mut dev: i32 = -1;
     attr(
         sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
@@ -111,11 +125,18 @@ pub fn check_device_range(ordinal: i32, ptr: u64, len: u64) -> Result<()> {
 pub fn physical_id(ordinal: i32) -> Result<String> {
     driver()?;
     let dev = result::device::get(ordinal).map_err(|e| cuda_err("cuDeviceGet", e))?;
-    let mut buf = [0 as std::ffi::c_char; 64];
-    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev).result() }
+    let mut buf = [0u8; 64];
+    // SAFETY: the driver writes at most `buf.len()` bytes (the id and its NUL) into the local
+    // array.
+    unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr().cast(), buf.len() as i32, dev).result() }
         .map_err(|e| cuda_err("cuDeviceGetPCIBusId", e))?;
-    let bus = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+    // Read up to the NUL within the array (none at all would be a driver bug: then it is empty).
+    let bus = std::ffi::CStr::from_bytes_until_nul(&buf)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `host.len()` bytes into the local array (truncated
+    // names may lack the NUL: the search below stops at the array's end).
     unsafe { libc::gethostname(host.as_mut_ptr() as *mut std::ffi::c_char, host.len()) };
     let host = String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned();
     Ok(format!("{host}/{bus}"))
@@ -124,64 +145,92 @@ pub fn physical_id(ordinal: i32) -> Result<String> {
 /// Waits for all work queued on the current thread's device.
 pub fn synchronize_device(ordinal: i32) -> Result<()> {
     activate(ordinal)?;
+    // SAFETY: takes no pointers; `activate` made the device's primary context current.
     unsafe { sys::cuCtxSynchronize().result() }.map_err(|e| cuda_err("cuCtxSynchronize", e))
 }
 
-/// A stream: the caller's (borrowed) or one libdcp created (destroyed on drop).
+/// A stream: the caller's (borrowed) or one libdcp created, shared by its clones and destroyed
+/// when the last of them is dropped (so no clone outlives the stream).
+#[derive(Clone)]
 pub struct Stream {
     raw: sys::CUstream,
-    owned: bool,
+    _owner: Option<Arc<OwnedStream>>,
 }
+// SAFETY: a CUstream is an opaque driver handle, never dereferenced here; the driver allows
+// queueing work on and synchronizing a stream from any thread.
 unsafe impl Send for Stream {}
+// SAFETY: as above; `&Stream` only passes the handle to the (thread-safe) driver.
 unsafe impl Sync for Stream {}
+
+/// A stream libdcp created; destroyed on drop.
+struct OwnedStream(sys::CUstream);
+// SAFETY: as for `Stream`.
+unsafe impl Send for OwnedStream {}
+// SAFETY: as for `Stream`.
+unsafe impl Sync for OwnedStream {}
 
 impl Stream {
     /// The caller's stream; its work is ordered before the copies libdcp queues on it.
-    pub fn borrowed(raw: usize) -> Stream {
+    ///
+    /// # Safety
+    /// `raw` must be a live `CUstream` of the context current when the stream is used (or 0,
+    /// the legacy default stream), and must not be destroyed while the returned `Stream` lives.
+    pub unsafe fn borrowed(raw: usize) -> Stream {
         Stream {
             raw: raw as sys::CUstream,
-            owned: false,
+            _owner: None,
         }
     }
     /// A new non-blocking stream on the current device.
     pub fn new(ordinal: i32) -> Result<Stream> {
         activate(ordinal)?;
         let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| cuda_err("cuStreamCreate", e))?;
-        Ok(Stream { raw, owned: true })
+        Ok(Stream {
+            raw,
+            _owner: Some(Arc::new(OwnedStream(raw))),
+        })
     }
     pub(crate) fn raw_handle(&self) -> *mut c_void {
         self.raw as *mut c_void
     }
     pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: `raw` is live: created by `new` and destroyed only when the last clone
+        // (this one among them) drops its `_owner`, or borrowed under `borrowed`'s contract.
         unsafe { result::stream::synchronize(self.raw) }.map_err(|e| cuda_err("cuStreamSynchronize", e))
     }
     /// Queues a device-to-host copy.
     ///
     /// # Safety
-    /// `src` must be device memory of at least `dst.len()` bytes, and `dst` must stay valid until
-    /// the stream is synchronised.
+    /// `src` must be device memory of at least `dst.len()` bytes, readable on this stream's
+    /// device. The copy writes `dst` asynchronously: it must stay allocated, and nothing may read
+    /// or write it, until the stream is synchronised.
     pub unsafe fn d2h(&self, dst: &mut [u8], src: u64) -> Result<()> {
-        result::memcpy_dtoh_async(dst, src, self.raw)
+        // SAFETY: the caller guarantees the source range and `dst`'s lifetime and exclusivity
+        // until the synchronize; `raw` is live (see `synchronize`).
+        unsafe { result::memcpy_dtoh_async(dst, src, self.raw) }
             .map_err(|e| cuda_err(&format!("copying {} bytes from device memory 0x{src:x}", dst.len()), e))
     }
     /// Queues a host-to-device copy.
     ///
     /// # Safety
-    /// `dst` must be device memory of at least `src.len()` bytes; `src` must stay valid until
-    /// the stream is synchronised.
+    /// `dst` must be device memory of at least `src.len()` bytes, writable on this stream's
+    /// device and not used by anyone else meanwhile. The copy reads `src` asynchronously: it must
+    /// stay allocated and unchanged until the stream is synchronised.
     pub unsafe fn h2d(&self, dst: u64, src: &[u8]) -> Result<()> {
-        result::memcpy_htod_async(dst, src, self.raw)
+        // SAFETY: the caller guarantees the destination range and `src`'s lifetime until the
+        // synchronize; `raw` is live (see `synchronize`).
+        unsafe { result::memcpy_htod_async(dst, src, self.raw) }
             .map_err(|e| cuda_err(&format!("copying {} bytes to device memory 0x{dst:x}", src.len()), e))
     }
 }
 
-impl Drop for Stream {
+impl Drop for OwnedStream {
     fn drop(&mut self) {
-        if self.owned {
-            unsafe {
-                let _ = result::stream::synchronize(self.raw);
-                let _ = result::stream::destroy(self.raw);
-            }
+        // SAFETY: the stream was created by `Stream::new` and is destroyed only here, once, after
+        // its queued copies finish: every `Stream` using it holds this `Arc`, so none is left.
+        unsafe {
+            let _ = result::stream::synchronize(self.0);
+            let _ = result::stream::destroy(self.0);
         }
     }
 }
@@ -192,7 +241,11 @@ pub struct PinnedBuf {
     ptr: *mut u8,
     len: usize,
 }
+// SAFETY: PinnedBuf owns its allocation outright (the fields are private and no other handle to
+// it exists); its memory is only reached through `HostBuf`'s `&self`/`&mut self` accessors, so
+// the borrow rules govern access from any thread. Page-locked memory is not tied to a thread.
 unsafe impl Send for PinnedBuf {}
+// SAFETY: as above: `&PinnedBuf` gives only the pointer and length.
 unsafe impl Sync for PinnedBuf {}
 
 impl PinnedBuf {
@@ -200,6 +253,8 @@ impl PinnedBuf {
     /// device), so a process that uses one GPU creates no context on another.
     pub fn new(len: usize, ordinal: i32) -> Result<PinnedBuf> {
         activate(ordinal)?;
+        // SAFETY: allocates fresh memory through the context `activate` made current; the bytes
+        // are only reached as `u8`s (every bit pattern valid), through `HostBuf`.
         let ptr = unsafe { result::malloc_host(len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE) }
             .map_err(|e| cuda_err(&format!("allocating {len} bytes of pinned host memory"), e))?;
         Ok(PinnedBuf { ptr: ptr as *mut u8, len })
@@ -214,6 +269,8 @@ impl PinnedBuf {
 
 impl Drop for PinnedBuf {
     fn drop(&mut self) {
+        // SAFETY: `ptr` came from `malloc_host` in `new` (non-null on success) and is freed only
+        // here, once; slices of it borrow `self`, so none outlives this.
         unsafe {
             let _ = result::free_host(self.ptr as *mut c_void);
         }

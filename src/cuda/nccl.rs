@@ -36,26 +36,30 @@ fn api() -> Result<&'static Api> {
         };
         let mut last = String::new();
         for name in &candidates {
+            // SAFETY: loading runs the library's initialisers; NCCL's (from its usual names, or
+            // the file the user points DCP_NCCL_LIBRARY at) have no preconditions on us, and a
+            // process that already loaded it (torch) just gets its handle again.
             match unsafe { libloading::Library::new(name) } {
-                Ok(lib) => unsafe {
-                    let sym = |n: &str| -> std::result::Result<*const (), String> {
-                        lib.get::<*const ()>(n.as_bytes())
-                            .map(|s| *s)
-                            .map_err(|e| format!("{name} lacks {n}: {e}"))
-                    };
-                    let api = Api {
-                        get_unique_id: std::mem::transmute::<*const (), GetUniqueId>(sym("ncclGetUniqueId")?),
-                        comm_init_rank: std::mem::transmute::<*const (), CommInitRank>(sym("ncclCommInitRank")?),
-                        comm_destroy: std::mem::transmute::<*const (), CommDestroy>(sym("ncclCommDestroy")?),
-                        send: std::mem::transmute::<*const (), SendRecv>(sym("ncclSend")?),
-                        recv: std::mem::transmute::<*const (), SendRecv>(sym("ncclRecv")?),
-                        error_string: std::mem::transmute::<*const (), GetErrorString>(sym("ncclGetErrorString")?),
-                        group_start: std::mem::transmute::<*const (), Group>(sym("ncclGroupStart")?),
-                        group_end: std::mem::transmute::<*const (), Group>(sym("ncclGroupEnd")?),
-                        _lib: lib,
+                Ok(lib) => {
+                    // SAFETY: (every `symbol` call) each type alias above is the C signature
+                    // nccl.h declares for that symbol, and the pointers live in `Api` next to
+                    // `_lib`, which keeps the library loaded for as long as they exist (forever:
+                    // `API` is a static).
+                    let api = unsafe {
+                        Api {
+                            get_unique_id: symbol(&lib, name, "ncclGetUniqueId")?,
+                            comm_init_rank: symbol(&lib, name, "ncclCommInitRank")?,
+                            comm_destroy: symbol(&lib, name, "ncclCommDestroy")?,
+                            send: symbol(&lib, name, "ncclSend")?,
+                            recv: symbol(&lib, name, "ncclRecv")?,
+                            error_string: symbol(&lib, name, "ncclGetErrorString")?,
+                            group_start: symbol(&lib, name, "ncclGroupStart")?,
+                            group_end: symbol(&lib, name, "ncclGroupEnd")?,
+                            _lib: lib,
+                        }
                     };
                     return Ok(api);
-                },
+                }
                 Err(e) => last = format!("{name}: {e}"),
             }
         }
@@ -65,6 +69,18 @@ fn api() -> Result<&'static Api> {
     })
     .as_ref()
     .map_err(|m| Error::unsupported(m.clone()))
+}
+
+/// The function `name` of `lib` (loaded from `file`), as a pointer of type `T`.
+///
+/// # Safety
+/// `T` must be a function pointer type with the symbol's C signature, and the pointer must not
+/// be called after `lib` is unloaded.
+unsafe fn symbol<T: Copy>(lib: &libloading::Library, file: &str, name: &str) -> std::result::Result<T, String> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { lib.get::<T>(name.as_bytes()) }
+        .map(|s| *s)
+        .map_err(|e| format!("{file} lacks {name}: {e}"))
 }
 
 pub fn available() -> bool {
@@ -77,6 +93,8 @@ fn check(what: &str, r: ncclResult_t) -> Result<()> {
     }
     let text = api()
         .ok()
+        // SAFETY: ncclGetErrorString takes any result code and returns a pointer to a static,
+        // NUL-terminated string (a generic one for unknown codes).
         .map(|a| unsafe { CStr::from_ptr((a.error_string)(r)) }.to_string_lossy().into_owned())
         .unwrap_or_default();
     Err(Error::new(ErrorKind::Cuda, format!("{what}: NCCL error {r:?}: {text}")))
@@ -86,6 +104,7 @@ fn check(what: &str, r: ncclResult_t) -> Result<()> {
 pub fn unique_id() -> Result<Vec<u8>> {
     let a = api()?;
     let mut id = ncclUniqueId { internal: [0; 128] };
+    // SAFETY: NCCL fills the local `id`, to which it gets the only pointer, during the call.
     check("ncclGetUniqueId", unsafe { (a.get_unique_id)(&mut id) })?;
     Ok(id.internal.iter().map(|&c| c as u8).collect())
 }
@@ -95,7 +114,12 @@ pub struct Comm {
     raw: ncclComm_t,
     pub rank: usize,
 }
+// SAFETY: an NCCL communicator may be used from any thread (not from two at once); libdcp never
+// dereferences the handle. Destroying it takes `&mut self` (drop).
 unsafe impl Send for Comm {}
+// SAFETY: the only `&self` methods that reach the communicator are `send` and `recv`, which are
+// unsafe and require that no other thread uses it at the same time; `group` touches only
+// NCCL's per-thread group state.
 unsafe impl Sync for Comm {}
 
 impl Comm {
@@ -112,6 +136,8 @@ impl Comm {
             *d = *s as c_char;
         }
         let mut raw: ncclComm_t = std::ptr::null_mut();
+        // SAFETY: NCCL writes the new communicator into the local `raw`; `uid` is passed by value
+        // and the device was made current above.
         check("ncclCommInitRank", unsafe {
             (a.comm_init_rank)(&mut raw, nranks as c_int, uid, rank as c_int)
         })?;
@@ -119,17 +145,41 @@ impl Comm {
     }
 
     /// Queues sending `len` bytes at device address `buf` to rank `peer`.
-    pub fn send(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
-        self.p2p("ncclSend", |a| a.send, buf, len, peer, stream)
+    ///
+    /// # Safety
+    /// `buf..buf + len` must be device memory of the current device that nothing writes until
+    /// `stream` is synchronised, and no other thread may use this communicator meanwhile.
+    pub unsafe fn send(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.p2p("ncclSend", |a| a.send, buf, len, peer, stream) }
     }
 
     /// Queues receiving `len` bytes from rank `peer` into device address `buf`.
-    pub fn recv(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
-        self.p2p("ncclRecv", |a| a.recv, buf, len, peer, stream)
+    ///
+    /// # Safety
+    /// `buf..buf + len` must be device memory of the current device that nothing else reads or
+    /// writes until `stream` is synchronised, and no other thread may use this communicator
+    /// meanwhile.
+    pub unsafe fn recv(&self, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.p2p("ncclRecv", |a| a.recv, buf, len, peer, stream) }
     }
 
-    fn p2p(&self, what: &str, f: impl Fn(&Api) -> SendRecv, buf: u64, len: usize, peer: usize, stream: &super::Stream) -> Result<()> {
+    /// # Safety
+    /// As for `send` (for `f` = send) or `recv` (for `f` = recv).
+    unsafe fn p2p(
+        &self,
+        what: &str,
+        f: impl Fn(&Api) -> SendRecv,
+        buf: u64,
+        len: usize,
+        peer: usize,
+        stream: &super::Stream,
+    ) -> Result<()> {
         let a = api()?;
+        // SAFETY: the device range and exclusive use of the communicator are the caller's
+        // contract; `self.raw` is live until drop, and `stream` keeps its stream alive while
+        // borrowed here (NCCL only queues work on it).
         check(what, unsafe {
             f(a)(
                 buf as *mut c_void,
@@ -145,8 +195,11 @@ impl Comm {
     /// Runs `f` (several sends and receives) as one NCCL group.
     pub fn group<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let a = api()?;
+        // SAFETY: takes no arguments; it opens a group in this thread's NCCL state.
         check("ncclGroupStart", unsafe { (a.group_start)() })?;
         let r = f();
+        // SAFETY: closes the group opened above on this thread (also after an error in `f`, so
+        // the thread is not left inside a group).
         check("ncclGroupEnd", unsafe { (a.group_end)() })?;
         r
     }
@@ -155,6 +208,8 @@ impl Comm {
 impl Drop for Comm {
     fn drop(&mut self) {
         if let Ok(a) = api() {
+            // SAFETY: `raw` came from ncclCommInitRank and is destroyed only here, once; `&mut
+            // self` means no send or receive is being queued on it.
             unsafe {
                 let _ = (a.comm_destroy)(self.raw);
             }

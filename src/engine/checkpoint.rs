@@ -77,10 +77,18 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens the checkpoint at `location` (a directory, or an `s3://` URL).
+    /// Opens the checkpoint at `location` (a directory, or an `s3://` URL) with storage settings from the environment only (for S3 the AWS
+    /// variables); [`open_with`](Self::open_with) also applies a context's storage options.
     pub fn open(location: &str) -> Result<Checkpoint> {
         let storage = storage::open(location)?;
         Self::open_storage(storage, location)
+    }
+
+    /// Opens `location` with `ctx`'s storage options (an S3 endpoint or credentials set with
+    /// [`Context::set_storage_option`](super::Context::set_storage_option)), as its saves and
+    /// loads do. Not collective: only this process reads.
+    pub fn open_with(ctx: &super::Context, location: &str) -> Result<Checkpoint> {
+        Self::open_storage(ctx.open_storage(location)?, location)
     }
 
     /// Opens the checkpoint in `storage`; `location` names it in messages.

@@ -1,3 +1,4 @@
+use super::context::dcp_context;
 use super::state::{copy_doubles, copy_object, copy_strings, cpu_view, strides_arg, value_kind};
 use super::{copy_text_out, dcp_status, dims_arg, free_box, guard, invalid, mut_arg, ref_arg, str_arg, FfiResult};
 use crate::engine::{Checkpoint, KeyKind};
@@ -43,38 +44,62 @@ pub struct dcp_key_info {
 
 /// Opens the checkpoint at `path` for inspection (reads and checks `.metadata` and the
 /// sidecar). Not collective; thread-safe. `*out` is owned by the caller; free it with
-/// `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`.
+/// `dcp_checkpoint_free`. A directory without `.metadata` gives `DCP_ERROR_NOT_FOUND`. Storage
+/// settings come from the environment (for S3 the AWS variables); see
+/// `dcp_checkpoint_open_with_context` for a context's storage options.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_checkpoint_open(path: *const c_char, out: *mut *mut dcp_checkpoint) -> dcp_status {
     guard("dcp_checkpoint_open", || {
         // SAFETY: the pointers are NULL or valid (header contract).
         let (path, out) = unsafe { (str_arg(path, "path")?, mut_arg(out, "out")?) };
-        let inner = Checkpoint::open(path)?;
-        let mut names = Vec::with_capacity(inner.len());
-        let mut shapes = Vec::with_capacity(inner.len());
-        let mut chunks = Vec::with_capacity(inner.len());
-        for k in inner.keys() {
-            names.push(CString::new(k.fqn).map_err(|_| invalid(format!("key {:?} contains a NUL byte", k.fqn)))?);
-            shapes.push(k.shape.iter().map(|&v| v as i64).collect());
-            chunks.push(
-                k.chunks
-                    .iter()
-                    .map(|c| {
-                        (
-                            c.offsets.iter().map(|&v| v as i64).collect(),
-                            c.sizes.iter().map(|&v| v as i64).collect(),
-                        )
-                    })
-                    .collect(),
-            );
-        }
-        *out = Box::into_raw(Box::new(dcp_checkpoint {
-            inner,
-            names,
-            shapes,
-            chunks,
-        }));
+        *out = Box::into_raw(Box::new(wrap_checkpoint(Checkpoint::open(path)?)?));
         Ok(())
+    })
+}
+
+/// Like `dcp_checkpoint_open`, with the storage options set on `ctx`
+/// (`dcp_context_set_storage_option`: an S3 endpoint, credentials), as its saves and loads use
+/// them. Not collective; thread-safe (`ctx` is only read). `*out` is owned by the caller; free
+/// it with `dcp_checkpoint_free`.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_checkpoint_open_with_context(
+    ctx: *const dcp_context,
+    path: *const c_char,
+    out: *mut *mut dcp_checkpoint,
+) -> dcp_status {
+    guard("dcp_checkpoint_open_with_context", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (ctx, path, out) = unsafe { (ref_arg(ctx, "ctx")?, str_arg(path, "path")?, mut_arg(out, "out")?) };
+        *out = Box::into_raw(Box::new(wrap_checkpoint(Checkpoint::open_with(&ctx.inner, path)?)?));
+        Ok(())
+    })
+}
+
+/// The C handle of an open checkpoint: its key names, shapes and chunks as C arrays.
+fn wrap_checkpoint(inner: Checkpoint) -> FfiResult<dcp_checkpoint> {
+    let mut names = Vec::with_capacity(inner.len());
+    let mut shapes = Vec::with_capacity(inner.len());
+    let mut chunks = Vec::with_capacity(inner.len());
+    for k in inner.keys() {
+        names.push(CString::new(k.fqn).map_err(|_| invalid(format!("key {:?} contains a NUL byte", k.fqn)))?);
+        shapes.push(k.shape.iter().map(|&v| v as i64).collect());
+        chunks.push(
+            k.chunks
+                .iter()
+                .map(|c| {
+                    (
+                        c.offsets.iter().map(|&v| v as i64).collect(),
+                        c.sizes.iter().map(|&v| v as i64).collect(),
+                    )
+                })
+                .collect(),
+        );
+    }
+    Ok(dcp_checkpoint {
+        inner,
+        names,
+        shapes,
+        chunks,
     })
 }
 

@@ -48,19 +48,28 @@ impl Run {
         (Some(first), Some(rest))
     }
 
-    /// Copies the run.
+    /// Copies the run's `count` elements of `elem` bytes: element `i` from `a_base + (a -
+    /// a_origin) + i * a_step` to `b_base + (b - b_origin) + i * b_step`.
     ///
     /// # Safety
-    /// Every element addressed from `a_base`/`b_base` by the run must be valid memory and the
-    /// two sides must not overlap.
+    /// `a >= a_origin` and `b >= b_origin`; every source element must lie in one allocation
+    /// readable through `a_base` and every destination element in one allocation writable
+    /// through `b_base`; no destination byte may overlap a source byte, and nobody else may
+    /// access the destination bytes (or write the source bytes) during the call.
     pub unsafe fn copy(&self, a_base: *const u8, b_base: *mut u8, elem: u64, a_origin: u64, b_origin: u64) {
-        let src = a_base.add((self.a - a_origin) as usize);
-        let dst = b_base.add((self.b - b_origin) as usize);
+        // SAFETY: the offsets are in bounds of the allocations (the caller's contract: the first
+        // element of each side lies in them).
+        let (src, dst) = unsafe { (a_base.add((self.a - a_origin) as usize), b_base.add((self.b - b_origin) as usize)) };
         if self.a_step == elem && self.b_step == elem {
-            std::ptr::copy_nonoverlapping(src, dst, (self.count * elem) as usize);
+            // SAFETY: with steps of one element the run is `count * elem` contiguous bytes on
+            // each side, all of whose elements the caller vouches for; the sides are disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, (self.count * elem) as usize) };
         } else {
             for i in 0..self.count as usize {
-                std::ptr::copy_nonoverlapping(src.add(i * self.a_step as usize), dst.add(i * self.b_step as usize), elem as usize);
+                // SAFETY: element `i` of each side, in bounds and disjoint by the contract.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.add(i * self.a_step as usize), dst.add(i * self.b_step as usize), elem as usize)
+                };
             }
         }
     }
@@ -221,6 +230,7 @@ mod tests {
         let r = BoxRuns::new(&[2, 3], &[3, 1], &[1, 2], 0, 0, 1);
         let src: Vec<u8> = (0..6).collect();
         let mut dst = vec![0u8; 6];
+        // SAFETY: the box's runs address bytes 0..6 of each 6-byte vector; they are distinct.
         r.for_each(|run| unsafe { run.copy(src.as_ptr(), dst.as_mut_ptr(), 1, 0, 0) });
         assert_eq!(dst, vec![0, 3, 1, 4, 2, 5]);
     }

@@ -1,52 +1,102 @@
-//! A test hook for interrupted saves on any backend: with `DCP_FAULT=write:<part of a file
-//! name>:<bytes>` in the environment, writes to matching data files fail with an injected I/O
-//! error once that many bytes went through. Without the variable nothing is wrapped.
+//! Injected failures, for tests of interrupted saves on any backend: a [`FaultStorage`] wraps a
+//! storage and fails the writes that its [`Faults`] name (a data file once some bytes went
+//! through, the commit of a small file).
+//!
+//! Rust tests wrap a storage themselves. Processes driven from outside (the Python tests) set
+//! `DCP_FAULT=write:<part of a data file's name>:<bytes>`, which [`super::open_with`] reads only in
+//! a library built with the `fault-injection` cargo feature: the shipped library never looks.
 
-use super::{ReadHandle, Storage, WriteHandle};
-use crate::error::{Error, Result};
+use super::{Capabilities, ReadHandle, Storage, WriteHandle};
+use crate::error::{Error, ErrorKind, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-struct FaultStorage {
+/// Which writes fail, and how.
+#[derive(Clone, Debug)]
+pub struct Faults {
+    /// Data files whose name contains `.0` fail once `.1` bytes were written to each.
+    pub write: Option<(String, u64)>,
+    /// The small file (`put_atomic`, `put_new`) of this name fails.
+    pub put: Option<String>,
+    /// The kind of the injected errors (`Io` for a failing device, `NoSpace` for a full disk).
+    pub kind: ErrorKind,
+}
+
+impl Faults {
+    /// Data files whose name contains `pattern` fail after `after` bytes, with an I/O error.
+    pub fn write(pattern: &str, after: u64) -> Faults {
+        Faults {
+            write: Some((pattern.to_string(), after)),
+            put: None,
+            kind: ErrorKind::Io,
+        }
+    }
+}
+
+/// A storage whose writes fail as its [`Faults`] say; everything else passes through.
+pub struct FaultStorage {
     inner: Arc<dyn Storage>,
-    pattern: String,
-    after: u64,
+    faults: Faults,
+}
+
+impl FaultStorage {
+    pub fn new(inner: Arc<dyn Storage>, faults: Faults) -> FaultStorage {
+        FaultStorage { inner, faults }
+    }
+}
+
+/// The injected error for `what` (`"writing ... of <file>"`).
+fn injected(kind: ErrorKind, what: String) -> Error {
+    let label = if kind == ErrorKind::NoSpace {
+        "no space left on device, "
+    } else {
+        ""
+    };
+    Error::new(kind, format!("{what}: {label}injected fault"))
+}
+
+/// Wraps `s` when `DCP_FAULT` asks for it (`write:<part of a file name>:<bytes>`); a value of
+/// another form is an error on stderr and wraps nothing.
+#[cfg(feature = "fault-injection")]
+pub fn wrap_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    let Ok(spec) = std::env::var("DCP_FAULT") else { return s };
+    let mut parts = spec.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next().and_then(|n| n.parse().ok())) {
+        (Some("write"), Some(pattern), Some(after)) => Arc::new(FaultStorage::new(s, Faults::write(pattern, after))),
+        _ => {
+            eprintln!("libdcp: DCP_FAULT={spec:?} is not write:<part of a file name>:<bytes>; no fault injected");
+            s
+        }
+    }
 }
 
 struct FaultWrite {
     inner: Arc<dyn WriteHandle>,
-    name: String,
+    storage_name: String,
     after: u64,
     written: AtomicU64,
+    kind: ErrorKind,
 }
 
-/// Wraps `s` when `DCP_FAULT` asks for it.
-pub fn wrap(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
-    let Ok(spec) = std::env::var("DCP_FAULT") else { return s };
-    let mut parts = spec.splitn(3, ':');
-    match (parts.next(), parts.next(), parts.next().and_then(|n| n.parse().ok())) {
-        (Some("write"), Some(pattern), Some(after)) => Arc::new(FaultStorage {
-            inner: s,
-            pattern: pattern.to_string(),
-            after,
-        }),
-        _ => s,
+impl FaultWrite {
+    /// Counts `len` more bytes; the injected error once they pass the limit.
+    fn check(&self, offset: Option<u64>, len: usize) -> Result<()> {
+        let before = self.written.fetch_add(len as u64, Ordering::Relaxed);
+        if before + len as u64 <= self.after {
+            return Ok(());
+        }
+        let at = offset.map_or_else(|| format!("after byte {before}"), |o| format!("at offset {o}"));
+        Err(injected(self.kind, format!("writing {len} bytes {at} of {}", self.storage_name)))
     }
 }
 
 impl WriteHandle for FaultWrite {
+    fn append(&self, data: &[u8]) -> Result<()> {
+        self.check(None, data.len())?;
+        self.inner.append(data)
+    }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let before = self.written.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if before + data.len() as u64 > self.after {
-            return Err(Error::new(
-                crate::error::ErrorKind::Io,
-                format!(
-                    "writing {} bytes at offset {offset} of {}: injected fault (DCP_FAULT)",
-                    data.len(),
-                    self.name
-                ),
-            ));
-        }
+        self.check(Some(offset), data.len())?;
         self.inner.write_at(offset, data)
     }
     fn direct_alignment(&self) -> Option<usize> {
@@ -63,6 +113,9 @@ impl WriteHandle for FaultWrite {
 impl Storage for FaultStorage {
     fn describe(&self, name: &str) -> String {
         self.inner.describe(name)
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
     fn prepare(&self) -> Result<()> {
         self.inner.prepare()
@@ -81,20 +134,28 @@ impl Storage for FaultStorage {
     }
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>> {
         let h = self.inner.create(name, direct)?;
-        if !name.contains(&self.pattern) {
+        let Some((pattern, after)) = &self.faults.write else { return Ok(h) };
+        if !name.contains(pattern.as_str()) {
             return Ok(h);
         }
         Ok(Arc::new(FaultWrite {
             inner: h,
-            name: self.describe(name),
-            after: self.after,
+            storage_name: self.describe(name),
+            after: *after,
             written: AtomicU64::new(0),
+            kind: self.faults.kind,
         }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
+        if self.faults.put.as_deref() == Some(name) {
+            return Err(injected(self.faults.kind, format!("writing {}", self.describe(name))));
+        }
         self.inner.put_atomic(name, data)
     }
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
+        if self.faults.put.as_deref() == Some(name) {
+            return Err(injected(self.faults.kind, format!("writing {}", self.describe(name))));
+        }
         self.inner.put_new(name, data)
     }
     fn remove(&self, name: &str) -> Result<()> {

@@ -7,25 +7,28 @@
 //! then fstat); writes only create new files (O_CREAT | O_EXCL, which never follows a link) or
 //! replace a name by rename/link from a unique temporary of their own.
 
-use super::{ReadHandle, Storage, WriteHandle};
+use super::{Capabilities, ReadHandle, Storage, WriteHandle};
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::DIRECT_ALIGN;
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
+/// A directory of the local file system.
 pub struct FsStorage {
     root: PathBuf,
 }
 
 impl FsStorage {
+    /// The directory `root` (created by the first save's `prepare`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         FsStorage { root: root.into() }
     }
+    /// The directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -234,9 +237,17 @@ struct FsWrite {
     file: File,
     direct: bool,
     path: PathBuf,
+    /// Where the next append goes (appends are pwrites there, like positional writes).
+    end: Mutex<u64>,
 }
 
 impl WriteHandle for FsWrite {
+    fn append(&self, data: &[u8]) -> Result<()> {
+        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_at(*end, data)?;
+        *end += data.len() as u64;
+        Ok(())
+    }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.file
             .write_all_at(data, offset)
@@ -258,6 +269,13 @@ impl WriteHandle for FsWrite {
 impl Storage for FsStorage {
     fn describe(&self, name: &str) -> String {
         self.path(name).display().to_string()
+    }
+    /// pwrite anywhere, from any thread; O_DIRECT where the file system takes it.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            positional_writes: true,
+            direct_alignment: Some(DIRECT_ALIGN),
+        }
     }
     /// Creates the directory if it is missing; a path that holds something else is an error.
     fn prepare(&self) -> Result<()> {
@@ -302,7 +320,12 @@ impl Storage for FsStorage {
         })?;
         // tmpfs and some FUSE file systems refuse O_DIRECT: then the writes are buffered.
         let direct = direct && set_direct(&file);
-        Ok(Arc::new(FsWrite { file, direct, path }))
+        Ok(Arc::new(FsWrite {
+            file,
+            direct,
+            path,
+            end: Mutex::new(0),
+        }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         let dst = self.checked_path(name)?;

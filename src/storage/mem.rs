@@ -1,6 +1,6 @@
 //! An in-memory backend, for tests and for staging small checkpoints.
 
-use super::{ReadHandle, Storage, WriteHandle};
+use super::{Capabilities, ReadHandle, Storage, WriteHandle};
 use crate::error::{Error, Result};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -9,14 +9,26 @@ use std::sync::{Arc, Mutex};
 /// One stored file's bytes, shared with its open handles.
 type FileBytes = Arc<Mutex<Vec<u8>>>;
 
+/// Files in memory (for tests); clones share the files.
 #[derive(Default, Clone)]
 pub struct MemStorage {
     files: Arc<Mutex<HashMap<String, FileBytes>>>,
+    /// Takes appends only, as an object store does (for tests of that path).
+    sequential_only: bool,
 }
 
 impl MemStorage {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that declares no positional writes and refuses them, like an object store.
+    pub fn sequential_only() -> Self {
+        MemStorage {
+            sequential_only: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -38,20 +50,51 @@ impl ReadHandle for MemFile {
     }
 }
 
-impl WriteHandle for MemFile {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+/// A file being created: appends go after `end`, positional writes anywhere.
+struct MemWrite {
+    data: FileBytes,
+    end: Mutex<u64>,
+    positional: bool,
+}
+
+impl MemWrite {
+    fn write(&self, offset: u64, data: &[u8]) {
         let mut d = self.data.lock().unwrap();
         let end = offset as usize + data.len();
         if d.len() < end {
             d.resize(end, 0);
         }
         d[offset as usize..end].copy_from_slice(data);
+    }
+}
+
+impl WriteHandle for MemWrite {
+    fn append(&self, data: &[u8]) -> Result<()> {
+        let mut end = self.end.lock().unwrap();
+        self.write(*end, data);
+        *end += data.len() as u64;
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if !self.positional {
+            return Err(Error::unsupported(format!(
+                "writing {} bytes at offset {offset}: this in-memory store takes appends only",
+                data.len()
+            )));
+        }
+        self.write(offset, data);
         Ok(())
     }
     fn direct_alignment(&self) -> Option<usize> {
         None
     }
     fn set_len(&self, len: u64) -> Result<()> {
+        let appended = *self.end.lock().unwrap();
+        if !self.positional && len != appended {
+            return Err(Error::internal(format!(
+                "{appended} bytes were appended but the file is to be {len} bytes long (this in-memory store, like an object store, cannot truncate or extend)"
+            )));
+        }
         self.data.lock().unwrap().resize(len as usize, 0);
         Ok(())
     }
@@ -67,6 +110,12 @@ fn already_exists(name: &str) -> Error {
 impl Storage for MemStorage {
     fn describe(&self, name: &str) -> String {
         format!("mem://{name}")
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            positional_writes: !self.sequential_only,
+            direct_alignment: None,
+        }
     }
     fn prepare(&self) -> Result<()> {
         Ok(())
@@ -96,9 +145,10 @@ impl Storage for MemStorage {
             Entry::Occupied(_) => return Err(already_exists(name)),
             Entry::Vacant(v) => v.insert(data.clone()),
         };
-        Ok(Arc::new(MemFile {
-            name: name.to_string(),
+        Ok(Arc::new(MemWrite {
             data,
+            end: Mutex::new(0),
+            positional: !self.sequential_only,
         }))
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
@@ -138,5 +188,6 @@ mod tests {
     #[test]
     fn conformance() {
         super::super::conformance::run(&super::MemStorage::new());
+        super::super::conformance::run(&super::MemStorage::sequential_only());
     }
 }

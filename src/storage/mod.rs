@@ -1,6 +1,23 @@
-//! Where checkpoint files live. The engine talks to a [`Storage`] only; the file system is the
-//! first backend, an in-memory one serves tests, object stores come later.
+//! Where checkpoint files live. The engine talks to a [`Storage`] only: the file system, an
+//! in-memory store for tests, S3-compatible object stores.
+//!
+//! # The write contract
+//!
+//! Every backend supports the same way of writing a data file: [`Storage::create`] gives a
+//! [`WriteHandle`] that one writer fills front to back with [`WriteHandle::append`], then
+//! [`WriteHandle::set_len`] (the final length) and [`WriteHandle::sync`] (the file becomes durable,
+//! on an object store it appears whole). Small files are written whole and atomically
+//! ([`Storage::put_atomic`], [`Storage::put_new`]).
+//!
+//! Beyond that a backend declares what more it can do ([`Storage::capabilities`]):
+//! positional writes ([`WriteHandle::write_at`] at any offset, from several threads to disjoint
+//! ranges) and direct I/O (O_DIRECT, writes that bypass the page cache and must be aligned).
+//! Callers use them only where declared; the file system declares both, an object store
+//! neither.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+#[doc(hidden)]
 pub mod fault;
 pub mod fs;
 pub mod mem;
@@ -12,7 +29,12 @@ use std::sync::Arc;
 
 /// Random-access reads of one stored file.
 pub trait ReadHandle: Send + Sync {
+    /// The file's length in bytes.
     fn len(&self) -> u64;
+    /// Whether the file has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fills `buf` from `offset`; a short file is an error naming the file and offset.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Reads `len` bytes at `offset` into a new buffer.
@@ -120,24 +142,55 @@ fn random_u64() -> u64 {
 /// Alignment of direct (O_DIRECT) I/O.
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Positional writes to one file being created; several threads may write disjoint ranges.
+/// What a backend can do beyond the write contract every backend honours (see the module
+/// documentation). The default is the contract alone: sequential appends, no direct I/O.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// [`WriteHandle::write_at`] works: writes at any offset of a file being created, from
+    /// several threads at once to disjoint ranges.
+    pub positional_writes: bool,
+    /// `Some(n)`: [`Storage::create`] with `direct` may give a handle whose writes bypass the
+    /// page cache and must be n-aligned in offset, length and memory (the handle's
+    /// [`WriteHandle::direct_alignment`] says whether this one does). `None`: never.
+    pub direct_alignment: Option<usize>,
+}
+
+/// One data file being created. Every backend takes [`append`](Self::append)s from one writer
+/// (the file is written front to back); [`write_at`](Self::write_at) only works where the
+/// backend declares [`Capabilities::positional_writes`]. A handle is used one way or the other,
+/// not both.
 pub trait WriteHandle: Send + Sync {
-    /// Writes all of `data` at `offset`.
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Writes all of `data` after the bytes appended so far.
+    fn append(&self, data: &[u8]) -> Result<()>;
+    /// Writes all of `data` at `offset`; several threads may write disjoint ranges. Only for
+    /// backends that declare [`Capabilities::positional_writes`]; the others refuse it
+    /// (`Unsupported`).
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _ = (offset, data);
+        Err(crate::error::Error::unsupported(
+            "this storage takes sequential appends only (no positional writes)",
+        ))
+    }
     /// `Some(n)` when writes bypass the page cache and must be n-aligned in offset, length and
     /// memory.
     fn direct_alignment(&self) -> Option<usize>;
-    /// Sets the final length (after padded direct writes).
+    /// Sets the final length: shorter than what was written after padded direct writes; a
+    /// backend that cannot truncate (an object store) requires exactly the bytes written.
     fn set_len(&self, len: u64) -> Result<()>;
-    /// Makes the data durable.
+    /// Makes the data durable (on an object store: the file appears, whole).
     fn sync(&self) -> Result<()>;
 }
 
 /// A place holding the files of one checkpoint. Names are single path components
-/// ([`check_name`]); every method that takes one refuses any other.
+/// ([`check_name`]); every method that takes one refuses any other. A missing file is
+/// `NotFound` to [`open_read`](Self::open_read) and [`read_all`](Self::read_all).
 pub trait Storage: Send + Sync {
     /// A human-readable location of `name` for messages (a path, a URL).
     fn describe(&self, name: &str) -> String;
+    /// What this backend can do beyond sequential appends.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
     /// Creates the checkpoint location if needed.
     fn prepare(&self) -> Result<()>;
     /// Checks the location can be reached (a bucket exists and the credentials work), without
@@ -145,16 +198,19 @@ pub trait Storage: Send + Sync {
     fn check_reachable(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether the file `name` exists.
     fn exists(&self, name: &str) -> Result<bool>;
+    /// Opens the file `name` for reading.
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>>;
     /// Reads a whole (small) file.
     fn read_all(&self, name: &str) -> Result<Vec<u8>> {
         let h = self.open_read(name)?;
         h.read_vec(0, h.len() as usize)
     }
-    /// Creates a new file for positional writes; `direct` asks for O_DIRECT where the backend
-    /// and file system allow it. The name must be free: an existing file (or anything else at
-    /// that name) is `AlreadyExists`; nothing is written through a link.
+    /// Creates a new data file (see [`WriteHandle`]); `direct` asks for O_DIRECT where the
+    /// backend declares it and the file system allows it. The name must be free: an existing
+    /// file (or anything else at that name) is `AlreadyExists`; nothing is written through a
+    /// link.
     fn create(&self, name: &str, direct: bool) -> Result<Arc<dyn WriteHandle>>;
     /// Writes a small file atomically and durably: a unique temporary name, sync, rename (which
     /// replaces whatever had the name, never writing through it).
@@ -168,6 +224,7 @@ pub trait Storage: Send + Sync {
     fn remove(&self, name: &str) -> Result<()>;
     /// Makes renames and creations in the location durable.
     fn sync_dir(&self) -> Result<()>;
+    /// The names of the location's files.
     fn list(&self) -> Result<Vec<String>>;
 }
 
@@ -178,121 +235,32 @@ pub fn open(location: &str) -> Result<Arc<dyn Storage>> {
 
 /// Like [`open`], with backend settings (for S3: `object_store` configuration keys and values).
 pub fn open_with(location: &str, options: &[(String, String)]) -> Result<Arc<dyn Storage>> {
+    let storage = open_backend(location, options)?;
+    // Interrupted saves for tests (DCP_FAULT), only in builds with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    let storage = fault::wrap_from_env(storage);
+    Ok(storage)
+}
+
+fn open_backend(location: &str, options: &[(String, String)]) -> Result<Arc<dyn Storage>> {
     if location.is_empty() {
         return Err(crate::error::Error::invalid("checkpoint path is empty"));
     }
     if location.starts_with("s3://") {
         #[cfg(feature = "s3")]
-        return Ok(fault::wrap(Arc::new(s3::S3Storage::new(location, options)?)));
+        return Ok(Arc::new(s3::S3Storage::new(location, options)?));
         #[cfg(not(feature = "s3"))]
         return Err(crate::error::Error::unsupported(format!(
             "{location}: this build of libdcp has no S3 support (the `s3` feature)"
         )));
     }
     let _ = options;
-    Ok(fault::wrap(Arc::new(fs::FsStorage::new(location))))
+    Ok(Arc::new(fs::FsStorage::new(location)))
 }
 
 #[cfg(test)]
-pub(crate) mod conformance {
-    //! Checks every backend must pass.
+mod tests {
     use super::*;
-    use crate::error::ErrorKind;
-
-    pub fn run(s: &dyn Storage) {
-        s.prepare().unwrap();
-        assert!(!s.exists("a").unwrap());
-        let w = s.create("a", false).unwrap();
-        w.write_at(4, b"5678").unwrap();
-        w.write_at(0, b"1234").unwrap();
-        w.sync().unwrap();
-        drop(w);
-        assert!(s.exists("a").unwrap());
-        let r = s.open_read("a").unwrap();
-        assert_eq!(r.len(), 8);
-        assert_eq!(r.read_vec(2, 4).unwrap(), b"3456");
-        let err = r.read_vec(6, 4).unwrap_err();
-        assert!(err.message().contains("a"), "{err}");
-        s.put_atomic("m", b"meta").unwrap();
-        assert_eq!(s.read_all("m").unwrap(), b"meta");
-        s.put_atomic("m", b"meta2").unwrap();
-        assert_eq!(s.read_all("m").unwrap(), b"meta2");
-        let mut names = s.list().unwrap();
-        names.sort();
-        assert_eq!(names, vec!["a".to_string(), "m".to_string()]);
-        s.remove("a").unwrap();
-        s.remove("a").unwrap();
-        assert!(!s.exists("a").unwrap());
-        assert!(s.open_read("a").is_err());
-        s.sync_dir().unwrap();
-        exclusive_create(s);
-        names_are_one_component(s);
-        put_atomic_leaves_no_temp(s);
-        put_new_is_create_only(s);
-    }
-
-    /// `create` never replaces a file: the name is `AlreadyExists` and the file keeps its bytes.
-    fn exclusive_create(s: &dyn Storage) {
-        let w = s.create("x", false).unwrap();
-        w.write_at(0, b"first").unwrap();
-        w.sync().unwrap();
-        drop(w);
-        let err = s.create("x", false).err().expect("a second create of one name fails");
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
-        assert!(err.message().contains(&s.describe("x")), "{err}");
-        assert_eq!(s.read_all("x").unwrap(), b"first");
-        s.put_atomic("y", b"small").unwrap();
-        let err = s.create("y", true).err().expect("create over a put file fails");
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
-        assert_eq!(s.read_all("y").unwrap(), b"small");
-        s.remove("x").unwrap();
-        s.remove("y").unwrap();
-    }
-
-    fn names_are_one_component(s: &dyn Storage) {
-        for bad in ["", ".", "..", "a/b", "../x", "/abs", "x/", "nul\0byte"] {
-            let refused = |what: &str, r: Result<()>| {
-                let err = r.err().unwrap_or_else(|| panic!("{what}({bad:?}) is refused"));
-                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{what}({bad:?}): {err}");
-            };
-            refused("create", s.create(bad, false).map(drop));
-            refused("put_atomic", s.put_atomic(bad, b"z"));
-            refused("put_new", s.put_new(bad, b"z"));
-            refused("open_read", s.open_read(bad).map(drop));
-            refused("read_all", s.read_all(bad).map(drop));
-            refused("exists", s.exists(bad).map(drop));
-            refused("remove", s.remove(bad));
-        }
-    }
-
-    /// Several writers of one small file each stage under their own temporary name; none is left.
-    fn put_atomic_leaves_no_temp(s: &dyn Storage) {
-        std::thread::scope(|t| {
-            for i in 0..4u8 {
-                t.spawn(move || {
-                    for j in 0..8u8 {
-                        s.put_atomic("p", &[i, j]).unwrap();
-                    }
-                });
-            }
-        });
-        let got = s.read_all("p").unwrap();
-        assert!(got.len() == 2 && got[0] < 4 && got[1] == 7, "{got:?}");
-        let mut names = s.list().unwrap();
-        names.sort();
-        assert_eq!(names, vec!["m".to_string(), "p".to_string()]);
-        s.remove("p").unwrap();
-    }
-
-    fn put_new_is_create_only(s: &dyn Storage) {
-        s.put_new("n", b"one").unwrap();
-        let err = s.put_new("n", b"two").unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
-        assert_eq!(s.read_all("n").unwrap(), b"one");
-        s.remove("n").unwrap();
-        let names = s.list().unwrap();
-        assert_eq!(names, vec!["m".to_string()], "no temporary is left behind");
-    }
 
     #[test]
     fn tmp_names() {

@@ -75,6 +75,7 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
     Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
 }
 
+/// A prefix of an S3-compatible bucket (`s3://bucket/prefix`).
 pub struct S3Storage {
     store: Arc<AmazonS3>,
     bucket: String,
@@ -209,7 +210,8 @@ impl ReadHandle for S3Read {
     }
 }
 
-/// A data file being uploaded: sequential writes feed a multipart upload.
+/// A data file being uploaded: appends feed a multipart upload (no positional writes: an object
+/// is uploaded front to back).
 struct S3Write {
     url: String,
     state: Mutex<UploadState>,
@@ -221,14 +223,8 @@ struct UploadState {
 }
 
 impl WriteHandle for S3Write {
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+    fn append(&self, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if offset != st.written {
-            return Err(Error::internal(format!(
-                "{}: object uploads are sequential, but a write came at offset {offset} after {} bytes",
-                self.url, st.written
-            )));
-        }
         let url = &self.url;
         let upload = st
             .upload
@@ -248,7 +244,7 @@ impl WriteHandle for S3Write {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if len != st.written {
             return Err(Error::internal(format!(
-                "{}: {} bytes were uploaded but the file is {len} bytes long",
+                "{}: {} bytes were appended but the file is to be {len} bytes long (an object cannot be truncated or extended)",
                 self.url, st.written
             )));
         }
@@ -393,12 +389,18 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    /// The objects directly under the prefix. Some servers (SeaweedFS) also list the prefix
+    /// itself as an object once everything under it was removed: that is not a file of the
+    /// checkpoint.
     fn list(&self) -> Result<Vec<String>> {
         let listed = block(self.store.list_with_delimiter(self.prefix_path().as_ref())).map_err(|e| s3_err("listing", &self.url(""), e))?;
         Ok(listed
             .objects
             .into_iter()
-            .filter_map(|o| o.location.filename().map(str::to_string))
+            .filter_map(|o| {
+                let name = o.location.filename()?;
+                (self.path(name) == o.location).then(|| name.to_string())
+            })
             .collect())
     }
 }
@@ -413,5 +415,58 @@ mod tests {
         assert_eq!(parse_url("s3://b").unwrap(), ("b".to_string(), String::new()));
         assert!(parse_url("s3:///x").is_err());
         assert!(parse_url("/tmp/x").is_err());
+    }
+
+    /// A fresh `s3://bucket/prefix/{what}-{pid}-{nanos}` under `DCP_TEST_S3_URL`, or `None`
+    /// (and a line saying the test skipped) without it. `tests/python/test_s3.py` starts a
+    /// local S3 server and runs the `server_` tests with that variable and the AWS settings in
+    /// the environment, and checks that they ran.
+    fn server_url(what: &str) -> Option<String> {
+        let Ok(base) = std::env::var("DCP_TEST_S3_URL") else {
+            println!("SKIPPED: no S3 server (DCP_TEST_S3_URL is unset; tests/python/test_s3.py starts one and runs this test)");
+            return None;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        Some(format!("{}/{what}-{}-{nanos}", base.trim_end_matches('/'), std::process::id()))
+    }
+
+    /// The storage conformance suite against a real S3 server.
+    #[test]
+    fn server_conformance() {
+        let Some(url) = server_url("conformance") else { return };
+        let s = S3Storage::new(&url, &[]).unwrap();
+        assert_eq!(s.capabilities(), crate::storage::Capabilities::default());
+        crate::storage::conformance::run(&s);
+        s.remove("m").unwrap();
+        assert_eq!(s.list().unwrap(), Vec::<String>::new());
+        println!("S3 conformance passed against {url}");
+    }
+
+    /// `Checkpoint::open_with` opens the location with the context's storage options (here a
+    /// wrong secret, which the server refuses), `Checkpoint::open` with the environment's.
+    #[test]
+    fn server_checkpoint_open_with_context_options() {
+        use crate::{Checkpoint, Context, SaveOptions, State, TensorView};
+        let Some(url) = server_url("open-with") else { return };
+        let v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&v, &[1000]).unwrap()).unwrap();
+        crate::save(&Context::local(), &st, &url, &SaveOptions::default()).unwrap();
+        let good = Checkpoint::open(&url).unwrap();
+        assert_eq!(good.keys().map(|k| k.fqn).collect::<Vec<_>>(), ["w"]);
+        let ctx = Context::local();
+        ctx.set_storage_option("aws_secret_access_key", "not-the-secret");
+        let err = Checkpoint::open_with(&ctx, &url).err().expect("a wrong secret is refused");
+        assert!(err.message().contains(&url), "{err}");
+        let refused = ["403", "Forbidden", "SignatureDoesNotMatch", "AccessDenied"];
+        assert!(refused.iter().any(|r| err.message().contains(r)), "{err}");
+        let ctx = Context::local();
+        ctx.set_storage_option("aws_region", "us-east-1");
+        let opened = Checkpoint::open_with(&ctx, &url).unwrap();
+        assert_eq!(opened.keys().map(|k| k.fqn).collect::<Vec<_>>(), ["w"]);
+        println!("Checkpoint::open_with applied the context's storage options against {url}");
     }
 }

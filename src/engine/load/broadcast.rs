@@ -78,7 +78,8 @@ pub(crate) fn arrange(comm: &dyn Communicator, state: &State, plan: Option<&mut 
         for (ei, e) in state.entries().iter().enumerate() {
             let EntryValue::Tensor(t) = &e.value else { continue };
             let Device::Cuda(o) = t.view.device() else { continue };
-            if !planned.contains(&ei) || !t.view.is_contiguous() || t.region.is_empty() {
+            // One device per rank: the communicator's (NCCL copies only from and to its memory).
+            if !planned.contains(&ei) || !t.view.is_contiguous() || t.region.is_empty() || offer.device.is_some_and(|d| d != o) {
                 continue;
             }
             offer.device.get_or_insert(o);
@@ -185,12 +186,20 @@ pub(crate) fn run(b: &Broadcasts, nccl_comm: &nccl::Comm, state: &State) -> Resu
                 continue;
             };
             let ptr = e.view.as_ptr() as u64;
+            // Why the transfers below are sound: the entry is a contiguous view on `b.device` (`arrange`
+            // offers no other), so `ptr..ptr + nbytes` is its payload, checked by `set_cuda` to
+            // lie in one allocation of that device, which is current; the caller's buffer is
+            // ours during the load, and the readers of this rank (which write the sent boxes)
+            // finished before `run`; the stream is synchronised below before the load returns.
+            // This load is the communicator's only user: a context runs one collective at a time.
             if t.reader == me {
                 for &m in t.members.iter().filter(|&&m| m != me) {
-                    nccl_comm.send(ptr, t.nbytes as usize, m, &stream)?;
+                    // SAFETY: as explained above (the device range, its users, the stream).
+                    unsafe { nccl_comm.send(ptr, t.nbytes as usize, m, &stream)? };
                 }
             } else {
-                nccl_comm.recv(ptr, t.nbytes as usize, t.reader, &stream)?;
+                // SAFETY: as explained above (the device range, its users, the stream).
+                unsafe { nccl_comm.recv(ptr, t.nbytes as usize, t.reader, &stream)? };
                 received += t.nbytes;
             }
         }

@@ -237,6 +237,13 @@ fn locate<'b>(
     }
     let check = match sidecar_blocks {
         _ if !verify => Check::None,
+        // Windows end at block boundaries: an element cut by one would be read past the window.
+        Some((_, bs)) if bs % dtype.size() as u64 != 0 => {
+            return Err(Error::corrupt(format!(
+                "{what}: the sidecar's checksum block size {bs} is not a whole number of {}-byte {dtype} elements (a damaged or forged sidecar)",
+                dtype.size()
+            )))
+        }
         Some((b, bs)) => Check::Blocks(b, bs),
         None => Check::Whole(rec.crc),
     };
@@ -320,11 +327,24 @@ impl<'t, 'v, 'a, 's> Scatter<'t, 'v, 'a, 's> {
     fn copy(&mut self, run: &Run, ti: usize, window: &[u8], w0: u64, elem: u64) -> Result<()> {
         let view = self.targets[ti].view;
         let ptr = view.as_ptr();
+        // The run's source bytes must lie in the window (a block size that is not a whole
+        // number of elements would cut one at the window's end).
+        if run.a < w0 || run.a - w0 + run.a_span(elem) > window.len() as u64 {
+            return Err(Error::corrupt(format!(
+                "payload bytes {}..{} are not all in the window read ({w0}..{}): the checksum block size does not fit the {elem}-byte elements",
+                run.a,
+                run.a + run.a_span(elem),
+                w0 + window.len() as u64
+            )));
+        }
         match view.device() {
-            // SAFETY: the run was built from the target's overlap within its registered view
-            // (shape and strides checked at registration), and lies within `window` (it was
-            // split at the window's end); the caller's buffer is not read or written by anyone
-            // else during a load.
+            // SAFETY: source: the run's elements lie in `window` (checked above). Destination:
+            // the run was built from the target's overlap within its registered box, at the
+            // view's strides from its pointer, so it addresses only elements of the view, whose
+            // extent `TensorView::from_raw` checked against `nbytes`. The caller lends that
+            // memory to the load (nobody else reads or writes it: `from_raw`'s contract), and
+            // no other chunk writes these elements: the plan's overlaps tile each box without
+            // overlapping (`plan::load`), so concurrent readers write disjoint bytes.
             Device::Cpu => unsafe { run.copy(window.as_ptr(), ptr, elem, w0, 0) },
             Device::Cuda(ordinal) => {
                 let s = match &mut self.streams[ti] {
@@ -357,6 +377,14 @@ impl<'t, 'v, 'a, 's> Scatter<'t, 'v, 'a, 's> {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Scatter<'_, '_, '_, '_> {
+    /// An early error return must not free or reuse a window buffer that queued copies still
+    /// read.
+    fn drop(&mut self) {
+        let _ = self.finish_window();
     }
 }
 
@@ -400,8 +428,11 @@ fn read_chunk_item(
             && t.view.is_contiguous()
             && !(rec.data_len >= 1 << 20 && use_direct(rd.direct, file.as_ref(), item.payload_abs, rec.data_len))
         {
-            // SAFETY: a contiguous host view of the chunk's whole box spans exactly `data_len`
-            // bytes from its pointer; the caller's buffer is ours during the load.
+            // SAFETY: a contiguous host view whose box is the chunk's spans `numel * elem` =
+            // `data_len` bytes from its pointer, within the `nbytes` `TensorView::from_raw`
+            // checked. The caller lends that memory to the load (`from_raw`'s contract), and no
+            // other chunk targets this box (overlaps tile it, `plan::load`), so this is the only
+            // reference to those bytes while it lives.
             let dst = unsafe { std::slice::from_raw_parts_mut(t.view.as_ptr(), rec.data_len as usize) };
             file.read_at(item.payload_abs, dst)?;
             return verify_bytes(&item.check, 0, dst, true, &what, item.payload_abs);
@@ -466,14 +497,16 @@ fn copy_run_to_device(s: &cuda::Stream, run: &Run, window: &[u8], w0: u64, dst: 
     let src = (run.a - w0) as usize;
     if run.a_step == elem && run.b_step == elem {
         let n = (run.count * elem) as usize;
-        // SAFETY: `dst + run.b..` lies in the registered device view (the run comes from its
-        // overlap); the window slice stays alive and unchanged until `finish_window`
-        // synchronizes the stream.
+        // SAFETY: `dst + run.b..+n` lies in the registered device view (the run comes from its
+        // overlap; `set_cuda` checked the view's extent lies in one allocation of the device
+        // `s` copies on, made current by the caller) and no other chunk writes it (overlaps
+        // tile the box); the window slice stays alive and unchanged until `finish_window`
+        // synchronizes the stream (also on an early return: `Scatter`'s drop).
         return unsafe { s.h2d(dst + run.b, &window[src..src + n]) };
     }
     for i in 0..run.count as usize {
         let a = src + i * run.a_step as usize;
-        // SAFETY: as above, element by element.
+        // SAFETY: as above, element by element: element `i` of the run.
         unsafe { s.h2d(dst + run.b + i as u64 * run.b_step, &window[a..a + elem as usize])? };
     }
     Ok(())

@@ -3,12 +3,14 @@
 //! tensors once the save call returns.
 
 use super::my_entries;
-use crate::engine::staging::{self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, PoolBuf};
+use crate::engine::staging::{
+    self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, HostGather, PoolBuf, SyncOnDrop,
+};
 use crate::engine::Context;
 use crate::error::{Error, Result};
 use crate::plan::save::GlobalPlan;
 use crate::state::{EntryValue, State};
-use crate::tensor::{Device, TensorView};
+use crate::tensor::Device;
 
 /// This rank's written items, copied into one staging buffer (page-locked when CUDA tensors
 /// are involved), and a state of views into it.
@@ -52,10 +54,11 @@ pub(super) fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize
     let mut staged = State::new();
     let mut off = 0usize;
     for ((entry, t), n) in tensors.iter().zip(&lens) {
-        // SAFETY: bytes `off..off + n` of the arena hold this tensor's dense payload; the arena
-        // outlives the staged state (`Staged` drops the state first) and nothing writes it
-        // while the state exists.
-        let view = unsafe { TensorView::from_raw(arena.as_ptr().add(off), *n, t.view.dtype(), t.view.sizes(), None, Device::Cpu)? };
+        // SAFETY: bytes `off..off + n` of the arena hold this tensor's dense payload (its slot,
+        // written above; the slices are gone). The views live only in `staged`, which is
+        // dropped before the arena is (declaration order in `Staged`, `into_arena`, and the
+        // `?`s here drop `staged` before `arena`), and the state is only saved from (read).
+        let view = unsafe { arena.detached_view(off, *n, t.view.dtype(), t.view.sizes())? };
         staged.add_tensor_chunk(&entry.fqn, view, &t.global_shape, &t.region.offsets)?;
         off += n.next_multiple_of(align);
     }
@@ -72,36 +75,26 @@ pub(super) fn stage(ctx: &Context, state: &State, plan: &GlobalPlan, rank: usize
 /// asynchronous copies, host tensors by several threads.
 fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::state::TensorEntry)], slots: &mut [&mut [u8]]) -> Result<()> {
     let mut streams = DeviceStreams::default();
-    let mut used = Vec::new();
+    // Synchronised on every return: the arena must not go back to the pool under a copy.
+    let mut used = SyncOnDrop::default();
     let mut host = Vec::new();
     for ((entry, t), dst) in tensors.iter().zip(slots.iter_mut()) {
         let key = |e: Error| e.context(format!("key {:?}", entry.fqn)).with_key(entry.fqn.as_str());
         match t.view.device() {
             Device::Cuda(ordinal) if t.view.is_contiguous() => {
                 let s = streams.get(ordinal, t.view.stream())?;
-                // SAFETY: the view's payload is registered device memory of `dst.len()` bytes;
-                // `dst` is this tensor's slot, not touched until the synchronize below.
+                // SAFETY: the contiguous view's `dst.len()` payload bytes are CUDA memory of
+                // device `ordinal` (made current by `get`), checked by `set_cuda` to lie in one
+                // allocation; `dst` is this tensor's own slot of the arena, not touched again
+                // before its stream is synchronised (below, or by `used` on an early return).
                 unsafe { s.d2h(dst, t.view.as_ptr() as u64) }.map_err(key)?;
-                used.push(s);
+                used.0.push(s);
             }
             Device::Cuda(ordinal) => {
                 // Strided device memory: its whole extent to the host, then gathered densely.
                 let s = streams.get(ordinal, t.view.stream())?;
                 with_host_extent(&ctx.inner.pool, &s, &t.view, ordinal, |extent_buf, extent| {
-                    let copy = extent_buf.bytes(extent);
-                    // SAFETY: `copy` holds the view's whole strided extent, so the view's
-                    // shape and strides address only bytes inside it; it lives for this call.
-                    let local = unsafe {
-                        TensorView::from_raw(
-                            copy.as_ptr() as *mut u8,
-                            extent,
-                            t.view.dtype(),
-                            t.view.sizes(),
-                            Some(t.view.strides()),
-                            Device::Cpu,
-                        )?
-                    };
-                    copy_dense(&local, dst);
+                    HostGather::of_extent(extent_buf.bytes(extent), &t.view).fill(0, dst);
                     Ok(())
                 })
                 .map_err(key)?;
@@ -124,7 +117,7 @@ fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::stat
             });
         }
     });
-    for s in &used {
+    for s in &used.0 {
         s.synchronize()?;
     }
     Ok(())

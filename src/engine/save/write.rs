@@ -5,7 +5,7 @@
 //! buffers first).
 
 use crate::cuda;
-use crate::engine::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, ALIGN};
+use crate::engine::staging::{first_cuda_device, with_host_extent, DeviceStreams, HostGather, PoolBuf, StagingPool, SyncOnDrop, ALIGN};
 use crate::engine::workers::for_each_parallel;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
@@ -143,9 +143,11 @@ pub fn layout_files<'s, 'a>(
     files
 }
 
-/// Sequential writer of one file through an aligned buffer.
+/// Sequential writer of one file through an aligned buffer: the file is written front to back,
+/// by offset (pwrite) where the storage takes positional writes, by appends elsewhere.
 struct FileWriter<'h, 'p> {
     handle: &'h dyn WriteHandle,
+    positional: bool,
     buf: PoolBuf<'p>,
     cap: usize,
     start: u64,
@@ -156,10 +158,19 @@ impl FileWriter<'_, '_> {
     fn pos(&self) -> u64 {
         self.start + self.filled as u64
     }
+    /// Writes `data` at `start` (the end of what was written) and moves `start` past it.
+    fn write_next(handle: &dyn WriteHandle, positional: bool, start: &mut u64, data: &[u8]) -> Result<()> {
+        if positional {
+            handle.write_at(*start, data)?;
+        } else {
+            handle.append(data)?;
+        }
+        *start += data.len() as u64;
+        Ok(())
+    }
     fn flush(&mut self) -> Result<()> {
         if self.filled > 0 {
-            self.handle.write_at(self.start, self.buf.bytes(self.filled))?;
-            self.start += self.filled as u64;
+            Self::write_next(self.handle, self.positional, &mut self.start, self.buf.bytes(self.filled))?;
             self.filled = 0;
         }
         Ok(())
@@ -210,8 +221,7 @@ impl FileWriter<'_, '_> {
         }
         self.flush()?;
         for piece in data[..bulk].chunks(WRITE_PIECE) {
-            self.handle.write_at(self.start, piece)?;
-            self.start += piece.len() as u64;
+            Self::write_next(self.handle, self.positional, &mut self.start, piece)?;
         }
         self.put(&data[bulk..])?;
         Ok(true)
@@ -291,7 +301,8 @@ fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, poo
         ItemBody::Tensor { view, .. } => Some(*view),
         ItemBody::Object(_) => None,
     }));
-    let written = write_items(handle.as_ref(), &file.items, &file.name, buffer_bytes, pinned, pool).map_err(in_file)?;
+    let positional = storage.capabilities().positional_writes;
+    let written = write_items(handle.as_ref(), positional, &file.items, &file.name, buffer_bytes, pinned, pool).map_err(in_file)?;
     handle.set_len(file.len).map_err(in_file)?;
     handle.sync().map_err(in_file)?;
     Ok((file.len, written))
@@ -299,6 +310,7 @@ fn write_file(storage: &dyn Storage, file: &FileLayout, opts: &WriteOptions, poo
 
 fn write_items(
     handle: &dyn WriteHandle,
+    positional: bool,
     items: &[PlacedItem],
     file: &str,
     buffer_bytes: usize,
@@ -307,6 +319,7 @@ fn write_items(
 ) -> Result<Vec<ItemWritten>> {
     let mut w = FileWriter {
         handle,
+        positional,
         cap: buffer_bytes,
         buf: PoolBuf::acquire(pool, buffer_bytes, pinned)?,
         start: 0,
@@ -366,8 +379,10 @@ fn write_device_payload(
     let aligned = w.handle.direct_alignment().is_none_or(|a| w.pos() % a as u64 == 0);
     if len < (4 << 20) || !aligned {
         return w.produce(len, |off, dst| {
-            // SAFETY: `src + off..` lies in the device payload of `len` bytes the caller
-            // registered; `dst` is the writer's buffer, borrowed until the synchronize below.
+            // SAFETY: `src + off..src + off + dst.len()` lies in the contiguous device payload
+            // `src..src + len` (`produce` hands out pieces of `0..len`), which `set_cuda`
+            // checked lies in one allocation of the current device; `dst` is exclusively
+            // borrowed from the writer's buffer until after the synchronize below.
             unsafe { stream.d2h(dst, src + off)? };
             stream.synchronize()?;
             crc.update(dst);
@@ -378,6 +393,8 @@ fn write_device_payload(
         PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
         PoolBuf::acquire(pool, DEVICE_PIECE, Some(ordinal))?,
     ];
+    // Dropped before `bufs`: a write error must not return them to the pool under a copy.
+    let _pending = SyncOnDrop(vec![stream.clone()]);
     w.flush()?;
     let piece = |i: u64| {
         (
@@ -387,9 +404,12 @@ fn write_device_payload(
     };
     let n = len.div_ceil(DEVICE_PIECE as u64);
     let (o0, l0) = piece(0);
-    // SAFETY (both copies): the source ranges lie in the registered device payload of `len`
-    // bytes; each piece's host buffer is not touched by the host until the synchronize at the
-    // top of the iteration that reads it, and the other buffer is the one being written.
+    // SAFETY: (this copy and the one in the loop) piece `i` is bytes `i * DEVICE_PIECE..` (at most `len`) of the
+    // contiguous device payload `src..src + len`, which `set_cuda` checked lies in one
+    // allocation of device `ordinal` (current: the caller got `stream` from
+    // `DeviceStreams::get`); each buffer gets one piece at a time and is read by the host only
+    // after the synchronize at the top of the iteration that uses it, while the copy into the
+    // other buffer runs; `_pending` synchronises on an early return before `bufs` go back.
     unsafe { stream.d2h(bufs[0].bytes_mut(l0), src + o0)? };
     for i in 0..n {
         stream.synchronize()?;
@@ -424,9 +444,11 @@ fn write_payload(
     let mut crc = PayloadCrc::new(len);
     match view.device() {
         Device::Cpu if view.is_contiguous() => {
-            // SAFETY: a contiguous host view spans its `len` payload bytes from its pointer
-            // (checked when it was made); the caller keeps them alive and unchanged during the
-            // save.
+            assert_eq!(len, view.data_bytes(), "payload length of a contiguous view");
+            // SAFETY: a contiguous host view's `data_bytes()` (= `len`) payload bytes start at
+            // its pointer and lie within the `nbytes` checked by `TensorView::from_raw`, whose
+            // contract keeps them alive and unwritten by others while the view is saved from;
+            // libdcp only reads a view during a save.
             let data = unsafe { std::slice::from_raw_parts(view.as_ptr() as *const u8, len as usize) };
             crc.update(data);
             if !w.write_through(data)? {
@@ -434,7 +456,7 @@ fn write_payload(
             }
         }
         Device::Cpu => {
-            let mut g = HostGather::new(view.as_ptr(), view);
+            let mut g = HostGather::of_view(view);
             w.produce(len, |off, dst| {
                 g.fill(off, dst);
                 crc.update(dst);
@@ -448,8 +470,8 @@ fn write_payload(
         Device::Cuda(ordinal) => {
             // Strided device memory: bring its whole extent over once, gather on the host.
             let stream = streams.get(ordinal, view.stream())?;
-            with_host_extent(pool, &stream, view, ordinal, |host, _| {
-                let mut g = HostGather::new(host.as_ptr(), view);
+            with_host_extent(pool, &stream, view, ordinal, |host, extent| {
+                let mut g = HostGather::of_extent(host.bytes(extent), view);
                 w.produce(len, |off, dst| {
                     g.fill(off, dst);
                     crc.update(dst);

@@ -5,6 +5,7 @@
 
 use crate::cuda::PinnedBuf;
 use crate::error::{Error, ErrorKind, Result};
+use crate::tensor::{DType, Device, TensorView};
 
 pub const ALIGN: usize = 4096;
 
@@ -15,16 +16,18 @@ pub struct AlignedBuf {
     cap: usize,
 }
 
-// SAFETY: AlignedBuf owns its mapping outright (no aliasing handles exist); access goes through
-// `&self`/`&mut self`, so the usual borrow rules make sharing across threads sound.
+// SAFETY: AlignedBuf owns its mapping outright (the fields are private: no other handle to it
+// exists); its bytes are only reached through `HostBuf`'s `&self`/`&mut self` accessors, so the
+// borrow rules govern access from any thread, and a mapping is not tied to a thread.
 unsafe impl Send for AlignedBuf {}
-// SAFETY: as above: `&AlignedBuf` only gives shared reads.
+// SAFETY: as above: `&AlignedBuf` gives only the capacity (and, through `HostBuf`, shared reads).
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     pub fn new(cap: usize) -> Result<AlignedBuf> {
         let cap = cap.max(1).next_multiple_of(ALIGN);
-        // SAFETY: an anonymous private mapping with no address hint touches no existing memory.
+        // SAFETY: an anonymous private mapping with no address hint: the kernel picks fresh,
+        // zeroed pages and touches no existing memory. Failure is checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -51,7 +54,8 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new`, unmapped once.
+        // SAFETY: `ptr`/`cap` are exactly the mapping made in `new`, unmapped once, here; slices
+        // of it borrow the buffer and detached views must be gone (`detached_view`'s contract).
         unsafe { libc::munmap(self.ptr.cast(), self.cap) };
     }
 }
@@ -62,9 +66,8 @@ pub enum HostBuf {
 }
 
 impl HostBuf {
-    /// The start of the buffer, for device copies and for views that outlive a borrow (the
-    /// async save's staged state): their users uphold the aliasing rules themselves.
-    pub fn as_ptr(&self) -> *mut u8 {
+    /// The start of the buffer; raw access stays inside this module.
+    fn as_ptr(&self) -> *mut u8 {
         match self {
             HostBuf::Heap(b) => b.ptr,
             HostBuf::Pinned(b) => b.as_ptr(),
@@ -82,16 +85,40 @@ impl HostBuf {
     /// The first `len` bytes.
     pub fn bytes(&self, len: usize) -> &[u8] {
         assert!(len <= self.capacity(), "{len} bytes of a {}-byte buffer", self.capacity());
-        // SAFETY: the buffer holds `capacity()` initialised bytes (fresh pages from the kernel:
-        // the heap mapping and the driver's page-locked allocation both arrive zeroed, or
-        // written since), owned by `self`, which this shared borrow keeps alive and unmodified.
+        // SAFETY: the buffer is one allocation of `capacity()` >= `len` bytes owned by `self`,
+        // which this shared borrow keeps alive and unwritten (writes need `&mut self`; detached
+        // views are read-only). Its bytes are initialised: the heap mapping arrives zeroed, and
+        // the driver's page-locked allocation holds whatever the driver left in pages it
+        // faulted in and locked (foreign memory, not uninitialised Rust memory), or bytes
+        // written since.
         unsafe { std::slice::from_raw_parts(self.as_ptr(), len) }
     }
     /// The first `len` bytes, writable.
     pub fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
         assert!(len <= self.capacity(), "{len} bytes of a {}-byte buffer", self.capacity());
-        // SAFETY: as in `bytes`; the exclusive borrow of `self` makes this the only access.
+        // SAFETY: as in `bytes`; the exclusive borrow of `self` makes this the only access
+        // (detached views must be gone before the buffer is written: `detached_view`).
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), len) }
+    }
+    /// A host view of the dense `dtype` tensor of `sizes` in bytes `off..off + len`, not tied to
+    /// a borrow of the buffer: the async save's staged state keeps such views next to the
+    /// buffer they point into.
+    ///
+    /// # Safety
+    /// The view (and every copy of its pointer) must be gone before the buffer is dropped,
+    /// written (`bytes_mut`, `split`) or handed to another owner (back to its pool), and the
+    /// view must only be read through (a save), never written (a load).
+    pub unsafe fn detached_view(&self, off: usize, len: usize, dtype: DType, sizes: &[u64]) -> Result<TensorView<'static>> {
+        assert!(
+            off.checked_add(len).is_some_and(|end| end <= self.capacity()),
+            "a view of bytes {off}..+{len} of a {}-byte buffer",
+            self.capacity()
+        );
+        // SAFETY: `off + len <= capacity()`, so the pointer stays within the allocation and the
+        // view's `len` bytes (which `from_raw` checks cover its shape) lie in the buffer; the
+        // buffer's memory does not move when the `HostBuf` does. Lifetime and aliasing are the
+        // caller's contract.
+        unsafe { TensorView::from_raw(self.as_ptr().add(off), len, dtype, sizes, None, Device::Cpu) }
     }
     /// Disjoint writable pieces of the given lengths, back to back from the start.
     pub fn split(&mut self, lens: impl IntoIterator<Item = usize>) -> Vec<&mut [u8]> {
@@ -120,6 +147,6 @@ mod tests {
         parts[0].fill(1);
         parts[2].fill(2);
         assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![3, 0, 5]);
-        assert_eq!(&b.bytes(9)[..], &[1, 1, 1, 2, 2, 2, 2, 2, 0]);
+        assert_eq!(b.bytes(9), &[1, 1, 1, 2, 2, 2, 2, 2, 0]);
     }
 }

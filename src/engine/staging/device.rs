@@ -20,15 +20,32 @@ impl DeviceStreams {
     pub(crate) fn get(&mut self, ordinal: i32, caller: usize) -> Result<cuda::Stream> {
         cuda::activate(ordinal)?;
         if caller != 0 {
-            return Ok(cuda::Stream::borrowed(caller));
+            // SAFETY: `caller` is the `cudaStream_t` registered with the tensor
+            // (`dcp_state_set_cuda`), on which the caller asks libdcp to queue its copies: it
+            // must stay alive while a save or load uses the state, and this `Stream` lives only
+            // within one. (`State::set_cuda` is safe and takes any value: see its docs.)
+            return Ok(unsafe { cuda::Stream::borrowed(caller) });
         }
         if let Some((_, s)) = self.own.iter().find(|(o, _)| *o == ordinal) {
-            return Ok(cuda::Stream::borrowed(s.raw_handle() as usize));
+            return Ok(s.clone());
         }
         let s = cuda::Stream::new(ordinal)?;
-        let h = s.raw_handle() as usize;
-        self.own.push((ordinal, s));
-        Ok(cuda::Stream::borrowed(h))
+        self.own.push((ordinal, s.clone()));
+        Ok(s)
+    }
+}
+
+/// Streams with device copies queued into (or out of) host buffers: synchronised when this is
+/// dropped, so that on an early error return no buffer goes back to its pool (or is freed)
+/// while a copy still reads or writes it. Declare it after the buffers, so it drops first.
+#[derive(Default)]
+pub(crate) struct SyncOnDrop(pub(crate) Vec<cuda::Stream>);
+
+impl Drop for SyncOnDrop {
+    fn drop(&mut self) {
+        for s in &self.0 {
+            let _ = s.synchronize();
+        }
     }
 }
 
@@ -67,8 +84,10 @@ pub(crate) fn with_host_extent<R>(
 ) -> Result<R> {
     let extent = strided_extent_bytes(view.sizes(), view.strides(), view.dtype().size())? as usize;
     let mut host = PoolBuf::acquire(pool, extent, Some(ordinal))?;
-    // SAFETY: the view's extent is device memory the caller registered as readable; the host
-    // buffer is ours (exclusively borrowed) until the synchronize below completes the copy.
+    // SAFETY: the view is CUDA memory of device `ordinal` (current: the caller got `stream`
+    // from `DeviceStreams::get`), its strided extent checked by `set_cuda` to lie in one
+    // allocation of that device; `extent` bytes of the host buffer are exclusively borrowed for
+    // the copy, and nothing touches the buffer before the synchronize below.
     unsafe { stream.d2h(host.bytes_mut(extent), view.as_ptr() as u64)? };
     stream.synchronize()?;
     f(&host, extent)
