@@ -243,7 +243,7 @@ struct FsWrite {
 
 impl WriteHandle for FsWrite {
     fn append(&self, data: &[u8]) -> Result<()> {
-        let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        let mut end = crate::error::lock(&self.end);
         self.write_at(*end, data)?;
         *end += data.len() as u64;
         Ok(())

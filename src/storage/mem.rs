@@ -39,10 +39,10 @@ struct MemFile {
 
 impl ReadHandle for MemFile {
     fn len(&self) -> u64 {
-        self.data.lock().unwrap().len() as u64
+        crate::error::lock(&self.data).len() as u64
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let d = self.data.lock().unwrap();
+        let d = crate::error::lock(&self.data);
         super::check_range(&format_args!("mem://{}", self.name), offset, buf.len(), d.len() as u64)?;
         let start = offset as usize;
         buf.copy_from_slice(&d[start..start + buf.len()]);
@@ -59,7 +59,7 @@ struct MemWrite {
 
 impl MemWrite {
     fn write(&self, offset: u64, data: &[u8]) {
-        let mut d = self.data.lock().unwrap();
+        let mut d = crate::error::lock(&self.data);
         let end = offset as usize + data.len();
         if d.len() < end {
             d.resize(end, 0);
@@ -70,7 +70,7 @@ impl MemWrite {
 
 impl WriteHandle for MemWrite {
     fn append(&self, data: &[u8]) -> Result<()> {
-        let mut end = self.end.lock().unwrap();
+        let mut end = crate::error::lock(&self.end);
         self.write(*end, data);
         *end += data.len() as u64;
         Ok(())
@@ -89,13 +89,13 @@ impl WriteHandle for MemWrite {
         None
     }
     fn set_len(&self, len: u64) -> Result<()> {
-        let appended = *self.end.lock().unwrap();
+        let appended = *crate::error::lock(&self.end);
         if !self.positional && len != appended {
             return Err(Error::internal(format!(
                 "{appended} bytes were appended but the file is to be {len} bytes long (this in-memory store, like an object store, cannot truncate or extend)"
             )));
         }
-        self.data.lock().unwrap().resize(len as usize, 0);
+        crate::error::lock(&self.data).resize(len as usize, 0);
         Ok(())
     }
     fn sync(&self) -> Result<()> {
@@ -122,14 +122,11 @@ impl Storage for MemStorage {
     }
     fn exists(&self, name: &str) -> Result<bool> {
         super::check_name(name)?;
-        Ok(self.files.lock().unwrap().contains_key(name))
+        Ok(crate::error::lock(&self.files).contains_key(name))
     }
     fn open_read(&self, name: &str) -> Result<Arc<dyn ReadHandle>> {
         super::check_name(name)?;
-        let data = self
-            .files
-            .lock()
-            .unwrap()
+        let data = crate::error::lock(&self.files)
             .get(name)
             .cloned()
             .ok_or_else(|| Error::not_found(format!("mem://{name} does not exist")))?;
@@ -141,7 +138,7 @@ impl Storage for MemStorage {
     fn create(&self, name: &str, _direct: bool) -> Result<Arc<dyn WriteHandle>> {
         super::check_name(name)?;
         let data = Arc::new(Mutex::new(Vec::new()));
-        match self.files.lock().unwrap().entry(name.to_string()) {
+        match crate::error::lock(&self.files).entry(name.to_string()) {
             Entry::Occupied(_) => return Err(already_exists(name)),
             Entry::Vacant(v) => v.insert(data.clone()),
         };
@@ -153,16 +150,13 @@ impl Storage for MemStorage {
     }
     fn put_atomic(&self, name: &str, data: &[u8]) -> Result<()> {
         super::check_name(name)?;
-        self.files
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
+        crate::error::lock(&self.files).insert(name.to_string(), Arc::new(Mutex::new(data.to_vec())));
         Ok(())
     }
     /// Create-only under the map's lock: atomic.
     fn put_new(&self, name: &str, data: &[u8]) -> Result<()> {
         super::check_name(name)?;
-        match self.files.lock().unwrap().entry(name.to_string()) {
+        match crate::error::lock(&self.files).entry(name.to_string()) {
             Entry::Occupied(_) => Err(already_exists(name)),
             Entry::Vacant(v) => {
                 v.insert(Arc::new(Mutex::new(data.to_vec())));
@@ -172,14 +166,14 @@ impl Storage for MemStorage {
     }
     fn remove(&self, name: &str) -> Result<()> {
         super::check_name(name)?;
-        self.files.lock().unwrap().remove(name);
+        crate::error::lock(&self.files).remove(name);
         Ok(())
     }
     fn sync_dir(&self) -> Result<()> {
         Ok(())
     }
     fn list(&self) -> Result<Vec<String>> {
-        Ok(self.files.lock().unwrap().keys().cloned().collect())
+        Ok(crate::error::lock(&self.files).keys().cloned().collect())
     }
 }
 

@@ -32,7 +32,7 @@ const PARTS_IN_FLIGHT: usize = 8;
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: Mutex<Option<(u32, &'static tokio::runtime::Runtime)>> = Mutex::new(None);
     let pid = std::process::id();
-    let mut g = RT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut g = crate::error::lock(&RT);
     match *g {
         Some((owner, rt)) if owner == pid => rt,
         _ => {
@@ -142,7 +142,7 @@ impl S3Storage {
         static PROBED: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
         let key = format!("{}/{}", self.store, self.bucket);
         let map = PROBED.get_or_init(Default::default);
-        if let Some(&v) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(&v) = crate::error::lock(map).get(&key) {
             return v;
         }
         let probe = self.path(&format!(".libdcp-probe-{}", std::process::id()));
@@ -163,7 +163,7 @@ impl S3Storage {
                 self.url("")
             );
         }
-        map.lock().unwrap_or_else(|p| p.into_inner()).insert(key, works);
+        crate::error::lock(map).insert(key, works);
         works
     }
 }
@@ -224,7 +224,7 @@ struct UploadState {
 
 impl WriteHandle for S3Write {
     fn append(&self, data: &[u8]) -> Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = crate::error::lock(&self.state);
         let url = &self.url;
         let upload = st
             .upload
@@ -241,7 +241,7 @@ impl WriteHandle for S3Write {
         None
     }
     fn set_len(&self, len: u64) -> Result<()> {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = crate::error::lock(&self.state);
         if len != st.written {
             return Err(Error::internal(format!(
                 "{}: {} bytes were appended but the file is to be {len} bytes long (an object cannot be truncated or extended)",
@@ -252,7 +252,7 @@ impl WriteHandle for S3Write {
     }
     /// Completes the multipart upload: the object appears whole, or not at all.
     fn sync(&self) -> Result<()> {
-        let upload = self.state.lock().unwrap_or_else(|p| p.into_inner()).upload.take();
+        let upload = crate::error::lock(&self.state).upload.take();
         if let Some(u) = upload {
             block(u.finish()).map_err(|e| s3_err("completing the upload of", &self.url, e))?;
         }
@@ -263,7 +263,7 @@ impl WriteHandle for S3Write {
 impl Drop for S3Write {
     /// An upload that was not completed (the save failed) is aborted, leaving no parts behind.
     fn drop(&mut self) {
-        let upload = self.state.lock().unwrap_or_else(|p| p.into_inner()).upload.take();
+        let upload = crate::error::lock(&self.state).upload.take();
         if let Some(u) = upload {
             let _ = block(u.abort());
         }
