@@ -39,6 +39,7 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![warn(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 /// Declares modules that are private to the crate, or public (and hidden from the documentation)
 /// under the `internals` feature, which the crate's own integration tests, examples and fuzz

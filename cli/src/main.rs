@@ -1,6 +1,8 @@
 //! `dcp`: inspect, verify, diff and convert PyTorch Distributed Checkpoint directories with
 //! libdcp.
 
+#![warn(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
 mod cast;
 mod convert;
 mod diff;
