@@ -285,6 +285,26 @@ extern "C" {
 const char *dcp_last_error(void);
 
 /**
+ * The key (fully qualified name) the last failed call on this thread was working on, when it
+ * was about one key ("" otherwise). Valid, never NULL and per thread as `dcp_last_error`.
+ * Not collective.
+ */
+const char *dcp_last_error_key(void);
+
+/**
+ * The file (a name inside the checkpoint, or a path) the last failed call on this thread was
+ * reading or writing, when it was about one file ("" otherwise). Valid, never NULL and per
+ * thread as `dcp_last_error`. Not collective.
+ */
+const char *dcp_last_error_file(void);
+
+/**
+ * The byte offset in `dcp_last_error_file()` where the last failed call on this thread found
+ * the problem, or -1 when it is not known. Per thread; not collective.
+ */
+int64_t dcp_last_error_offset(void);
+
+/**
  * The library version, e.g. "0.1.0". A static string; never NULL. Not collective; thread-safe.
  */
 const char *dcp_version(void);

@@ -41,14 +41,25 @@ namespace dcp {
 /** A failed libdcp call: what() is the library's message, status() the dcp_status. */
 class Error : public std::runtime_error {
 public:
-    Error(dcp_status status, const std::string &message)
-        : std::runtime_error(message), status_(status) {}
+    Error(dcp_status status, const std::string &message, std::string key = {}, std::string file = {},
+          int64_t offset = -1)
+        : std::runtime_error(message), status_(status), key_(std::move(key)), file_(std::move(file)),
+          offset_(offset) {}
     dcp_status status() const noexcept { return status_; }
     /** The status's name, e.g. "DCP_ERROR_MISMATCH". */
     const char *status_name() const noexcept { return dcp_status_name(static_cast<int32_t>(status_)); }
+    /** The key the failed call was working on ("" when not about one key). */
+    const std::string &key() const noexcept { return key_; }
+    /** The file it was reading or writing ("" when not about one file). */
+    const std::string &file() const noexcept { return file_; }
+    /** The byte offset in file() where the problem is, or -1 when not known. */
+    int64_t offset() const noexcept { return offset_; }
 
 private:
     dcp_status status_;
+    std::string key_;
+    std::string file_;
+    int64_t offset_;
 };
 
 namespace detail {
@@ -59,9 +70,14 @@ inline std::string last_error_message(dcp_status s) {
     return msg;
 }
 
+/** The thread's last libdcp error as a dcp::Error, with `message` as its text. */
+inline Error last_error(dcp_status s, const std::string &message) {
+    return Error(s, message, dcp_last_error_key(), dcp_last_error_file(), dcp_last_error_offset());
+}
+
 /** Throws dcp::Error with the thread's last libdcp message when `s` is not DCP_OK. */
 inline void check(dcp_status s) {
-    if (s != DCP_OK) throw Error(s, last_error_message(s));
+    if (s != DCP_OK) throw last_error(s, last_error_message(s));
 }
 
 inline const int64_t *dims_or_null(const std::vector<int64_t> &v) { return v.empty() ? nullptr : v.data(); }
@@ -281,7 +297,7 @@ namespace detail {
             if (clear) comm->clear_error();
         }
     }
-    throw Error(s, msg);
+    throw last_error(s, msg);
 }
 } // namespace detail
 

@@ -148,6 +148,22 @@ pub enum dcp_value_kind {
 pub(crate) struct FfiError {
     status: dcp_status,
     message: String,
+    /// Where it happened, when the safe core knew: the key, the file, the byte offset in it.
+    key: Option<String>,
+    file: Option<String>,
+    offset: Option<u64>,
+}
+
+impl FfiError {
+    pub(crate) fn plain(status: dcp_status, message: String) -> Self {
+        FfiError {
+            status,
+            message,
+            key: None,
+            file: None,
+            offset: None,
+        }
+    }
 }
 
 impl From<Error> for FfiError {
@@ -155,6 +171,9 @@ impl From<Error> for FfiError {
         FfiError {
             status: dcp_status::from_kind(e.kind()),
             message: e.message().to_string(),
+            key: e.key().map(str::to_string),
+            file: e.file().map(str::to_string),
+            offset: e.offset(),
         }
     }
 }
@@ -162,26 +181,38 @@ impl From<Error> for FfiError {
 pub(crate) type FfiResult<T = ()> = Result<T, FfiError>;
 
 pub(crate) fn null(name: &str) -> FfiError {
-    FfiError {
-        status: dcp_status::DCP_ERROR_NULL_ARGUMENT,
-        message: format!("argument `{name}` is NULL"),
-    }
+    FfiError::plain(dcp_status::DCP_ERROR_NULL_ARGUMENT, format!("argument `{name}` is NULL"))
 }
 
 pub(crate) fn invalid(message: impl Into<String>) -> FfiError {
-    FfiError {
-        status: dcp_status::DCP_ERROR_INVALID_ARGUMENT,
-        message: message.into(),
-    }
+    FfiError::plain(dcp_status::DCP_ERROR_INVALID_ARGUMENT, message.into())
+}
+
+/// The last failed call's error on this thread, as C strings ("" for a field not known).
+#[derive(Default)]
+struct LastError {
+    message: CString,
+    key: CString,
+    file: CString,
+    offset: Option<u64>,
 }
 
 thread_local! {
-    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError::default());
 }
 
-fn set_last_error(func: &str, message: &str) {
-    let text = format!("{func}: {message}").replace('\0', "\\0");
-    LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(text).unwrap_or_default());
+fn c_text(text: &str) -> CString {
+    CString::new(text.replace('\0', "\\0")).unwrap_or_default()
+}
+
+fn set_last_error(func: &str, e: &FfiError) {
+    let last = LastError {
+        message: c_text(&format!("{func}: {}", e.message)),
+        key: c_text(e.key.as_deref().unwrap_or("")),
+        file: c_text(e.file.as_deref().unwrap_or("")),
+        offset: e.offset,
+    };
+    LAST_ERROR.with(|cell| *cell.borrow_mut() = last);
 }
 
 /// Runs an exported function's body: converts errors to a status plus the thread's last-error
@@ -190,7 +221,7 @@ pub(crate) fn guard(func: &str, body: impl FnOnce() -> FfiResult) -> dcp_status 
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => dcp_status::DCP_OK,
         Ok(Err(e)) => {
-            set_last_error(func, &e.message);
+            set_last_error(func, &e);
             e.status
         }
         Err(panic) => {
@@ -199,7 +230,10 @@ pub(crate) fn guard(func: &str, body: impl FnOnce() -> FfiResult) -> dcp_status 
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            set_last_error(func, &format!("internal error (panic): {what}"));
+            set_last_error(
+                func,
+                &FfiError::plain(dcp_status::DCP_ERROR_INTERNAL, format!("internal error (panic): {what}")),
+            );
             dcp_status::DCP_ERROR_INTERNAL
         }
     }
@@ -312,13 +346,13 @@ pub(crate) unsafe fn copy_items_out<T: Copy>(items: &[T], buf: *mut T, cap: usiz
         return Ok(());
     }
     if buf.is_null() || cap < items.len() {
-        return Err(FfiError {
-            status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
-            message: format!(
+        return Err(FfiError::plain(
+            dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
+            format!(
                 "the value has {} {what} but the buffer holds {cap}; `len` holds the size needed",
                 items.len()
             ),
-        });
+        ));
     }
     // SAFETY: `buf` is non-NULL with room for `cap` >= `items.len()` items (contract), and
     // caller memory cannot overlap the library's `items`.
@@ -346,14 +380,14 @@ pub(crate) unsafe fn copy_text_out(text: &[u8], buf: *mut c_char, cap: usize, le
     let len = unsafe { mut_arg(len, "len")? };
     *len = text.len();
     if buf.is_null() || cap <= text.len() {
-        return Err(FfiError {
-            status: dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
-            message: format!(
+        return Err(FfiError::plain(
+            dcp_status::DCP_ERROR_BUFFER_TOO_SMALL,
+            format!(
                 "the {what} has {} characters and needs a buffer of {} bytes (with its NUL), not {cap}",
                 text.len(),
                 text.len() + 1
             ),
-        });
+        ));
     }
     // SAFETY: `buf` is non-NULL with `cap` > `text.len()` writable bytes (contract); caller
     // memory cannot overlap the library's `text`.
@@ -369,7 +403,30 @@ pub(crate) unsafe fn copy_text_out(text: &[u8], buf: *mut c_char, cap: usize, le
 /// Not collective.
 #[no_mangle]
 pub extern "C" fn dcp_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR.with(|e| e.borrow().message.as_ptr())
+}
+
+/// The key (fully qualified name) the last failed call on this thread was working on, when it
+/// was about one key ("" otherwise). Valid, never NULL and per thread as `dcp_last_error`.
+/// Not collective.
+#[no_mangle]
+pub extern "C" fn dcp_last_error_key() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().key.as_ptr())
+}
+
+/// The file (a name inside the checkpoint, or a path) the last failed call on this thread was
+/// reading or writing, when it was about one file ("" otherwise). Valid, never NULL and per
+/// thread as `dcp_last_error`. Not collective.
+#[no_mangle]
+pub extern "C" fn dcp_last_error_file() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().file.as_ptr())
+}
+
+/// The byte offset in `dcp_last_error_file()` where the last failed call on this thread found
+/// the problem, or -1 when it is not known. Per thread; not collective.
+#[no_mangle]
+pub extern "C" fn dcp_last_error_offset() -> i64 {
+    LAST_ERROR.with(|e| e.borrow().offset.and_then(|o| i64::try_from(o).ok()).unwrap_or(-1))
 }
 
 /// The library version, e.g. "0.1.0". A static string; never NULL. Not collective; thread-safe.

@@ -1894,6 +1894,16 @@ static void test_corruption(dcp_context *ctx) {
         big_state b = big_state_new();
         EXPECT_MSG(dcp_load(ctx, b.st, dir, NULL), DCP_ERROR_CHECKSUM, "big");
         CHECK(msg_has("__0_0_"));
+        /* The structured fields say the same: the key, the data file, an offset at or before
+           the flipped byte and inside the payload's block. */
+        CHECKF(strcmp(dcp_last_error_key(), "big") == 0, "key %s", dcp_last_error_key());
+        CHECKF(strncmp(dcp_last_error_file(), "__0_0_", 6) == 0 && strstr(dcp_last_error_file(), ".distcp"),
+               "file %s", dcp_last_error_file());
+        CHECKF(dcp_last_error_offset() >= payload && dcp_last_error_offset() <= (int64_t)at, "offset %lld (payload at %ld, flip at %zu)",
+               (long long)dcp_last_error_offset(), payload, at);
+        /* A failure about no key or file clears them. */
+        EXPECT_NULL(dcp_checkpoint_open(NULL, NULL));
+        CHECK(dcp_last_error_key()[0] == 0 && dcp_last_error_file()[0] == 0 && dcp_last_error_offset() == -1);
         CHECK_NOT_LOADED(b.st);
         big_state_free(&b);
         EXPECT(dcp_load(ctx, reused.st, dir, NULL), DCP_ERROR_CHECKSUM);

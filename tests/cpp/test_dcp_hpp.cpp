@@ -76,6 +76,19 @@ static void test_round_trip() {
         .add_literal("betas", "None")
         .add_int("not.there", 0);
     EXPECT_ERROR(DCP_ERROR_NOT_FOUND, "not.there", dcp::load(ctx, ld, dir + "/rt"));
+    // Structured fields: the key of a load failure, the file of an open failure.
+    try {
+        dcp::load(ctx, ld, dir + "/rt");
+        CHECK(!"a strict load of a missing key fails");
+    } catch (const dcp::Error &e) {
+        CHECK(e.key() == "not.there" && e.file().empty() && e.offset() == -1);
+    }
+    try {
+        dcp::Checkpoint missing(dir + "/does-not-exist");
+        CHECK(!"opening a directory without .metadata fails");
+    } catch (const dcp::Error &e) {
+        CHECK(e.key().empty() && e.file() == ".metadata");
+    }
     dcp::load(ctx, ld, dir + "/rt", dcp::LoadOptions().set_strict(false).set_threads(2).set_verify(true));
     CHECK(w2 == w && t2 == t);
     CHECK(ld.get_int("train.step") == 42);
