@@ -286,12 +286,7 @@ impl GlobalPlan {
         for (i, it) in p.items.iter().enumerate() {
             let kind = match &it.kind {
                 LocalKind::Object => {
-                    work.push(Work {
-                        bytes: 0,
-                        entry: i,
-                        chunk: usize::MAX,
-                        holders: all.clone(),
-                    });
+                    work.push(object_work(i, all.clone()));
                     GlobalKind::Object { writer: 0 }
                 }
                 LocalKind::Tensor {
@@ -299,14 +294,9 @@ impl GlobalPlan {
                     global_shape,
                     region,
                 } => {
-                    let chunk = (region.clone(), all.clone());
-                    check_tiling(&it.fqn, global_shape, std::slice::from_ref(&chunk))?;
-                    work.push(Work {
-                        bytes: region.numel() * dtype.size() as u64,
-                        entry: i,
-                        chunk: 0,
-                        holders: all.clone(),
-                    });
+                    let chunks = [(region.clone(), all.clone())];
+                    check_tiling(&it.fqn, global_shape, &chunks)?;
+                    work.extend(chunk_work(i, *dtype, &chunks));
                     GlobalKind::Tensor {
                         dtype: *dtype,
                         global_shape: global_shape.clone(),
@@ -322,18 +312,7 @@ impl GlobalPlan {
                     mesh,
                     placements,
                 } => {
-                    let m = p
-                        .meshes
-                        .get(*mesh as usize)
-                        .ok_or_else(|| Error::internal("plan refers to a missing mesh"))?;
-                    ensure!(
-                        m.size() as u32 == world && m.ranks().iter().all(|&r| r < world),
-                        Error::invalid(format!(
-                            "key {:?}: its mesh has ranks {:?} but the job has ranks 0..{world}",
-                            it.fqn,
-                            m.ranks()
-                        ))
-                    );
+                    check_mesh_spans_job(&it.fqn, p, *mesh, world)?;
                     GlobalKind::Sharded {
                         dtype: *dtype,
                         global_shape: global_shape.clone(),
@@ -361,104 +340,36 @@ impl GlobalPlan {
     }
 
     fn build_per_rank(plans: &[LocalPlan]) -> Result<GlobalPlan> {
-        let world = plans.len() as u32;
-        let mut by_key: BTreeMap<&str, Vec<(u32, &LocalItem)>> = BTreeMap::new();
-        for (rank, p) in plans.iter().enumerate() {
-            for it in &p.items {
-                by_key.entry(it.fqn.as_str()).or_default().push((rank as u32, it));
-            }
-        }
+        let by_key = holders_by_key(plans);
         let mut meshes: Vec<DeviceMesh> = Vec::new();
         let mut entries = Vec::with_capacity(by_key.len());
         let mut work = Vec::new();
         for (fqn, holders) in by_key {
             let (first_rank, first) = holders[0];
             let entry = entries.len();
-            let kind = match &first.kind {
-                LocalKind::Object => {
-                    for (r, it) in &holders {
-                        ensure!(
-                            matches!(it.kind, LocalKind::Object),
-                            Error::mismatch(format!("key {fqn:?} is an object on rank {first_rank} but a tensor on rank {r}"))
-                        );
-                    }
-                    work.push(Work {
-                        bytes: 0,
-                        entry,
-                        chunk: usize::MAX,
-                        holders: holders.iter().map(|h| h.0).collect(),
-                    });
-                    GlobalKind::Object { writer: first_rank }
-                }
-                _ => {
-                    let (dtype, shape) = tensor_meta(&first.kind);
-                    let mut specs = Vec::with_capacity(holders.len());
-                    for (r, it) in &holders {
-                        ensure!(
-                            !matches!(it.kind, LocalKind::Object),
-                            Error::mismatch(format!("key {fqn:?} is a tensor on rank {first_rank} but an object on rank {r}"))
-                        );
-                        let (d, g) = tensor_meta(&it.kind);
-                        ensure!(
-                            d == dtype && g == shape,
-                            Error::mismatch(format!(
-                                "key {fqn:?}: rank {first_rank} registered {dtype} {shape:?} but rank {r} registered {d} {g:?}"
-                            ))
-                        );
-                        specs.push((*r, sharding_of(&it.kind, &plans[*r as usize])));
-                    }
-                    // All of a mesh's ranks with the same mesh and placements: keep it analytic.
-                    if let Some((mesh, placements)) = uniform_sharding(&specs) {
-                        let mut ranks: Vec<u32> = holders.iter().map(|h| h.0).collect();
-                        let mut mesh_ranks = mesh.ranks().to_vec();
-                        ranks.sort_unstable();
-                        mesh_ranks.sort_unstable();
-                        if ranks == mesh_ranks {
-                            let spec = ShardedTensor {
-                                mesh: intern(&mut meshes, mesh),
-                                placements: placements.to_vec(),
-                                rotation: entry as u64,
-                            };
-                            entries.push(GlobalEntry {
-                                fqn: fqn.to_string(),
-                                path: first.path.clone(),
-                                kind: GlobalKind::Sharded {
-                                    dtype,
-                                    global_shape: shape.to_vec(),
-                                    spec,
-                                },
-                            });
-                            continue;
-                        }
-                    }
-                    let mut regions: BTreeMap<Region, Vec<u32>> = BTreeMap::new();
-                    for (r, it) in &holders {
-                        regions
-                            .entry(region_of_item(&it.kind, &plans[*r as usize], *r)?)
-                            .or_default()
-                            .push(*r);
-                    }
-                    let all_empty = regions.keys().all(|r| r.is_empty());
-                    let mut chunks: Vec<(Region, Vec<u32>)> = regions.into_iter().filter(|(r, _)| all_empty || !r.is_empty()).collect();
-                    if all_empty {
-                        chunks.truncate(1);
-                    }
-                    check_tiling(fqn, shape, &chunks)?;
-                    for (ci, (region, h)) in chunks.iter().enumerate() {
-                        work.push(Work {
-                            bytes: region.numel() * dtype.size() as u64,
-                            entry,
-                            chunk: ci,
-                            holders: h.clone(),
-                        });
-                    }
-                    GlobalKind::Tensor {
+            let kind = if matches!(first.kind, LocalKind::Object) {
+                check_all_objects(fqn, &holders)?;
+                work.push(object_work(entry, holders.iter().map(|h| h.0).collect()));
+                GlobalKind::Object { writer: first_rank }
+            } else {
+                let (dtype, shape) = agreed_tensor_meta(fqn, &holders)?;
+                match tensor_layout(fqn, shape, &holders, plans)? {
+                    TensorLayout::Sharded(mesh, placements) => GlobalKind::Sharded {
                         dtype,
                         global_shape: shape.to_vec(),
-                        chunks: chunks
-                            .into_iter()
-                            .map(|(region, h)| PlannedChunk { region, writer: h[0] })
-                            .collect(),
+                        spec: ShardedTensor {
+                            mesh: intern(&mut meshes, mesh),
+                            placements: placements.to_vec(),
+                            rotation: entry as u64,
+                        },
+                    },
+                    TensorLayout::Chunks(chunks) => {
+                        work.extend(chunk_work(entry, dtype, &chunks));
+                        GlobalKind::Tensor {
+                            dtype,
+                            global_shape: shape.to_vec(),
+                            chunks: planned_chunks(chunks),
+                        }
                     }
                 }
             };
@@ -469,7 +380,7 @@ impl GlobalPlan {
             });
         }
         let mut plan = GlobalPlan {
-            world_size: world,
+            world_size: plans.len() as u32,
             meshes,
             entries,
         };
@@ -571,6 +482,145 @@ struct Work {
     entry: usize,
     chunk: usize,
     holders: Vec<u32>,
+}
+
+/// The items of every rank, grouped by key (keys sorted, ranks ascending within a key).
+fn holders_by_key(plans: &[LocalPlan]) -> BTreeMap<&str, Vec<(u32, &LocalItem)>> {
+    let mut by_key: BTreeMap<&str, Vec<(u32, &LocalItem)>> = BTreeMap::new();
+    for (rank, p) in plans.iter().enumerate() {
+        for it in &p.items {
+            by_key.entry(it.fqn.as_str()).or_default().push((rank as u32, it));
+        }
+    }
+    by_key
+}
+
+/// Writing an object: no tensor bytes, any of `holders` may write it.
+fn object_work(entry: usize, holders: Vec<u32>) -> Work {
+    Work {
+        bytes: 0,
+        entry,
+        chunk: usize::MAX,
+        holders,
+    }
+}
+
+/// Writing each of the chunks (region, holders) of entry `entry`.
+fn chunk_work(entry: usize, dtype: DType, chunks: &[(Region, Vec<u32>)]) -> impl Iterator<Item = Work> + '_ {
+    chunks.iter().enumerate().map(move |(ci, (region, h))| Work {
+        bytes: region.numel() * dtype.size() as u64,
+        entry,
+        chunk: ci,
+        holders: h.clone(),
+    })
+}
+
+/// The chunks with their first holder as writer, until [`GlobalPlan::assign`] balances them.
+fn planned_chunks(chunks: Vec<(Region, Vec<u32>)>) -> Vec<PlannedChunk> {
+    chunks
+        .into_iter()
+        .map(|(region, h)| PlannedChunk { region, writer: h[0] })
+        .collect()
+}
+
+/// A sharded tensor of a uniform plan is written by the mesh's ranks: they must be the job's.
+fn check_mesh_spans_job(fqn: &str, p: &LocalPlan, mesh: u32, world: u32) -> Result<()> {
+    let m = p
+        .meshes
+        .get(mesh as usize)
+        .ok_or_else(|| Error::internal("plan refers to a missing mesh"))?;
+    ensure!(
+        m.size() as u32 == world && m.ranks().iter().all(|&r| r < world),
+        Error::invalid(format!(
+            "key {fqn:?}: its mesh has ranks {:?} but the job has ranks 0..{world}",
+            m.ranks()
+        ))
+    );
+    Ok(())
+}
+
+/// Every holder of a key the first holder registered as an object registered an object too.
+fn check_all_objects(fqn: &str, holders: &[(u32, &LocalItem)]) -> Result<()> {
+    let first_rank = holders[0].0;
+    for (r, it) in holders {
+        ensure!(
+            matches!(it.kind, LocalKind::Object),
+            Error::mismatch(format!("key {fqn:?} is an object on rank {first_rank} but a tensor on rank {r}"))
+        );
+    }
+    Ok(())
+}
+
+/// The dtype and global shape of a tensor key, which every holder must register alike (and as a
+/// tensor: the first holder did).
+fn agreed_tensor_meta<'p>(fqn: &str, holders: &[(u32, &'p LocalItem)]) -> Result<(DType, &'p [u64])> {
+    let (first_rank, first) = holders[0];
+    let (dtype, shape) = tensor_meta(&first.kind);
+    for (r, it) in holders {
+        ensure!(
+            !matches!(it.kind, LocalKind::Object),
+            Error::mismatch(format!("key {fqn:?} is a tensor on rank {first_rank} but an object on rank {r}"))
+        );
+        let (d, g) = tensor_meta(&it.kind);
+        ensure!(
+            d == dtype && g == shape,
+            Error::mismatch(format!(
+                "key {fqn:?}: rank {first_rank} registered {dtype} {shape:?} but rank {r} registered {d} {g:?}"
+            ))
+        );
+    }
+    Ok((dtype, shape))
+}
+
+/// How the global plan describes a tensor key held by several ranks.
+#[derive(Debug, PartialEq)]
+enum TensorLayout<'p> {
+    /// Every rank of a mesh holds it with the same mesh and placements: chunks follow from those.
+    Sharded(&'p DeviceMesh, &'p [Placement]),
+    /// Its distinct chunks, each with the ranks that hold it, checked to tile the tensor.
+    Chunks(Vec<(Region, Vec<u32>)>),
+}
+
+fn tensor_layout<'p>(fqn: &str, shape: &[u64], holders: &[(u32, &'p LocalItem)], plans: &'p [LocalPlan]) -> Result<TensorLayout<'p>> {
+    let specs: Vec<(u32, Option<ShardingRef<'p>>)> = holders
+        .iter()
+        .map(|(r, it)| (*r, sharding_of(&it.kind, &plans[*r as usize])))
+        .collect();
+    if let Some((mesh, placements)) = uniform_sharding(&specs) {
+        if holds_whole_mesh(holders, mesh) {
+            return Ok(TensorLayout::Sharded(mesh, placements));
+        }
+    }
+    let chunks = distinct_chunks(holders, plans)?;
+    check_tiling(fqn, shape, &chunks)?;
+    Ok(TensorLayout::Chunks(chunks))
+}
+
+/// Whether the holders are exactly the ranks of `mesh`.
+fn holds_whole_mesh(holders: &[(u32, &LocalItem)], mesh: &DeviceMesh) -> bool {
+    let mut ranks: Vec<u32> = holders.iter().map(|h| h.0).collect();
+    let mut mesh_ranks = mesh.ranks().to_vec();
+    ranks.sort_unstable();
+    mesh_ranks.sort_unstable();
+    ranks == mesh_ranks
+}
+
+/// The distinct regions the holders registered, each with its holders, in region order; empty
+/// regions are dropped, unless all are empty (a tensor with no elements): then one is kept.
+fn distinct_chunks(holders: &[(u32, &LocalItem)], plans: &[LocalPlan]) -> Result<Vec<(Region, Vec<u32>)>> {
+    let mut regions: BTreeMap<Region, Vec<u32>> = BTreeMap::new();
+    for (r, it) in holders {
+        regions
+            .entry(region_of_item(&it.kind, &plans[*r as usize], *r)?)
+            .or_default()
+            .push(*r);
+    }
+    let all_empty = regions.keys().all(|r| r.is_empty());
+    let mut chunks: Vec<(Region, Vec<u32>)> = regions.into_iter().filter(|(r, _)| all_empty || !r.is_empty()).collect();
+    if all_empty {
+        chunks.truncate(1);
+    }
+    Ok(chunks)
 }
 
 fn tensor_meta(k: &LocalKind) -> (DType, &[u64]) {
@@ -792,5 +842,128 @@ mod tests {
         let g = GlobalPlan::build(Plans::PerRank(&[a, b])).unwrap();
         assert!(matches!(g.entries[0].kind, GlobalKind::Tensor { .. }));
         assert_eq!(g.chunks_of(&g.entries[0]).len(), 2);
+    }
+
+
+    fn object(fqn: &str) -> LocalItem {
+        LocalItem {
+            fqn: fqn.into(),
+            path: default_path(fqn),
+            kind: LocalKind::Object,
+        }
+    }
+
+    fn region(offsets: &[u64], sizes: &[u64]) -> Region {
+        Region {
+            offsets: offsets.to_vec(),
+            sizes: sizes.to_vec(),
+        }
+    }
+
+    /// (rank, item) pairs of the key `fqn` in `plans`, as `holders_by_key` groups them.
+    fn holders<'p>(plans: &'p [LocalPlan], fqn: &str) -> Vec<(u32, &'p LocalItem)> {
+        holders_by_key(plans).remove(fqn).unwrap()
+    }
+
+    #[test]
+    fn holders_are_grouped_by_key_in_rank_order() {
+        let plans = [plan(vec![object("b"), object("a")]), plan(vec![object("a")])];
+        let by_key: Vec<(&str, Vec<u32>)> = holders_by_key(&plans)
+            .into_iter()
+            .map(|(k, h)| (k, h.iter().map(|(r, _)| *r).collect()))
+            .collect();
+        assert_eq!(by_key, vec![("a", vec![0, 1]), ("b", vec![0])]);
+    }
+
+    #[test]
+    fn chunk_work_counts_bytes_per_chunk() {
+        let chunks = vec![(region(&[0], &[3]), vec![0, 1]), (region(&[3], &[1]), vec![1])];
+        let work: Vec<(u64, usize, usize, Vec<u32>)> =
+            chunk_work(7, DType::F32, &chunks).map(|w| (w.bytes, w.entry, w.chunk, w.holders)).collect();
+        assert_eq!(work, vec![(12, 7, 0, vec![0, 1]), (4, 7, 1, vec![1])]);
+        let o = object_work(3, vec![2, 5]);
+        assert_eq!((o.bytes, o.entry, o.chunk, o.holders), (0, 3, usize::MAX, vec![2, 5]));
+        assert_eq!(
+            planned_chunks(chunks),
+            vec![
+                PlannedChunk {
+                    region: region(&[0], &[3]),
+                    writer: 0
+                },
+                PlannedChunk {
+                    region: region(&[3], &[1]),
+                    writer: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn distinct_chunks_merge_holders_and_drop_empty_ones() {
+        let plans = [
+            plan(vec![item("w", &[2], &[0], &[2])]),
+            plan(vec![item("w", &[2], &[2], &[0])]),
+            plan(vec![item("w", &[2], &[0], &[2])]),
+        ];
+        assert_eq!(
+            distinct_chunks(&holders(&plans, "w"), &plans).unwrap(),
+            vec![(region(&[0], &[2]), vec![0, 2])]
+        );
+        // A tensor with no elements keeps one (the first) empty chunk.
+        let plans = [plan(vec![item("e", &[2, 0], &[1, 0], &[1, 0])]), plan(vec![item("e", &[2, 0], &[0, 0], &[1, 0])])];
+        assert_eq!(
+            distinct_chunks(&holders(&plans, "e"), &plans).unwrap(),
+            vec![(region(&[0, 0], &[1, 0]), vec![1])]
+        );
+    }
+
+    #[test]
+    fn tensor_meta_must_agree_across_holders() {
+        let plans = [plan(vec![item("w", &[4], &[0], &[2])]), plan(vec![item("w", &[4], &[2], &[2])])];
+        let (dtype, shape) = agreed_tensor_meta("w", &holders(&plans, "w")).unwrap();
+        assert_eq!((dtype, shape), (DType::F32, &[4u64][..]));
+        let plans = [plan(vec![item("w", &[4], &[0], &[2])]), plan(vec![item("w", &[5], &[2], &[2])])];
+        let e = agreed_tensor_meta("w", &holders(&plans, "w")).unwrap_err();
+        assert_eq!(e.message(), "key \"w\": rank 0 registered float32 [4] but rank 1 registered float32 [5]");
+        let plans = [plan(vec![item("w", &[4], &[0], &[2])]), plan(vec![object("w")])];
+        let e = agreed_tensor_meta("w", &holders(&plans, "w")).unwrap_err();
+        assert_eq!(e.message(), "key \"w\" is a tensor on rank 0 but an object on rank 1");
+        let e = check_all_objects("w", &[(1, &object("w")), (3, &item("w", &[4], &[0], &[4]))]).unwrap_err();
+        assert_eq!(e.message(), "key \"w\" is an object on rank 1 but a tensor on rank 3");
+    }
+
+    #[test]
+    fn layout_is_sharded_only_when_the_whole_mesh_holds_it() {
+        let mesh = DeviceMesh::new(&[2], None, None).unwrap();
+        let p = LocalPlan {
+            meshes: vec![mesh.clone()],
+            items: vec![sharded("w", &[4], vec![Placement::Shard(0)])],
+        };
+        let both = [p.clone(), p.clone()];
+        assert!(holds_whole_mesh(&holders(&both, "w"), &mesh));
+        assert_eq!(
+            tensor_layout("w", &[4], &holders(&both, "w"), &both).unwrap(),
+            TensorLayout::Sharded(&mesh, &[Placement::Shard(0)][..])
+        );
+        // Rank 1 registers its box explicitly: the regions decide.
+        let mixed = [p, plan(vec![item("w", &[4], &[2], &[2])])];
+        assert!(holds_whole_mesh(&holders(&mixed, "w"), &mesh));
+        assert_eq!(
+            tensor_layout("w", &[4], &holders(&mixed, "w"), &mixed).unwrap(),
+            TensorLayout::Chunks(vec![(region(&[0], &[2]), vec![0]), (region(&[2], &[2]), vec![1])])
+        );
+        assert!(!holds_whole_mesh(&holders(&mixed[..1], "w"), &mesh));
+    }
+
+    #[test]
+    fn uniform_mesh_must_span_the_job() {
+        let p = LocalPlan {
+            meshes: vec![DeviceMesh::new(&[2], None, None).unwrap()],
+            items: vec![],
+        };
+        check_mesh_spans_job("w", &p, 0, 2).unwrap();
+        let e = check_mesh_spans_job("w", &p, 0, 4).unwrap_err();
+        assert_eq!(e.message(), "key \"w\": its mesh has ranks [0, 1] but the job has ranks 0..4");
+        assert!(check_mesh_spans_job("w", &p, 1, 2).is_err(), "mesh 1 is not in the plan");
     }
 }
