@@ -86,7 +86,7 @@ cli_tests() {
 # CLI), documentation that builds without warnings (broken links, missing docs).
 rust_habits() {
     cargo fmt --all --check || return 1
-    cargo clippy --release --workspace --all-targets -- -D warnings || return 1
+    cargo clippy --workspace --all-targets -- -D warnings || return 1
     RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p libdcp || return 1
 }
 

@@ -4,7 +4,7 @@
 use crate::error::{ensure, Error, Result};
 use crate::format::metadata::{EntryMeta, Metadata, MetadataLookup, StorageInfo, TensorMeta};
 use crate::region::{tiling_defect, Region, TilingDefect};
-use crate::state::{EntryValue, State, TensorEntry};
+use crate::state::{Entry, EntryValue, State, TensorEntry};
 
 /// One saved chunk to read, and where its overlap with registered boxes goes.
 #[derive(Clone, Debug)]
@@ -48,40 +48,46 @@ impl LoadPlan {
 pub fn plan_load(state: &State, md: &Metadata, lookup: &MetadataLookup, strict: bool) -> Result<LoadPlan> {
     let mut plan = LoadPlan::default();
     for (ei, e) in state.entries().iter().enumerate() {
-        let Some(meta) = lookup.entry(md, &e.fqn) else {
-            ensure!(
-                !strict,
-                Error::not_found(format!("key {:?} is not in the checkpoint (strict load)", e.fqn))
-            );
-            plan.missing.push(e.fqn.clone());
-            continue;
-        };
-        match (&e.value, meta) {
-            (EntryValue::Object(_), EntryMeta::Bytes) => plan.objects.push(object_read(ei, &e.fqn, md, lookup)?),
-            (EntryValue::Tensor(t), EntryMeta::Tensor(tm)) => {
-                t.view.ensure_writable(&e.fqn)?;
-                check_saved_tensor_matches(&e.fqn, t, tm)?;
-                let reads = chunk_reads(ei, &e.fqn, &t.region, tm, md, lookup)?;
-                check_overlaps_tile(&e.fqn, &t.region, &reads)?;
-                plan.chunks.extend(reads);
-            }
-            (EntryValue::Tensor(_), EntryMeta::Bytes) => {
-                return Err(Error::mismatch(format!(
-                    "key {:?} is a tensor here but a non-tensor object in the checkpoint",
-                    e.fqn
-                )));
-            }
-            (EntryValue::Object(_), EntryMeta::Tensor(_)) => {
-                return Err(Error::mismatch(format!(
-                    "key {:?} is a non-tensor object here but a tensor in the checkpoint",
-                    e.fqn
-                )));
-            }
-        }
+        plan_entry(&mut plan, ei, e, md, lookup, strict).map_err(|err| err.with_key(&e.fqn))?;
     }
     sort_in_file_order(&mut plan.chunks);
     check_no_shared_bytes(&plan.chunks)?;
     Ok(plan)
+}
+
+/// Adds the reads of state entry `ei` (`e`) to `plan`, or its key to the missing ones.
+fn plan_entry(plan: &mut LoadPlan, ei: usize, e: &Entry, md: &Metadata, lookup: &MetadataLookup, strict: bool) -> Result<()> {
+    let Some(meta) = lookup.entry(md, &e.fqn) else {
+        ensure!(
+            !strict,
+            Error::not_found(format!("key {:?} is not in the checkpoint (strict load)", e.fqn))
+        );
+        plan.missing.push(e.fqn.clone());
+        return Ok(());
+    };
+    match (&e.value, meta) {
+        (EntryValue::Object(_), EntryMeta::Bytes) => plan.objects.push(object_read(ei, &e.fqn, md, lookup)?),
+        (EntryValue::Tensor(t), EntryMeta::Tensor(tm)) => {
+            t.view.ensure_writable(&e.fqn)?;
+            check_saved_tensor_matches(&e.fqn, t, tm)?;
+            let reads = chunk_reads(ei, &e.fqn, &t.region, tm, md, lookup)?;
+            check_overlaps_tile(&e.fqn, &t.region, &reads)?;
+            plan.chunks.extend(reads);
+        }
+        (EntryValue::Tensor(_), EntryMeta::Bytes) => {
+            return Err(Error::mismatch(format!(
+                "key {:?} is a tensor here but a non-tensor object in the checkpoint",
+                e.fqn
+            )));
+        }
+        (EntryValue::Object(_), EntryMeta::Tensor(_)) => {
+            return Err(Error::mismatch(format!(
+                "key {:?} is a non-tensor object here but a tensor in the checkpoint",
+                e.fqn
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The read of the non-tensor object at state entry `entry`.
