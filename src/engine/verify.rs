@@ -232,6 +232,61 @@ fn chunk_label(offsets: &Option<Vec<u64>>) -> String {
     }
 }
 
+/// Where an item is, for its problems: key, file, offset and length in the file, and its name
+/// in messages ("item (chunk at [0, 0])").
+struct ItemAt<'i> {
+    key: &'i str,
+    file: &'i str,
+    base: u64,
+    len: u64,
+    what: String,
+}
+
+impl ItemAt<'_> {
+    /// A problem of this item at file offset `offset`.
+    fn problem(&self, offset: u64, message: String) -> Problem {
+        problem(Some(self.key), Some(self.file), Some(offset), message)
+    }
+}
+
+/// What checking one record of an item found.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct RecordCheck {
+    /// A problem was added (unreadable header, CRC mismatch, bad block).
+    bad: bool,
+    /// The sidecar's block checksums were checked against this record.
+    used_block: bool,
+}
+
+impl RecordCheck {
+    const BAD: RecordCheck = RecordCheck {
+        bad: true,
+        used_block: false,
+    };
+}
+
+/// Why an item's content is not what load accepts for what `.metadata` says it is; `None` when it is.
+fn content_mismatch(content: Result<ItemContent>, expect: Option<Expect>, what: &str) -> Option<String> {
+    match (content, expect) {
+        (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(_), None) => None,
+        (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
+        (Ok(ItemContent::Tensor(_)), Some(Expect::Object)) => Some(format!("{what} holds a tensor, but .metadata says an object")),
+        (Ok(ItemContent::Object(_)), Some(Expect::Tensor { .. })) => Some(format!("{what} holds an object, but .metadata says a tensor chunk")),
+        (Ok(ItemContent::Tensor(t)), Some(Expect::Tensor { dtype, dtype_name, chunk })) => {
+            if dtype.is_some_and(|d| d != t.dtype) || t.sizes != chunk.sizes {
+                Some(format!(
+                    "{what} holds a {} tensor of shape {:?}, but .metadata describes a {dtype_name} chunk of shape {:?}",
+                    t.dtype, t.sizes, chunk.sizes
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
 impl Verifier<'_> {
     fn add(&mut self, p: Problem) {
         self.report.problems.push(p);
@@ -587,119 +642,128 @@ impl Verifier<'_> {
         expect: Option<Expect>,
         block: Option<(&BlockRecord, u64)>,
     ) {
-        let file = info.relative_path.as_str();
-        let key = idx.fqn.as_str();
-        let label = chunk_label(&idx.offset);
-        let base = info.offset;
-        let len = info.length;
-        let what = format!("item{label}");
-        let item_problem = |offset: u64, m: String| problem(Some(key), Some(file), Some(offset), m);
+        let at = ItemAt {
+            key: idx.fqn.as_str(),
+            file: info.relative_path.as_str(),
+            base: info.offset,
+            len: info.length,
+            what: format!("item{}", chunk_label(&idx.offset)),
+        };
+        let Some((item, entries)) = self.open_item(h, &at) else { return };
+        if !self.check_records(&item, &at, &entries, block) {
+            return;
+        }
+        self.check_item_pickle(&item, &at, &entries);
+        // What load refuses, unsupported things included (compressed records, unknown dtypes,
+        // safetensors items): each is a problem.
+        let content = zipitem::read_item(&item, at.len, &at.what);
+        if let Some(m) = content_mismatch(content, expect, &at.what) {
+            self.add(at.problem(at.base, m));
+        }
+    }
 
-        let item = match Item::new(h, base, len) {
+    /// The item and its central directory; `None` (after adding the problem) when either
+    /// cannot be read.
+    fn open_item<'h>(&mut self, h: &'h dyn ReadHandle, at: &ItemAt) -> Option<(Item<'h>, Vec<ZipEntry>)> {
+        let item = match Item::new(h, at.base, at.len) {
             Ok(i) => i,
             Err(e) => {
-                self.add(item_problem(base, e.to_string()));
-                return;
+                self.add(at.problem(at.base, e.to_string()));
+                return None;
             }
         };
-        let entries = match self.central_directory(&item, len, &what) {
-            Ok(e) => e,
+        match self.central_directory(&item, at.len, &at.what) {
+            Ok(entries) => Some((item, entries)),
             Err(m) => {
-                self.add(item_problem(base, m));
-                return;
+                self.add(at.problem(at.base, m));
+                None
             }
-        };
+        }
+    }
+
+    /// Every record's CRC-32 (checking the sidecar's block checksums on the way), and that those
+    /// block checksums cover a record of the item. False when a record is bad.
+    fn check_records(&mut self, item: &Item, at: &ItemAt, entries: &[ZipEntry], block: Option<(&BlockRecord, u64)>) -> bool {
         let mut bad = false;
         let mut block_used = false;
-        for e in &entries {
-            let data_off = match self.record_data_offset(&item, len, e, &what) {
-                Ok(o) => o,
-                Err(m) => {
-                    self.add(item_problem(base + e.header_offset, m));
-                    bad = true;
-                    continue;
-                }
-            };
-            if e.method != 0 {
-                self.report.notes.push(format!(
-                    "key {key:?}: {file} at offset {}: {what}: record {} is compressed (method {}); its CRC-32 is not checked",
-                    base + data_off,
-                    e.name,
-                    e.method
-                ));
-                continue;
-            }
-            let abs = base + data_off;
-            let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
-            block_used |= blk.is_some();
-            match self.stream_record(&item, data_off, e.size, blk, key, file) {
-                Ok(crc) if crc == e.crc => {}
-                Ok(crc) => {
-                    bad = true;
-                    self.add(item_problem(
-                        abs,
-                        format!(
-                            "{what} at offset {base}: record {} (bytes {abs}..{}): CRC-32 is {crc:08x} but the zip directory records {:08x}",
-                            e.name,
-                            abs + e.size,
-                            e.crc
-                        ),
-                    ));
-                }
-                Err(m) => {
-                    bad = true;
-                    self.add(item_problem(abs, m));
-                }
-            }
-            self.report.records += 1;
+        for e in entries {
+            let checked = self.check_record(item, at, e, block);
+            bad |= checked.bad;
+            block_used |= checked.used_block;
         }
         if let (Some((b, _)), false) = (block, block_used) {
-            self.add(item_problem(
+            self.add(at.problem(
                 b.payload_offset,
                 format!(
-                    "{what} at offset {base}: the sidecar's block checksums cover {} bytes at offset {}, which is not a record of the item",
-                    b.payload_len, b.payload_offset
+                    "{} at offset {}: the sidecar's block checksums cover {} bytes at offset {}, which is not a record of the item",
+                    at.what, at.base, b.payload_len, b.payload_offset
                 ),
             ));
         }
-        if bad {
-            return;
-        }
-        if let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") {
-            if pkl.method == 0 && pkl.size <= MAX_PICKLE {
-                let bytes = self
-                    .record_data_offset(&item, len, pkl, &what)
-                    .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
-                if let Ok((off, bytes)) = bytes {
-                    self.check_pickle(Some(key), file, Some(base + off), &format!("{what}: data.pkl"), &bytes);
-                }
-            }
-        }
-        // What load refuses, unsupported things included (compressed records, unknown dtypes,
-        // safetensors items): each is a problem.
-        let content = zipitem::read_item(&item, len, &what);
-        let msg = match (content, expect) {
-            (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(_), None) => None,
-            (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
-            (Ok(ItemContent::Tensor(_)), Some(Expect::Object)) => Some(format!("{what} holds a tensor, but .metadata says an object")),
-            (Ok(ItemContent::Object(_)), Some(Expect::Tensor { .. })) => {
-                Some(format!("{what} holds an object, but .metadata says a tensor chunk"))
-            }
-            (Ok(ItemContent::Tensor(t)), Some(Expect::Tensor { dtype, dtype_name, chunk })) => {
-                if dtype.is_some_and(|d| d != t.dtype) || t.sizes != chunk.sizes {
-                    Some(format!(
-                        "{what} holds a {} tensor of shape {:?}, but .metadata describes a {dtype_name} chunk of shape {:?}",
-                        t.dtype, t.sizes, chunk.sizes
-                    ))
-                } else {
-                    None
-                }
+        !bad
+    }
+
+    /// One record's CRC-32 against the zip directory's; compressed records are noted, not checked.
+    fn check_record(&mut self, item: &Item, at: &ItemAt, e: &ZipEntry, block: Option<(&BlockRecord, u64)>) -> RecordCheck {
+        let (key, file, base, what) = (at.key, at.file, at.base, at.what.as_str());
+        let data_off = match self.record_data_offset(item, at.len, e, what) {
+            Ok(o) => o,
+            Err(m) => {
+                self.add(at.problem(base + e.header_offset, m));
+                return RecordCheck::BAD;
             }
         };
-        if let Some(m) = msg {
-            self.add(item_problem(base, m));
+        if e.method != 0 {
+            self.report.notes.push(format!(
+                "key {key:?}: {file} at offset {}: {what}: record {} is compressed (method {}); its CRC-32 is not checked",
+                base + data_off,
+                e.name,
+                e.method
+            ));
+            return RecordCheck::default();
+        }
+        let abs = base + data_off;
+        let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
+        let mut checked = RecordCheck {
+            bad: false,
+            used_block: blk.is_some(),
+        };
+        match self.stream_record(item, data_off, e.size, blk, key, file) {
+            Ok(crc) if crc == e.crc => {}
+            Ok(crc) => {
+                checked.bad = true;
+                self.add(at.problem(
+                    abs,
+                    format!(
+                        "{what} at offset {base}: record {} (bytes {abs}..{}): CRC-32 is {crc:08x} but the zip directory records {:08x}",
+                        e.name,
+                        abs + e.size,
+                        e.crc
+                    ),
+                ));
+            }
+            Err(m) => {
+                checked.bad = true;
+                self.add(at.problem(abs, m));
+            }
+        }
+        self.report.records += 1;
+        checked
+    }
+
+    /// The item's `data.pkl`, when stored uncompressed and not too large, through the pickle scan.
+    fn check_item_pickle(&mut self, item: &Item, at: &ItemAt, entries: &[ZipEntry]) {
+        let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") else {
+            return;
+        };
+        if pkl.method != 0 || pkl.size > MAX_PICKLE {
+            return;
+        }
+        let bytes = self
+            .record_data_offset(item, at.len, pkl, &at.what)
+            .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
+        if let Ok((off, bytes)) = bytes {
+            self.check_pickle(Some(at.key), at.file, Some(at.base + off), &format!("{}: data.pkl", at.what), &bytes);
         }
     }
 
@@ -883,6 +947,82 @@ pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tensor(dtype: DType, sizes: &[u64]) -> crate::error::Result<ItemContent> {
+        Ok(ItemContent::Tensor(zipitem::TensorRecord {
+            dtype,
+            sizes: sizes.to_vec(),
+            strides: vec![1; sizes.len()],
+            storage_offset: 0,
+            data_offset: 0,
+            data_len: 0,
+            crc: 0,
+        }))
+    }
+
+    #[test]
+    fn content_against_metadata() {
+        let object = || Ok(ItemContent::Object(crate::ObjectValue::Int(1)));
+        let chunk = r(&[0, 0], &[2, 3]);
+        let f32_chunk = || {
+            Some(Expect::Tensor {
+                dtype: Some(DType::F32),
+                dtype_name: "torch.float32",
+                chunk: &chunk,
+            })
+        };
+        let what = "item (chunk at [0, 0])";
+        assert_eq!(content_mismatch(tensor(DType::F32, &[2, 3]), f32_chunk(), what), None);
+        assert_eq!(content_mismatch(object(), Some(Expect::Object), what), None);
+        assert_eq!(content_mismatch(object(), None, what), None);
+        assert_eq!(
+            content_mismatch(tensor(DType::F32, &[3, 2]), f32_chunk(), what).unwrap(),
+            format!(
+                "item (chunk at [0, 0]) holds a {} tensor of shape [3, 2], but .metadata describes a torch.float32 chunk of shape [2, 3]",
+                DType::F32
+            )
+        );
+        assert!(content_mismatch(tensor(DType::I64, &[2, 3]), f32_chunk(), what).is_some());
+        // An unknown dtype in .metadata compares shapes only.
+        let unknown = Expect::Tensor {
+            dtype: None,
+            dtype_name: "torch.float8_e4m3fn",
+            chunk: &chunk,
+        };
+        assert_eq!(content_mismatch(tensor(DType::U8, &[2, 3]), Some(unknown), what), None);
+        assert_eq!(
+            content_mismatch(tensor(DType::F32, &[2, 3]), Some(Expect::Object), "item").unwrap(),
+            "item holds a tensor, but .metadata says an object"
+        );
+        assert_eq!(
+            content_mismatch(object(), f32_chunk(), "item").unwrap(),
+            "item holds an object, but .metadata says a tensor chunk"
+        );
+        assert_eq!(
+            content_mismatch(Err(crate::Error::unsupported("compressed record")), None, "item").unwrap(),
+            "load refuses it: compressed record"
+        );
+        assert_eq!(
+            content_mismatch(Err(crate::Error::corrupt("bad zip")), Some(Expect::Object), "item").unwrap(),
+            "bad zip"
+        );
+    }
+
+    #[test]
+    fn item_problems_name_key_file_and_offset() {
+        let at = ItemAt {
+            key: "w",
+            file: "__0_0.distcp",
+            base: 128,
+            len: 64,
+            what: "item".into(),
+        };
+        let p = at.problem(160, "broken".into());
+        assert_eq!(p.key.as_deref(), Some("w"));
+        assert_eq!(p.file.as_deref(), Some("__0_0.distcp"));
+        assert_eq!(p.offset, Some(160));
+        assert_eq!(p.message, "broken");
+    }
 
     fn r(o: &[u64], s: &[u64]) -> Region {
         Region::new(o.to_vec(), s.to_vec()).unwrap()
