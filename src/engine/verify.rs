@@ -232,6 +232,103 @@ fn chunk_label(offsets: &Option<Vec<u64>>) -> String {
     }
 }
 
+/// What `.metadata` and the sidecar say about each item: the entry and chunk it stores, and
+/// the block checksums of its payload.
+struct ItemIndex<'m> {
+    entries: HashMap<&'m str, &'m EntryMeta>,
+    chunk_of: HashMap<(&'m str, &'m [u64]), &'m Region>,
+    blocks: HashMap<(&'m str, &'m [u64]), &'m BlockRecord>,
+    block_size: u64,
+}
+
+impl<'m> ItemIndex<'m> {
+    fn new(md: &'m Metadata, sc: Option<&'m Sidecar>) -> Self {
+        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
+        for (fqn, e) in &md.entries {
+            if let EntryMeta::Tensor(t) = e {
+                for c in &t.chunks {
+                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
+                }
+            }
+        }
+        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
+        if let Some(s) = sc {
+            for b in &s.blocks {
+                blocks.insert((&b.fqn, &b.chunk_offsets), b);
+            }
+        }
+        ItemIndex {
+            entries: md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect(),
+            chunk_of,
+            blocks,
+            block_size: sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE),
+        }
+    }
+
+    /// What item `idx` should hold; `None` when `.metadata` has no entry or chunk for it.
+    fn expect(&self, idx: &StorageIndex) -> Option<Expect<'m>> {
+        match (self.entries.get(idx.fqn.as_str()), &idx.offset) {
+            (Some(EntryMeta::Tensor(t)), Some(off)) => self.chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
+                dtype: t.dtype,
+                dtype_name: &t.dtype_name,
+                chunk,
+            }),
+            (Some(EntryMeta::Bytes), None) => Some(Expect::Object),
+            _ => None,
+        }
+    }
+
+    /// The sidecar's block checksums of item `idx`, with the block size.
+    fn block(&self, idx: &StorageIndex) -> Option<(&'m BlockRecord, u64)> {
+        let off = idx.offset.as_ref()?;
+        self.blocks.get(&(idx.fqn.as_str(), off.as_slice())).map(|&b| (b, self.block_size))
+    }
+}
+
+/// Where an item ends: its file, and the offset after its last byte.
+fn item_end(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
+    (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
+}
+
+/// The problem of an item that runs past the end of its `file_len`-byte file.
+fn past_end_problem(idx: &StorageIndex, info: &StorageInfo, file_len: u64) -> Option<Problem> {
+    if info.offset.checked_add(info.length).is_some_and(|e| e <= file_len) {
+        return None;
+    }
+    Some(problem(
+        Some(&idx.fqn),
+        Some(&info.relative_path),
+        Some(info.offset),
+        format!(
+            "item{} of {} bytes runs past the end of the {}-byte file (truncated?)",
+            chunk_label(&idx.offset),
+            info.length,
+            file_len
+        ),
+    ))
+}
+
+/// The problem of `item` overlapping `prev`, the item before it in file order reaching furthest.
+fn overlap_problem(prev: &(StorageIndex, StorageInfo), item: &(StorageIndex, StorageInfo)) -> Option<Problem> {
+    let ((pidx, pinfo), (idx, info)) = (prev, item);
+    if pinfo.relative_path != info.relative_path || pinfo.offset.saturating_add(pinfo.length) <= info.offset {
+        return None;
+    }
+    Some(problem(
+        Some(&idx.fqn),
+        Some(&info.relative_path),
+        Some(info.offset),
+        format!(
+            "item{} overlaps the item of key {:?}{} at offset {} (+{})",
+            chunk_label(&idx.offset),
+            pidx.fqn,
+            chunk_label(&pidx.offset),
+            pinfo.offset,
+            pinfo.length
+        ),
+    ))
+}
+
 /// Where an item is, for its problems: key, file, offset and length in the file, and its name
 /// in messages ("item (chunk at [0, 0])").
 struct ItemAt<'i> {
@@ -524,25 +621,33 @@ impl Verifier<'_> {
     }
 
     fn check_items(&mut self, md: &Metadata, sc: Option<&Sidecar>, files: &BTreeMap<String, Arc<dyn ReadHandle>>) {
-        let entries: HashMap<&str, &EntryMeta> = md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
-        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
-        for (fqn, e) in &md.entries {
-            if let EntryMeta::Tensor(t) = e {
-                for c in &t.chunks {
-                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
-                }
-            }
-        }
-        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
-        if let Some(s) = sc {
-            for b in &s.blocks {
-                blocks.insert((&b.fqn, &b.chunk_offsets), b);
-            }
-        }
-        let block_size = sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE);
+        let index = ItemIndex::new(md, sc);
+        let todo = self.items_in_file_order(md, files);
+        self.total = todo.iter().map(|((_, info), _)| info.length).sum();
+        (self.progress)(0, self.total);
         let mut used_blocks = HashSet::new();
+        for ((idx, info), h) in todo {
+            let block = index.block(idx);
+            if block.is_some() {
+                used_blocks.insert((idx.fqn.as_str(), idx.offset.as_deref().unwrap_or(&[])));
+            }
+            let start = self.done;
+            self.check_item(h.as_ref(), idx, info, index.expect(idx), block);
+            self.report.items += 1;
+            self.done = start + info.length;
+            (self.progress)(self.done, self.total);
+        }
+        self.check_unused_blocks(sc, files, &used_blocks);
+    }
 
-        // In file order, so reads are sequential; items inside their file and not overlapping.
+    /// The items whose file is there, in file order (so reads are sequential). Adds a problem
+    /// for each item that runs past the end of its file (and leaves it out), and for each that
+    /// overlaps an earlier one.
+    fn items_in_file_order<'m>(
+        &mut self,
+        md: &'m Metadata,
+        files: &BTreeMap<String, Arc<dyn ReadHandle>>,
+    ) -> Vec<(&'m (StorageIndex, StorageInfo), Arc<dyn ReadHandle>)> {
         let mut order: Vec<&(StorageIndex, StorageInfo)> = md.storage.iter().collect();
         order.sort_by(|a, b| (&a.1.relative_path, a.1.offset).cmp(&(&b.1.relative_path, b.1.offset)));
         let mut todo = Vec::new();
@@ -550,75 +655,32 @@ impl Verifier<'_> {
         for item in order {
             let (idx, info) = item;
             let Some(h) = files.get(&info.relative_path) else { continue };
-            if info.offset.checked_add(info.length).is_none_or(|e| e > h.len()) {
-                self.add(problem(
-                    Some(&idx.fqn),
-                    Some(&info.relative_path),
-                    Some(info.offset),
-                    format!(
-                        "item{} of {} bytes runs past the end of the {}-byte file (truncated?)",
-                        chunk_label(&idx.offset),
-                        info.length,
-                        h.len()
-                    ),
-                ));
+            if let Some(p) = past_end_problem(idx, info, h.len()) {
+                self.add(p);
                 continue;
             }
-            if let Some((pidx, pinfo)) = prev {
-                if pinfo.relative_path == info.relative_path && pinfo.offset.saturating_add(pinfo.length) > info.offset {
-                    self.add(problem(
-                        Some(&idx.fqn),
-                        Some(&info.relative_path),
-                        Some(info.offset),
-                        format!(
-                            "item{} overlaps the item of key {:?}{} at offset {} (+{})",
-                            chunk_label(&idx.offset),
-                            pidx.fqn,
-                            chunk_label(&pidx.offset),
-                            pinfo.offset,
-                            pinfo.length
-                        ),
-                    ));
-                }
+            if let Some(p) = prev.and_then(|p| overlap_problem(p, item)) {
+                self.add(p);
             }
             // The item reaching furthest in the file is the one a later item can overlap.
-            fn ends(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
-                (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
-            }
-            if prev.is_none_or(|p| ends(p) < ends(item)) {
+            if prev.is_none_or(|p| item_end(p) < item_end(item)) {
                 prev = Some(item);
             }
             todo.push((item, h.clone()));
         }
-        self.total = todo.iter().map(|((_, info), _)| info.length).sum();
-        (self.progress)(0, self.total);
+        todo
+    }
 
-        for ((idx, info), h) in todo {
-            let expect = match (entries.get(idx.fqn.as_str()), &idx.offset) {
-                (Some(EntryMeta::Tensor(t)), Some(off)) => chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
-                    dtype: t.dtype,
-                    dtype_name: &t.dtype_name,
-                    chunk,
-                }),
-                (Some(EntryMeta::Bytes), None) => Some(Expect::Object),
-                _ => None,
-            };
-            let block = idx
-                .offset
-                .as_ref()
-                .and_then(|o| blocks.get(&(idx.fqn.as_str(), o.as_slice())).copied());
-            if block.is_some() {
-                used_blocks.insert((idx.fqn.as_str(), idx.offset.as_deref().unwrap_or(&[])));
-            }
-            let start = self.done;
-            self.check_item(h.as_ref(), idx, info, expect, block.map(|b| (b, block_size)));
-            self.report.items += 1;
-            self.done = start + info.length;
-            (self.progress)(self.done, self.total);
-        }
+    /// A problem for each of the sidecar's block checksums that no item used. Blocks in a
+    /// missing file are covered by that file's problem.
+    fn check_unused_blocks(
+        &mut self,
+        sc: Option<&Sidecar>,
+        files: &BTreeMap<String, Arc<dyn ReadHandle>>,
+        used_blocks: &HashSet<(&str, &[u64])>,
+    ) {
         for b in sc.iter().flat_map(|s| s.blocks.iter()) {
             let file = sc.and_then(|s| s.files.get(b.file as usize)).map(|f| f.name.as_str());
-            // Blocks in a missing file are covered by that file's problem.
             if !used_blocks.contains(&(b.fqn.as_str(), b.chunk_offsets.as_slice())) && file.is_some_and(|f| files.contains_key(f)) {
                 self.add(problem(
                     Some(&b.fqn),
@@ -1006,6 +1068,110 @@ mod tests {
             content_mismatch(Err(crate::Error::corrupt("bad zip")), Some(Expect::Object), "item").unwrap(),
             "bad zip"
         );
+    }
+
+    fn stored(fqn: &str, offsets: Option<&[u64]>, file: &str, offset: u64, length: u64) -> (StorageIndex, StorageInfo) {
+        (
+            StorageIndex {
+                fqn: fqn.into(),
+                offset: offsets.map(<[u64]>::to_vec),
+                index: None,
+            },
+            StorageInfo {
+                relative_path: file.into(),
+                offset,
+                length,
+            },
+        )
+    }
+
+    #[test]
+    fn items_past_the_end_of_their_file() {
+        let (idx, info) = stored("w", Some(&[2, 0]), "__0_0.distcp", 100, 50);
+        assert!(past_end_problem(&idx, &info, 150).is_none());
+        let p = past_end_problem(&idx, &info, 149).unwrap();
+        assert_eq!(
+            p.message,
+            "item (chunk at [2, 0]) of 50 bytes runs past the end of the 149-byte file (truncated?)"
+        );
+        assert_eq!((p.key.as_deref(), p.file.as_deref(), p.offset), (Some("w"), Some("__0_0.distcp"), Some(100)));
+        // An end past u64::MAX is past any file's end.
+        let (idx, info) = stored("o", None, "__0_0.distcp", u64::MAX, 1);
+        let p = past_end_problem(&idx, &info, u64::MAX).unwrap();
+        assert!(p.message.starts_with("item of 1 bytes runs past"), "{}", p.message);
+    }
+
+    #[test]
+    fn overlapping_items() {
+        let a = stored("a", Some(&[0]), "f", 0, 100);
+        let touching = stored("b", Some(&[4]), "f", 100, 10);
+        let inside = stored("b", Some(&[4]), "f", 99, 10);
+        let other_file = stored("b", Some(&[4]), "g", 50, 10);
+        assert!(overlap_problem(&a, &touching).is_none());
+        assert!(overlap_problem(&a, &other_file).is_none());
+        let p = overlap_problem(&a, &inside).unwrap();
+        assert_eq!(
+            p.message,
+            "item (chunk at [4]) overlaps the item of key \"a\" (chunk at [0]) at offset 0 (+100)"
+        );
+        assert_eq!((p.key.as_deref(), p.offset), (Some("b"), Some(99)));
+        assert!(item_end(&a) < item_end(&inside) && item_end(&inside) < item_end(&other_file));
+    }
+
+    #[test]
+    fn item_index_expectations_and_blocks() {
+        let md = Metadata {
+            entries: vec![
+                (
+                    "w".into(),
+                    EntryMeta::Tensor(crate::format::metadata::TensorMeta {
+                        dtype: Some(DType::F32),
+                        dtype_name: "torch.float32".into(),
+                        size: vec![4],
+                        chunks: vec![r(&[0], &[2]), r(&[2], &[2])],
+                    }),
+                ),
+                ("o".into(), EntryMeta::Bytes),
+            ],
+            ..Default::default()
+        };
+        let block = BlockRecord {
+            fqn: "w".into(),
+            chunk_offsets: vec![2],
+            file: 0,
+            payload_offset: 64,
+            payload_len: 8,
+            crcs: vec![0],
+        };
+        let sc = Sidecar {
+            format_version: 1,
+            writer: "libdcp test".into(),
+            save_id: "s".into(),
+            world_size: 1,
+            metadata_len: 0,
+            metadata_crc32: 0,
+            plan_hash: 0,
+            block_size: 4,
+            files: vec![],
+            blocks: vec![block],
+        };
+        let index = ItemIndex::new(&md, Some(&sc));
+        match index.expect(&stored("w", Some(&[2]), "f", 0, 1).0) {
+            Some(Expect::Tensor { dtype, dtype_name, chunk }) => {
+                assert_eq!((dtype, dtype_name, chunk), (Some(DType::F32), "torch.float32", &r(&[2], &[2])));
+            }
+            _ => panic!("chunk [2] of w not found"),
+        }
+        assert!(matches!(index.expect(&stored("o", None, "f", 0, 1).0), Some(Expect::Object)));
+        assert!(index.expect(&stored("w", Some(&[1]), "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("w", None, "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("o", Some(&[0]), "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("x", None, "f", 0, 1).0).is_none());
+        let (b, size) = index.block(&stored("w", Some(&[2]), "f", 0, 1).0).unwrap();
+        assert_eq!((b, size), (&sc.blocks[0], 4));
+        assert!(index.block(&stored("w", Some(&[0]), "f", 0, 1).0).is_none());
+        assert!(index.block(&stored("o", None, "f", 0, 1).0).is_none());
+        assert_eq!(ItemIndex::new(&md, None).block_size, sidecar::BLOCK_SIZE);
     }
 
     #[test]
