@@ -232,6 +232,9 @@ fn chunk_label(offsets: &Option<Vec<u64>>) -> String {
     }
 }
 
+/// One item of `.metadata`'s storage list: what it stores, and where.
+type StoredItem = (StorageIndex, StorageInfo);
+
 /// What `.metadata` and the sidecar say about each item: the entry and chunk it stores, and
 /// the block checksums of its payload.
 struct ItemIndex<'m> {
@@ -647,7 +650,7 @@ impl Verifier<'_> {
         &mut self,
         md: &'m Metadata,
         files: &BTreeMap<String, Arc<dyn ReadHandle>>,
-    ) -> Vec<(&'m (StorageIndex, StorageInfo), Arc<dyn ReadHandle>)> {
+    ) -> Vec<(&'m StoredItem, Arc<dyn ReadHandle>)> {
         let mut order: Vec<&(StorageIndex, StorageInfo)> = md.storage.iter().collect();
         order.sort_by(|a, b| (&a.1.relative_path, a.1.offset).cmp(&(&b.1.relative_path, b.1.offset)));
         let mut todo = Vec::new();
