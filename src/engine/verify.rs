@@ -288,6 +288,31 @@ impl<'m> ItemIndex<'m> {
     }
 }
 
+/// Why a data file cannot be read, and which keys have items in it (`keys`: the key of each
+/// item stored in the file, in `.metadata` order).
+fn unopened_file_message(e: &crate::Error, keys: &[&str]) -> String {
+    let mut uniq: Vec<&str> = Vec::new();
+    for k in keys {
+        if !uniq.contains(k) {
+            uniq.push(k);
+        }
+    }
+    let what = if e.kind() == ErrorKind::NotFound {
+        "data file is missing".to_string()
+    } else {
+        format!("data file cannot be opened: {e}")
+    };
+    let held = match uniq.len() {
+        0 => String::new(),
+        n => {
+            let shown: Vec<String> = uniq.iter().take(3).map(|k| format!("{k:?}")).collect();
+            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
+            format!(" ({} items of {}{more} are stored in it)", keys.len(), shown.join(", "))
+        }
+    };
+    format!("{what}{held}")
+}
+
 /// Where an item ends: its file, and the offset after its last byte.
 fn item_end(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
     (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
@@ -501,26 +526,7 @@ impl Verifier<'_> {
             let h = match self.storage.open_read(name) {
                 Ok(h) => h,
                 Err(e) => {
-                    let mut uniq: Vec<&str> = Vec::new();
-                    for k in &keys {
-                        if !uniq.contains(k) {
-                            uniq.push(k);
-                        }
-                    }
-                    let what = if e.kind() == ErrorKind::NotFound {
-                        "data file is missing".to_string()
-                    } else {
-                        format!("data file cannot be opened: {e}")
-                    };
-                    let held = match uniq.len() {
-                        0 => String::new(),
-                        n => {
-                            let shown: Vec<String> = uniq.iter().take(3).map(|k| format!("{k:?}")).collect();
-                            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
-                            format!(" ({} items of {}{more} are stored in it)", keys.len(), shown.join(", "))
-                        }
-                    };
-                    self.add(problem(None, Some(name), None, format!("{what}{held}")));
+                    self.add(problem(None, Some(name), None, unopened_file_message(&e, &keys)));
                     continue;
                 }
             };
@@ -557,17 +563,7 @@ impl Verifier<'_> {
 
     /// Entries against storage entries, and the tiling of every tensor's chunks.
     fn check_structure(&mut self, md: &Metadata) {
-        let mut storage: HashMap<(&str, Option<&[u64]>), usize> = HashMap::new();
-        for (i, (idx, _)) in md.storage.iter().enumerate() {
-            if storage.insert((&idx.fqn, idx.offset.as_deref()), i).is_some() {
-                self.add(problem(
-                    Some(&idx.fqn),
-                    None,
-                    None,
-                    format!("storage entry{} is listed twice", chunk_label(&idx.offset)),
-                ));
-            }
-        }
+        let storage = self.storage_entries(md);
         let mut known: HashSet<(&str, Option<&[u64]>)> = HashSet::new();
         let mut seen_keys = HashSet::new();
         for (fqn, entry) in &md.entries {
@@ -607,6 +603,28 @@ impl Verifier<'_> {
                 }
             }
         }
+        self.check_unmatched_storage(md, &known);
+    }
+
+    /// Storage entries by key and chunk offsets; a problem for each listed twice.
+    fn storage_entries<'m>(&mut self, md: &'m Metadata) -> HashMap<(&'m str, Option<&'m [u64]>), usize> {
+        let mut storage = HashMap::new();
+        for (i, (idx, _)) in md.storage.iter().enumerate() {
+            if storage.insert((idx.fqn.as_str(), idx.offset.as_deref()), i).is_some() {
+                self.add(problem(
+                    Some(&idx.fqn),
+                    None,
+                    None,
+                    format!("storage entry{} is listed twice", chunk_label(&idx.offset)),
+                ));
+            }
+        }
+        storage
+    }
+
+    /// A problem for each storage entry that matches no object or chunk of `.metadata`'s
+    /// entries (`known`).
+    fn check_unmatched_storage(&mut self, md: &Metadata, known: &HashSet<(&str, Option<&[u64]>)>) {
         for (idx, info) in &md.storage {
             if !known.contains(&(idx.fqn.as_str(), idx.offset.as_deref())) {
                 self.add(problem(
@@ -1086,6 +1104,20 @@ mod tests {
                 length,
             },
         )
+    }
+
+    #[test]
+    fn unopened_file_messages_name_its_keys() {
+        let missing = crate::Error::not_found("no such file");
+        assert_eq!(unopened_file_message(&missing, &[]), "data file is missing");
+        assert_eq!(
+            unopened_file_message(&missing, &["a", "a", "b"]),
+            "data file is missing (3 items of \"a\", \"b\" are stored in it)"
+        );
+        assert_eq!(
+            unopened_file_message(&crate::Error::invalid("denied"), &["a", "b", "c", "d", "e", "b"]),
+            "data file cannot be opened: denied (6 items of \"a\", \"b\", \"c\" and 2 more are stored in it)"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::Context;
 use broadcast::Broadcasts;
 use read::{read_chunk, read_object, window_buffer_len, Files, Reader, Target};
 
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
 use crate::format::sidecar::{self, BlockRecord, Sidecar};
@@ -136,30 +137,7 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
     ctx.settle(true)?;
     let t0 = Instant::now();
     let comm = ctx.communicator();
-    // Rank 0 reads (and decodes) `.metadata` and the sidecar; the others decode its bytes.
-    let mut mine = None;
-    let raw = broadcast_result(
-        comm,
-        0,
-        if comm.rank() == 0 {
-            layout::read_and_open(storage.as_ref()).map(|(raw, opened)| {
-                mine = Some(opened);
-                (raw.metadata, raw.sidecar)
-            })
-        } else {
-            Ok((vec![], None))
-        },
-    )?;
-    let opened = match mine {
-        Some(o) => Ok(o),
-        None => layout::decode(
-            storage.as_ref(),
-            &RawCheckpoint {
-                metadata: raw.0,
-                sidecar: raw.1,
-            },
-        ),
-    };
+    let opened = open_shared(comm, storage.as_ref())?;
     let mut planned = opened.and_then(|o| {
         let plan = plan_load(state, &o.metadata, &o.lookup, opts.strict)?;
         Ok((o, plan))
@@ -198,6 +176,35 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
     let mut report = report.unwrap_or_default();
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Rank 0 reads (and decodes) `.metadata` and the sidecar; the others decode its bytes.
+/// Collective. The outer error is every rank's (rank 0's read or the broadcast failed), the
+/// inner one this rank's own decode.
+fn open_shared(comm: &dyn Communicator, storage: &dyn Storage) -> Result<Result<Opened>> {
+    let mut mine = None;
+    let raw = broadcast_result(
+        comm,
+        0,
+        if comm.rank() == 0 {
+            layout::read_and_open(storage).map(|(raw, opened)| {
+                mine = Some(opened);
+                (raw.metadata, raw.sidecar)
+            })
+        } else {
+            Ok((vec![], None))
+        },
+    )?;
+    Ok(match mine {
+        Some(o) => Ok(o),
+        None => layout::decode(
+            storage,
+            &RawCheckpoint {
+                metadata: raw.0,
+                sidecar: raw.1,
+            },
+        ),
+    })
 }
 
 /// Plans and runs a load on this rank alone.
