@@ -9,7 +9,7 @@ pub mod save;
 pub(crate) mod staging;
 pub mod verify;
 mod wire;
-mod workers;
+pub(crate) mod workers;
 
 use crate::comm::local::LocalComm;
 use crate::comm::Communicator;

@@ -232,6 +232,186 @@ fn chunk_label(offsets: &Option<Vec<u64>>) -> String {
     }
 }
 
+/// One item of `.metadata`'s storage list: what it stores, and where.
+type StoredItem = (StorageIndex, StorageInfo);
+
+/// What `.metadata` and the sidecar say about each item: the entry and chunk it stores, and
+/// the block checksums of its payload.
+struct ItemIndex<'m> {
+    entries: HashMap<&'m str, &'m EntryMeta>,
+    chunk_of: HashMap<(&'m str, &'m [u64]), &'m Region>,
+    blocks: HashMap<(&'m str, &'m [u64]), &'m BlockRecord>,
+    block_size: u64,
+}
+
+impl<'m> ItemIndex<'m> {
+    fn new(md: &'m Metadata, sc: Option<&'m Sidecar>) -> Self {
+        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
+        for (fqn, e) in &md.entries {
+            if let EntryMeta::Tensor(t) = e {
+                for c in &t.chunks {
+                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
+                }
+            }
+        }
+        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
+        if let Some(s) = sc {
+            for b in &s.blocks {
+                blocks.insert((&b.fqn, &b.chunk_offsets), b);
+            }
+        }
+        ItemIndex {
+            entries: md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect(),
+            chunk_of,
+            blocks,
+            block_size: sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE),
+        }
+    }
+
+    /// What item `idx` should hold; `None` when `.metadata` has no entry or chunk for it.
+    fn expect(&self, idx: &StorageIndex) -> Option<Expect<'m>> {
+        match (self.entries.get(idx.fqn.as_str()), &idx.offset) {
+            (Some(EntryMeta::Tensor(t)), Some(off)) => self.chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
+                dtype: t.dtype,
+                dtype_name: &t.dtype_name,
+                chunk,
+            }),
+            (Some(EntryMeta::Bytes), None) => Some(Expect::Object),
+            _ => None,
+        }
+    }
+
+    /// The sidecar's block checksums of item `idx`, with the block size.
+    fn block(&self, idx: &StorageIndex) -> Option<(&'m BlockRecord, u64)> {
+        let off = idx.offset.as_ref()?;
+        self.blocks.get(&(idx.fqn.as_str(), off.as_slice())).map(|&b| (b, self.block_size))
+    }
+}
+
+/// Why a data file cannot be read, and which keys have items in it (`keys`: the key of each
+/// item stored in the file, in `.metadata` order).
+fn unopened_file_message(e: &crate::Error, keys: &[&str]) -> String {
+    let mut uniq: Vec<&str> = Vec::new();
+    for k in keys {
+        if !uniq.contains(k) {
+            uniq.push(k);
+        }
+    }
+    let what = if e.kind() == ErrorKind::NotFound {
+        "data file is missing".to_string()
+    } else {
+        format!("data file cannot be opened: {e}")
+    };
+    let held = match uniq.len() {
+        0 => String::new(),
+        n => {
+            let shown: Vec<String> = uniq.iter().take(3).map(|k| format!("{k:?}")).collect();
+            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
+            format!(" ({} items of {}{more} are stored in it)", keys.len(), shown.join(", "))
+        }
+    };
+    format!("{what}{held}")
+}
+
+/// Where an item ends: its file, and the offset after its last byte.
+fn item_end(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
+    (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
+}
+
+/// The problem of an item that runs past the end of its `file_len`-byte file.
+fn past_end_problem(idx: &StorageIndex, info: &StorageInfo, file_len: u64) -> Option<Problem> {
+    if info.offset.checked_add(info.length).is_some_and(|e| e <= file_len) {
+        return None;
+    }
+    Some(problem(
+        Some(&idx.fqn),
+        Some(&info.relative_path),
+        Some(info.offset),
+        format!(
+            "item{} of {} bytes runs past the end of the {}-byte file (truncated?)",
+            chunk_label(&idx.offset),
+            info.length,
+            file_len
+        ),
+    ))
+}
+
+/// The problem of `item` overlapping `prev`, the item before it in file order reaching furthest.
+fn overlap_problem(prev: &(StorageIndex, StorageInfo), item: &(StorageIndex, StorageInfo)) -> Option<Problem> {
+    let ((pidx, pinfo), (idx, info)) = (prev, item);
+    if pinfo.relative_path != info.relative_path || pinfo.offset.saturating_add(pinfo.length) <= info.offset {
+        return None;
+    }
+    Some(problem(
+        Some(&idx.fqn),
+        Some(&info.relative_path),
+        Some(info.offset),
+        format!(
+            "item{} overlaps the item of key {:?}{} at offset {} (+{})",
+            chunk_label(&idx.offset),
+            pidx.fqn,
+            chunk_label(&pidx.offset),
+            pinfo.offset,
+            pinfo.length
+        ),
+    ))
+}
+
+/// Where an item is, for its problems: key, file, offset and length in the file, and its name
+/// in messages ("item (chunk at [0, 0])").
+struct ItemAt<'i> {
+    key: &'i str,
+    file: &'i str,
+    base: u64,
+    len: u64,
+    what: String,
+}
+
+impl ItemAt<'_> {
+    /// A problem of this item at file offset `offset`.
+    fn problem(&self, offset: u64, message: String) -> Problem {
+        problem(Some(self.key), Some(self.file), Some(offset), message)
+    }
+}
+
+/// What checking one record of an item found.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct RecordCheck {
+    /// A problem was added (unreadable header, CRC mismatch, bad block).
+    bad: bool,
+    /// The sidecar's block checksums were checked against this record.
+    used_block: bool,
+}
+
+impl RecordCheck {
+    const BAD: RecordCheck = RecordCheck {
+        bad: true,
+        used_block: false,
+    };
+}
+
+/// Why an item's content is not what load accepts for what `.metadata` says it is; `None` when it is.
+fn content_mismatch(content: Result<ItemContent>, expect: Option<Expect>, what: &str) -> Option<String> {
+    match (content, expect) {
+        (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(_), None) => None,
+        (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
+        (Ok(ItemContent::Tensor(_)), Some(Expect::Object)) => Some(format!("{what} holds a tensor, but .metadata says an object")),
+        (Ok(ItemContent::Object(_)), Some(Expect::Tensor { .. })) => Some(format!("{what} holds an object, but .metadata says a tensor chunk")),
+        (Ok(ItemContent::Tensor(t)), Some(Expect::Tensor { dtype, dtype_name, chunk })) => {
+            if dtype.is_some_and(|d| d != t.dtype) || t.sizes != chunk.sizes {
+                Some(format!(
+                    "{what} holds a {} tensor of shape {:?}, but .metadata describes a {dtype_name} chunk of shape {:?}",
+                    t.dtype, t.sizes, chunk.sizes
+                ))
+            } else {
+                None
+            }
+        }
+    }
+}
+
 impl Verifier<'_> {
     fn add(&mut self, p: Problem) {
         self.report.problems.push(p);
@@ -346,26 +526,7 @@ impl Verifier<'_> {
             let h = match self.storage.open_read(name) {
                 Ok(h) => h,
                 Err(e) => {
-                    let mut uniq: Vec<&str> = Vec::new();
-                    for k in &keys {
-                        if !uniq.contains(k) {
-                            uniq.push(k);
-                        }
-                    }
-                    let what = if e.kind() == ErrorKind::NotFound {
-                        "data file is missing".to_string()
-                    } else {
-                        format!("data file cannot be opened: {e}")
-                    };
-                    let held = match uniq.len() {
-                        0 => String::new(),
-                        n => {
-                            let shown: Vec<String> = uniq.iter().take(3).map(|k| format!("{k:?}")).collect();
-                            let more = if n > 3 { format!(" and {} more", n - 3) } else { String::new() };
-                            format!(" ({} items of {}{more} are stored in it)", keys.len(), shown.join(", "))
-                        }
-                    };
-                    self.add(problem(None, Some(name), None, format!("{what}{held}")));
+                    self.add(problem(None, Some(name), None, unopened_file_message(&e, &keys)));
                     continue;
                 }
             };
@@ -402,17 +563,7 @@ impl Verifier<'_> {
 
     /// Entries against storage entries, and the tiling of every tensor's chunks.
     fn check_structure(&mut self, md: &Metadata) {
-        let mut storage: HashMap<(&str, Option<&[u64]>), usize> = HashMap::new();
-        for (i, (idx, _)) in md.storage.iter().enumerate() {
-            if storage.insert((&idx.fqn, idx.offset.as_deref()), i).is_some() {
-                self.add(problem(
-                    Some(&idx.fqn),
-                    None,
-                    None,
-                    format!("storage entry{} is listed twice", chunk_label(&idx.offset)),
-                ));
-            }
-        }
+        let storage = self.storage_entries(md);
         let mut known: HashSet<(&str, Option<&[u64]>)> = HashSet::new();
         let mut seen_keys = HashSet::new();
         for (fqn, entry) in &md.entries {
@@ -452,6 +603,28 @@ impl Verifier<'_> {
                 }
             }
         }
+        self.check_unmatched_storage(md, &known);
+    }
+
+    /// Storage entries by key and chunk offsets; a problem for each listed twice.
+    fn storage_entries<'m>(&mut self, md: &'m Metadata) -> HashMap<(&'m str, Option<&'m [u64]>), usize> {
+        let mut storage = HashMap::new();
+        for (i, (idx, _)) in md.storage.iter().enumerate() {
+            if storage.insert((idx.fqn.as_str(), idx.offset.as_deref()), i).is_some() {
+                self.add(problem(
+                    Some(&idx.fqn),
+                    None,
+                    None,
+                    format!("storage entry{} is listed twice", chunk_label(&idx.offset)),
+                ));
+            }
+        }
+        storage
+    }
+
+    /// A problem for each storage entry that matches no object or chunk of `.metadata`'s
+    /// entries (`known`).
+    fn check_unmatched_storage(&mut self, md: &Metadata, known: &HashSet<(&str, Option<&[u64]>)>) {
         for (idx, info) in &md.storage {
             if !known.contains(&(idx.fqn.as_str(), idx.offset.as_deref())) {
                 self.add(problem(
@@ -469,25 +642,33 @@ impl Verifier<'_> {
     }
 
     fn check_items(&mut self, md: &Metadata, sc: Option<&Sidecar>, files: &BTreeMap<String, Arc<dyn ReadHandle>>) {
-        let entries: HashMap<&str, &EntryMeta> = md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
-        let mut chunk_of: HashMap<(&str, &[u64]), &Region> = HashMap::new();
-        for (fqn, e) in &md.entries {
-            if let EntryMeta::Tensor(t) = e {
-                for c in &t.chunks {
-                    chunk_of.entry((fqn.as_str(), c.offsets.as_slice())).or_insert(c);
-                }
-            }
-        }
-        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
-        if let Some(s) = sc {
-            for b in &s.blocks {
-                blocks.insert((&b.fqn, &b.chunk_offsets), b);
-            }
-        }
-        let block_size = sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE);
+        let index = ItemIndex::new(md, sc);
+        let todo = self.items_in_file_order(md, files);
+        self.total = todo.iter().map(|((_, info), _)| info.length).sum();
+        (self.progress)(0, self.total);
         let mut used_blocks = HashSet::new();
+        for ((idx, info), h) in todo {
+            let block = index.block(idx);
+            if block.is_some() {
+                used_blocks.insert((idx.fqn.as_str(), idx.offset.as_deref().unwrap_or(&[])));
+            }
+            let start = self.done;
+            self.check_item(h.as_ref(), idx, info, index.expect(idx), block);
+            self.report.items += 1;
+            self.done = start + info.length;
+            (self.progress)(self.done, self.total);
+        }
+        self.check_unused_blocks(sc, files, &used_blocks);
+    }
 
-        // In file order, so reads are sequential; items inside their file and not overlapping.
+    /// The items whose file is there, in file order (so reads are sequential). Adds a problem
+    /// for each item that runs past the end of its file (and leaves it out), and for each that
+    /// overlaps an earlier one.
+    fn items_in_file_order<'m>(
+        &mut self,
+        md: &'m Metadata,
+        files: &BTreeMap<String, Arc<dyn ReadHandle>>,
+    ) -> Vec<(&'m StoredItem, Arc<dyn ReadHandle>)> {
         let mut order: Vec<&(StorageIndex, StorageInfo)> = md.storage.iter().collect();
         order.sort_by(|a, b| (&a.1.relative_path, a.1.offset).cmp(&(&b.1.relative_path, b.1.offset)));
         let mut todo = Vec::new();
@@ -495,75 +676,32 @@ impl Verifier<'_> {
         for item in order {
             let (idx, info) = item;
             let Some(h) = files.get(&info.relative_path) else { continue };
-            if info.offset.checked_add(info.length).is_none_or(|e| e > h.len()) {
-                self.add(problem(
-                    Some(&idx.fqn),
-                    Some(&info.relative_path),
-                    Some(info.offset),
-                    format!(
-                        "item{} of {} bytes runs past the end of the {}-byte file (truncated?)",
-                        chunk_label(&idx.offset),
-                        info.length,
-                        h.len()
-                    ),
-                ));
+            if let Some(p) = past_end_problem(idx, info, h.len()) {
+                self.add(p);
                 continue;
             }
-            if let Some((pidx, pinfo)) = prev {
-                if pinfo.relative_path == info.relative_path && pinfo.offset.saturating_add(pinfo.length) > info.offset {
-                    self.add(problem(
-                        Some(&idx.fqn),
-                        Some(&info.relative_path),
-                        Some(info.offset),
-                        format!(
-                            "item{} overlaps the item of key {:?}{} at offset {} (+{})",
-                            chunk_label(&idx.offset),
-                            pidx.fqn,
-                            chunk_label(&pidx.offset),
-                            pinfo.offset,
-                            pinfo.length
-                        ),
-                    ));
-                }
+            if let Some(p) = prev.and_then(|p| overlap_problem(p, item)) {
+                self.add(p);
             }
             // The item reaching furthest in the file is the one a later item can overlap.
-            fn ends(i: &(StorageIndex, StorageInfo)) -> (&str, u64) {
-                (&i.1.relative_path, i.1.offset.saturating_add(i.1.length))
-            }
-            if prev.is_none_or(|p| ends(p) < ends(item)) {
+            if prev.is_none_or(|p| item_end(p) < item_end(item)) {
                 prev = Some(item);
             }
             todo.push((item, h.clone()));
         }
-        self.total = todo.iter().map(|((_, info), _)| info.length).sum();
-        (self.progress)(0, self.total);
+        todo
+    }
 
-        for ((idx, info), h) in todo {
-            let expect = match (entries.get(idx.fqn.as_str()), &idx.offset) {
-                (Some(EntryMeta::Tensor(t)), Some(off)) => chunk_of.get(&(idx.fqn.as_str(), off.as_slice())).map(|&chunk| Expect::Tensor {
-                    dtype: t.dtype,
-                    dtype_name: &t.dtype_name,
-                    chunk,
-                }),
-                (Some(EntryMeta::Bytes), None) => Some(Expect::Object),
-                _ => None,
-            };
-            let block = idx
-                .offset
-                .as_ref()
-                .and_then(|o| blocks.get(&(idx.fqn.as_str(), o.as_slice())).copied());
-            if block.is_some() {
-                used_blocks.insert((idx.fqn.as_str(), idx.offset.as_deref().unwrap_or(&[])));
-            }
-            let start = self.done;
-            self.check_item(h.as_ref(), idx, info, expect, block.map(|b| (b, block_size)));
-            self.report.items += 1;
-            self.done = start + info.length;
-            (self.progress)(self.done, self.total);
-        }
+    /// A problem for each of the sidecar's block checksums that no item used. Blocks in a
+    /// missing file are covered by that file's problem.
+    fn check_unused_blocks(
+        &mut self,
+        sc: Option<&Sidecar>,
+        files: &BTreeMap<String, Arc<dyn ReadHandle>>,
+        used_blocks: &HashSet<(&str, &[u64])>,
+    ) {
         for b in sc.iter().flat_map(|s| s.blocks.iter()) {
             let file = sc.and_then(|s| s.files.get(b.file as usize)).map(|f| f.name.as_str());
-            // Blocks in a missing file are covered by that file's problem.
             if !used_blocks.contains(&(b.fqn.as_str(), b.chunk_offsets.as_slice())) && file.is_some_and(|f| files.contains_key(f)) {
                 self.add(problem(
                     Some(&b.fqn),
@@ -587,119 +725,128 @@ impl Verifier<'_> {
         expect: Option<Expect>,
         block: Option<(&BlockRecord, u64)>,
     ) {
-        let file = info.relative_path.as_str();
-        let key = idx.fqn.as_str();
-        let label = chunk_label(&idx.offset);
-        let base = info.offset;
-        let len = info.length;
-        let what = format!("item{label}");
-        let item_problem = |offset: u64, m: String| problem(Some(key), Some(file), Some(offset), m);
+        let at = ItemAt {
+            key: idx.fqn.as_str(),
+            file: info.relative_path.as_str(),
+            base: info.offset,
+            len: info.length,
+            what: format!("item{}", chunk_label(&idx.offset)),
+        };
+        let Some((item, entries)) = self.open_item(h, &at) else { return };
+        if !self.check_records(&item, &at, &entries, block) {
+            return;
+        }
+        self.check_item_pickle(&item, &at, &entries);
+        // What load refuses, unsupported things included (compressed records, unknown dtypes,
+        // safetensors items): each is a problem.
+        let content = zipitem::read_item(&item, at.len, &at.what);
+        if let Some(m) = content_mismatch(content, expect, &at.what) {
+            self.add(at.problem(at.base, m));
+        }
+    }
 
-        let item = match Item::new(h, base, len) {
+    /// The item and its central directory; `None` (after adding the problem) when either
+    /// cannot be read.
+    fn open_item<'h>(&mut self, h: &'h dyn ReadHandle, at: &ItemAt) -> Option<(Item<'h>, Vec<ZipEntry>)> {
+        let item = match Item::new(h, at.base, at.len) {
             Ok(i) => i,
             Err(e) => {
-                self.add(item_problem(base, e.to_string()));
-                return;
+                self.add(at.problem(at.base, e.to_string()));
+                return None;
             }
         };
-        let entries = match self.central_directory(&item, len, &what) {
-            Ok(e) => e,
+        match self.central_directory(&item, at.len, &at.what) {
+            Ok(entries) => Some((item, entries)),
             Err(m) => {
-                self.add(item_problem(base, m));
-                return;
+                self.add(at.problem(at.base, m));
+                None
             }
-        };
+        }
+    }
+
+    /// Every record's CRC-32 (checking the sidecar's block checksums on the way), and that those
+    /// block checksums cover a record of the item. False when a record is bad.
+    fn check_records(&mut self, item: &Item, at: &ItemAt, entries: &[ZipEntry], block: Option<(&BlockRecord, u64)>) -> bool {
         let mut bad = false;
         let mut block_used = false;
-        for e in &entries {
-            let data_off = match self.record_data_offset(&item, len, e, &what) {
-                Ok(o) => o,
-                Err(m) => {
-                    self.add(item_problem(base + e.header_offset, m));
-                    bad = true;
-                    continue;
-                }
-            };
-            if e.method != 0 {
-                self.report.notes.push(format!(
-                    "key {key:?}: {file} at offset {}: {what}: record {} is compressed (method {}); its CRC-32 is not checked",
-                    base + data_off,
-                    e.name,
-                    e.method
-                ));
-                continue;
-            }
-            let abs = base + data_off;
-            let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
-            block_used |= blk.is_some();
-            match self.stream_record(&item, data_off, e.size, blk, key, file) {
-                Ok(crc) if crc == e.crc => {}
-                Ok(crc) => {
-                    bad = true;
-                    self.add(item_problem(
-                        abs,
-                        format!(
-                            "{what} at offset {base}: record {} (bytes {abs}..{}): CRC-32 is {crc:08x} but the zip directory records {:08x}",
-                            e.name,
-                            abs + e.size,
-                            e.crc
-                        ),
-                    ));
-                }
-                Err(m) => {
-                    bad = true;
-                    self.add(item_problem(abs, m));
-                }
-            }
-            self.report.records += 1;
+        for e in entries {
+            let checked = self.check_record(item, at, e, block);
+            bad |= checked.bad;
+            block_used |= checked.used_block;
         }
         if let (Some((b, _)), false) = (block, block_used) {
-            self.add(item_problem(
+            self.add(at.problem(
                 b.payload_offset,
                 format!(
-                    "{what} at offset {base}: the sidecar's block checksums cover {} bytes at offset {}, which is not a record of the item",
-                    b.payload_len, b.payload_offset
+                    "{} at offset {}: the sidecar's block checksums cover {} bytes at offset {}, which is not a record of the item",
+                    at.what, at.base, b.payload_len, b.payload_offset
                 ),
             ));
         }
-        if bad {
-            return;
-        }
-        if let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") {
-            if pkl.method == 0 && pkl.size <= MAX_PICKLE {
-                let bytes = self
-                    .record_data_offset(&item, len, pkl, &what)
-                    .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
-                if let Ok((off, bytes)) = bytes {
-                    self.check_pickle(Some(key), file, Some(base + off), &format!("{what}: data.pkl"), &bytes);
-                }
-            }
-        }
-        // What load refuses, unsupported things included (compressed records, unknown dtypes,
-        // safetensors items): each is a problem.
-        let content = zipitem::read_item(&item, len, &what);
-        let msg = match (content, expect) {
-            (Err(e), _) if e.kind() == ErrorKind::Unsupported => Some(format!("load refuses it: {e}")),
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(_), None) => None,
-            (Ok(ItemContent::Object(_)), Some(Expect::Object)) => None,
-            (Ok(ItemContent::Tensor(_)), Some(Expect::Object)) => Some(format!("{what} holds a tensor, but .metadata says an object")),
-            (Ok(ItemContent::Object(_)), Some(Expect::Tensor { .. })) => {
-                Some(format!("{what} holds an object, but .metadata says a tensor chunk"))
-            }
-            (Ok(ItemContent::Tensor(t)), Some(Expect::Tensor { dtype, dtype_name, chunk })) => {
-                if dtype.is_some_and(|d| d != t.dtype) || t.sizes != chunk.sizes {
-                    Some(format!(
-                        "{what} holds a {} tensor of shape {:?}, but .metadata describes a {dtype_name} chunk of shape {:?}",
-                        t.dtype, t.sizes, chunk.sizes
-                    ))
-                } else {
-                    None
-                }
+        !bad
+    }
+
+    /// One record's CRC-32 against the zip directory's; compressed records are noted, not checked.
+    fn check_record(&mut self, item: &Item, at: &ItemAt, e: &ZipEntry, block: Option<(&BlockRecord, u64)>) -> RecordCheck {
+        let (key, file, base, what) = (at.key, at.file, at.base, at.what.as_str());
+        let data_off = match self.record_data_offset(item, at.len, e, what) {
+            Ok(o) => o,
+            Err(m) => {
+                self.add(at.problem(base + e.header_offset, m));
+                return RecordCheck::BAD;
             }
         };
-        if let Some(m) = msg {
-            self.add(item_problem(base, m));
+        if e.method != 0 {
+            self.report.notes.push(format!(
+                "key {key:?}: {file} at offset {}: {what}: record {} is compressed (method {}); its CRC-32 is not checked",
+                base + data_off,
+                e.name,
+                e.method
+            ));
+            return RecordCheck::default();
+        }
+        let abs = base + data_off;
+        let blk = block.filter(|(b, _)| b.payload_offset == abs && b.payload_len == e.size);
+        let mut checked = RecordCheck {
+            bad: false,
+            used_block: blk.is_some(),
+        };
+        match self.stream_record(item, data_off, e.size, blk, key, file) {
+            Ok(crc) if crc == e.crc => {}
+            Ok(crc) => {
+                checked.bad = true;
+                self.add(at.problem(
+                    abs,
+                    format!(
+                        "{what} at offset {base}: record {} (bytes {abs}..{}): CRC-32 is {crc:08x} but the zip directory records {:08x}",
+                        e.name,
+                        abs + e.size,
+                        e.crc
+                    ),
+                ));
+            }
+            Err(m) => {
+                checked.bad = true;
+                self.add(at.problem(abs, m));
+            }
+        }
+        self.report.records += 1;
+        checked
+    }
+
+    /// The item's `data.pkl`, when stored uncompressed and not too large, through the pickle scan.
+    fn check_item_pickle(&mut self, item: &Item, at: &ItemAt, entries: &[ZipEntry]) {
+        let Some(pkl) = entries.iter().find(|e| e.name.ends_with("/data.pkl") || e.name == "data.pkl") else {
+            return;
+        };
+        if pkl.method != 0 || pkl.size > MAX_PICKLE {
+            return;
+        }
+        let bytes = self
+            .record_data_offset(item, at.len, pkl, &at.what)
+            .and_then(|off| Ok((off, item.read_item_range(off, pkl.size as usize).map_err(|e| e.to_string())?)));
+        if let Ok((off, bytes)) = bytes {
+            self.check_pickle(Some(at.key), at.file, Some(at.base + off), &format!("{}: data.pkl", at.what), &bytes);
         }
     }
 
@@ -883,6 +1030,200 @@ pub fn tiling_problems(shape: &[u64], chunks: &[Region]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tensor(dtype: DType, sizes: &[u64]) -> crate::error::Result<ItemContent> {
+        Ok(ItemContent::Tensor(zipitem::TensorRecord {
+            dtype,
+            sizes: sizes.to_vec(),
+            strides: vec![1; sizes.len()],
+            storage_offset: 0,
+            data_offset: 0,
+            data_len: 0,
+            crc: 0,
+        }))
+    }
+
+    #[test]
+    fn content_against_metadata() {
+        let object = || Ok(ItemContent::Object(crate::ObjectValue::Int(1)));
+        let chunk = r(&[0, 0], &[2, 3]);
+        let f32_chunk = || {
+            Some(Expect::Tensor {
+                dtype: Some(DType::F32),
+                dtype_name: "torch.float32",
+                chunk: &chunk,
+            })
+        };
+        let what = "item (chunk at [0, 0])";
+        assert_eq!(content_mismatch(tensor(DType::F32, &[2, 3]), f32_chunk(), what), None);
+        assert_eq!(content_mismatch(object(), Some(Expect::Object), what), None);
+        assert_eq!(content_mismatch(object(), None, what), None);
+        assert_eq!(
+            content_mismatch(tensor(DType::F32, &[3, 2]), f32_chunk(), what).unwrap(),
+            format!(
+                "item (chunk at [0, 0]) holds a {} tensor of shape [3, 2], but .metadata describes a torch.float32 chunk of shape [2, 3]",
+                DType::F32
+            )
+        );
+        assert!(content_mismatch(tensor(DType::I64, &[2, 3]), f32_chunk(), what).is_some());
+        // An unknown dtype in .metadata compares shapes only.
+        let unknown = Expect::Tensor {
+            dtype: None,
+            dtype_name: "torch.float8_e4m3fn",
+            chunk: &chunk,
+        };
+        assert_eq!(content_mismatch(tensor(DType::U8, &[2, 3]), Some(unknown), what), None);
+        assert_eq!(
+            content_mismatch(tensor(DType::F32, &[2, 3]), Some(Expect::Object), "item").unwrap(),
+            "item holds a tensor, but .metadata says an object"
+        );
+        assert_eq!(
+            content_mismatch(object(), f32_chunk(), "item").unwrap(),
+            "item holds an object, but .metadata says a tensor chunk"
+        );
+        assert_eq!(
+            content_mismatch(Err(crate::Error::unsupported("compressed record")), None, "item").unwrap(),
+            "load refuses it: compressed record"
+        );
+        assert_eq!(
+            content_mismatch(Err(crate::Error::corrupt("bad zip")), Some(Expect::Object), "item").unwrap(),
+            "bad zip"
+        );
+    }
+
+    fn stored(fqn: &str, offsets: Option<&[u64]>, file: &str, offset: u64, length: u64) -> (StorageIndex, StorageInfo) {
+        (
+            StorageIndex {
+                fqn: fqn.into(),
+                offset: offsets.map(<[u64]>::to_vec),
+                index: None,
+            },
+            StorageInfo {
+                relative_path: file.into(),
+                offset,
+                length,
+            },
+        )
+    }
+
+    #[test]
+    fn unopened_file_messages_name_its_keys() {
+        let missing = crate::Error::not_found("no such file");
+        assert_eq!(unopened_file_message(&missing, &[]), "data file is missing");
+        assert_eq!(
+            unopened_file_message(&missing, &["a", "a", "b"]),
+            "data file is missing (3 items of \"a\", \"b\" are stored in it)"
+        );
+        assert_eq!(
+            unopened_file_message(&crate::Error::invalid("denied"), &["a", "b", "c", "d", "e", "b"]),
+            "data file cannot be opened: denied (6 items of \"a\", \"b\", \"c\" and 2 more are stored in it)"
+        );
+    }
+
+    #[test]
+    fn items_past_the_end_of_their_file() {
+        let (idx, info) = stored("w", Some(&[2, 0]), "__0_0.distcp", 100, 50);
+        assert!(past_end_problem(&idx, &info, 150).is_none());
+        let p = past_end_problem(&idx, &info, 149).unwrap();
+        assert_eq!(
+            p.message,
+            "item (chunk at [2, 0]) of 50 bytes runs past the end of the 149-byte file (truncated?)"
+        );
+        assert_eq!((p.key.as_deref(), p.file.as_deref(), p.offset), (Some("w"), Some("__0_0.distcp"), Some(100)));
+        // An end past u64::MAX is past any file's end.
+        let (idx, info) = stored("o", None, "__0_0.distcp", u64::MAX, 1);
+        let p = past_end_problem(&idx, &info, u64::MAX).unwrap();
+        assert!(p.message.starts_with("item of 1 bytes runs past"), "{}", p.message);
+    }
+
+    #[test]
+    fn overlapping_items() {
+        let a = stored("a", Some(&[0]), "f", 0, 100);
+        let touching = stored("b", Some(&[4]), "f", 100, 10);
+        let inside = stored("b", Some(&[4]), "f", 99, 10);
+        let other_file = stored("b", Some(&[4]), "g", 50, 10);
+        assert!(overlap_problem(&a, &touching).is_none());
+        assert!(overlap_problem(&a, &other_file).is_none());
+        let p = overlap_problem(&a, &inside).unwrap();
+        assert_eq!(
+            p.message,
+            "item (chunk at [4]) overlaps the item of key \"a\" (chunk at [0]) at offset 0 (+100)"
+        );
+        assert_eq!((p.key.as_deref(), p.offset), (Some("b"), Some(99)));
+        assert!(item_end(&a) < item_end(&inside) && item_end(&inside) < item_end(&other_file));
+    }
+
+    #[test]
+    fn item_index_expectations_and_blocks() {
+        let md = Metadata {
+            entries: vec![
+                (
+                    "w".into(),
+                    EntryMeta::Tensor(crate::format::metadata::TensorMeta {
+                        dtype: Some(DType::F32),
+                        dtype_name: "torch.float32".into(),
+                        size: vec![4],
+                        chunks: vec![r(&[0], &[2]), r(&[2], &[2])],
+                    }),
+                ),
+                ("o".into(), EntryMeta::Bytes),
+            ],
+            ..Default::default()
+        };
+        let block = BlockRecord {
+            fqn: "w".into(),
+            chunk_offsets: vec![2],
+            file: 0,
+            payload_offset: 64,
+            payload_len: 8,
+            crcs: vec![0],
+        };
+        let sc = Sidecar {
+            format_version: 1,
+            writer: "libdcp test".into(),
+            save_id: "s".into(),
+            world_size: 1,
+            metadata_len: 0,
+            metadata_crc32: 0,
+            plan_hash: 0,
+            block_size: 4,
+            files: vec![],
+            blocks: vec![block],
+        };
+        let index = ItemIndex::new(&md, Some(&sc));
+        match index.expect(&stored("w", Some(&[2]), "f", 0, 1).0) {
+            Some(Expect::Tensor { dtype, dtype_name, chunk }) => {
+                assert_eq!((dtype, dtype_name, chunk), (Some(DType::F32), "torch.float32", &r(&[2], &[2])));
+            }
+            _ => panic!("chunk [2] of w not found"),
+        }
+        assert!(matches!(index.expect(&stored("o", None, "f", 0, 1).0), Some(Expect::Object)));
+        assert!(index.expect(&stored("w", Some(&[1]), "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("w", None, "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("o", Some(&[0]), "f", 0, 1).0).is_none());
+        assert!(index.expect(&stored("x", None, "f", 0, 1).0).is_none());
+        let (b, size) = index.block(&stored("w", Some(&[2]), "f", 0, 1).0).unwrap();
+        assert_eq!((b, size), (&sc.blocks[0], 4));
+        assert!(index.block(&stored("w", Some(&[0]), "f", 0, 1).0).is_none());
+        assert!(index.block(&stored("o", None, "f", 0, 1).0).is_none());
+        assert_eq!(ItemIndex::new(&md, None).block_size, sidecar::BLOCK_SIZE);
+    }
+
+    #[test]
+    fn item_problems_name_key_file_and_offset() {
+        let at = ItemAt {
+            key: "w",
+            file: "__0_0.distcp",
+            base: 128,
+            len: 64,
+            what: "item".into(),
+        };
+        let p = at.problem(160, "broken".into());
+        assert_eq!(p.key.as_deref(), Some("w"));
+        assert_eq!(p.file.as_deref(), Some("__0_0.distcp"));
+        assert_eq!(p.offset, Some(160));
+        assert_eq!(p.message, "broken");
+    }
 
     fn r(o: &[u64], s: &[u64]) -> Region {
         Region::new(o.to_vec(), s.to_vec()).unwrap()

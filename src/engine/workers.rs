@@ -6,6 +6,18 @@ use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+/// The most threads a save or load may run per rank.
+pub(crate) const MAX_THREADS: usize = 1024;
+
+/// Checks a thread count against `1..=MAX_THREADS`; `what` names it in the error ("writer
+/// threads", "reader threads", ...).
+pub(crate) fn check_thread_count(what: &str, n: usize) -> Result<()> {
+    if n == 0 || n > MAX_THREADS {
+        return Err(Error::invalid(format!("{what} must be 1..={MAX_THREADS}, not {n}")));
+    }
+    Ok(())
+}
+
 /// Runs `work(&mut state, item)` for every item of `items` on `threads` threads (at most one
 /// per item), each thread's `state` made by `init`. Returns the results in item order, or the
 /// first error (by item order among those that failed).
@@ -64,6 +76,17 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_count_bounds_and_message() {
+        assert!(check_thread_count("reader threads", 1).is_ok());
+        assert!(check_thread_count("reader threads", MAX_THREADS).is_ok());
+        let e = check_thread_count("reader threads", 0).unwrap_err();
+        assert_eq!(e.message(), "reader threads must be 1..=1024, not 0");
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+        let e = check_thread_count("writer threads", MAX_THREADS + 1).unwrap_err();
+        assert_eq!(e.message(), "writer threads must be 1..=1024, not 1025");
+    }
 
     #[test]
     fn results_in_order_and_first_error_wins() {

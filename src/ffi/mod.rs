@@ -257,12 +257,11 @@ pub(crate) unsafe fn free_box<T>(p: *mut T) {
     })
 }
 
-/// Threads per rank of save and load options, 1..=1024.
+/// Threads per rank of save and load options, 1..=`MAX_THREADS` (the engine's one check).
 pub(crate) fn threads_arg(threads: u32) -> FfiResult<usize> {
-    if !(1..=1024).contains(&threads) {
-        return Err(invalid(format!("threads must be 1..=1024, not {threads}")));
-    }
-    Ok(threads as usize)
+    let n = threads as usize;
+    crate::engine::workers::check_thread_count("threads", n)?;
+    Ok(n)
 }
 
 /// A C string argument as UTF-8.

@@ -8,17 +8,20 @@ pub(crate) mod read;
 use super::layout::{self, RawCheckpoint};
 use super::staging::{first_cuda_device, sync_devices, DeviceStreams, PoolBuf, StagingPool};
 use super::wire::{agree, broadcast_result};
-use super::workers::for_each_parallel;
+use super::workers::{check_thread_count, for_each_parallel};
 use super::Context;
 use broadcast::Broadcasts;
 use read::{read_chunk, read_object, window_buffer_len, Files, Reader, Target};
 
+use crate::comm::Communicator;
 use crate::error::{Error, Result};
-use crate::format::sidecar::{self, BlockRecord};
+use crate::format::pyobj::ObjectValue;
+use crate::format::sidecar::{self, BlockRecord, Sidecar};
 use crate::plan::load::plan_load;
-use crate::plan::load::LoadPlan;
-use crate::state::{EntryValue, State};
+use crate::plan::load::{ChunkRead, LoadPlan, ObjectRead};
+use crate::state::{Entry, EntryValue, State};
 use crate::storage::Storage;
+use crate::tensor::TensorView;
 pub use read::DirectIo;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -134,30 +137,7 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
     ctx.settle(true)?;
     let t0 = Instant::now();
     let comm = ctx.communicator();
-    // Rank 0 reads (and decodes) `.metadata` and the sidecar; the others decode its bytes.
-    let mut mine = None;
-    let raw = broadcast_result(
-        comm,
-        0,
-        if comm.rank() == 0 {
-            layout::read_and_open(storage.as_ref()).map(|(raw, opened)| {
-                mine = Some(opened);
-                (raw.metadata, raw.sidecar)
-            })
-        } else {
-            Ok((vec![], None))
-        },
-    )?;
-    let opened = match mine {
-        Some(o) => Ok(o),
-        None => layout::decode(
-            storage.as_ref(),
-            &RawCheckpoint {
-                metadata: raw.0,
-                sidecar: raw.1,
-            },
-        ),
-    };
+    let opened = open_shared(comm, storage.as_ref())?;
     let mut planned = opened.and_then(|o| {
         let plan = plan_load(state, &o.metadata, &o.lookup, opts.strict)?;
         Ok((o, plan))
@@ -198,13 +178,43 @@ pub fn load_from(ctx: &Context, state: &mut State, storage: Arc<dyn Storage>, op
     Ok(report)
 }
 
+/// Rank 0 reads (and decodes) `.metadata` and the sidecar; the others decode its bytes.
+/// Collective. The outer error is every rank's (rank 0's read or the broadcast failed), the
+/// inner one this rank's own decode.
+fn open_shared(comm: &dyn Communicator, storage: &dyn Storage) -> Result<Result<Opened>> {
+    let mut mine = None;
+    let raw = broadcast_result(
+        comm,
+        0,
+        if comm.rank() == 0 {
+            layout::read_and_open(storage).map(|(raw, opened)| {
+                mine = Some(opened);
+                (raw.metadata, raw.sidecar)
+            })
+        } else {
+            Ok((vec![], None))
+        },
+    )?;
+    Ok(match mine {
+        Some(o) => Ok(o),
+        None => layout::decode(
+            storage,
+            &RawCheckpoint {
+                metadata: raw.0,
+                sidecar: raw.1,
+            },
+        ),
+    })
+}
+
 /// Plans and runs a load on this rank alone.
 pub fn execute(files: &Files, opened: &Opened, state: &mut State, opts: &LoadOptions, pool: &Mutex<StagingPool>) -> Result<LoadReport> {
     let plan = plan_load(state, &opened.metadata, &opened.lookup, opts.strict)?;
     execute_plan(files, opened, state, plan, opts, pool)
 }
 
-/// Runs a planned load on this rank alone.
+/// Runs a planned load on this rank alone: objects first (small, and they may fail early), then
+/// every chunk on the reader threads, then the loaded flags.
 fn execute_plan(
     files: &Files,
     opened: &Opened,
@@ -214,101 +224,235 @@ fn execute_plan(
     pool: &Mutex<StagingPool>,
 ) -> Result<LoadReport> {
     let t0 = Instant::now();
-    if opts.threads == 0 || opts.threads > 1024 {
-        return Err(Error::invalid(format!("reader threads must be 1..=1024, not {}", opts.threads)));
-    }
-    let md = &opened.metadata;
-    let bytes_read = plan.bytes_to_read(md, &opened.lookup);
-    let blocks: HashMap<(&str, &[u64]), &BlockRecord> = opened
-        .sidecar
-        .iter()
-        .flat_map(|s| s.blocks.iter())
-        .map(|b| ((b.fqn.as_str(), b.chunk_offsets.as_slice()), b))
-        .collect();
-    let block_size = opened.sidecar.as_ref().map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE);
+    check_thread_count("reader threads", opts.threads)?;
+    let bytes_read = plan.bytes_to_read(&opened.metadata, &opened.lookup);
+    let blocks = BlockIndex::new(opened.sidecar.as_ref());
+    let objects = read_objects(files, &plan.objects)?;
+    read_chunks(files, &blocks, state.entries(), &plan.chunks, opts, pool)?;
+    record_loaded(state, &plan, objects);
+    Ok(LoadReport {
+        bytes_read,
+        bytes_broadcast: 0,
+        missing: plan.missing,
+        seconds: t0.elapsed().as_secs_f64(),
+        ..Default::default()
+    })
+}
 
-    let mut objects = Vec::with_capacity(plan.objects.len());
-    for o in &plan.objects {
-        objects.push((o.entry, read_object(files, &o.fqn, &o.storage)?));
-    }
+/// The sidecar's block checksums by chunk (fqn and chunk offsets), with their block size.
+struct BlockIndex<'s> {
+    by_chunk: HashMap<(&'s str, &'s [u64]), &'s BlockRecord>,
+    block_size: u64,
+}
 
-    {
-        let entries = state.entries();
-        // Device buffers may still be in use by the caller's kernels.
-        sync_devices(entries.iter().filter_map(|e| match &e.value {
-            EntryValue::Tensor(t) => Some(&t.view),
-            _ => None,
-        }))?;
-        // Dropped in field order: the streams (finishing their copies) before the buffer goes
-        // back to the pool.
-        struct ReaderState<'p> {
-            streams: DeviceStreams,
-            buf: PoolBuf<'p>,
-        }
-        let gpu = first_cuda_device(
-            plan.chunks
+impl<'s> BlockIndex<'s> {
+    fn new(sidecar: Option<&'s Sidecar>) -> Self {
+        BlockIndex {
+            by_chunk: sidecar
                 .iter()
-                .flat_map(|c| &c.targets)
-                .filter_map(|(ei, _)| match &entries[*ei].value {
-                    EntryValue::Tensor(t) => Some(&t.view),
-                    _ => None,
-                }),
-        );
-        for_each_parallel(
-            &plan.chunks,
-            opts.threads,
-            || {
-                Ok(ReaderState {
-                    streams: DeviceStreams::default(),
-                    buf: PoolBuf::acquire(pool, window_buffer_len(), gpu)?,
-                })
-            },
-            |st, c| {
-                let targets: Vec<Target> = c
-                    .targets
-                    .iter()
-                    .map(|(ei, overlap)| match &entries[*ei].value {
-                        EntryValue::Tensor(t) => Ok(Target {
-                            view: &t.view,
-                            region: &t.region,
-                            overlap,
-                        }),
-                        EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
-                    })
-                    .collect::<Result<_>>()?;
-                let mut rd = Reader {
-                    files,
-                    verify: opts.verify,
-                    direct: opts.direct_io,
-                    buf: &mut st.buf,
-                    streams: &mut st.streams,
-                };
-                let b = blocks.get(&(c.fqn.as_str(), c.chunk.offsets.as_slice())).map(|b| (*b, block_size));
-                read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets)
-            },
-        )?;
-    }
-
-    // Flags only go up here: a load may run in passes (see the NCCL fallback).
-    let missing = plan.missing;
-    let mut loaded: Vec<usize> = plan.chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
-    for (i, e) in state.entries().iter().enumerate() {
-        if matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn)) {
-            loaded.push(i);
+                .flat_map(|s| s.blocks.iter())
+                .map(|b| ((b.fqn.as_str(), b.chunk_offsets.as_slice()), b))
+                .collect(),
+            block_size: sidecar.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE),
         }
     }
+
+    /// The block checksums of chunk `offsets` of `fqn`, if the sidecar has them.
+    fn get(&self, fqn: &str, offsets: &[u64]) -> Option<(&'s BlockRecord, u64)> {
+        self.by_chunk.get(&(fqn, offsets)).map(|b| (*b, self.block_size))
+    }
+}
+
+/// Reads (and decodes) every planned object, with the entry it goes to.
+fn read_objects(files: &Files, objects: &[ObjectRead]) -> Result<Vec<(usize, ObjectValue)>> {
+    objects
+        .iter()
+        .map(|o| Ok((o.entry, read_object(files, &o.fqn, &o.storage)?)))
+        .collect()
+}
+
+/// One reader thread's own things. Dropped in field order: the streams (finishing their copies)
+/// before the buffer goes back to the pool.
+struct ReaderState<'p> {
+    streams: DeviceStreams,
+    buf: PoolBuf<'p>,
+}
+
+/// Reads every planned chunk into the tensors it overlaps, on `opts.threads` reader threads.
+fn read_chunks(
+    files: &Files,
+    blocks: &BlockIndex,
+    entries: &[Entry],
+    chunks: &[ChunkRead],
+    opts: &LoadOptions,
+    pool: &Mutex<StagingPool>,
+) -> Result<()> {
+    // Device buffers may still be in use by the caller's kernels.
+    sync_devices(entries.iter().filter_map(tensor_view))?;
+    let gpu = first_cuda_device(
+        chunks
+            .iter()
+            .flat_map(|c| &c.targets)
+            .filter_map(|(ei, _)| tensor_view(&entries[*ei])),
+    );
+    for_each_parallel(
+        chunks,
+        opts.threads,
+        || {
+            Ok(ReaderState {
+                streams: DeviceStreams::default(),
+                buf: PoolBuf::acquire(pool, window_buffer_len(), gpu)?,
+            })
+        },
+        |st, c| {
+            let targets = chunk_targets(entries, c)?;
+            let mut rd = Reader {
+                files,
+                verify: opts.verify,
+                direct: opts.direct_io,
+                buf: &mut st.buf,
+                streams: &mut st.streams,
+            };
+            let b = blocks.get(&c.fqn, &c.chunk.offsets);
+            read_chunk(&mut rd, b, &c.fqn, &c.chunk, &c.storage, &targets)
+        },
+    )?;
+    Ok(())
+}
+
+/// The view of a tensor entry; `None` for an object.
+fn tensor_view<'e, 'a>(e: &'e Entry<'a>) -> Option<&'e TensorView<'a>> {
+    match &e.value {
+        EntryValue::Tensor(t) => Some(&t.view),
+        EntryValue::Object(_) => None,
+    }
+}
+
+/// Where the overlaps of chunk `c` go: each target entry's view and region.
+fn chunk_targets<'e, 'a>(entries: &'e [Entry<'a>], c: &'e ChunkRead) -> Result<Vec<Target<'e, 'a>>> {
+    c.targets
+        .iter()
+        .map(|(ei, overlap)| match &entries[*ei].value {
+            EntryValue::Tensor(t) => Ok(Target {
+                view: &t.view,
+                region: &t.region,
+                overlap,
+            }),
+            EntryValue::Object(_) => Err(Error::internal("tensor read planned into an object entry")),
+        })
+        .collect()
+}
+
+/// Stores the objects read and marks what this pass filled as loaded, and records the missing
+/// keys. Flags only go up here: a load may run in passes (see the NCCL fallback).
+fn record_loaded(state: &mut State, plan: &LoadPlan, objects: Vec<(usize, ObjectValue)>) {
+    let mut loaded = loaded_tensor_entries(state.entries(), &plan.chunks, &plan.missing);
     let entries = state.entries_mut();
     for (ei, v) in objects {
         entries[ei].value = EntryValue::Object(v);
         loaded.push(ei);
     }
     state.mark_loaded(loaded);
-    state.add_missing(missing.clone());
-    Ok(LoadReport {
-        bytes_read,
-        bytes_broadcast: 0,
-        missing,
-        seconds: t0.elapsed().as_secs_f64(),
-        ..Default::default()
-    })
+    state.add_missing(plan.missing.clone());
+}
+
+/// The tensor entries a pass fills: every chunk's targets, and every empty tensor the checkpoint
+/// has (nothing to read, loaded all the same).
+fn loaded_tensor_entries(entries: &[Entry], chunks: &[ChunkRead], missing: &[String]) -> Vec<usize> {
+    let mut loaded: Vec<usize> = chunks.iter().flat_map(|c| c.targets.iter().map(|t| t.0)).collect();
+    for (i, e) in entries.iter().enumerate() {
+        if matches!(&e.value, EntryValue::Tensor(t) if t.region.is_empty() && !missing.contains(&e.fqn)) {
+            loaded.push(i);
+        }
+    }
+    loaded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::metadata::StorageInfo;
+    use crate::region::Region;
+    use crate::tensor::DType;
+
+    fn chunk_read(fqn: &str, targets: Vec<usize>) -> ChunkRead {
+        let region = Region::new(vec![0], vec![2]).unwrap();
+        ChunkRead {
+            fqn: fqn.into(),
+            chunk: region.clone(),
+            storage: StorageInfo {
+                relative_path: "__0_0.distcp".into(),
+                offset: 0,
+                length: 8,
+            },
+            targets: targets.into_iter().map(|t| (t, region.clone())).collect(),
+        }
+    }
+
+    #[test]
+    fn loaded_entries_are_chunk_targets_and_present_empty_tensors() {
+        let (mut a, mut empty, mut gone) = ([0u8; 8], [0u8; 0], [0u8; 0]);
+        let mut st = State::new();
+        st.add_tensor("a", TensorView::from_bytes(&mut a, DType::F32, &[2]).unwrap())
+            .unwrap();
+        st.add_int("n", 3).unwrap();
+        st.add_tensor("empty", TensorView::from_bytes(&mut empty, DType::F32, &[0]).unwrap())
+            .unwrap();
+        st.add_tensor("gone", TensorView::from_bytes(&mut gone, DType::F32, &[0]).unwrap())
+            .unwrap();
+        let chunks = vec![chunk_read("a", vec![0])];
+        let got = loaded_tensor_entries(st.entries(), &chunks, &["gone".to_string()]);
+        assert_eq!(got, vec![0, 2]);
+        assert_eq!(loaded_tensor_entries(st.entries(), &[], &[]), vec![2, 3]);
+    }
+
+    #[test]
+    fn chunk_targets_refuse_an_object_entry() {
+        let mut a = [0u8; 8];
+        let mut st = State::new();
+        st.add_tensor("a", TensorView::from_bytes(&mut a, DType::F32, &[2]).unwrap())
+            .unwrap();
+        st.add_int("n", 3).unwrap();
+        let one = chunk_read("a", vec![0]);
+        let targets = chunk_targets(st.entries(), &one).unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].overlap, &Region::new(vec![0], vec![2]).unwrap());
+        let Err(e) = chunk_targets(st.entries(), &chunk_read("a", vec![0, 1])) else {
+            panic!("a target in an object entry was accepted");
+        };
+        assert_eq!(e.message(), "tensor read planned into an object entry");
+    }
+
+    #[test]
+    fn block_index_finds_a_chunk_by_key_and_offsets() {
+        let none = BlockIndex::new(None);
+        assert!(none.get("a", &[0]).is_none());
+        assert_eq!(none.block_size, sidecar::BLOCK_SIZE);
+        let block = |fqn: &str, offsets: Vec<u64>| BlockRecord {
+            fqn: fqn.into(),
+            chunk_offsets: offsets,
+            file: 0,
+            payload_offset: 64,
+            payload_len: 1 << 20,
+            crcs: vec![1, 2],
+        };
+        let sc = Sidecar {
+            format_version: 1,
+            writer: "libdcp test".into(),
+            save_id: "s".into(),
+            world_size: 1,
+            metadata_len: 0,
+            metadata_crc32: 0,
+            plan_hash: 0,
+            block_size: 4096,
+            files: vec![],
+            blocks: vec![block("a", vec![0, 0]), block("a", vec![4, 0]), block("b", vec![0, 0])],
+        };
+        let index = BlockIndex::new(Some(&sc));
+        let (b, size) = index.get("a", &[4, 0]).unwrap();
+        assert_eq!((b, size), (&sc.blocks[1], 4096));
+        assert_eq!(index.get("b", &[0, 0]).unwrap().0, &sc.blocks[2]);
+        assert!(index.get("a", &[0, 4]).is_none());
+        assert!(index.get("c", &[0, 0]).is_none());
+    }
 }

@@ -18,6 +18,7 @@ use super::future::SaveFuture;
 use super::layout::{self, PreparedLocation, WrittenFile};
 use super::staging::sync_devices;
 use super::wire::{broadcast_result, Wire};
+use super::workers::check_thread_count;
 use super::Context;
 use crate::error::{Error, Result};
 use crate::format::sidecar::FileRecord;
@@ -269,10 +270,7 @@ fn global_plan(ctx: &Context, state: &State, opts: &SaveOptions) -> Result<(Arc<
 }
 
 fn validate_local(opts: &SaveOptions) -> Result<()> {
-    if opts.threads == 0 || opts.threads > 1024 {
-        return Err(Error::invalid(format!("writer threads must be 1..=1024, not {}", opts.threads)));
-    }
-    Ok(())
+    check_thread_count("writer threads", opts.threads)
 }
 
 /// The entries this rank writes, in plan order.
