@@ -2,7 +2,6 @@
 //! and communication.
 
 pub mod checkpoint;
-pub mod future;
 pub mod layout;
 pub mod load;
 pub mod save;
@@ -18,10 +17,9 @@ use crate::plan::save::GlobalPlan;
 use std::sync::{Arc, Mutex};
 
 pub use checkpoint::{Checkpoint, KeyInfo, KeyKind};
-pub use future::SaveFuture;
 pub use load::DirectIo;
 pub use load::{load, LoadOptions, LoadReport};
-pub use save::{save, save_async, SaveOptions};
+pub use save::{save, save_async, SaveFuture, SaveOptions};
 pub use staging::PoolStats;
 
 pub(crate) struct ContextInner {

@@ -14,7 +14,8 @@ mod records;
 mod stage;
 mod write;
 
-use super::future::SaveFuture;
+mod future;
+pub use future::SaveFuture;
 use super::layout::{self, PreparedLocation, WrittenFile};
 use super::staging::sync_devices;
 use super::wire::{broadcast_result, Wire};

@@ -1,6 +1,6 @@
 //! The handle of an async save: wait for it or poll it.
 
-use super::save::SaveReport;
+use super::SaveReport;
 use crate::error::Result;
 use std::sync::{Arc, Condvar, Mutex};
 
