@@ -221,6 +221,12 @@ fn async_save_holds_the_values_at_the_call() {
     let ctx = Context::local();
     let mut w: Vec<f32> = (0..1 << 20).map(|i| i as f32).collect();
     let mut strided: Vec<u16> = (0..64).collect();
+    // Over two host-copy pieces (4 MiB each) with an odd tail: copied by several threads.
+    // (Bytes that differ between pieces: `pattern` repeats every 256 bytes.)
+    let mut big: Vec<u8> = (0..(10u64 << 20) + 3)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect();
+    let expect_big = big.clone();
     let expect_w = w.clone();
     let expect_t: Vec<u16> = (0..8).flat_map(|j| (0..8).map(move |i| (i * 8 + j) as u16)).collect();
     let fut = {
@@ -240,12 +246,15 @@ fn async_save_holds_the_values_at_the_call() {
             .unwrap()
         };
         st.add_tensor("t", t).unwrap();
+        st.add_tensor("big", TensorView::from_slice(&big, &[big.len() as u64]).unwrap())
+            .unwrap();
         st.add_int("step", 3).unwrap();
         dcp::save_async(&ctx, &st, dir.s(), &SaveOptions::default()).unwrap()
     };
     // The caller changes its tensors right away: the checkpoint keeps the old values.
     w.iter_mut().for_each(|x| *x = -1.0);
     strided.iter_mut().for_each(|x| *x = 999);
+    big.iter_mut().for_each(|x| *x = 0x5A);
     // A second async save while one is in flight, told not to wait, is refused.
     let st = State::new();
     let busy = dcp::save_async(
@@ -272,6 +281,8 @@ fn async_save_holds_the_values_at_the_call() {
     let (_, _, bytes) = ck.read_tensor("t").unwrap();
     let got: Vec<u16> = bytes.chunks(2).map(|c| u16::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(got, expect_t);
+    let (_, _, bytes) = ck.read_tensor("big").unwrap();
+    assert!(bytes == expect_big, "the 10 MiB tensor staged in pieces differs");
     assert_eq!(ck.read_object("step").unwrap(), ObjectValue::Int(3));
     // The staging buffer is kept for the next save.
     assert!(ctx.staging_stats().heap_bytes >= 4 << 20);

@@ -4,13 +4,15 @@
 
 use super::my_entries;
 use crate::engine::staging::{
-    self, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, HostGather, PoolBuf, SyncOnDrop,
+    self, copy_contiguous_piece, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, HostGather, PoolBuf, SyncOnDrop,
 };
+use crate::engine::workers::for_each_parallel;
 use crate::engine::Context;
-use crate::error::{Error, Result};
+use crate::error::{lock, Error, Result};
 use crate::plan::save::GlobalPlan;
-use crate::state::{EntryValue, State};
-use crate::tensor::Device;
+use crate::state::{EntryValue, State, TensorEntry};
+use crate::tensor::{Device, TensorView};
+use std::sync::Mutex;
 
 /// This rank's written items, copied into one staging buffer (page-locked when CUDA tensors
 /// are involved), and a state of views into it.
@@ -99,26 +101,65 @@ fn copy_into_arena(ctx: &Context, tensors: &[(&crate::state::Entry, &crate::stat
                 })
                 .map_err(key)?;
             }
-            Device::Cpu => host.push((t, dst)),
+            Device::Cpu => host.push((*t, &mut **dst)),
         }
     }
-    // Host copies, spread over threads.
-    let threads = 4usize.min(host.len()).max(1);
-    let mut parts: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, job) in host.into_iter().enumerate() {
-        parts[i % threads].push(job);
-    }
-    std::thread::scope(|s| {
-        for part in parts {
-            s.spawn(move || {
-                for (t, dst) in part {
-                    copy_dense(&t.view, dst);
-                }
-            });
-        }
-    });
+    copy_host(host)?;
     for s in &used.0 {
         s.synchronize()?;
     }
+    Ok(())
+}
+
+/// Host copies are cut into pieces of at most this many bytes, so that one large tensor is
+/// copied by every staging thread: memory bandwidth, not one core, is then the limit.
+const HOST_PIECE: usize = 4 << 20;
+
+/// The most threads the host staging copy uses (memory bandwidth is saturated before this).
+const MAX_HOST_COPY_THREADS: usize = 8;
+
+/// One piece of a host staging copy: `dst` gets the tensor's dense payload bytes from `start`
+/// (a contiguous tensor's piece), or its whole payload (`start` `None`: a strided tensor,
+/// gathered in one go).
+struct HostPiece<'v, 'd> {
+    view: &'v TensorView<'v>,
+    start: Option<u64>,
+    dst: Mutex<&'d mut [u8]>,
+}
+
+/// Copies host tensors (dense, row-major) into their slots, in pieces spread over threads.
+fn copy_host(host: Vec<(&TensorEntry, &mut [u8])>) -> Result<()> {
+    let mut pieces = Vec::new();
+    for (t, dst) in host {
+        if t.view.is_contiguous() {
+            for (i, piece) in dst.chunks_mut(HOST_PIECE).enumerate() {
+                pieces.push(HostPiece {
+                    view: &t.view,
+                    start: Some((i * HOST_PIECE) as u64),
+                    dst: Mutex::new(piece),
+                });
+            }
+        } else {
+            pieces.push(HostPiece {
+                view: &t.view,
+                start: None,
+                dst: Mutex::new(dst),
+            });
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(MAX_HOST_COPY_THREADS);
+    for_each_parallel(
+        &pieces,
+        threads,
+        || Ok(()),
+        |_, p| {
+            let mut dst = lock(&p.dst);
+            match p.start {
+                Some(start) => copy_contiguous_piece(p.view, start, &mut dst),
+                None => copy_dense(p.view, &mut dst),
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
 }

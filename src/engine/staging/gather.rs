@@ -145,10 +145,28 @@ pub(crate) fn copy_dense(view: &TensorView, dst: &mut [u8]) {
     HostGather::of_view(view).fill(0, dst);
 }
 
+/// Bytes `start..start + dst.len()` of a contiguous host view's payload into `dst`: one piece
+/// of a large tensor whose staging copy is spread over threads.
+pub(crate) fn copy_contiguous_piece(view: &TensorView, start: u64, dst: &mut [u8]) {
+    assert!(view.is_contiguous() && view.device() == Device::Cpu, "a piecewise copy of a strided or device view");
+    let end = start.checked_add(dst.len() as u64).expect("a piece past u64");
+    assert!(end <= view.data_bytes(), "a piece past the end of the payload");
+    // SAFETY: a contiguous host view spans its `data_bytes()` bytes from its pointer, readable
+    // while the view lives (`TensorView::from_raw`'s contract); `start..end` lies within them
+    // (checked above), and `dst` is a distinct, exclusively borrowed buffer.
+    unsafe { std::ptr::copy_nonoverlapping(view.as_ptr().add(start as usize), dst.as_mut_ptr(), dst.len()) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tensor::DType;
+
+    /// A contiguous 3x5 u16 view of `src`'s 15 elements.
+    fn unsafe_view_of(src: &mut [u16]) -> TensorView<'_> {
+        // SAFETY: `src` holds the view's 15 elements (30 bytes, its whole extent) and outlives it.
+        unsafe { TensorView::from_raw(src.as_mut_ptr().cast(), 30, DType::U16, &[3, 5], None, Device::Cpu).unwrap() }
+    }
 
     /// A transposed 5x3 u16 matrix gathered in pieces of every length from 1 to 31 (cutting
     /// elements at every byte), against the whole gather.
@@ -174,6 +192,17 @@ mod tests {
                 g.fill((i * piece) as u64, chunk);
             }
             assert_eq!(out, expect, "pieces of {piece} bytes");
+        }
+        // A contiguous view copied in pieces of every length, against the whole copy.
+        let flat = unsafe_view_of(&mut src);
+        let mut whole = vec![0u8; 30];
+        copy_dense(&flat, &mut whole);
+        for piece in 1..=31 {
+            let mut out = vec![0xAAu8; 30];
+            for (i, chunk) in out.chunks_mut(piece).enumerate() {
+                copy_contiguous_piece(&flat, (i * piece) as u64, chunk);
+            }
+            assert_eq!(out, whole, "contiguous pieces of {piece} bytes");
         }
         let mut g = HostGather::of_extent(&bytes, &view);
         let mut out = vec![0xAAu8; 30];
