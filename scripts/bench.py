@@ -64,24 +64,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def files_of(path):
+    """`path` itself when it is a file, else every file below it."""
+    if os.path.isfile(path):
+        return [path]
+    return [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+
+
 def drop_cache(path):
-    """Evicts a checkpoint's files from the page cache (they are synced first)."""
-    for root, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Evicts a file, or a checkpoint's files, from the page cache (they are synced first)."""
+    for f in files_of(path):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def warm_cache(path):
-    for root, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+    """Reads a file, or a checkpoint's files, into the page cache."""
+    for f in files_of(path):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
 
 
 def dir_bytes(path):
