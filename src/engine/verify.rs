@@ -7,7 +7,7 @@ use super::layout::{self, is_data_file, METADATA_FILE};
 use crate::error::{ErrorKind, Result};
 use crate::format::metadata::{EntryMeta, Metadata, StorageIndex, StorageInfo};
 use crate::format::pickle_scan;
-use crate::format::sidecar::{self, BlockHasher, BlockRecord, Sidecar};
+use crate::format::sidecar::{BlockHasher, BlockIndex, BlockRecord, Sidecar};
 use crate::format::zipitem::{self, ItemContent, ItemSource, ZipEntry};
 use crate::region::{tiling_defect, Region, TilingDefect};
 use crate::storage::{self, ReadHandle, Storage};
@@ -240,8 +240,7 @@ type StoredItem = (StorageIndex, StorageInfo);
 struct ItemIndex<'m> {
     entries: HashMap<&'m str, &'m EntryMeta>,
     chunk_of: HashMap<(&'m str, &'m [u64]), &'m Region>,
-    blocks: HashMap<(&'m str, &'m [u64]), &'m BlockRecord>,
-    block_size: u64,
+    blocks: BlockIndex<'m>,
 }
 
 impl<'m> ItemIndex<'m> {
@@ -254,17 +253,10 @@ impl<'m> ItemIndex<'m> {
                 }
             }
         }
-        let mut blocks: HashMap<(&str, &[u64]), &BlockRecord> = HashMap::new();
-        if let Some(s) = sc {
-            for b in &s.blocks {
-                blocks.insert((&b.fqn, &b.chunk_offsets), b);
-            }
-        }
         ItemIndex {
             entries: md.entries.iter().map(|(k, e)| (k.as_str(), e)).collect(),
             chunk_of,
-            blocks,
-            block_size: sc.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE),
+            blocks: BlockIndex::new(sc),
         }
     }
 
@@ -283,8 +275,7 @@ impl<'m> ItemIndex<'m> {
 
     /// The sidecar's block checksums of item `idx`, with the block size.
     fn block(&self, idx: &StorageIndex) -> Option<(&'m BlockRecord, u64)> {
-        let off = idx.offset.as_ref()?;
-        self.blocks.get(&(idx.fqn.as_str(), off.as_slice())).map(|&b| (b, self.block_size))
+        self.blocks.get(&idx.fqn, idx.offset.as_ref()?)
     }
 }
 
@@ -1206,7 +1197,7 @@ mod tests {
         assert_eq!((b, size), (&sc.blocks[0], 4));
         assert!(index.block(&stored("w", Some(&[0]), "f", 0, 1).0).is_none());
         assert!(index.block(&stored("o", None, "f", 0, 1).0).is_none());
-        assert_eq!(ItemIndex::new(&md, None).block_size, sidecar::BLOCK_SIZE);
+        assert_eq!(ItemIndex::new(&md, None).blocks.block_size(), crate::format::sidecar::BLOCK_SIZE);
     }
 
     #[test]

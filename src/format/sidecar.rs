@@ -170,6 +170,40 @@ impl BlockHasher {
     }
 }
 
+/// A sidecar's block checksums by chunk (key and chunk offsets), with the block size they were
+/// taken at: what a reader of one item looks up. Without a sidecar (torch's checkpoints) it is
+/// empty.
+pub struct BlockIndex<'s> {
+    by_chunk: std::collections::HashMap<(&'s str, &'s [u64]), &'s BlockRecord>,
+    block_size: u64,
+}
+
+impl<'s> BlockIndex<'s> {
+    /// The index of `sidecar`'s blocks; the last record of a chunk listed twice wins.
+    pub fn new(sidecar: Option<&'s Sidecar>) -> Self {
+        BlockIndex {
+            by_chunk: sidecar
+                .iter()
+                .flat_map(|s| s.blocks.iter())
+                .map(|b| ((b.fqn.as_str(), b.chunk_offsets.as_slice()), b))
+                .collect(),
+            block_size: sidecar.map_or(BLOCK_SIZE, |s| s.block_size),
+        }
+    }
+
+    /// The block checksums of chunk `offsets` of `fqn`, with the block size, if the sidecar
+    /// has them.
+    pub fn get(&self, fqn: &str, offsets: &[u64]) -> Option<(&'s BlockRecord, u64)> {
+        self.by_chunk.get(&(fqn, offsets)).map(|b| (*b, self.block_size))
+    }
+
+    /// The block size of the checksums (the default when there is no sidecar).
+    #[cfg(test)]
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +277,38 @@ mod tests {
         let mut s = sample();
         s.format_version = 99;
         assert_eq!(Sidecar::decode(&s.encode(), "t").unwrap_err().kind(), ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn block_index_finds_a_chunk_by_key_and_offsets() {
+        let none = BlockIndex::new(None);
+        assert!(none.get("a", &[0]).is_none());
+        assert_eq!(none.block_size(), BLOCK_SIZE);
+        let block = |fqn: &str, offsets: Vec<u64>| BlockRecord {
+            fqn: fqn.into(),
+            chunk_offsets: offsets,
+            file: 0,
+            payload_offset: 64,
+            payload_len: 1 << 20,
+            crcs: vec![1, 2],
+        };
+        let sc = Sidecar {
+            format_version: FORMAT_VERSION,
+            writer: "libdcp test".into(),
+            save_id: "s".into(),
+            world_size: 1,
+            metadata_len: 0,
+            metadata_crc32: 0,
+            plan_hash: 0,
+            block_size: 4096,
+            files: vec![],
+            blocks: vec![block("a", vec![0, 0]), block("a", vec![4, 0]), block("b", vec![0, 0])],
+        };
+        let index = BlockIndex::new(Some(&sc));
+        let (b, size) = index.get("a", &[4, 0]).unwrap();
+        assert_eq!((b, size), (&sc.blocks[1], 4096));
+        assert_eq!(index.get("b", &[0, 0]).unwrap().0, &sc.blocks[2]);
+        assert!(index.get("a", &[0, 4]).is_none());
+        assert!(index.get("c", &[0, 0]).is_none());
     }
 }

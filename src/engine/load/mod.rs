@@ -16,14 +16,13 @@ use read::{read_chunk, read_object, window_buffer_len, Files, Reader, Target};
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
 use crate::format::pyobj::ObjectValue;
-use crate::format::sidecar::{self, BlockRecord, Sidecar};
+use crate::format::sidecar::BlockIndex;
 use crate::plan::load::plan_load;
 use crate::plan::load::{ChunkRead, LoadPlan, ObjectRead};
 use crate::state::{Entry, EntryValue, State};
 use crate::storage::Storage;
 use crate::tensor::TensorView;
 pub use read::DirectIo;
-use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -239,30 +238,6 @@ fn execute_plan(
     })
 }
 
-/// The sidecar's block checksums by chunk (fqn and chunk offsets), with their block size.
-struct BlockIndex<'s> {
-    by_chunk: HashMap<(&'s str, &'s [u64]), &'s BlockRecord>,
-    block_size: u64,
-}
-
-impl<'s> BlockIndex<'s> {
-    fn new(sidecar: Option<&'s Sidecar>) -> Self {
-        BlockIndex {
-            by_chunk: sidecar
-                .iter()
-                .flat_map(|s| s.blocks.iter())
-                .map(|b| ((b.fqn.as_str(), b.chunk_offsets.as_slice()), b))
-                .collect(),
-            block_size: sidecar.map(|s| s.block_size).unwrap_or(sidecar::BLOCK_SIZE),
-        }
-    }
-
-    /// The block checksums of chunk `offsets` of `fqn`, if the sidecar has them.
-    fn get(&self, fqn: &str, offsets: &[u64]) -> Option<(&'s BlockRecord, u64)> {
-        self.by_chunk.get(&(fqn, offsets)).map(|b| (*b, self.block_size))
-    }
-}
-
 /// Reads (and decodes) every planned object, with the entry it goes to.
 fn read_objects(files: &Files, objects: &[ObjectRead]) -> Result<Vec<(usize, ObjectValue)>> {
     objects
@@ -423,36 +398,4 @@ mod tests {
         assert_eq!(e.message(), "tensor read planned into an object entry");
     }
 
-    #[test]
-    fn block_index_finds_a_chunk_by_key_and_offsets() {
-        let none = BlockIndex::new(None);
-        assert!(none.get("a", &[0]).is_none());
-        assert_eq!(none.block_size, sidecar::BLOCK_SIZE);
-        let block = |fqn: &str, offsets: Vec<u64>| BlockRecord {
-            fqn: fqn.into(),
-            chunk_offsets: offsets,
-            file: 0,
-            payload_offset: 64,
-            payload_len: 1 << 20,
-            crcs: vec![1, 2],
-        };
-        let sc = Sidecar {
-            format_version: 1,
-            writer: "libdcp test".into(),
-            save_id: "s".into(),
-            world_size: 1,
-            metadata_len: 0,
-            metadata_crc32: 0,
-            plan_hash: 0,
-            block_size: 4096,
-            files: vec![],
-            blocks: vec![block("a", vec![0, 0]), block("a", vec![4, 0]), block("b", vec![0, 0])],
-        };
-        let index = BlockIndex::new(Some(&sc));
-        let (b, size) = index.get("a", &[4, 0]).unwrap();
-        assert_eq!((b, size), (&sc.blocks[1], 4096));
-        assert_eq!(index.get("b", &[0, 0]).unwrap().0, &sc.blocks[2]);
-        assert!(index.get("a", &[0, 4]).is_none());
-        assert!(index.get("c", &[0, 0]).is_none());
-    }
 }
