@@ -18,6 +18,13 @@ pub(crate) fn check_thread_count(what: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// The CPUs this process may run on, read once (`available_parallelism` reads cgroup files on
+/// every call); 4 when unknown.
+pub(crate) fn cpu_count() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(4, |n| n.get()))
+}
+
 /// Runs `work(&mut state, item)` for every item of `items` on `threads` threads (at most one
 /// per item), each thread's `state` made by `init`. Returns the results in item order, or the
 /// first error (by item order among those that failed).

@@ -6,7 +6,7 @@ use super::my_entries;
 use crate::engine::staging::{
     self, copy_contiguous_piece, copy_dense, first_cuda_device, sync_devices, with_host_extent, DeviceStreams, HostBuf, HostGather, PoolBuf, SyncOnDrop,
 };
-use crate::engine::workers::for_each_parallel;
+use crate::engine::workers::{cpu_count, for_each_parallel};
 use crate::engine::Context;
 use crate::error::{lock, Error, Result};
 use crate::plan::save::GlobalPlan;
@@ -147,7 +147,7 @@ fn copy_host(host: Vec<(&TensorEntry, &mut [u8])>) -> Result<()> {
             });
         }
     }
-    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).min(MAX_HOST_COPY_THREADS);
+    let threads = cpu_count().min(MAX_HOST_COPY_THREADS);
     for_each_parallel(
         &pieces,
         threads,
