@@ -1086,3 +1086,65 @@ fn named(dir: &std::path::Path, prefix: &str) -> String {
     assert_eq!(names.len(), 1, "{prefix}: {names:?}");
     names.into_iter().next().unwrap()
 }
+
+/// A safetensors file of `header` (JSON text) with `data` after it; `claimed_len` replaces the
+/// header's true length in the 8-byte prefix when given.
+fn write_safetensors(path: &Path, header: &str, data: &[u8], claimed_len: Option<u64>) {
+    let mut bytes = claimed_len.unwrap_or(header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Hostile safetensors inputs to `dcp convert --from safetensors` (the reader is the
+/// safetensors crate behind our own header-length check): each fails promptly with one line
+/// naming the file, under a 1 GiB address-space limit (a claimed size that were allocated would
+/// fail as a crash, not as this error), and leaves no checkpoint behind.
+#[test]
+fn convert_from_safetensors_refuses_hostile_files() {
+    let dir = tmp("st-hostile");
+    std::fs::create_dir_all(&dir).unwrap();
+    let w = r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+    let cases: [(&str, String, Vec<u8>, Option<u64>); 7] = [
+        ("header-claims-2^60", w.into(), vec![0; 16], Some(1 << 60)),
+        ("header-past-the-file", w.into(), vec![0; 16], Some(w.len() as u64 + 17)),
+        ("not-json", "{\"w\": [".into(), vec![0; 16], None),
+        (
+            "offsets-past-the-data",
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#.into(),
+            vec![0; 8],
+            None,
+        ),
+        (
+            "size-not-shape",
+            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}"#.into(),
+            vec![0; 12],
+            None,
+        ),
+        (
+            "overlapping",
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#.into(),
+            vec![0; 24],
+            None,
+        ),
+        (
+            "shape-overflows",
+            r#"{"w":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,16]}}"#.into(),
+            vec![0; 16],
+            None,
+        ),
+    ];
+    for (name, header, data, claimed) in cases {
+        let file = dir.join(format!("{name}.safetensors"));
+        write_safetensors(&file, &header, &data, claimed);
+        let out_dir = dir.join(format!("{name}-out"));
+        let t0 = std::time::Instant::now();
+        let out = dcp_limited(&["convert", s(&file), "--from", "safetensors", s(&out_dir)], &[], LIMIT);
+        assert_eq!(out.code, 1, "{name}: {} {}", out.stdout, out.stderr);
+        assert!(out.stderr.contains(&format!("{name}.safetensors")), "{name}: {}", out.stderr);
+        assert_eq!(out.stderr.trim_end().lines().count(), 1, "{name}: {}", out.stderr);
+        assert!(t0.elapsed().as_secs() < 10, "{name}: took {:?}", t0.elapsed());
+        assert!(!out_dir.join(".metadata").exists(), "{name}: a checkpoint was committed");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
