@@ -273,6 +273,29 @@ typedef int32_t (*dcp_broadcast_fn)(void *user_data,
  */
 typedef int32_t (*dcp_barrier_fn)(void *user_data, uint64_t timeout_ms);
 
+/**
+ * How an async save staged this rank's state (`dcp_future_staging_report`).
+ */
+typedef struct {
+  /**
+   * Bytes of CUDA tensors snapshotted in device memory during the call.
+   */
+  uint64_t device_snapshot_bytes;
+  /**
+   * Bytes of CUDA tensors copied to the host after the call returned, straight from the
+   * caller's tensors (ordered by `dcp_future_stream_wait`).
+   */
+  uint64_t stream_ordered_bytes;
+  /**
+   * All bytes staged (host staging memory used).
+   */
+  uint64_t copied_bytes;
+  /**
+   * Seconds the save call blocked.
+   */
+  double blocked_seconds;
+} dcp_staging_report;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -531,6 +554,19 @@ dcp_status dcp_context_set_staging_budget(dcp_context *ctx, uint64_t bytes);
 dcp_status dcp_context_staging_bytes(const dcp_context *ctx, uint64_t *pinned, uint64_t *heap);
 
 /**
+ * Device memory the context keeps for snapshot saves (`dcp_save_options_set_device_snapshot`),
+ * in bytes, into `*out`. Not collective; thread-safe.
+ */
+dcp_status dcp_context_device_snapshot_bytes(const dcp_context *ctx, uint64_t *out);
+
+/**
+ * Frees the device memory kept for snapshot saves, after the async save in flight (if any)
+ * completes; the next snapshot save allocates again. Not collective; not concurrent with a
+ * save or load on the context.
+ */
+dcp_status dcp_context_release_device_snapshots(dcp_context *ctx);
+
+/**
  * Sets a storage option for this context's saves and loads, over the environment's. For
  * `s3://bucket/prefix` locations the keys are `object_store`'s S3 configuration keys, e.g.
  * `aws_endpoint` ("http://127.0.0.1:8333"), `aws_access_key_id`, `aws_secret_access_key`,
@@ -601,6 +637,12 @@ dcp_status dcp_load(dcp_context *ctx,
  * on the caller may modify or free its tensors, and the checkpoint holds the values they had
  * during this call. Writing and committing continue on a libdcp thread.
  *
+ * With `dcp_save_options_set_stream_ordered` (or a device snapshot too small for the state),
+ * contiguous CUDA tensors are instead copied after the call returns, ordered after the work
+ * queued on their registered streams: the caller must call `dcp_future_stream_wait` (or
+ * `dcp_future_wait_staged`) before changing or freeing them, and before any other call on
+ * the future or the context; otherwise the save fails and commits nothing.
+ *
  * Collective: every rank calls it. At most one async save is in flight per context: a later
  * save, async save or load on the context first waits for it (or fails with
  * `DCP_ERROR_BUSY` if `dcp_save_options_set_wait_if_busy(opts, false)`). With a host-callbacks
@@ -615,14 +657,42 @@ dcp_status dcp_save_async(dcp_context *ctx,
                           dcp_future **out);
 
 /**
+ * Makes the caller's CUDA stream `stream` (a `cudaStream_t`/`CUstream`; NULL: the legacy
+ * default stream) wait, on the GPU, for the staging copies that read the caller's tensors;
+ * the CPU does not wait. Call it before queueing work that changes the saved tensors (the
+ * optimizer step) on that stream; work on other streams must in turn wait for `stream`.
+ * A no-op when no copy reads the caller's tensors (no CUDA tensors, a complete device
+ * snapshot, or a save that was not stream-ordered). Fails with `DCP_ERROR_INVALID_ARGUMENT`
+ * when it comes too late: after `dcp_future_wait`/`dcp_future_done` on this save, or the next
+ * save or load on the context (the save then fails and commits nothing). `stream` must be a
+ * live stream of the tensors' device. Not collective; thread-safe.
+ */
+dcp_status dcp_future_stream_wait(const dcp_future *future, void *stream);
+
+/**
+ * Blocks the CPU until the staging copies that read the caller's tensors are done; the
+ * caller may then change them. The CPU-waiting form of `dcp_future_stream_wait`, with the
+ * same rules. Not collective; thread-safe.
+ */
+dcp_status dcp_future_wait_staged(const dcp_future *future);
+
+/**
+ * Writes how the save staged this rank's state into `*out`. Not collective; thread-safe.
+ */
+dcp_status dcp_future_staging_report(const dcp_future *future, dcp_staging_report *out);
+
+/**
  * Blocks until the async save completes and returns its status (the same on every call; on
- * failure `dcp_last_error` on this thread says why). Not collective; thread-safe.
+ * failure `dcp_last_error` on this thread says why). For a stream-ordered save, call
+ * `dcp_future_stream_wait` or `dcp_future_wait_staged` first (see `dcp_save_async`). Not
+ * collective; thread-safe.
  */
 dcp_status dcp_future_wait(const dcp_future *future);
 
 /**
- * Whether the async save has completed (successfully or not), without blocking. Not
- * collective; thread-safe.
+ * Whether the async save has completed (successfully or not), without blocking. For a
+ * stream-ordered save, call `dcp_future_stream_wait` or `dcp_future_wait_staged` first (see
+ * `dcp_save_async`). Not collective; thread-safe.
  */
 dcp_status dcp_future_done(const dcp_future *future, bool *done);
 
@@ -668,6 +738,27 @@ dcp_status dcp_save_options_set_direct_io(dcp_save_options *opts, bool direct_io
  * `DCP_ERROR_BUSY`. Not collective; not thread-safe (one thread per `opts`).
  */
 dcp_status dcp_save_options_set_wait_if_busy(dcp_save_options *opts, bool wait);
+
+/**
+ * Async saves: copy contiguous CUDA tensors to the host after `dcp_save_async` returns, on a
+ * stream of libdcp's, ordered after the work queued on each tensor's registered stream (NULL:
+ * the legacy default stream). The caller's forward and backward passes then overlap the
+ * copy; before changing the tensors it calls `dcp_future_stream_wait` (see
+ * `dcp_save_async`). Default off: `dcp_save_async` returns once everything is copied.
+ * Not collective; not thread-safe (one thread per `opts`).
+ */
+dcp_status dcp_save_options_set_stream_ordered(dcp_save_options *opts, bool enabled);
+
+/**
+ * Async saves: up to `max_bytes` per device of contiguous CUDA tensors are copied device to
+ * device, on the tensors' streams, into a buffer libdcp allocates once and keeps between
+ * saves (`dcp_context_device_snapshot_bytes`, `dcp_context_release_device_snapshots`); the
+ * caller may change those tensors as soon as `dcp_save_async` returns, and they drain to the
+ * host in the background. Tensors that do not fit are stream-ordered (see
+ * `dcp_save_options_set_stream_ordered`). 0 (default): no snapshot.
+ * Not collective; not thread-safe (one thread per `opts`).
+ */
+dcp_status dcp_save_options_set_device_snapshot(dcp_save_options *opts, uint64_t max_bytes);
 
 /**
  * Creates load options with the defaults. `*out` is owned by the caller; free it with

@@ -379,6 +379,14 @@ public:
         check(dcp_context_staging_bytes(get(), &p, &h));
         return {p, h};
     }
+    /** Device memory kept for snapshot saves (bytes). */
+    uint64_t device_snapshot_bytes() const {
+        uint64_t n = 0;
+        check(dcp_context_device_snapshot_bytes(get(), &n));
+        return n;
+    }
+    /** Frees the device memory kept for snapshot saves. */
+    void release_device_snapshots() { check(dcp_context_release_device_snapshots(get())); }
     /** A storage option over the environment's, e.g. {"aws_endpoint", "http://127.0.0.1:8333"}
         for s3:// locations (see dcp_context_set_storage_option); unknown keys fail at the next
         save or load. */
@@ -646,8 +654,14 @@ struct SaveOptions {
     std::optional<uint32_t> threads;
     std::optional<bool> direct_io;
     bool wait_if_busy = true;
+    /** See dcp_save_options_set_stream_ordered: call Future::stream_wait before changing the tensors. */
+    bool stream_ordered = false;
+    /** See dcp_save_options_set_device_snapshot (bytes per device; 0: no snapshot). */
+    uint64_t device_snapshot_bytes = 0;
 
     SaveOptions &set_overwrite(bool v) { overwrite = v; return *this; }
+    SaveOptions &set_stream_ordered(bool v) { stream_ordered = v; return *this; }
+    SaveOptions &set_device_snapshot(uint64_t bytes) { device_snapshot_bytes = bytes; return *this; }
     SaveOptions &set_threads(uint32_t v) { threads = v; return *this; }
     SaveOptions &set_direct_io(bool v) { direct_io = v; return *this; }
     SaveOptions &set_wait_if_busy(bool v) { wait_if_busy = v; return *this; }
@@ -660,6 +674,8 @@ struct SaveOptions {
         if (threads) detail::check(dcp_save_options_set_threads(o, *threads));
         if (direct_io) detail::check(dcp_save_options_set_direct_io(o, *direct_io));
         detail::check(dcp_save_options_set_wait_if_busy(o, wait_if_busy));
+        detail::check(dcp_save_options_set_stream_ordered(o, stream_ordered));
+        detail::check(dcp_save_options_set_device_snapshot(o, device_snapshot_bytes));
         return h;
     }
 };
@@ -716,6 +732,25 @@ public:
         require();
         dcp_status s = dcp_future_wait(get());
         if (s != DCP_OK) detail::throw_status(s, comm_, /*clear=*/false);
+    }
+    /** Makes CUDA stream `stream` (a cudaStream_t; nullptr: the legacy default stream) wait on
+        the GPU for the staging copies reading the caller's tensors (stream-ordered saves: call
+        it before changing them, and before wait()/done()). See dcp_future_stream_wait. */
+    void stream_wait(void *stream) const {
+        require();
+        detail::check(dcp_future_stream_wait(get(), stream));
+    }
+    /** Blocks until the staging copies reading the caller's tensors are done. */
+    void wait_staged() const {
+        require();
+        detail::check(dcp_future_wait_staged(get()));
+    }
+    /** How the save staged this rank's state. */
+    dcp_staging_report staging_report() const {
+        require();
+        dcp_staging_report r{};
+        detail::check(dcp_future_staging_report(get(), &r));
+        return r;
     }
     /** Whether the save has completed (successfully or not). */
     bool done() const {

@@ -7,6 +7,12 @@
  *   ckpt.add_module(*model).add_optimizer(optimizer, *model);
  *   ckpt.save("/ckpt/step-100");                      // or save_async(...) / load(...)
  *
+ * Zero-stall saves of CUDA state: the copy overlaps the next forward and backward passes.
+ *   auto f = ckpt.save_async(dir, dcp::SaveOptions().set_stream_ordered(true)
+ *                                     .set_device_snapshot(budget_bytes));  // snapshot optional
+ *   ... forward, backward ...
+ *   dcp::stream_wait_current(f, device);   // before optimizer.step(): a GPU-side wait
+ *
  * Keys (for a module with a parameter "net1.weight" and Adam):
  *   model.net1.weight                                  parameters and buffers, in place
  *   optimizer.state.net1.weight.step                   0-d float32 tensor (Python's type)
@@ -154,6 +160,17 @@ inline void mark_device(State &st, const std::string &fqn, const at::Tensor &t) 
 }
 
 } // namespace detail
+
+/** For a stream-ordered async save: makes LibTorch's current stream of `device` wait on the GPU
+    for the staging copies that read the saved tensors. Call it before changing them (before
+    optimizer.step()) and before waiting on the future; a CPU device waits on the CPU instead
+    (Future::wait_staged). See dcp_future_stream_wait. */
+inline void stream_wait_current(const Future &f, const at::Device &device) {
+    if (device.is_cuda())
+        f.stream_wait(detail::current_stream(device));
+    else
+        f.wait_staged();
+}
 
 /** Registers a whole tensor (CPU or CUDA, any dtype and strides) under `fqn`. */
 inline void add_tensor(State &st, const std::string &fqn, const at::Tensor &t) {

@@ -66,7 +66,7 @@ mod ffi;
 pub use engine::verify::{verify, verify_with_options, verify_with_progress, Problem, VerifyOptions, VerifyReport};
 // The functions by their modules' paths: `engine::{load, save}` would re-export the modules too.
 pub use engine::load::{load, LoadOptions, LoadReport};
-pub use engine::save::{save, save_async, SaveOptions, SaveReport};
+pub use engine::save::{save, save_async, SaveOptions, SaveReport, StagingReport};
 pub use engine::{writer_version, Checkpoint, Context, DirectIo, KeyInfo, KeyKind, PoolStats, SaveFuture};
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};

@@ -289,6 +289,31 @@ fn async_save_holds_the_values_at_the_call() {
 }
 
 #[test]
+fn stream_ordered_and_snapshot_options_stage_host_tensors_during_the_call() {
+    let dir = tmp("async-ordered");
+    let ctx = Context::local();
+    let mut w: Vec<u32> = (0..300_000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+    let expect = w.clone();
+    let opts = SaveOptions::default().stream_ordered(true).device_snapshot_bytes(1 << 20);
+    let fut = {
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice(&w, &[w.len() as u64]).unwrap()).unwrap();
+        dcp::save_async(&ctx, &st, dir.s(), &opts).unwrap()
+    };
+    w.iter_mut().for_each(|x| *x = 7);
+    let r = fut.staging_report();
+    assert_eq!((r.copied_bytes, r.device_snapshot_bytes, r.stream_ordered_bytes), (1_200_000, 0, 0));
+    // Host tensors leave nothing to order: both forms are no-ops and need no GPU.
+    fut.order_before(0).unwrap();
+    fut.wait_staged().unwrap();
+    fut.wait().unwrap();
+    assert_eq!(ctx.device_snapshot_bytes(), 0);
+    let (_, _, bytes) = Checkpoint::open(dir.s()).unwrap().read_tensor("w").unwrap();
+    let got: Vec<u32> = bytes.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert!(got == expect, "the stream-ordered save of a host tensor does not hold the values at the call");
+}
+
+#[test]
 fn direct_io_modes_read_the_same_bytes() {
     let dir = tmp("directio");
     let ctx = Context::local();

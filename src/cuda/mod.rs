@@ -224,6 +224,112 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// Makes this stream wait (on the GPU, without blocking the CPU) for the work captured by
+    /// `event`.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        // SAFETY: `raw` is live (see `synchronize`); `event.raw` lives as long as `event`.
+        unsafe { result::stream::wait_event(self.raw, event.raw, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| cuda_err("cuStreamWaitEvent", e))
+    }
+    /// Queues a device-to-device copy of `len` bytes.
+    ///
+    /// # Safety
+    /// `src` and `dst` must be device memory of this stream's device of at least `len` bytes
+    /// each, not overlapping; nothing else may write `dst` (or free either) until the copy is
+    /// known done (an event recorded after it completes, or the stream synchronised).
+    pub unsafe fn d2d(&self, dst: u64, src: u64, len: usize) -> Result<()> {
+        // SAFETY: the caller guarantees both ranges and their lifetimes; `raw` is live.
+        unsafe { result::memcpy_dtod_async(dst, src, len, self.raw) }
+            .map_err(|e| cuda_err(&format!("copying {len} bytes from device memory 0x{src:x} to 0x{dst:x}"), e))
+    }
+}
+
+/// A CUDA event (without timing), destroyed on drop: marks a point in a stream that other
+/// streams and the host can wait for.
+pub struct Event {
+    raw: sys::CUevent,
+}
+// SAFETY: a CUevent is an opaque driver handle, never dereferenced here; the driver allows
+// recording, waiting for and querying an event from any thread.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// A new event in device `ordinal`'s primary context.
+    pub fn new(ordinal: i32) -> Result<Event> {
+        activate(ordinal)?;
+        let raw = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| cuda_err("cuEventCreate", e))?;
+        Ok(Event { raw })
+    }
+    /// Captures the work queued on `stream` so far.
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        // SAFETY: both handles are live (the event until dropped, the stream see `synchronize`).
+        unsafe { result::event::record(self.raw, stream.raw) }.map_err(|e| cuda_err("cuEventRecord", e))
+    }
+    /// Blocks until the captured work is done.
+    pub fn synchronize(&self) -> Result<()> {
+        // SAFETY: `raw` is a live event (destroyed only on drop).
+        unsafe { result::event::synchronize(self.raw) }.map_err(|e| cuda_err("cuEventSynchronize", e))
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by `Event::new`, destroyed only here; the driver lets an event be
+        // destroyed before it completes (its resources are released at completion).
+        unsafe {
+            let _ = result::event::destroy(self.raw);
+        }
+    }
+}
+
+/// Device memory allocated by libdcp (`cuMemAlloc`), freed on drop.
+pub struct DeviceBuf {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    ordinal: i32,
+}
+// SAFETY: the allocation is owned outright and only reached through the driver with its
+// address; the driver API is thread-safe.
+unsafe impl Send for DeviceBuf {}
+// SAFETY: as above: `&DeviceBuf` gives only the address and length.
+unsafe impl Sync for DeviceBuf {}
+
+impl DeviceBuf {
+    /// Allocates `len` bytes on device `ordinal`.
+    pub fn new(len: usize, ordinal: i32) -> Result<DeviceBuf> {
+        activate(ordinal)?;
+        // SAFETY: allocates fresh device memory in the context made current above; it is only
+        // ever used as the destination and source of byte copies.
+        let ptr = unsafe { result::malloc_sync(len.max(1)) }
+            .map_err(|e| cuda_err(&format!("allocating {len} bytes of device memory on CUDA device {ordinal}"), e))?;
+        Ok(DeviceBuf { ptr, len, ordinal })
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `malloc_sync` in `new` and is freed only here, once. Its
+        // owners drop it only after the copies using it are done (the save that used it has
+        // completed); cuMemFree also waits for work on the device.
+        unsafe {
+            let _ = activate(self.ordinal);
+            let _ = result::free_sync(self.ptr);
+        }
+    }
+}
+
 impl Drop for OwnedStream {
     fn drop(&mut self) {
         // SAFETY: the stream was created by `Stream::new` and is destroyed only here, once, after

@@ -30,6 +30,8 @@ pub(crate) struct ContextInner {
     pool: Mutex<staging::StagingPool>,
     /// The async save in flight, if any.
     in_flight: Mutex<Option<SaveFuture>>,
+    /// Device buffers of snapshot saves, kept between saves.
+    snapshots: Mutex<staging::SnapshotBuffers>,
     /// NCCL communicator over the job, made by the first load that broadcasts.
     nccl: Mutex<Option<Arc<crate::cuda::nccl::Comm>>>,
     /// Storage backend settings (S3 endpoint, credentials...), over the environment's.
@@ -58,6 +60,7 @@ impl Context {
                 plan_cache: Mutex::new(None),
                 pool: Mutex::new(staging::StagingPool::new()),
                 in_flight: Mutex::new(None),
+                snapshots: Mutex::new(Default::default()),
                 nccl: Mutex::new(None),
                 storage_options: Mutex::new(Vec::new()),
             }),
@@ -104,15 +107,30 @@ impl Context {
         crate::error::lock(&self.inner.pool).stats()
     }
 
+    /// Device memory held for snapshot saves ([`SaveOptions::device_snapshot_bytes`]), in
+    /// bytes: at most the largest budget a save used, per device.
+    pub fn device_snapshot_bytes(&self) -> u64 {
+        crate::error::lock(&self.inner.snapshots).bytes()
+    }
+
+    /// Frees the device memory kept for snapshot saves (after the async save in flight, if
+    /// any, completes). The next snapshot save allocates again.
+    pub fn release_device_snapshots(&self) {
+        let _ = self.settle(true);
+        crate::error::lock(&self.inner.snapshots).release();
+    }
+
     /// Waits for the async save in flight (or fails with `Busy` when `wait` is false). Every
-    /// collective operation settles first, so collectives never interleave.
+    /// collective operation settles first, so collectives never interleave. A stream-ordered
+    /// save whose order is still pending is not committed (see [`SaveFuture`]).
     pub fn settle(&self, wait: bool) -> Result<()> {
         let current = crate::error::lock(&self.inner.in_flight).clone();
         if let Some(f) = current {
-            if !f.is_done() {
+            if !f.finished() {
                 if !wait {
                     return Err(Error::new(ErrorKind::Busy, "an async save is still in flight on this context"));
                 }
+                f.forget_order();
                 let _ = f.wait();
             }
         }

@@ -220,6 +220,30 @@ pub unsafe extern "C" fn dcp_context_staging_bytes(ctx: *const dcp_context, pinn
     })
 }
 
+/// Device memory the context keeps for snapshot saves (`dcp_save_options_set_device_snapshot`),
+/// in bytes, into `*out`. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_device_snapshot_bytes(ctx: *const dcp_context, out: *mut u64) -> dcp_status {
+    guard("dcp_context_device_snapshot_bytes", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (ctx, out) = unsafe { (ref_arg(ctx, "ctx")?, mut_arg(out, "out")?) };
+        *out = ctx.inner.device_snapshot_bytes();
+        Ok(())
+    })
+}
+
+/// Frees the device memory kept for snapshot saves, after the async save in flight (if any)
+/// completes; the next snapshot save allocates again. Not collective; not concurrent with a
+/// save or load on the context.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_context_release_device_snapshots(ctx: *mut dcp_context) -> dcp_status {
+    guard("dcp_context_release_device_snapshots", || {
+        // SAFETY: `ctx` is NULL or from a `dcp_context_new_*` (header contract).
+        unsafe { ref_arg(ctx, "ctx")? }.inner.release_device_snapshots();
+        Ok(())
+    })
+}
+
 /// Sets a storage option for this context's saves and loads, over the environment's. For
 /// `s3://bucket/prefix` locations the keys are `object_store`'s S3 configuration keys, e.g.
 /// `aws_endpoint` ("http://127.0.0.1:8333"), `aws_access_key_id`, `aws_secret_access_key`,

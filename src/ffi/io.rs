@@ -1,6 +1,6 @@
 use super::{dcp_context, dcp_load_options, dcp_save_options, dcp_state, dcp_status, guard, mut_arg, ref_arg, str_arg};
 use crate::engine::{LoadOptions, LoadReport, SaveOptions};
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 
 /// Saves the registered state to the checkpoint directory `path`.
 ///
@@ -77,6 +77,12 @@ pub struct dcp_future {
 /// on the caller may modify or free its tensors, and the checkpoint holds the values they had
 /// during this call. Writing and committing continue on a libdcp thread.
 ///
+/// With `dcp_save_options_set_stream_ordered` (or a device snapshot too small for the state),
+/// contiguous CUDA tensors are instead copied after the call returns, ordered after the work
+/// queued on their registered streams: the caller must call `dcp_future_stream_wait` (or
+/// `dcp_future_wait_staged`) before changing or freeing them, and before any other call on
+/// the future or the context; otherwise the save fails and commits nothing.
+///
 /// Collective: every rank calls it. At most one async save is in flight per context: a later
 /// save, async save or load on the context first waits for it (or fails with
 /// `DCP_ERROR_BUSY` if `dcp_save_options_set_wait_if_busy(opts, false)`). With a host-callbacks
@@ -110,8 +116,72 @@ pub unsafe extern "C" fn dcp_save_async(
     })
 }
 
+/// How an async save staged this rank's state (`dcp_future_staging_report`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct dcp_staging_report {
+    /// Bytes of CUDA tensors snapshotted in device memory during the call.
+    pub device_snapshot_bytes: u64,
+    /// Bytes of CUDA tensors copied to the host after the call returned, straight from the
+    /// caller's tensors (ordered by `dcp_future_stream_wait`).
+    pub stream_ordered_bytes: u64,
+    /// All bytes staged (host staging memory used).
+    pub copied_bytes: u64,
+    /// Seconds the save call blocked.
+    pub blocked_seconds: f64,
+}
+
+/// Makes the caller's CUDA stream `stream` (a `cudaStream_t`/`CUstream`; NULL: the legacy
+/// default stream) wait, on the GPU, for the staging copies that read the caller's tensors;
+/// the CPU does not wait. Call it before queueing work that changes the saved tensors (the
+/// optimizer step) on that stream; work on other streams must in turn wait for `stream`.
+/// A no-op when no copy reads the caller's tensors (no CUDA tensors, a complete device
+/// snapshot, or a save that was not stream-ordered). Fails with `DCP_ERROR_INVALID_ARGUMENT`
+/// when it comes too late: after `dcp_future_wait`/`dcp_future_done` on this save, or the next
+/// save or load on the context (the save then fails and commits nothing). `stream` must be a
+/// live stream of the tensors' device. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_stream_wait(future: *const dcp_future, stream: *mut c_void) -> dcp_status {
+    guard("dcp_future_stream_wait", || {
+        // SAFETY: `future` is NULL or from `dcp_save_async` (header contract).
+        unsafe { ref_arg(future, "future")? }.inner.order_before(stream as usize)?;
+        Ok(())
+    })
+}
+
+/// Blocks the CPU until the staging copies that read the caller's tensors are done; the
+/// caller may then change them. The CPU-waiting form of `dcp_future_stream_wait`, with the
+/// same rules. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_wait_staged(future: *const dcp_future) -> dcp_status {
+    guard("dcp_future_wait_staged", || {
+        // SAFETY: `future` is NULL or from `dcp_save_async` (header contract).
+        unsafe { ref_arg(future, "future")? }.inner.wait_staged()?;
+        Ok(())
+    })
+}
+
+/// Writes how the save staged this rank's state into `*out`. Not collective; thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn dcp_future_staging_report(future: *const dcp_future, out: *mut dcp_staging_report) -> dcp_status {
+    guard("dcp_future_staging_report", || {
+        // SAFETY: the pointers are NULL or valid (header contract).
+        let (f, out) = unsafe { (ref_arg(future, "future")?, mut_arg(out, "out")?) };
+        let r = f.inner.staging_report();
+        *out = dcp_staging_report {
+            device_snapshot_bytes: r.device_snapshot_bytes,
+            stream_ordered_bytes: r.stream_ordered_bytes,
+            copied_bytes: r.copied_bytes,
+            blocked_seconds: r.blocked_seconds,
+        };
+        Ok(())
+    })
+}
+
 /// Blocks until the async save completes and returns its status (the same on every call; on
-/// failure `dcp_last_error` on this thread says why). Not collective; thread-safe.
+/// failure `dcp_last_error` on this thread says why). For a stream-ordered save, call
+/// `dcp_future_stream_wait` or `dcp_future_wait_staged` first (see `dcp_save_async`). Not
+/// collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_wait(future: *const dcp_future) -> dcp_status {
     guard("dcp_future_wait", || {
@@ -121,8 +191,9 @@ pub unsafe extern "C" fn dcp_future_wait(future: *const dcp_future) -> dcp_statu
     })
 }
 
-/// Whether the async save has completed (successfully or not), without blocking. Not
-/// collective; thread-safe.
+/// Whether the async save has completed (successfully or not), without blocking. For a
+/// stream-ordered save, call `dcp_future_stream_wait` or `dcp_future_wait_staged` first (see
+/// `dcp_save_async`). Not collective; thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn dcp_future_done(future: *const dcp_future, done: *mut bool) -> dcp_status {
     guard("dcp_future_done", || {

@@ -81,6 +81,37 @@ pub unsafe extern "C" fn dcp_save_options_set_wait_if_busy(opts: *mut dcp_save_o
     })
 }
 
+/// Async saves: copy contiguous CUDA tensors to the host after `dcp_save_async` returns, on a
+/// stream of libdcp's, ordered after the work queued on each tensor's registered stream (NULL:
+/// the legacy default stream). The caller's forward and backward passes then overlap the
+/// copy; before changing the tensors it calls `dcp_future_stream_wait` (see
+/// `dcp_save_async`). Default off: `dcp_save_async` returns once everything is copied.
+/// Not collective; not thread-safe (one thread per `opts`).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_stream_ordered(opts: *mut dcp_save_options, enabled: bool) -> dcp_status {
+    guard("dcp_save_options_set_stream_ordered", || {
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.stream_ordered = enabled;
+        Ok(())
+    })
+}
+
+/// Async saves: up to `max_bytes` per device of contiguous CUDA tensors are copied device to
+/// device, on the tensors' streams, into a buffer libdcp allocates once and keeps between
+/// saves (`dcp_context_device_snapshot_bytes`, `dcp_context_release_device_snapshots`); the
+/// caller may change those tensors as soon as `dcp_save_async` returns, and they drain to the
+/// host in the background. Tensors that do not fit are stream-ordered (see
+/// `dcp_save_options_set_stream_ordered`). 0 (default): no snapshot.
+/// Not collective; not thread-safe (one thread per `opts`).
+#[no_mangle]
+pub unsafe extern "C" fn dcp_save_options_set_device_snapshot(opts: *mut dcp_save_options, max_bytes: u64) -> dcp_status {
+    guard("dcp_save_options_set_device_snapshot", || {
+        // SAFETY: `opts` is NULL or from the matching `_new` (header contract).
+        unsafe { mut_arg(opts, "opts")? }.inner.device_snapshot_bytes = max_bytes;
+        Ok(())
+    })
+}
+
 /// Values of `dcp_load_options_set_direct_io`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

@@ -2386,6 +2386,8 @@ static void test_communicators(void) {
     EXPECT_NULL(dcp_context_barrier(NULL));
     EXPECT_NULL(dcp_context_set_staging_budget(NULL, 1));
     EXPECT_NULL(dcp_context_staging_bytes(NULL, NULL, NULL));
+    EXPECT_NULL(dcp_context_device_snapshot_bytes(NULL, NULL));
+    EXPECT_NULL(dcp_context_release_device_snapshots(NULL));
     if (OK(dcp_context_new_local(&c)) && c) {
         uint64_t pinned = 1, heap = 1;
         OK(dcp_context_barrier(c));
@@ -2396,6 +2398,11 @@ static void test_communicators(void) {
         OK(dcp_context_staging_bytes(c, NULL, &heap));
         OK(dcp_context_staging_bytes(c, &pinned, &heap));
         CHECK(pinned == 0); /* no CUDA tensors were staged */
+        uint64_t snap = 1;
+        EXPECT_NULL(dcp_context_device_snapshot_bytes(c, NULL));
+        OK(dcp_context_device_snapshot_bytes(c, &snap));
+        CHECK(snap == 0);
+        OK(dcp_context_release_device_snapshots(c));
         dcp_context_free(c);
         c = NULL;
     }
@@ -2562,6 +2569,12 @@ static void test_async_and_options(dcp_context *ctx, const char *rt_dir) {
     CHECK(f == NULL);
     EXPECT_NULL(dcp_future_wait(NULL));
     EXPECT_NULL(dcp_future_done(NULL, &done));
+    EXPECT_NULL(dcp_future_stream_wait(NULL, NULL));
+    EXPECT_NULL(dcp_future_wait_staged(NULL));
+    dcp_staging_report report;
+    EXPECT_NULL(dcp_future_staging_report(NULL, &report));
+    EXPECT_NULL(dcp_save_options_set_stream_ordered(NULL, true));
+    EXPECT_NULL(dcp_save_options_set_device_snapshot(NULL, 1));
     dcp_future_free(NULL);
     EXPECT(dcp_save_async(ctx, st, "", so, &f), DCP_ERROR_INVALID_ARGUMENT);
     CHECK(f == NULL);
@@ -2619,6 +2632,40 @@ static void test_async_and_options(dcp_context *ctx, const char *rt_dir) {
             CHECKF(s == DCP_ERROR_IO || s == DCP_ERROR_NOT_FOUND, "async save under a file: %s", dcp_status_name(s));
         }
     }
+    /* Stream-ordered options with CPU tensors: copied during the call, nothing to order; the
+       stream wait and the staged wait are no-ops, and the report says what was staged. */
+    OK(dcp_save_options_set_stream_ordered(so, true));
+    OK(dcp_save_options_set_device_snapshot(so, 1 << 20));
+    for (int i = 0; i < N; i++) big[i] = (float)(i ^ 0x55);
+    if (OK(dcp_save_async(ctx, st, dir2, so, &f)) && f) {
+        for (int i = 0; i < N; i++) big[i] = -2.0f;
+        EXPECT_NULL(dcp_future_staging_report(f, NULL));
+        memset(&report, 0xFF, sizeof report);
+        OK(dcp_future_staging_report(f, &report));
+        CHECKF(report.copied_bytes == sizeof(float) * N && report.device_snapshot_bytes == 0 && report.stream_ordered_bytes == 0,
+               "staging report: copied %llu snapshot %llu ordered %llu", (unsigned long long)report.copied_bytes,
+               (unsigned long long)report.device_snapshot_bytes, (unsigned long long)report.stream_ordered_bytes);
+        CHECK(report.blocked_seconds >= 0 && report.blocked_seconds < 60);
+        OK(dcp_future_stream_wait(f, NULL));
+        OK(dcp_future_wait_staged(f));
+        OK(dcp_future_wait(f));
+        dcp_future_free(f);
+        f = NULL;
+        float *back = xmalloc(sizeof(float) * N);
+        memset(back, GARBAGE, sizeof(float) * N);
+        dcp_state *ld = NULL;
+        OK(dcp_state_new(&ld));
+        OK(dcp_state_add_tensor(ld, "big", DCP_FLOAT32, 1, n1, NULL, back, sizeof(float) * N));
+        OK(dcp_load(ctx, ld, dir2, NULL));
+        bool same = true;
+        for (int i = 0; i < N && same; i++) same = back[i] == (float)(i ^ 0x55);
+        CHECKF(same, "a stream-ordered save of CPU tensors does not hold the values of its call");
+        dcp_state_free(ld);
+        free(back);
+    }
+    OK(dcp_save_options_set_stream_ordered(so, false));
+    OK(dcp_save_options_set_device_snapshot(so, 0));
+    for (int i = 0; i < N; i++) big[i] = -1.0f;
     /* A future freed before it completes: the context waits for the save in its next call. */
     if (OK(dcp_save_async(ctx, st, dir2, so, &f)) && f) {
         dcp_future_free(f);

@@ -5,6 +5,7 @@ what libdcp wrote from the GPU. Skipped with a message where there is no GPU.
 
     LIBDCP_SO=target/release/libdcp.so python3 tests/gpu/test_gpu.py
 """
+import math
 import os
 import shutil
 import socket
@@ -185,6 +186,189 @@ class Gpu(unittest.TestCase):
         pinned, _ = ctx.staging_bytes()
         print(f"\nasync save blocked: first {times[0]*1e3:.1f} ms, second {times[1]*1e3:.1f} ms; pinned pool {pinned >> 20} MiB")
         self.assertLess(times[1], times[0])
+
+
+
+def mutate_all(tensors):
+    """Changes every tensor in place, on the current stream."""
+    for t in tensors.values():
+        if not t.numel():
+            continue
+        if not t.is_contiguous():
+            t.neg_().sub_(1)
+        elif t.dtype in (torch.int64,):
+            t.add_(7)
+        elif t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.view(torch.uint8).bitwise_xor_(0x41)
+
+
+# Contiguous CUDA tensors (copied after the call in stream-ordered saves): 64 MiB and 18 MiB
+# of fp32 (several copies' worth of time), bf16, fp8, int64, bool, and an empty one.
+ZERO_STALL = {
+    "model.big": ((4096, 4096), torch.float32),
+    "model.mid": ((3000, 1537), torch.float32),
+    "model.bf16": ((1024, 999), torch.bfloat16),
+    "model.f8": ((128, 16), torch.float8_e4m3fn),
+    "optim.i64": ((77,), torch.int64),
+    "model.mask": ((50, 2), torch.bool),
+    "model.empty": ((0, 4), torch.float32),
+}
+SLEEP_CYCLES = 1_000_000_000  # about half a second of GPU time at H200 clocks
+
+
+@unittest.skipIf(SKIP, SKIP)
+class ZeroStall(unittest.TestCase):
+    """Stream-ordered staging and device snapshots: the checkpoint holds the values the
+    tensors have at the call in stream order (written by kernels still queued when the call
+    is made), even with writes queued right after the call returns."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="libdcp-zerostall-", dir=os.environ.get("DCP_GPU_TEST_DIR"))
+        self.ctx = L.Context()
+
+    def tearDown(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def queued_state(self, spec=ZERO_STALL, stream=None):
+        """Tensors registered with `stream` (default: the current one), whose values at the
+        call are written by kernels queued behind half a second of GPU sleep: returns the state,
+        the tensors and their expected values (on the CPU)."""
+        stream = stream or torch.cuda.current_stream()
+        st, tensors, expected = L.State(), {}, {}
+        with torch.cuda.stream(stream):
+            for k, (shape, dtype) in spec.items():
+                expected[k] = value(k, shape, dtype, device="cpu")
+                src = expected[k].to("cuda")
+                t = torch.zeros(shape, dtype=dtype, device="cuda")
+                tensors[k] = (t, src)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(SLEEP_CYCLES)
+            for k, (t, src) in tensors.items():
+                t.copy_(src)
+        tensors = {k: t for k, (t, _) in tensors.items()}
+        for k, t in tensors.items():
+            st.add_tensor_any(k, t)
+            st.set_cuda(k, 0, stream.cuda_stream)
+        return st, tensors, expected
+
+    def assert_checkpoint(self, path, expected):
+        st = L.State()
+        got = {k: L.poison(torch.empty(v.shape, dtype=v.dtype)) for k, v in expected.items()}
+        for k, t in got.items():
+            st.add_tensor(k, t)
+        L.load(L.Context(), st, path)
+        for k, v in expected.items():
+            self.assertTrue(torch.equal(L.raw_bytes(got[k]), L.raw_bytes(v)), f"{k} differs from its value at the call")
+
+    def contiguous_cuda_bytes(self, spec=ZERO_STALL):
+        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in spec.values())
+
+    def test_stream_ordered_save_returns_before_the_queued_work_and_holds_its_results(self):
+        st, tensors, expected = self.queued_state()
+        path = os.path.join(self.dir, "ordered")
+        f = L.save_async(self.ctx, st, path, stream_ordered=True)
+        self.assertFalse(torch.cuda.current_stream().query(), "the call waited for the caller's stream")
+        r = f.staging()
+        self.assertEqual(r["stream_ordered_bytes"], self.contiguous_cuda_bytes())
+        self.assertEqual(r["device_snapshot_bytes"], 0)
+        f.stream_wait(torch.cuda.current_stream().cuda_stream)
+        mutate_all(tensors)  # queued right after: ordered after the copies
+        f.wait()
+        self.assert_checkpoint(path, expected)
+
+    def test_wait_staged_is_the_cpu_form(self):
+        st, tensors, expected = self.queued_state()
+        path = os.path.join(self.dir, "staged")
+        f = L.save_async(self.ctx, st, path, stream_ordered=True)
+        f.wait_staged()
+        self.assertTrue(torch.cuda.current_stream().query(), "the staged copies finished before the caller's work")
+        mutate_all(tensors)
+        f.wait()
+        self.assert_checkpoint(path, expected)
+
+    def test_device_snapshot_lets_the_caller_write_at_once(self):
+        need = self.contiguous_cuda_bytes()
+        for i in range(2):
+            st, tensors, expected = self.queued_state()
+            path = os.path.join(self.dir, f"snap{i}")
+            f = L.save_async(self.ctx, st, path, stream_ordered=True, device_snapshot_bytes=1 << 30)
+            self.assertFalse(torch.cuda.current_stream().query(), "the call waited for the caller's stream")
+            mutate_all(tensors)  # no stream_wait: every tensor is in the snapshot
+            r = f.staging()
+            self.assertEqual((r["device_snapshot_bytes"], r["stream_ordered_bytes"]), (need, 0))
+            f.wait()
+            self.assert_checkpoint(path, expected)
+            held = self.ctx.device_snapshot_bytes()
+            self.assertGreaterEqual(held, need)
+            self.assertLess(held, need + 256 * len(ZERO_STALL))
+            if i == 0:
+                first = held
+        self.assertEqual(self.ctx.device_snapshot_bytes(), first, "the snapshot buffer is reused, not grown")
+        self.ctx.release_device_snapshots()
+        self.assertEqual(self.ctx.device_snapshot_bytes(), 0)
+
+    def test_budget_smaller_than_the_state_snapshots_what_fits_and_orders_the_rest(self):
+        budget = 32 << 20  # less than model.big alone
+        st, tensors, expected = self.queued_state()
+        # And a strided CUDA tensor: copied during the call (after the queued work).
+        strided = torch.arange(64 * 33, dtype=torch.float32, device="cuda").reshape(33, 64).t()
+        expected["model.strided"] = strided.cpu().clone()
+        st.add_tensor_any("model.strided", strided)
+        tensors["model.strided"] = strided
+        path = os.path.join(self.dir, "partial")
+        f = L.save_async(self.ctx, st, path, stream_ordered=True, device_snapshot_bytes=budget)
+        r = f.staging()
+        self.assertGreater(r["device_snapshot_bytes"], 0)
+        self.assertLessEqual(r["device_snapshot_bytes"], budget)
+        self.assertGreaterEqual(r["stream_ordered_bytes"], 64 << 20)
+        self.assertEqual(r["device_snapshot_bytes"] + r["stream_ordered_bytes"], self.contiguous_cuda_bytes())
+        self.assertLessEqual(self.ctx.device_snapshot_bytes(), budget)
+        f.stream_wait(torch.cuda.current_stream().cuda_stream)
+        mutate_all(tensors)
+        f.wait()
+        self.assert_checkpoint(path, expected)
+
+    def test_tensors_on_a_side_stream(self):
+        side = torch.cuda.Stream()
+        st, tensors, expected = self.queued_state(stream=side)
+        path = os.path.join(self.dir, "side")
+        f = L.save_async(self.ctx, st, path, stream_ordered=True, device_snapshot_bytes=8 << 20)
+        f.stream_wait(side.cuda_stream)
+        with torch.cuda.stream(side):
+            mutate_all(tensors)
+        f.wait()
+        self.assert_checkpoint(path, expected)
+
+    def test_a_forgotten_stream_wait_commits_nothing(self):
+        st, tensors, expected = self.queued_state()
+        path = os.path.join(self.dir, "forgotten")
+        f = L.save_async(self.ctx, st, path, stream_ordered=True)
+        with self.assertRaises(L.DcpError) as e:
+            f.wait()
+        self.assertIn("not committed", str(e.exception))
+        self.assertFalse(os.path.exists(os.path.join(path, ".metadata")))
+        with self.assertRaises(L.DcpError):
+            f.stream_wait(torch.cuda.current_stream().cuda_stream)
+        # The next save on the context works.
+        f = L.save_async(self.ctx, st, path, stream_ordered=True)
+        f.stream_wait(torch.cuda.current_stream().cuda_stream)
+        f.wait()
+
+    def test_consecutive_saves_each_hold_their_own_values(self):
+        st, tensors, _ = self.queued_state()
+        saved = []
+        for i, kw in enumerate([dict(stream_ordered=True), dict(device_snapshot_bytes=1 << 30), dict(stream_ordered=True, device_snapshot_bytes=40 << 20), {}]):
+            torch.cuda.synchronize()
+            saved.append({k: t.cpu().clone() for k, t in tensors.items()})
+            path = os.path.join(self.dir, f"seq{i}")
+            f = L.save_async(self.ctx, st, path, **kw)  # waits for the previous save first
+            f.stream_wait(torch.cuda.current_stream().cuda_stream)
+            mutate_all(tensors)
+        f.wait()
+        for i, expected in enumerate(saved):
+            self.assert_checkpoint(os.path.join(self.dir, f"seq{i}"), expected)
 
 
 if __name__ == "__main__":

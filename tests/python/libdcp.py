@@ -78,6 +78,15 @@ class Context:
         check(lib().dcp_context_staging_bytes(self.h, ctypes.byref(p), ctypes.byref(h)))
         return p.value, h.value
 
+    def device_snapshot_bytes(self):
+        """Device memory kept for snapshot saves."""
+        n = ctypes.c_uint64()
+        check(lib().dcp_context_device_snapshot_bytes(self.h, ctypes.byref(n)))
+        return n.value
+
+    def release_device_snapshots(self):
+        check(lib().dcp_context_release_device_snapshots(self.h))
+
     def set_storage_option(self, key, value):
         check(lib().dcp_context_set_storage_option(self.h, key.encode(), str(value).encode()))
 
@@ -268,17 +277,53 @@ class Future:
         check(lib().dcp_future_done(self.h, ctypes.byref(d)))
         return d.value
 
+    def stream_wait(self, stream=0):
+        """Makes CUDA stream `stream` (a cudaStream_t as an int, e.g.
+        torch.cuda.current_stream().cuda_stream) wait for the save's staging copies, without
+        blocking the CPU. Call it before changing the saved tensors (stream-ordered saves)."""
+        check(lib().dcp_future_stream_wait(self.h, ctypes.c_void_p(stream)))
+
+    def wait_staged(self):
+        """Blocks the CPU until the save's staging copies are done."""
+        check(lib().dcp_future_wait_staged(self.h))
+
+    def staging(self):
+        """What staging did on this rank: a dict of device_snapshot_bytes, stream_ordered_bytes,
+        copied_bytes (all bytes staged) and blocked_seconds."""
+        r = StagingReport()
+        check(lib().dcp_future_staging_report(self.h, ctypes.byref(r)))
+        return {f: getattr(r, f) for f, _ in StagingReport._fields_}
+
     def __del__(self):
         if getattr(self, "h", None):
             lib().dcp_future_free(self.h)
 
 
-def save_async(ctx, state, path, overwrite=False, threads=None, wait_if_busy=True):
+class StagingReport(ctypes.Structure):
+    _fields_ = [
+        ("device_snapshot_bytes", ctypes.c_uint64),
+        ("stream_ordered_bytes", ctypes.c_uint64),
+        ("copied_bytes", ctypes.c_uint64),
+        ("blocked_seconds", ctypes.c_double),
+    ]
+
+
+def save_async(ctx, state, path, overwrite=False, threads=None, wait_if_busy=True, stream_ordered=False,
+               device_snapshot_bytes=0):
+    """Async save. stream_ordered: CUDA tensors are copied after the call returns, ordered after
+    the work queued on their registered streams; call Future.stream_wait (or wait_staged) before
+    changing them. device_snapshot_bytes > 0: up to that many bytes of CUDA tensors are copied
+    device to device on their streams during the call (the caller may change them at once); the
+    rest is stream-ordered."""
     opts = ctypes.c_void_p()
     check(lib().dcp_save_options_new(ctypes.byref(opts)))
     try:
         check(lib().dcp_save_options_set_overwrite(opts, ctypes.c_bool(overwrite)))
         check(lib().dcp_save_options_set_wait_if_busy(opts, ctypes.c_bool(wait_if_busy)))
+        if stream_ordered:
+            check(lib().dcp_save_options_set_stream_ordered(opts, ctypes.c_bool(True)))
+        if device_snapshot_bytes:
+            check(lib().dcp_save_options_set_device_snapshot(opts, ctypes.c_uint64(device_snapshot_bytes)))
         if threads:
             check(lib().dcp_save_options_set_threads(opts, ctypes.c_uint32(threads)))
         h = ctypes.c_void_p()

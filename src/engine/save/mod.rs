@@ -57,6 +57,18 @@ pub struct SaveOptions {
     /// When an async save is still in flight on the context: wait for it (default) or fail
     /// with `Busy`.
     pub wait_if_busy: bool,
+    /// Async saves: contiguous CUDA tensors are copied to the host after the call returns, on a
+    /// stream of libdcp's, ordered after the work queued on each tensor's registered stream (0:
+    /// the legacy default stream). Before changing them, the caller makes its stream wait for
+    /// the copies ([`SaveFuture::order_before`]) or waits for them
+    /// ([`SaveFuture::wait_staged`]). Default off: the call returns once everything is copied.
+    pub stream_ordered: bool,
+    /// Async saves: up to this many bytes (per device) of contiguous CUDA tensors are copied
+    /// device to device, on the tensors' streams, into a buffer libdcp keeps between saves;
+    /// the caller may change those tensors as soon as the call returns. Tensors that do not
+    /// fit are stream-ordered as with [`stream_ordered`](Self::stream_ordered). Default 0: no
+    /// snapshot.
+    pub device_snapshot_bytes: u64,
 }
 
 impl Default for SaveOptions {
@@ -67,6 +79,8 @@ impl Default for SaveOptions {
             direct_io: true,
             buffer_bytes: 8 << 20,
             wait_if_busy: true,
+            stream_ordered: false,
+            device_snapshot_bytes: 0,
         }
     }
 }
@@ -97,7 +111,37 @@ impl SaveOptions {
         self.wait_if_busy = wait_if_busy;
         self
     }
+    /// Sets [`stream_ordered`](Self::stream_ordered).
+    pub fn stream_ordered(mut self, stream_ordered: bool) -> Self {
+        self.stream_ordered = stream_ordered;
+        self
+    }
+    /// Sets [`device_snapshot_bytes`](Self::device_snapshot_bytes).
+    pub fn device_snapshot_bytes(mut self, bytes: u64) -> Self {
+        self.device_snapshot_bytes = bytes;
+        self
+    }
+    /// Whether CUDA tensors may be copied after the call returns.
+    fn defers_device_copies(&self) -> bool {
+        self.stream_ordered || self.device_snapshot_bytes > 0
+    }
 }
+
+/// How an async save staged this rank's state.
+#[derive(Clone, Copy, Debug, Default)]
+#[non_exhaustive]
+pub struct StagingReport {
+    /// Bytes of CUDA tensors snapshotted in device memory during the call.
+    pub device_snapshot_bytes: u64,
+    /// Bytes of CUDA tensors copied to the host after the call returned, from the caller's
+    /// memory (the caller orders its writes after them).
+    pub stream_ordered_bytes: u64,
+    /// All bytes staged (host staging memory used).
+    pub copied_bytes: u64,
+    /// Seconds the call blocked.
+    pub blocked_seconds: f64,
+}
+
 
 /// What a save did, on this rank.
 #[derive(Clone, Debug, Default)]
@@ -120,6 +164,7 @@ struct Prepared {
     location_state: PreparedLocation,
     storage: Arc<dyn Storage>,
     location: String,
+    overwrite: bool,
 }
 
 /// Saves `state` to `location`. Collective: every rank of the context calls it.
@@ -131,7 +176,9 @@ pub fn save_to(ctx: &Context, state: &State, storage: Arc<dyn Storage>, location
     let t0 = Instant::now();
     ctx.settle(opts.wait_if_busy)?;
     let p = prepare_save(ctx, state, storage, location, opts)?;
-    let bytes_written = write_and_commit(ctx, state, &p, opts)?;
+    let bytes_written = write_and_commit(ctx, &p, || {
+        write_rank(ctx, state, &p.plan, ctx.rank(), p.storage.as_ref(), opts, &p.location_state)
+    })?;
     let seconds = t0.elapsed().as_secs_f64();
     Ok(SaveReport {
         bytes_written,
@@ -169,16 +216,17 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
     ctx.settle(opts.wait_if_busy)?;
     let p = prepare_save(ctx, state, ctx.open_storage(location)?, location, opts)?;
     // Stage what this rank writes; every rank reports, so all stop together on a failure.
-    let staged = stage::stage(ctx, state, &p.plan, ctx.rank());
-    let staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
+    let staged = stage::stage(ctx, state, &p.plan, ctx.rank(), opts);
+    let mut staged = super::wire::agree(ctx.communicator(), staged.as_ref().map(|_| ()).map_err(|e| e.clone())).and(staged)?;
     let blocked = t0.elapsed().as_secs_f64();
-    let future = SaveFuture::new();
+    staged.report.blocked_seconds = blocked;
+    let future = SaveFuture::new(staged.report, staged.in_flight.clone());
     *crate::error::lock(&ctx.inner.in_flight) = Some(future.clone());
     let (ctx2, fut2, opts2) = (ctx.clone(), future.clone(), opts.clone());
     let spawned = std::thread::Builder::new().name("dcp-async-save".into()).spawn(move || {
         // A panic here must still complete the future: every later call on the context waits
         // for it.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_and_commit(&ctx2, &staged.state, &p, &opts2)))
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_staged(&ctx2, &staged, &p, &opts2, &fut2)))
             .unwrap_or_else(|_| Err(Error::internal("the async save thread panicked (a bug in libdcp)")));
         let plan_cached = p.plan_cached;
         crate::error::lock(&ctx2.inner.pool).release(staged.into_arena());
@@ -190,9 +238,32 @@ pub fn save_async(ctx: &Context, state: &State, location: &str, opts: &SaveOptio
         }));
     });
     if let Err(e) = spawned {
+        // The copies may still run: they finish before the arena goes back (dropping the last
+        // handle waits for them), and the order check is moot: nothing will be written.
         future.complete(Err(Error::internal(format!("cannot start the async save thread: {e}"))));
     }
     Ok(future)
+}
+
+/// The background half of an async save: waits for the staging copies still on the GPU,
+/// writes, and commits only once the caller has ordered its writes after the copies that read
+/// its tensors. Collective.
+fn write_staged(ctx: &Context, staged: &stage::Staged, p: &Prepared, opts: &SaveOptions, future: &SaveFuture) -> Result<u64> {
+    let copied = match &staged.in_flight {
+        Some(c) => c.wait_all(),
+        None => Ok(()),
+    };
+    let ordered = |written: &RankWrites| {
+        future.await_order().inspect_err(|_| {
+            layout::discard(p.storage.as_ref(), written.files.iter().map(|f| f.name.as_str()));
+        })
+    };
+    write_and_commit(ctx, p, || {
+        copied?;
+        let written = write_rank(ctx, &staged.state, &p.plan, ctx.rank(), p.storage.as_ref(), opts, &p.location_state)?;
+        ordered(&written)?;
+        Ok(written)
+    })
 }
 
 /// Collectives before any byte is written: validity and plan, then rank 0 readies the directory.
@@ -219,17 +290,18 @@ fn prepare_save(ctx: &Context, state: &State, storage: Arc<dyn Storage>, locatio
         },
         storage,
         location: location.to_string(),
+        overwrite: opts.overwrite,
     })
 }
 
-/// Writes this rank's files, then commits on rank 0. Collective.
-fn write_and_commit(ctx: &Context, state: &State, p: &Prepared, opts: &SaveOptions) -> Result<u64> {
+/// Writes this rank's files (`write`), then commits on rank 0. Collective.
+fn write_and_commit(ctx: &Context, p: &Prepared, write: impl FnOnce() -> Result<RankWrites>) -> Result<u64> {
     let comm = ctx.communicator();
-    let written = write_rank(ctx, state, &p.plan, comm.rank(), p.storage.as_ref(), opts, &p.location_state);
+    let written = write();
     let bytes_written = written.as_ref().map(|w| w.files.iter().map(|f| f.len).sum()).unwrap_or(0);
     let gathered = comm.gather(&Wire::from_result(written).encode(), 0)?;
     let commit = match gathered {
-        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.location_state, all, opts.overwrite),
+        Some(all) => commit(p.storage.as_ref(), &p.location, &p.plan, &p.location_state, all, p.overwrite),
         None => Ok(()),
     };
     broadcast_result(comm, 0, commit)?;
