@@ -295,9 +295,23 @@ def torch_has_async_stager():
     return "async_stager" in inspect.signature(dcp.async_save).parameters
 
 
+def stager_drops_its_cache():
+    """True where DefaultStager._stage closes its StateDictStager after every stage (torch 2.11):
+    that drops the cached staging buffers and clears its deepcopy dispatch table, so a second
+    stage() on the same stager raises KeyError: <class 'type'>. Later torch closes only stagers
+    async_save created itself."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    try:
+        return "_state_dict_stager.close()" in inspect.getsource(DefaultStager._stage)
+    except (OSError, TypeError):
+        return False
+
+
 class TorchSaver:
-    """torch.distributed.checkpoint.async_save with one DefaultStager kept for the whole run (its
-    staging buffers are cached by storage and reused by every save)."""
+    """torch.distributed.checkpoint.async_save with a DefaultStager: one kept for the whole run
+    (its staging buffers are cached by storage and reused by every save), or a fresh one per
+    save where torch cannot reuse one."""
 
     checks = False
 
@@ -305,31 +319,44 @@ class TorchSaver:
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
         self.dirs = dirs
-        self.kwargs = {}
-        self.stager = None
-        cuda = device == "cuda"
         process = kind == "process"
-        self.kwargs["async_checkpointer_type"] = AsyncCheckpointerType.PROCESS if process else AsyncCheckpointerType.THREAD
+        self.checkpointer = AsyncCheckpointerType.PROCESS if process else AsyncCheckpointerType.THREAD
+        self.options = self.stager = self.previous_stager = None
+        self.fresh_stager_per_save = False
         if not torch_has_async_stager():
             self.note = f"torch {torch.__version__} has no async_stager: plain async_save (staging not cached)"
         else:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            from torch.distributed.checkpoint.staging import StagingOptions
 
-            options = StagingOptions(
+            cuda = device == "cuda"
+            self.options = StagingOptions(
                 use_pinned_memory=cuda,  # pinning needs CUDA
                 use_shared_memory=process,  # the checkpoint process maps the staged tensors
                 use_async_staging=kind == "async-staging",
                 use_non_blocking_copy=cuda,  # needs an accelerator
             )
-            self.stager = DefaultStager(options)
-            self.kwargs["async_stager"] = self.stager
-            self.note = (f"DefaultStager(pinned={options.use_pinned_memory}, shared={options.use_shared_memory}, "
-                         f"async_staging={options.use_async_staging}, non_blocking={options.use_non_blocking_copy})")
+            self.fresh_stager_per_save = stager_drops_its_cache()
+            o = self.options
+            self.note = (f"DefaultStager(pinned={o.use_pinned_memory}, shared={o.use_shared_memory}, "
+                         f"async_staging={o.use_async_staging}, non_blocking={o.use_non_blocking_copy})")
+            if self.fresh_stager_per_save:
+                self.note += (f"; torch {torch.__version__}'s DefaultStager drops its cache after each stage "
+                              "(reused, it raises KeyError: <class 'type'>): a fresh stager per save, staging not cached")
         self.upload = self.staging = self.path = None
+
+    def _stager_for_this_save(self):
+        from torch.distributed.checkpoint.staging import DefaultStager
+
+        if self.stager is None or self.fresh_stager_per_save:
+            self.previous_stager, self.stager = self.stager, DefaultStager(self.options)
+        return self.stager
 
     def save(self, state, path):
         self._wait_previous()
-        response = dcp.async_save(state, checkpoint_id=path, **self.kwargs)
+        kwargs = {"async_checkpointer_type": self.checkpointer}
+        if self.options is not None:
+            kwargs["async_stager"] = self._stager_for_this_save()
+        response = dcp.async_save(state, checkpoint_id=path, **kwargs)
         if hasattr(response, "upload_completion"):  # AsyncSaveResponse: staging runs in the background
             self.staging, self.upload = response.staging_completion, response.upload_completion
         else:
@@ -350,14 +377,18 @@ class TorchSaver:
         self.upload.result()
         self.dirs.completed(self.path)
         self.upload = None
+        if self.previous_stager is not None:  # its save has completed
+            self.previous_stager.close()
+            self.previous_stager = None
 
     def finish(self):
         self.before_optimizer_step()
         self._wait_previous()
 
     def close(self):
-        if self.stager is not None:
-            self.stager.close()
+        for stager in (self.previous_stager, self.stager):
+            if stager is not None:
+                stager.close()
 
 
 def make_saver(key, args, dirs, snapshot_bytes):
