@@ -596,7 +596,7 @@ def parse_args():
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8192)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=60, help="save every N steps")
     p.add_argument("--warmup", type=int, default=10)

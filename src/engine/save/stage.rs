@@ -116,6 +116,7 @@ fn copy_into_arena(
                 src: t.view.as_ptr() as u64,
                 dst: dst.as_mut_ptr(),
                 len: dst.len(),
+                elem: t.view.dtype().size(),
             });
         }
     }

@@ -12,9 +12,6 @@ use crate::cuda::{self, DeviceBuf, Event, Stream};
 use crate::error::Result;
 use std::sync::Arc;
 
-/// Snapshot regions start at multiples of this (the alignment cudaMalloc gives).
-const SNAPSHOT_ALIGN: usize = 256;
-
 /// One contiguous CUDA tensor to copy into its staging slot after the call returns.
 pub(crate) struct DeferredCopy {
     pub(crate) ordinal: i32,
@@ -25,6 +22,8 @@ pub(crate) struct DeferredCopy {
     /// Its staging slot (page-locked host memory).
     pub(crate) dst: *mut u8,
     pub(crate) len: usize,
+    /// Bytes per element (a power of two).
+    pub(crate) elem: usize,
 }
 
 /// How many bytes went which way.
@@ -156,16 +155,31 @@ pub(crate) unsafe fn launch(
     Ok(InFlightCopies { devices, bytes })
 }
 
-/// Which copies of one device are snapshotted, and where in the snapshot buffer.
+/// Which copies of one device are snapshotted, and where in the snapshot buffer: in order
+/// while their bytes fit in `budget` (empty ones never), then placed by decreasing element
+/// size, so that every region is aligned to its element size with no padding (sizes are
+/// powers of two and each region's length a multiple of its own): a budget of exactly the
+/// state's bytes holds the whole state.
 fn snapshot_offsets(copies: &[&DeferredCopy], budget: u64) -> (Vec<Option<usize>>, usize) {
-    let mut used = 0usize;
-    let offsets = copies
+    let mut taken = 0u64;
+    let chosen: Vec<bool> = copies
         .iter()
         .map(|c| {
-            let end = used + c.len.next_multiple_of(SNAPSHOT_ALIGN);
-            (budget > 0 && c.len > 0 && end as u64 <= budget).then(|| std::mem::replace(&mut used, end))
+            let fits = c.len > 0 && taken + c.len as u64 <= budget;
+            if fits {
+                taken += c.len as u64;
+            }
+            fits
         })
         .collect();
+    let mut order: Vec<usize> = (0..copies.len()).filter(|&i| chosen[i]).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(copies[i].elem));
+    let mut offsets = vec![None; copies.len()];
+    let mut used = 0usize;
+    for i in order {
+        offsets[i] = Some(used);
+        used += copies[i].len;
+    }
     (offsets, used)
 }
 
@@ -255,25 +269,36 @@ unsafe fn launch_device(
 mod tests {
     use super::*;
 
-    fn copy(len: usize) -> DeferredCopy {
+    fn copy(len: usize, elem: usize) -> DeferredCopy {
         DeferredCopy {
             ordinal: 0,
             caller_stream: 0,
             src: 0,
             dst: std::ptr::null_mut(),
             len,
+            elem,
         }
     }
 
     #[test]
-    fn snapshot_takes_what_fits_in_order_and_skips_what_does_not() {
-        let copies = [copy(100), copy(1000), copy(0), copy(300), copy(50)];
+    fn snapshot_takes_what_fits_in_order_and_packs_it_aligned_without_padding() {
+        let copies = [copy(100, 4), copy(1000, 8), copy(0, 4), copy(6, 2), copy(300, 4), copy(64, 8), copy(50, 1)];
         let refs: Vec<&DeferredCopy> = copies.iter().collect();
-        let (offsets, used) = snapshot_offsets(&refs, 800);
-        // 100 -> [0, 256); 1000 does not fit; empty tensors are never snapshotted; 300 -> [256,
-        // 768); 50 would end at 1024 > 800.
-        assert_eq!(offsets, vec![Some(0), None, None, Some(256), None]);
-        assert_eq!(used, 768);
+        let (offsets, used) = snapshot_offsets(&refs, 480);
+        // 100 fits; 1000 does not; empty tensors are never snapshotted; 6, 300 and 64 fit
+        // (470 bytes); 50 would make 520. Placed by element size: 64 (8), 100 and 300 (4), 6 (2).
+        assert_eq!(offsets, vec![Some(64), None, None, Some(464), Some(164), Some(0), None]);
+        assert_eq!(used, 470);
+        for (c, off) in copies.iter().zip(&offsets) {
+            if let Some(off) = off {
+                assert_eq!(off % c.elem, 0, "a region of {}-byte elements at {off}", c.elem);
+            }
+        }
+        // A budget of exactly the state's bytes takes everything.
+        let all: u64 = copies.iter().map(|c| c.len as u64).sum();
+        let (offsets, used) = snapshot_offsets(&refs, all);
+        assert_eq!(used as u64, all);
+        assert_eq!(offsets.iter().filter(|o| o.is_some()).count(), 6);
         let (none, zero) = snapshot_offsets(&refs, 0);
         assert!(none.iter().all(Option::is_none));
         assert_eq!(zero, 0);
