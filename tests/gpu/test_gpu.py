@@ -293,7 +293,8 @@ class ZeroStall(unittest.TestCase):
         for i in range(2):
             st, tensors, expected = self.queued_state()
             path = os.path.join(self.dir, f"snap{i}")
-            f = L.save_async(self.ctx, st, path, stream_ordered=True, device_snapshot_bytes=1 << 30)
+            # A generous budget, then exactly the state's bytes: both hold everything.
+            f = L.save_async(self.ctx, st, path, stream_ordered=True, device_snapshot_bytes=(1 << 30) if i == 0 else need)
             self.assertFalse(torch.cuda.current_stream().query(), "the call waited for the caller's stream")
             mutate_all(tensors)  # no stream_wait: every tensor is in the snapshot
             r = f.staging()
