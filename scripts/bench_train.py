@@ -7,7 +7,7 @@ on CUDA, Adam (fused on CUDA), loss = output.float().pow(2).mean(). Every --ever
 state (model parameters and Adam's exp_avg, exp_avg_sq and step) is saved to a fresh directory;
 the previous one is deleted once the next save has completed. Each variant (one table row) runs
 --warmup steps and one untimed first save, then --steps timed steps, each between two
-device synchronizations. One markdown table is printed; docs/bench-train-notes.md explains the
+device synchronizations. One markdown table is printed; docs/training-loop-benchmark.md explains the
 columns. The libdcp binding is tests/python/libdcp.py, unless PYTHONPATH names a directory
 holding another libdcp.py (it is searched first).
 """
@@ -196,6 +196,7 @@ def cpu_copy(state):
 class NoSaver:
     note = ""
     checks = False
+    waits_ms = ()
 
     def save(self, state, path):
         raise AssertionError("the baseline never saves")
@@ -230,9 +231,12 @@ class LibdcpSaver:
         self.needs_stream_wait = False
         self.staging_report = None
         self.note = ""
+        self.waits_ms = []
 
     def save(self, state, path):
+        t0 = time.perf_counter()
         self._wait_previous()
+        self.waits_ms.append((time.perf_counter() - t0) * 1e3)
         registered = L.State()
         for k, v in state.items():
             registered.add_tensor_any(k, v)
@@ -319,6 +323,7 @@ class TorchSaver:
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
         self.dirs = dirs
+        self.waits_ms = []
         process = kind == "process"
         self.checkpointer = AsyncCheckpointerType.PROCESS if process else AsyncCheckpointerType.THREAD
         self.options = self.stager = self.previous_stager = None
@@ -352,7 +357,9 @@ class TorchSaver:
         return self.stager
 
     def save(self, state, path):
+        t0 = time.perf_counter()
         self._wait_previous()
+        self.waits_ms.append((time.perf_counter() - t0) * 1e3)
         kwargs = {"async_checkpointer_type": self.checkpointer}
         if self.options is not None:
             kwargs["async_stager"] = self._stager_for_this_save()
@@ -454,6 +461,7 @@ class Result:
         self.note = ""
         self.failed = None
         self.staging_report = None
+        self.waits_ms = []
 
     def times(self, *kinds):
         return [ms for ms, k in self.steps if k in kinds]
@@ -500,6 +508,7 @@ def timed_run(trainer, saver, args, dirs, result):
             first = train_step(trainer, saver, trainer.state(), dirs.fresh("first"), mem)
             result.first_save_ms = first - median_warm
             saver.finish()
+            saver.waits_ms.clear()
         for i in range(args.steps):
             in_flight = saver.in_flight()
             if i == check_step:
@@ -514,6 +523,7 @@ def timed_run(trainer, saver, args, dirs, result):
             result.steps.append((ms, "save" if saving else "background" if in_flight else "plain"))
         saver.finish()
     result.rss = rss.peak
+    result.waits_ms = list(saver.waits_ms)
     result.device_mem = mem.peak_increase()
     result.note = saver.note
     if expected is not None:
@@ -533,7 +543,7 @@ def fmt(x, digits=1):
 def row(r, baseline_mean):
     name = VARIANTS[r.key]
     if r.failed:
-        return f"| {name} | " + " | ".join(["-"] * 7) + f" | {r.failed} |"
+        return f"| {name} | " + " | ".join(["-"] * 8) + f" | {r.failed} |"
     all_ms = r.times("save", "background", "plain")
     mean = statistics.mean(all_ms)
     between = r.times("background", "plain")
@@ -542,7 +552,8 @@ def row(r, baseline_mean):
     cost = statistics.mean(ms - median for ms in saves) if saves and median is not None else None
     background = r.times("background")
     overhead = (mean - baseline_mean) / baseline_mean * 100 if baseline_mean else None
-    cells = [fmt(mean), fmt(overhead), fmt(cost), fmt(statistics.median(background) if background else None),
+    waited = statistics.mean(r.waits_ms) if r.waits_ms else None
+    cells = [fmt(mean), fmt(overhead), fmt(cost), fmt(waited), fmt(statistics.median(background) if background else None),
              fmt(r.first_save_ms), fmt(r.rss / GIB, 2), fmt(None if r.device_mem is None else r.device_mem / GIB, 2)]
     return f"| {name} | " + " | ".join(cells) + f" | {r.note} |"
 
@@ -551,9 +562,10 @@ def print_table(results, args, nbytes, snapshot_bytes):
     baseline = next((r for r in results if r.key == "none" and not r.failed), None)
     baseline_mean = statistics.mean(baseline.times("plain")) if baseline else None
     print()
-    print("| variant | mean step (ms) | overhead vs none (%) | cost per save (ms) | median step during background writes (ms) "
+    print("| variant | mean step (ms) | overhead vs none (%) | cost per save (ms) | of which waiting for the previous save (ms) "
+          "| median step during background writes (ms) "
           "| first save (ms) | peak host RSS increase (GiB) | peak device mem increase (GiB) | note |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in results:
         print(row(r, baseline_mean))
     print()
@@ -596,7 +608,7 @@ def parse_args():
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=16384)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=60, help="save every N steps")
     p.add_argument("--warmup", type=int, default=10)
