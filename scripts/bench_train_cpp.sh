@@ -8,7 +8,7 @@
 # tests/gpu/test_libtorch_gpu.sh does (one file: no install tree or cmake needed; a CUDA build of
 # torch needs no CUDA toolkit). Rebuilt only when the source, the headers or libdcp changed.
 # env: PYTHON (python3, else .venv/bin/python: the one whose torch is used),
-#      LIBDCP_SO (target/release/libdcp.so), OUT (build/bench-cpp: the binary)
+#      LIBDCP_SO (target/release/libdcp.so), BENCH_BUILD (build/bench-cpp: where the binary goes)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,9 +20,9 @@ fi
 LIBDCP_SO="${LIBDCP_SO:-$ROOT/target/release/libdcp.so}"
 [ -f "$LIBDCP_SO" ] || { echo "bench_train_cpp: $LIBDCP_SO is missing (cargo build --release, or set LIBDCP_SO)" >&2; exit 1; }
 LIBDCP_DIR="$(cd "$(dirname "$LIBDCP_SO")" && pwd)"
-OUT="${OUT:-$ROOT/build/bench-cpp}"
-mkdir -p "$OUT"
-BIN="$OUT/libtorch_train_bench"
+BUILD="${BENCH_BUILD:-$ROOT/build/bench-cpp}"
+mkdir -p "$BUILD"
+BIN="$BUILD/libtorch_train_bench"
 SRC=examples/libtorch_train_bench.cpp
 
 TORCH_DIR="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
@@ -30,7 +30,7 @@ TORCH_DIR="$("$PY" -c 'import os, torch; print(os.path.dirname(torch.__file__))'
 up_to_date() {
     [ -x "$BIN" ] || return 1
     local f
-    for f in "$SRC" include/dcp.h include/dcp.hpp include/dcp_torch.hpp "$LIBDCP_SO" "$0"; do
+    for f in "$SRC" include/dcp.h include/dcp.hpp include/dcp_torch.hpp "$LIBDCP_SO" scripts/bench_train_cpp.sh; do
         [ "$BIN" -nt "$f" ] || return 1
     done
 }
