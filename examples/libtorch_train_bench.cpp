@@ -82,7 +82,7 @@ const char *title_of(Variant v) { return name_of(v).title; }
 
 struct Args {
     std::string device = "cuda", dir = "/tmp/bench-train-cpp";
-    int64_t layers = 24, width = 4096, batch = 8192, steps = 300, every = 60, warmup = 10;
+    int64_t layers = 24, width = 4096, batch = 16384, steps = 300, every = 60, warmup = 10;
     std::optional<double> snapshot_gib;
     std::vector<Variant> variants{Variant::None, Variant::Host, Variant::Stream, Variant::Snapshot};
 };
@@ -90,7 +90,7 @@ struct Args {
 [[noreturn]] void usage(const std::string &msg) {
     std::fprintf(stderr,
                  "libtorch_train_bench: %s\n"
-                 "usage: libtorch_train_bench [--device cuda|cpu] [--layers 24] [--width 4096] [--batch 8192]\n"
+                 "usage: libtorch_train_bench [--device cuda|cpu] [--layers 24] [--width 4096] [--batch 16384]\n"
                  "       [--steps 300] [--every 60] [--warmup 10] [--dir /tmp/bench-train-cpp] [--snapshot-gib G]\n"
                  "       [--variants none,libdcp-host,libdcp-stream,libdcp-snapshot]\n",
                  msg.c_str());
@@ -391,7 +391,9 @@ public:
     bool saves() const { return variant_ != Variant::None; }
 
     void save(const std::string &path) {
+        auto t0 = std::chrono::steady_clock::now();
         wait_previous();
+        waits_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         future_ = ckpt_.save_async(path, options());
         path_ = path;
         needs_stream_wait_ = variant_ != Variant::Host;
@@ -443,6 +445,10 @@ private:
     std::string path_;
     bool needs_stream_wait_ = false;
     std::optional<dcp_staging_report> report_;
+
+public:
+    /** How long each save waited for the previous one to complete (the disk's share). */
+    std::vector<double> waits_ms;
 };
 
 /** Loads `path` into a fresh CPU model (parameters poisoned: every byte 0xFF) and a fresh Adam
@@ -497,6 +503,7 @@ struct Result {
     double first_save_ms = kNone, rss_gib = kNone, device_gib = kNone;
     std::string note, failed;
     std::optional<dcp_staging_report> staging_report;
+    std::vector<double> waits_ms;
 
     std::vector<double> times(std::initializer_list<StepKind> kinds) const {
         std::vector<double> out;
@@ -525,6 +532,7 @@ void timed_run(Trainer &t, Saver &saver, CheckpointDirs &dirs, const Args &a, Re
         std::string first = dirs.fresh("first");
         r.first_save_ms = train_step(t, saver, &first, mem) - median_warm;
         saver.finish();
+        saver.waits_ms.clear();
     }
     for (int64_t i = 0; i < a.steps; ++i) {
         bool in_flight = saver.in_flight();
@@ -542,6 +550,7 @@ void timed_run(Trainer &t, Saver &saver, CheckpointDirs &dirs, const Args &a, Re
         r.steps.emplace_back(ms, saving ? StepKind::Save : in_flight ? StepKind::Background : StepKind::Plain);
     }
     saver.finish();
+    r.waits_ms = saver.waits_ms;
     r.rss_gib = rss.peak_gib();
     r.device_gib = mem.peak_gib();
     if (std::isnan(r.device_gib) && r.variant == Variant::Snapshot && t.device.is_cuda())
@@ -582,7 +591,7 @@ double median_or_nan(const std::vector<double> &v) { return v.empty() ? kNone : 
 std::string row(const Result &r, double baseline_mean) {
     std::string out = std::string("| ") + title_of(r.variant) + " | ";
     if (!r.failed.empty()) {
-        for (int i = 0; i < 7; ++i) out += "- | ";
+        for (int i = 0; i < 8; ++i) out += "- | ";
         return out + r.failed + " |";
     }
     double m = mean(r.times({StepKind::Save, StepKind::Background, StepKind::Plain}));
@@ -591,7 +600,8 @@ std::string row(const Result &r, double baseline_mean) {
     double cost = saves.empty() ? kNone : mean(saves) - between;
     double overhead = baseline_mean > 0 ? (m - baseline_mean) / baseline_mean * 100 : kNone;
     double background = median_or_nan(r.times({StepKind::Background}));
-    for (const auto &cell : {fmt(m), fmt(overhead), fmt(cost), fmt(background), fmt(r.first_save_ms), fmt(r.rss_gib, 2), fmt(r.device_gib, 2)})
+    double waited = r.waits_ms.empty() ? kNone : mean(r.waits_ms);
+    for (const auto &cell : {fmt(m), fmt(overhead), fmt(cost), fmt(waited), fmt(background), fmt(r.first_save_ms), fmt(r.rss_gib, 2), fmt(r.device_gib, 2)})
         out += cell + " | ";
     return out + r.note + " |";
 }
@@ -600,9 +610,10 @@ void print_table(const std::vector<Result> &results, const Args &a, uint64_t nby
     double baseline_mean = kNone;
     for (const auto &r : results)
         if (r.variant == Variant::None && r.failed.empty()) baseline_mean = mean(r.times({StepKind::Plain}));
-    std::printf("\n| variant | mean step (ms) | overhead vs none (%%) | cost per save (ms) | median step during background writes (ms) "
+    std::printf("\n| variant | mean step (ms) | overhead vs none (%%) | cost per save (ms) | of which waiting for the previous save (ms) "
+                "| median step during background writes (ms) "
                 "| first save (ms) | peak host RSS increase (GiB) | peak device mem increase (GiB) | note |\n");
-    std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for (const auto &r : results) std::printf("%s\n", row(r, baseline_mean).c_str());
     int64_t nsaves = (a.steps + a.every - 1) / a.every;
     std::printf("\n%lld timed steps after %lld warmup steps; a save every %lld steps (%lld saves, %.2f GiB each). "
