@@ -272,6 +272,16 @@ static void test_communicator() {
             std::fill(mine.begin(), mine.end(), -1.0f); // staged: the checkpoint keeps the old values
             fut.wait();
             CHECK(fut.done());
+            // Zero-stall options with host tensors: nothing is left to order after the call.
+            dcp::Future z = dcp::save_async(ctx, st, dir + "/hub-zero-stall",
+                                            dcp::SaveOptions().set_stream_ordered(true).set_device_snapshot(1 << 20));
+            z.stream_wait(nullptr);
+            z.wait_staged();
+            dcp_staging_report r = z.staging_report();
+            CHECK(r.copied_bytes == mine.size() * 4 && r.stream_ordered_bytes == 0 && r.device_snapshot_bytes == 0);
+            z.wait();
+            CHECK(ctx.device_snapshot_bytes() == 0);
+            ctx.release_device_snapshots();
             ctx.barrier();
             calls[static_cast<size_t>(rank)] = comm->calls;
         } catch (const std::exception &e) {

@@ -350,6 +350,25 @@ static void test_cuda_async() {
     c2.add_module(cpu).add_optimizer(opt2, cpu);
     c2.load(dir + "/cuda-async");
     for (size_t i = 0; i < before.size(); ++i) EXPECT(same_bits(cpu->parameters()[i], before[i]));
+
+    // Zero-stall: stream-ordered (the current stream waits for the copies before the writes) and
+    // a device snapshot smaller than the state (what does not fit is stream-ordered).
+    for (uint64_t snapshot : {uint64_t(0), uint64_t(4096)}) {
+        std::vector<at::Tensor> now;
+        for (auto &p : m->parameters()) now.push_back(p.detach().cpu().clone());
+        std::string path = dir + "/cuda-zero-stall-" + std::to_string(snapshot);
+        dcp::Future z = c.save_async(path, dcp::SaveOptions().set_stream_ordered(true).set_device_snapshot(snapshot));
+        dcp::stream_wait_current(z, cuda);
+        {
+            torch::NoGradGuard ng;
+            for (auto &p : m->parameters()) p.add_(1.0f);
+        }
+        auto r = z.staging_report();
+        EXPECT(r.stream_ordered_bytes > 0 && r.device_snapshot_bytes <= snapshot);
+        z.wait();
+        c2.load(path);
+        for (size_t i = 0; i < now.size(); ++i) EXPECT(same_bits(cpu->parameters()[i], now[i]));
+    }
 }
 
 int main(int argc, char **argv) {
