@@ -398,4 +398,148 @@ mod tests {
         assert_eq!(e.message(), "tensor read planned into an object entry");
     }
 
+    /// Many small items, written back to back: every one loads whole (the split fast path),
+    /// in part (resharded boxes), or not at all (keys skipped leave gaps between the items read).
+    mod small_items {
+        use crate::engine::save::{save, SaveOptions};
+        use crate::engine::Context;
+        use crate::error::ErrorKind;
+        use crate::region::Region;
+        use crate::state::State;
+        use crate::tensor::{DType, TensorView};
+        use crate::LoadOptions;
+        use std::path::PathBuf;
+
+        /// Element counts from 1 to ~50 KiB of bytes, and dtypes of 1, 2 and 4 bytes.
+        fn shape_of(i: usize) -> (DType, Vec<u64>) {
+            let n = [1u64, 3, 64, 1000, 1025, 3000, 4096, 12_000][i % 8] + i as u64;
+            match i % 3 {
+                0 => (DType::U8, vec![n]),
+                1 => (DType::BF16, vec![2, n]),
+                _ => (DType::F32, vec![n, 3]),
+            }
+        }
+
+        fn nbytes(i: usize) -> usize {
+            let (d, sizes) = shape_of(i);
+            sizes.iter().product::<u64>() as usize * d.size()
+        }
+
+        /// Bytes no other tensor has: an 8-byte tag, then a pattern seeded by the index.
+        fn content(i: usize) -> Vec<u8> {
+            let mut v: Vec<u8> = (0..nbytes(i)).map(|j| (j as u8).wrapping_mul(13).wrapping_add(i as u8)).collect();
+            let tag = [b"TAG".as_slice(), &(i as u32).to_le_bytes(), b"!"].concat();
+            let n = tag.len().min(v.len());
+            v[..n].copy_from_slice(&tag[..n]);
+            v
+        }
+
+        struct Dir(PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+
+        const N: usize = 300;
+
+        fn saved(tag: &str) -> Dir {
+            let dir = Dir(std::env::temp_dir().join(format!("libdcp-small-{tag}-{}", std::process::id())));
+            let _ = std::fs::remove_dir_all(&dir.0);
+            let mut bufs: Vec<Vec<u8>> = (0..N).map(content).collect();
+            let mut st = State::new();
+            for (i, b) in bufs.iter_mut().enumerate() {
+                let (d, sizes) = shape_of(i);
+                st.add_tensor(&format!("t{i:03}"), TensorView::from_bytes(b, d, &sizes).unwrap())
+                    .unwrap();
+            }
+            save(&Context::local(), &st, dir.0.to_str().unwrap(), &SaveOptions::default()).unwrap();
+            dir
+        }
+
+        /// Loads every key whose index `pick` accepts into buffers of 0xA5 bytes; returns them.
+        fn load_picked(dir: &Dir, pick: impl Fn(usize) -> bool, threads: usize) -> crate::error::Result<Vec<(usize, Vec<u8>)>> {
+            let mut got: Vec<(usize, Vec<u8>)> = (0..N).filter(|&i| pick(i)).map(|i| (i, vec![0xA5; nbytes(i)])).collect();
+            let mut st = State::new();
+            for (i, b) in got.iter_mut() {
+                let (d, sizes) = shape_of(*i);
+                st.add_tensor(&format!("t{i:03}"), TensorView::from_bytes(b, d, &sizes).unwrap())?;
+            }
+            let opts = LoadOptions::default().threads(threads);
+            crate::load(&Context::local(), &mut st, dir.0.to_str().unwrap(), &opts)?;
+            drop(st);
+            Ok(got)
+        }
+
+        #[test]
+        fn every_small_item_loads_bit_exact_whole_or_skipped() {
+            let dir = saved("whole");
+            for (pick, threads) in [(0usize, 1usize), (0, 3), (2, 4), (5, 2)] {
+                let got = load_picked(&dir, |i| pick == 0 || i % pick == 1, threads).unwrap();
+                assert!(!got.is_empty());
+                for (i, b) in got {
+                    assert!(b == content(i), "t{i:03} differs (every {pick}th key, {threads} threads)");
+                }
+            }
+        }
+
+        #[test]
+        fn resharded_boxes_of_small_items_load_bit_exact() {
+            let dir = saved("boxes");
+            // The second half of the rows of every 2-D tensor (bf16 [2, n] and f32 [n, 3]).
+            let keys: Vec<usize> = (0..N).filter(|i| i % 3 != 0).collect();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut boxes = Vec::new();
+            for &i in &keys {
+                let (d, sizes) = shape_of(i);
+                let rows = sizes[0] / 2;
+                let region = Region::new(vec![sizes[0] - rows, 0], vec![rows, sizes[1]]).unwrap();
+                got.push(vec![0xA5; region.numel() as usize * d.size()]);
+                boxes.push((i, d, sizes, region));
+            }
+            let mut st = State::new();
+            for (b, (i, d, sizes, region)) in got.iter_mut().zip(&boxes) {
+                let view = TensorView::from_bytes(b, *d, &region.sizes).unwrap();
+                st.add_tensor_chunk(&format!("t{i:03}"), view, sizes, &region.offsets).unwrap();
+            }
+            crate::load(&Context::local(), &mut st, dir.0.to_str().unwrap(), &LoadOptions::default()).unwrap();
+            drop(st);
+            for (b, (i, _, _, _)) in got.iter().zip(&boxes) {
+                let whole = content(*i);
+                assert!(b[..] == whole[whole.len() - b.len()..], "t{i:03}: the box differs");
+            }
+        }
+
+        /// Flips the byte `at` bytes after the tag of tensor `i` in whichever data file holds it.
+        fn flip_in_payload(dir: &Dir, i: usize, at: usize) {
+            let tag = &content(i)[..8];
+            for entry in std::fs::read_dir(&dir.0).unwrap() {
+                let path = entry.unwrap().path();
+                let mut bytes = std::fs::read(&path).unwrap();
+                if let Some(pos) = bytes.windows(8).position(|w| w == tag) {
+                    bytes[pos + at] ^= 0x40;
+                    std::fs::write(&path, bytes).unwrap();
+                    return;
+                }
+            }
+            panic!("t{i:03}'s payload is in no file");
+        }
+
+        #[test]
+        fn a_flipped_byte_in_a_small_payload_fails_naming_its_key() {
+            let dir = saved("flip");
+            // t003: 1,003 bytes (the whole item is one read); t007: 48,028 bytes (flipped in
+            // the part read straight into the tensor, and in the first bytes read); t014: 49,320
+            // bytes (flipped in the last bytes read).
+            for (i, at) in [(3usize, 500usize), (7, 20_000), (7, 100), (14, 48_500)] {
+                flip_in_payload(&dir, i, at);
+                let e = load_picked(&dir, |_| true, 3).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Checksum, "{e}");
+                assert_eq!(e.key(), Some(format!("t{i:03}").as_str()), "{e}");
+                assert!(e.message().contains("checksum mismatch"), "{e}");
+                flip_in_payload(&dir, i, at);
+            }
+            assert_eq!(load_picked(&dir, |_| true, 2).unwrap().len(), N);
+        }
+    }
 }

@@ -65,6 +65,39 @@ impl Files {
     }
 }
 
+/// An item whose bytes are already in memory, in three pieces: the zip records before the
+/// payload, the payload (read straight into its destination tensor) and the records after it.
+struct SplitItem<'b> {
+    /// Absolute offset of the item in its file.
+    start: u64,
+    pieces: [&'b [u8]; 3],
+}
+
+impl ItemSource for SplitItem<'_> {
+    fn read_item_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        let end = offset.saturating_add(len as u64);
+        let mut piece_start = 0u64;
+        for piece in self.pieces {
+            let piece_end = piece_start + piece.len() as u64;
+            let (lo, hi) = (offset.max(piece_start), end.min(piece_end));
+            if lo < hi {
+                out.extend_from_slice(&piece[(lo - piece_start) as usize..(hi - piece_start) as usize]);
+            }
+            piece_start = piece_end;
+        }
+        if out.len() != len {
+            return Err(Error::internal(format!(
+                "item bytes {offset}..{end} asked of a {piece_start}-byte item"
+            )));
+        }
+        Ok(out)
+    }
+    fn item_start(&self) -> u64 {
+        self.start
+    }
+}
+
 /// An item's bytes inside its file.
 struct ItemSlice<'h> {
     file: &'h dyn ReadHandle,
@@ -204,7 +237,7 @@ struct Located<'b> {
 /// Finds a chunk's payload from its zip item; a sidecar block record must agree with the item
 /// (it only adds per-block checksums). Dtype and shape must be what the metadata says.
 fn locate<'b>(
-    file: &dyn ReadHandle,
+    src: &dyn ItemSource,
     info: &StorageInfo,
     what: &str,
     sidecar_blocks: Option<(&'b BlockRecord, u64)>,
@@ -212,7 +245,7 @@ fn locate<'b>(
     dtype: DType,
     verify: bool,
 ) -> Result<Located<'b>> {
-    let rec = match zipitem::read_item(&ItemSlice { file, info }, info.length, what)? {
+    let rec = match zipitem::read_item(src, info.length, what)? {
         ItemContent::Tensor(rec) => rec,
         ItemContent::Object(_) => {
             return Err(Error::mismatch(format!(
@@ -416,7 +449,12 @@ fn read_chunk_item(
         .first()
         .map(|t| t.view.dtype())
         .ok_or_else(|| Error::internal("no target"))?;
-    let item = locate(file.as_ref(), info, &what, sidecar_blocks, chunk, dtype, rd.verify)?;
+    if let [t] = targets {
+        if read_whole_split(rd, file.as_ref(), info, &what, sidecar_blocks, chunk, t)? {
+            return Ok(());
+        }
+    }
+    let item = locate(&ItemSlice { file: file.as_ref(), info }, info, &what, sidecar_blocks, chunk, dtype, rd.verify)?;
     let (rec, elem) = (&item.rec, dtype.size() as u64);
 
     // Fast path: the whole chunk into one dense host buffer, from the page cache: read straight
@@ -490,6 +528,112 @@ fn read_chunk_item(
         }
     }
     Ok(())
+}
+
+/// Bytes of an item read before its payload is located: room for the zip records in front of a
+/// payload aligned to 4096 bytes in the file, and for the records and directory behind it.
+const ITEM_HEAD: u64 = 8 << 10;
+const ITEM_TAIL: u64 = 4 << 10;
+
+/// The first and last bytes of an item of `len` bytes (one piece, the whole item, when it is
+/// short), read into `buf`; returns (head, tail).
+fn read_item_ends<'b>(file: &dyn ReadHandle, info: &StorageInfo, buf: &'b mut HostBuf) -> Result<(&'b [u8], &'b [u8])> {
+    let len = info.length;
+    let (head_len, tail_len) = if len <= ITEM_HEAD + ITEM_TAIL { (len, 0) } else { (ITEM_HEAD, ITEM_TAIL) };
+    let (head, tail) = buf.bytes_mut((head_len + tail_len) as usize).split_at_mut(head_len as usize);
+    file.read_at(info.offset, head)?;
+    file.read_at(info.offset + len - tail_len, tail)?;
+    Ok((head, tail))
+}
+
+/// Where an item's payload of `nbytes` lies (a range of the item's bytes), guessed from its
+/// ends: the stored record of that size in the central directory, `data/0` (torch.save's
+/// storage record) first. `None` when the ends do not hold the directory and that record's
+/// local header, or the bytes outside the payload. Only a guess: the item is parsed in full
+/// afterwards, and must agree.
+fn guess_payload(head: &[u8], tail: &[u8], len: u64, nbytes: u64) -> Option<(u64, u64)> {
+    let ends = if tail.is_empty() { head } else { tail };
+    let tail_start = len - ends.len() as u64;
+    let loc = zipitem::locate_central_directory(ends, len, "").ok()?;
+    let cd_at = loc.offset.checked_sub(tail_start)? as usize;
+    let cd = ends.get(cd_at..cd_at.checked_add(usize::try_from(loc.size).ok()?)?)?;
+    let entries = zipitem::parse_central_directory(cd, loc, len, "").ok()?;
+    let record = entries
+        .iter()
+        .filter(|e| e.method == 0 && e.size == nbytes)
+        .min_by_key(|e| !e.name.ends_with("data/0"))?;
+    let h = record.header_offset as usize;
+    let start = zipitem::local_data_offset(head.get(h..h.checked_add(30)?)?, record, len, "").ok()?;
+    let end = start.checked_add(record.size)?;
+    (start <= head.len() as u64 && end >= tail_start && end <= len).then_some((start, end))
+}
+
+/// Fills `dst` with the item's payload bytes `start..end`: the parts already in `head` (item
+/// bytes from 0) and `tail` (the item's last bytes) are copied, the rest read from the file.
+fn fill_payload(file: &dyn ReadHandle, info: &StorageInfo, (head, tail): (&[u8], &[u8]), (start, end): (u64, u64), dst: &mut [u8]) -> Result<()> {
+    let tail_start = info.length - tail.len() as u64;
+    let from_head = end.min(head.len() as u64).saturating_sub(start);
+    dst[..from_head as usize].copy_from_slice(&head[start as usize..(start + from_head) as usize]);
+    let middle = (start + from_head, end.min(tail_start.max(start + from_head)));
+    if middle.0 < middle.1 {
+        file.read_at(info.offset + middle.0, &mut dst[(middle.0 - start) as usize..(middle.1 - start) as usize])?;
+    }
+    if middle.1 < end {
+        dst[(middle.1 - start) as usize..].copy_from_slice(&tail[(middle.1 - tail_start) as usize..(end - tail_start) as usize]);
+    }
+    Ok(())
+}
+
+/// The fast path for a whole chunk into one dense host tensor: the item's ends are read into
+/// the window buffer, and its payload, located from them, straight into the tensor (each byte
+/// is read once, as a plain file copy would). The item is then parsed from those pieces and
+/// checked against the sidecar and the metadata like any other, and the tensor's bytes
+/// verified. `Ok(false)` when the chunk does not fit this path or the item is not laid out as
+/// guessed (the general path then reads it again, overwriting whatever this one wrote).
+fn read_whole_split(
+    rd: &mut Reader,
+    file: &dyn ReadHandle,
+    info: &StorageInfo,
+    what: &str,
+    sidecar_blocks: Option<(&BlockRecord, u64)>,
+    chunk: &Region,
+    t: &Target,
+) -> Result<bool> {
+    let view = t.view;
+    let Some(nbytes) = chunk.numel().checked_mul(view.dtype().size() as u64) else {
+        return Ok(false);
+    };
+    let fits = nbytes > 0
+        && t.overlap == chunk
+        && t.region == chunk
+        && view.device() == Device::Cpu
+        && view.is_contiguous()
+        && !(nbytes >= 1 << 20 && use_direct(rd.direct, file, info.offset, info.length));
+    if !fits {
+        return Ok(false);
+    }
+    let ends = read_item_ends(file, info, rd.buf)?;
+    let Some((start, end)) = guess_payload(ends.0, ends.1, info.length, nbytes) else {
+        return Ok(false);
+    };
+    // SAFETY: a contiguous host view whose box is the chunk's spans `numel * elem` = `nbytes`
+    // bytes from its pointer, within the `nbytes` `TensorView::from_raw` checked. The caller
+    // lends that memory to the load (`from_raw`'s contract), and no other chunk targets this box
+    // (overlaps tile it, `plan::load`), so this is the only reference to those bytes while it
+    // lives.
+    let dst = unsafe { std::slice::from_raw_parts_mut(view.as_ptr(), nbytes as usize) };
+    fill_payload(file, info, ends, (start, end), dst)?;
+    let after = if ends.1.is_empty() { &ends.0[end as usize..] } else { &ends.1[(end - (info.length - ends.1.len() as u64)) as usize..] };
+    let src = SplitItem {
+        start: info.offset,
+        pieces: [&ends.0[..start as usize], dst, after],
+    };
+    let item = locate(&src, info, what, sidecar_blocks, chunk, view.dtype(), rd.verify)?;
+    if !(item.dense && item.payload_abs == info.offset + start && item.rec.data_len == nbytes) {
+        return Ok(false);
+    }
+    verify_bytes(&item.check, 0, dst, true, what, item.payload_abs)?;
+    Ok(true)
 }
 
 /// Queues the host-to-device copies of one run (one copy when it is dense on both sides).
@@ -584,5 +728,60 @@ mod tests {
         // Cut into windows at unit boundaries.
         assert_eq!(plan_windows(&[run(0, 64)], 4, 64, 256, 128), vec![(0, 128), (128, 256)]);
         assert!(plan_windows(&[], 4, 1, 100, 8).is_empty());
+    }
+
+    /// A tensor item of `payload_len` u8 elements starting at `start` in its file, its payload
+    /// on a multiple of `align`; and where the payload lies in it.
+    fn item(payload_len: u64, start: u64, align: u64) -> (Vec<u8>, (u64, u64)) {
+        let l = zipitem::TensorItemLayout::new(DType::U8, &[payload_len], start, align, 1);
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
+        let at = l.prefix.len() as u64;
+        let mut bytes = l.prefix.clone();
+        bytes.extend_from_slice(&payload);
+        bytes.extend_from_slice(&l.trailer(crc32fast::hash(&payload)));
+        (bytes, (at, at + payload_len))
+    }
+
+    /// The ends `read_item_ends` reads of `bytes`.
+    fn ends(bytes: &[u8]) -> (&[u8], &[u8]) {
+        let len = bytes.len() as u64;
+        if len <= ITEM_HEAD + ITEM_TAIL {
+            (bytes, &[])
+        } else {
+            (&bytes[..ITEM_HEAD as usize], &bytes[(len - ITEM_TAIL) as usize..])
+        }
+    }
+
+    #[test]
+    fn the_payload_is_found_from_the_item_ends() {
+        // libdcp's 4096-byte payload alignment and torch's 64, payloads inside the first bytes,
+        // across both ends, and far past them.
+        for align in [4096, 64] {
+            for start in [0, 64, 4000] {
+                for payload_len in [0, 1, 100, 3000, 8192, 20_000, 300_000] {
+                    let (bytes, want) = item(payload_len, start, align);
+                    let (head, tail) = ends(&bytes);
+                    let got = guess_payload(head, tail, bytes.len() as u64, payload_len);
+                    assert_eq!(got, Some(want), "payload of {payload_len} bytes at {start}, aligned to {align}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_payload_is_guessed_from_bytes_that_are_not_an_item() {
+        let (mut bytes, _) = item(20_000, 0, 4096);
+        let len = bytes.len() as u64;
+        assert_eq!(guess_payload(&[0u8; 100], &[], 100, 10), None);
+        let (head, tail) = ends(&bytes);
+        assert_eq!(guess_payload(head, tail, len, 19_999), None, "no record of that size");
+        // The tail's end record damaged.
+        *bytes.last_mut().unwrap() ^= 0xff;
+        let (head, tail) = ends(&bytes);
+        assert_eq!(guess_payload(head, tail, len, 20_000), None);
+        // The payload's local header is not in the first bytes read.
+        let (bytes, _) = item(20_000, 0, 4096);
+        let (_, tail) = ends(&bytes);
+        assert_eq!(guess_payload(&bytes[..100], tail, len, 20_000), None);
     }
 }
