@@ -7,7 +7,7 @@ on CUDA, Adam (fused on CUDA), loss = output.float().pow(2).mean(). Every --ever
 state (model parameters and Adam's exp_avg, exp_avg_sq and step) is saved to a fresh directory;
 the previous one is deleted once the next save has completed. Each variant (one table row) runs
 --warmup steps and one untimed first save, then --steps timed steps, each between two
-device synchronizations. One markdown table is printed; docs/training-loop-benchmark.md explains the
+synchronizations of the training stream. One markdown table is printed; docs/training-loop-benchmark.md explains the
 columns. The libdcp binding is tests/python/libdcp.py, unless PYTHONPATH names a directory
 holding another libdcp.py (it is searched first).
 """
@@ -112,8 +112,11 @@ class DeviceMem:
 
 
 def sync(device):
+    """Waits for the training stream. Not the whole device: torch.cuda.synchronize() would also
+    wait for the copies libdcp and torch run on their own streams in the background, which a
+    training loop never waits for (its loss.item() waits for its own stream only)."""
     if device == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def current_stream(device):
@@ -410,8 +413,8 @@ def make_saver(key, args, dirs, snapshot_bytes):
 
 
 class StepTimer:
-    """Wall time of one step in ms, the device synchronized at both ends so that steps are
-    measured one by one (the synchronization is there for the measurement)."""
+    """Wall time of one step in ms, the training stream synchronized at both ends so that steps
+    are measured one by one (the synchronization is there for the measurement)."""
 
     def __init__(self, device):
         self.device = device
@@ -571,7 +574,7 @@ def print_table(results, args, nbytes, snapshot_bytes):
     print()
     nsaves = len(range(0, args.steps, args.every))
     print(f"{args.steps} timed steps after {args.warmup} warmup steps; a save every {args.every} steps ({nsaves} saves, "
-          f"{nbytes / GIB:.2f} GiB each). Steps are timed one by one between two device synchronizations.")
+          f"{nbytes / GIB:.2f} GiB each). Steps are timed one by one between two synchronizations of the training stream (not the device: background copy streams are not waited for).")
     print("First save: the untimed save before the timed steps (it allocates staging buffers), as its step's time "
           "less the median warmup step; it is not in the other columns.")
     print("libdcp rows: the step of the last save is not timed (the state is copied to the CPU right before it, "
