@@ -53,4 +53,8 @@ build() {
 
 up_to_date || build
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+# BENCH_GDB=1: under gdb, printing every thread's backtrace if the bench crashes.
+if [ "${BENCH_GDB:-0}" = 1 ] && command -v gdb >/dev/null 2>&1; then
+    exec gdb -q -batch -ex run -ex "thread apply all bt 12" --args "$BIN" "$@"
+fi
 exec "$BIN" "$@"
