@@ -31,6 +31,9 @@ from torch import nn  # noqa: E402
 
 import libdcp as L  # noqa: E402
 
+sys.path.insert(0, HERE)
+import bench  # noqa: E402  (scripts/bench.py: its PeakRss)
+
 GIB = 1 << 30
 
 VARIANTS = {
@@ -48,37 +51,12 @@ STREAM_SYMBOLS = ["dcp_save_options_set_stream_ordered", "dcp_future_stream_wait
 SNAPSHOT_SYMBOLS = STREAM_SYMBOLS + ["dcp_save_options_set_device_snapshot"]
 
 
-class PeakRss:
-    """Samples this process's resident memory while a block runs; `peak` is the highest increase
-    over the start. `discount(n)` leaves n bytes the benchmark itself allocates out of it."""
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
+class PeakRss(bench.PeakRss):
+    """bench.py's sampler of this process's peak resident memory; `discount(n)` leaves n bytes
+    the benchmark itself allocates out of it."""
 
     def discount(self, nbytes):
         self.base += nbytes
-
-    @staticmethod
-    def _rss():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss() - self.base)
-
-    def __exit__(self, *a):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss() - self.base)
 
 
 class DeviceMem:
