@@ -310,7 +310,10 @@ fn stream_ordered_and_snapshot_options_stage_host_tensors_during_the_call() {
     assert_eq!(ctx.device_snapshot_bytes(), 0);
     let (_, _, bytes) = Checkpoint::open(dir.s()).unwrap().read_tensor("w").unwrap();
     let got: Vec<u32> = bytes.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-    assert!(got == expect, "the stream-ordered save of a host tensor does not hold the values at the call");
+    assert!(
+        got == expect,
+        "the stream-ordered save of a host tensor does not hold the values at the call"
+    );
 }
 
 #[test]
