@@ -169,13 +169,15 @@ fn all_ok(ctx: &Context, local: Result<()>) -> Result<()> {
     };
     let all = comm.all_gather(&mine)?;
     local?;
-    for (rank, bytes) in all.iter().enumerate().filter(|(_, b)| !b.is_empty()) {
-        let text = String::from_utf8_lossy(bytes);
-        let (code, message) = text.split_once('\n').unwrap_or(("13", &text));
-        let kind = ErrorKind::from_code(code.parse().unwrap_or(13));
-        return Err(Error::new(kind, format!("rank {rank}: {message}")));
+    match all.iter().enumerate().find(|(_, b)| !b.is_empty()) {
+        Some((rank, bytes)) => {
+            let text = String::from_utf8_lossy(bytes);
+            let (code, message) = text.split_once('\n').unwrap_or(("13", &text));
+            let kind = ErrorKind::from_code(code.parse().unwrap_or(13));
+            Err(Error::new(kind, format!("rank {rank}: {message}")))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A series of checkpoints under one root (a directory or `s3://bucket/prefix`), one step per
@@ -289,7 +291,8 @@ impl CheckpointManager {
     }
 
     /// Waits for the async save in flight, applies retention, and gives the root up.
-    /// Collective.
+    /// Collective. (Dropping the manager instead gives the root up too, when no async save is
+    /// writing, but runs no retention.)
     pub fn finish(self) -> Result<()> {
         let waited = self.settle().and_then(|o| o.transpose()).map(|_| ());
         let released = from_rank0(&self.ctx, || match lock(&self.claim).take() {
