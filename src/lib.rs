@@ -62,6 +62,7 @@ mod cuda;
 internal_mod!(engine, error, format, mesh, plan, region, state, tensor);
 
 mod ffi;
+mod manager;
 
 pub use engine::verify::{verify, verify_with_options, verify_with_progress, Problem, VerifyOptions, VerifyReport};
 // The functions by their modules' paths: `engine::{load, save}` would re-export the modules too.
@@ -70,6 +71,7 @@ pub use engine::save::{save, save_async, SaveOptions, SaveReport, StagingReport}
 pub use engine::{writer_version, Checkpoint, Context, DirectIo, KeyInfo, KeyKind, PoolStats, SaveFuture};
 pub use error::{Error, ErrorKind, Result};
 pub use format::pyobj::{ObjectValue, PyValue};
+pub use manager::{CheckpointManager, Damage, ManagerPolicy, Resume, Skipped, StepHealth, StepStatus, DEFAULT_LEASE_SECONDS};
 pub use mesh::{DeviceMesh, Placement};
 pub use region::Region;
 pub use state::State;
