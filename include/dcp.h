@@ -108,6 +108,36 @@ typedef enum {
 } dcp_status;
 
 /**
+ * Health of a step: why `dcp_manager_latest` skipped it.
+ */
+typedef enum {
+  /**
+   * Committed and passes the check.
+   */
+  DCP_STEP_WHOLE = 0,
+  /**
+   * No `.metadata`: a save (or a deletion) that did not finish.
+   */
+  DCP_STEP_UNCOMMITTED = 1,
+  /**
+   * A data file or the sidecar is missing.
+   */
+  DCP_STEP_MISSING_FILE = 2,
+  /**
+   * A data file is shorter or longer than recorded (torn).
+   */
+  DCP_STEP_SIZE_MISMATCH = 3,
+  /**
+   * Stored bytes do not match their checksum.
+   */
+  DCP_STEP_CHECKSUM = 4,
+  /**
+   * `.metadata` or the sidecar does not parse.
+   */
+  DCP_STEP_UNREADABLE_METADATA = 5,
+} dcp_step_health;
+
+/**
  * Element types (`int32_t dtype` arguments take these values).
  */
 typedef enum {
@@ -199,6 +229,21 @@ typedef struct dcp_future dcp_future;
  * a time.
  */
 typedef struct dcp_load_options dcp_load_options;
+
+/**
+ * A series of checkpoints under one root (`step-00000100`, ...), each a DCP checkpoint torch
+ * loads as it is: saves, resume from the newest whole step, retention. Thread safety: one
+ * thread at a time.
+ */
+typedef struct dcp_manager dcp_manager;
+
+/**
+ * Policy of a checkpoint manager (`dcp_manager_open`). Defaults: every step the caller asks
+ * for is saved (interval 0), keep the last 3, nothing kept forever, the cheap integrity check
+ * on resume, default save options, a 600 s lease, not read-only. Thread safety: not shared;
+ * one thread at a time.
+ */
+typedef struct dcp_manager_policy dcp_manager_policy;
 
 /**
  * A device mesh: an n-D array of global ranks, optionally with dim names, bound to this
@@ -702,6 +747,157 @@ dcp_status dcp_future_done(const dcp_future *future, bool *done);
  * the handle.
  */
 void dcp_future_free(dcp_future *future);
+
+/**
+ * Creates a manager policy with the defaults. `*out` is owned by the caller; free it with
+ * `dcp_manager_policy_free`. Not collective; thread-safe.
+ */
+dcp_status dcp_manager_policy_new(dcp_manager_policy **out);
+
+/**
+ * Frees a policy. NULL is a no-op. Not collective; not concurrent with other uses of `policy`.
+ */
+void dcp_manager_policy_free(dcp_manager_policy *policy);
+
+/**
+ * `dcp_manager_should_save` is true for multiples of `steps` (0: never; the caller decides).
+ * Not collective; not thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_save_interval(dcp_manager_policy *policy, uint64_t steps);
+
+/**
+ * Retention keeps the newest `keep_last` whole steps (at least 1; default 3). Not collective;
+ * not thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_keep_last(dcp_manager_policy *policy, uint32_t keep_last);
+
+/**
+ * Steps that are multiples of `steps` are kept forever (0, the default: none). Not collective;
+ * not thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_keep_every(dcp_manager_policy *policy, uint64_t steps);
+
+/**
+ * Resume checks every CRC-32 of a step (a full verify) instead of the cheap check (commit,
+ * sidecar, metadata, file sizes; default). Not collective; not thread-safe (one thread per
+ * `policy`).
+ */
+dcp_status dcp_manager_policy_set_full_verify(dcp_manager_policy *policy, bool full);
+
+/**
+ * How long the manager's claim on its root lasts without a save renewing it (seconds, default
+ * 600); an expired claim may be taken over by another manager. Not collective; not
+ * thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_lease_seconds(dcp_manager_policy *policy, uint64_t seconds);
+
+/**
+ * Read-only: the manager neither claims the root nor saves or deletes (for evaluation jobs
+ * and inspection). Not collective; not thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_read_only(dcp_manager_policy *policy, bool read_only);
+
+/**
+ * The save options of every save (copied; `opts` may be freed afterwards). Not collective;
+ * not thread-safe (one thread per `policy`).
+ */
+dcp_status dcp_manager_policy_set_save_options(dcp_manager_policy *policy,
+                                               const dcp_save_options *opts);
+
+/**
+ * Opens the series of checkpoints at `root` (a directory, created if missing, or an
+ * `s3://bucket/prefix` with the context's storage options) and, unless the policy is
+ * read-only, claims it: a root another live manager holds fails with `DCP_ERROR_BUSY`, naming
+ * the holder. `policy` NULL: the defaults. `*out` is owned by the caller; free it with
+ * `dcp_manager_free`. The manager uses the context: free it before the context. Collective.
+ */
+dcp_status dcp_manager_open(dcp_context *ctx,
+                            const char *root,
+                            const dcp_manager_policy *policy,
+                            dcp_manager **out);
+
+/**
+ * Frees the manager. It gives its claim on the root back unless an async save is still
+ * writing (then the claim expires), and runs no retention: call `dcp_manager_finish` first
+ * for that. NULL is a no-op. Not collective.
+ */
+void dcp_manager_free(dcp_manager *manager);
+
+/**
+ * Whether the policy saves at `step` (`dcp_manager_policy_set_save_interval`). Not
+ * collective; thread-safe.
+ */
+dcp_status dcp_manager_should_save(const dcp_manager *manager, uint64_t step, bool *out);
+
+/**
+ * Saves `state` as `step` (`ROOT/step-%08d`), then applies retention once it is committed.
+ * A step that exists whole fails with `DCP_ERROR_ALREADY_EXISTS` unless the save options
+ * overwrite; an uncommitted or damaged one is replaced. Collective.
+ */
+dcp_status dcp_manager_save(dcp_manager *manager, uint64_t step, const dcp_state *state);
+
+/**
+ * Starts saving `state` as `step` in the background, as `dcp_save_async` does (the same
+ * rules for stream-ordered saves); retention for it runs only after it committed, at the next
+ * call on the manager or in `dcp_manager_wait` / `dcp_manager_finish`. `*out` owns a future
+ * (free it with `dcp_future_free`). Collective.
+ */
+dcp_status dcp_manager_save_async(dcp_manager *manager,
+                                  uint64_t step,
+                                  const dcp_state *state,
+                                  dcp_future **out);
+
+/**
+ * Waits for the manager's async save in flight (if any) and applies retention after it;
+ * returns the save's status. Collective.
+ */
+dcp_status dcp_manager_wait(dcp_manager *manager);
+
+/**
+ * The newest step that is committed and passes the integrity check, into `*step` (-1: no
+ * whole step). Every newer step skipped is listed by `dcp_manager_skipped`. Decided by rank 0;
+ * every rank gets the same. Collective.
+ */
+dcp_status dcp_manager_latest(dcp_manager *manager, int64_t *step);
+
+/**
+ * Loads the newest whole step into `state` (in place, resharding as needed) and writes it to
+ * `*step` (-1, with `state` untouched: no whole step). A step whose load finds damage the
+ * check did not is skipped too, and the next older one loaded. Collective.
+ */
+dcp_status dcp_manager_load_latest(dcp_manager *manager, dcp_state *state, int64_t *step);
+
+/**
+ * How many newer steps the last `dcp_manager_latest` / `dcp_manager_load_latest` skipped.
+ * Not collective; not concurrent with other calls on the manager.
+ */
+dcp_status dcp_manager_skipped_count(const dcp_manager *manager, size_t *n);
+
+/**
+ * The `index`-th skipped step (newest first): its number, why (`health`) and what exactly is
+ * wrong (`*message`, owned by the manager, valid until its next `latest`/`load_latest` or
+ * `dcp_manager_free`). Any out-pointer may be NULL. Not collective; not concurrent with other
+ * calls on the manager.
+ */
+dcp_status dcp_manager_skipped(const dcp_manager *manager,
+                               size_t index,
+                               uint64_t *step,
+                               dcp_step_health *health,
+                               const char **message);
+
+/**
+ * Applies the manager's retention policy now: deletes the whole steps it does not keep, the
+ * uncommitted ones and damaged steps older than the newest whole one (each made uncommitted
+ * first, so a crash mid-delete never leaves a step that looks whole); never the newest whole
+ * step. `*deleted` (may be NULL) gets how many steps were deleted. Collective.
+ */
+dcp_status dcp_manager_apply_retention(dcp_manager *manager, size_t *deleted);
+
+/**
+ * Waits for the async save in flight, applies retention and gives the claim on the root back;
+ * the manager may then only be freed. Collective.
+ */
+dcp_status dcp_manager_finish(dcp_manager *manager);
 
 /**
  * Creates save options with the defaults. `*out` is owned by the caller; free it with

@@ -792,6 +792,117 @@ inline void load(Context &ctx, State &st, const std::string &path, const LoadOpt
 }
 
 // ------------------------------------------------------------------------------------------------
+// Checkpoint manager: a series of checkpoints under one root
+// ------------------------------------------------------------------------------------------------
+
+/** Policy of a Manager (plain values). Defaults: saves when the caller asks (interval 0), keep
+    the last 3, none kept forever, the cheap integrity check on resume, a 600 s claim. */
+struct ManagerPolicy {
+    uint64_t save_interval = 0;
+    uint32_t keep_last = 3;
+    uint64_t keep_every = 0;
+    bool full_verify = false;
+    uint64_t lease_seconds = 600;
+    bool read_only = false;
+    SaveOptions save_options;
+
+    ManagerPolicy &set_save_interval(uint64_t v) { save_interval = v; return *this; }
+    ManagerPolicy &set_keep_last(uint32_t v) { keep_last = v; return *this; }
+    ManagerPolicy &set_keep_every(uint64_t v) { keep_every = v; return *this; }
+    ManagerPolicy &set_full_verify(bool v) { full_verify = v; return *this; }
+    ManagerPolicy &set_lease_seconds(uint64_t v) { lease_seconds = v; return *this; }
+    ManagerPolicy &set_read_only(bool v) { read_only = v; return *this; }
+    ManagerPolicy &set_save_options(const SaveOptions &v) { save_options = v; return *this; }
+};
+
+/** A step newer than the one resumed from, and why it was skipped. */
+struct SkippedStep {
+    uint64_t step;
+    dcp_step_health health;
+    std::string message;
+};
+
+/** dcp_manager: saves every N steps to ROOT/step-%08d, resumes from the newest whole step,
+    keeps what the policy says (see dcp.h). The Context must outlive it. Move-only. */
+class Manager {
+public:
+    /** Collective: opens (and, unless read-only, claims) the root. */
+    Manager(Context &ctx, const std::string &root, const ManagerPolicy &policy = ManagerPolicy()) : ctx_(&ctx) {
+        detail::Handle<dcp_manager_policy, dcp_manager_policy_free> p;
+        detail::check(dcp_manager_policy_new(p.out()));
+        detail::check(dcp_manager_policy_set_save_interval(p.get(), policy.save_interval));
+        detail::check(dcp_manager_policy_set_keep_last(p.get(), policy.keep_last));
+        detail::check(dcp_manager_policy_set_keep_every(p.get(), policy.keep_every));
+        detail::check(dcp_manager_policy_set_full_verify(p.get(), policy.full_verify));
+        detail::check(dcp_manager_policy_set_lease_seconds(p.get(), policy.lease_seconds));
+        detail::check(dcp_manager_policy_set_read_only(p.get(), policy.read_only));
+        auto o = policy.save_options.handle();
+        detail::check(dcp_manager_policy_set_save_options(p.get(), o.get()));
+        ctx.check(dcp_manager_open(ctx.get(), root.c_str(), p.get(), h_.out()));
+    }
+    Manager(Manager &&) noexcept = default;
+    Manager &operator=(Manager &&) noexcept = default;
+
+    bool should_save(uint64_t step) const {
+        bool b = false;
+        detail::check(dcp_manager_should_save(get(), step, &b));
+        return b;
+    }
+    /** Collective: saves `st` as `step`, then applies retention. */
+    void save(uint64_t step, const State &st) { ctx_->check(dcp_manager_save(get(), step, st.get())); }
+    /** Collective: saves in the background; retention runs after it committed. */
+    Future save_async(uint64_t step, const State &st, std::shared_ptr<void> keep_alive = nullptr) {
+        dcp_future *f = nullptr;
+        ctx_->check(dcp_manager_save_async(get(), step, st.get(), &f));
+        return Future(f, std::move(keep_alive), ctx_->communicator());
+    }
+    /** Collective: waits for the async save in flight and applies retention. */
+    void wait() { ctx_->check(dcp_manager_wait(get())); }
+    /** Collective: the newest whole step (nullopt: none); skipped() lists the newer ones. */
+    std::optional<uint64_t> latest() {
+        int64_t step = -1;
+        ctx_->check(dcp_manager_latest(get(), &step));
+        return step < 0 ? std::nullopt : std::optional<uint64_t>(static_cast<uint64_t>(step));
+    }
+    /** Collective: loads the newest whole step into `st` (nullopt: none, `st` untouched). */
+    std::optional<uint64_t> load_latest(State &st) {
+        int64_t step = -1;
+        ctx_->check(dcp_manager_load_latest(get(), st.get(), &step));
+        return step < 0 ? std::nullopt : std::optional<uint64_t>(static_cast<uint64_t>(step));
+    }
+    /** The steps the last latest() / load_latest() skipped, newest first, with why. */
+    std::vector<SkippedStep> skipped() const {
+        size_t n = 0;
+        detail::check(dcp_manager_skipped_count(get(), &n));
+        std::vector<SkippedStep> out;
+        for (size_t i = 0; i < n; ++i) {
+            SkippedStep s{0, DCP_STEP_WHOLE, {}};
+            const char *m = nullptr;
+            detail::check(dcp_manager_skipped(get(), i, &s.step, &s.health, &m));
+            s.message = m ? m : "";
+            out.push_back(std::move(s));
+        }
+        return out;
+    }
+    /** Collective: applies retention now; returns how many steps were deleted. */
+    size_t apply_retention() {
+        size_t n = 0;
+        ctx_->check(dcp_manager_apply_retention(get(), &n));
+        return n;
+    }
+    /** Collective: waits, applies retention, gives the root up. */
+    void finish() { ctx_->check(dcp_manager_finish(get())); }
+    dcp_manager *get() const {
+        if (!h_) throw Error(DCP_ERROR_NULL_ARGUMENT, "dcp::Manager: moved from");
+        return h_.get();
+    }
+
+private:
+    Context *ctx_;
+    detail::Handle<dcp_manager, dcp_manager_free> h_;
+};
+
+// ------------------------------------------------------------------------------------------------
 // Inspection
 // ------------------------------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ pub unsafe extern "C" fn dcp_load(
 /// The handle of an async save (`dcp_save_async`). Thread safety: may be waited on or polled
 /// from any thread.
 pub struct dcp_future {
-    inner: crate::engine::SaveFuture,
+    pub(crate) inner: crate::engine::SaveFuture,
 }
 
 /// Saves in the background. Returns once this rank's registered state has been copied into

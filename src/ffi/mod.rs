@@ -18,10 +18,12 @@
 mod checkpoint;
 mod context;
 mod io;
+mod manager;
 mod options;
 mod state;
 
 pub use context::*;
+pub(crate) use io::dcp_future;
 pub use options::*;
 pub use state::*;
 
@@ -201,7 +203,7 @@ thread_local! {
     static LAST_ERROR: RefCell<LastError> = RefCell::new(LastError::default());
 }
 
-fn c_text(text: &str) -> CString {
+pub(crate) fn c_text(text: &str) -> CString {
     CString::new(text.replace('\0', "\\0")).unwrap_or_default()
 }
 

@@ -218,6 +218,8 @@ pub struct CheckpointManager {
     claim: Mutex<Option<Claim>>,
     /// The async save in flight, with its step; retention for it runs once it completed.
     pending: Mutex<Option<(u64, SaveFuture)>>,
+    /// Whether [`release`](Self::release) gave the root up.
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl CheckpointManager {
@@ -241,6 +243,7 @@ impl CheckpointManager {
             policy,
             claim: Mutex::new(claim),
             pending: Mutex::new(None),
+            released: Default::default(),
         })
     }
 
@@ -295,11 +298,17 @@ impl CheckpointManager {
     /// writing, but runs no retention.)
     pub fn finish(self) -> Result<()> {
         let waited = self.settle().and_then(|o| o.transpose()).map(|_| ());
-        let released = from_rank0(&self.ctx, || match lock(&self.claim).take() {
+        waited.and(self.release())
+    }
+
+    /// Gives the claim on the root up (after which the manager neither saves nor deletes).
+    /// Call it after the last save completed ([`wait`](Self::wait)). Collective.
+    pub fn release(&self) -> Result<()> {
+        self.released.store(true, std::sync::atomic::Ordering::SeqCst);
+        from_rank0(&self.ctx, || match lock(&self.claim).take() {
             Some(c) => c.release(),
             None => Ok(()),
-        });
-        waited.and(released)
+        })
     }
 
     /// The newest step that is committed and passes the check (the cheap one, or a full CRC
@@ -446,6 +455,10 @@ impl CheckpointManager {
     fn confirm_claim(&self) -> Result<()> {
         match lock(&self.claim).as_mut() {
             Some(c) => c.confirm_and_renew(),
+            None if self.released.load(std::sync::atomic::Ordering::SeqCst) => Err(Error::invalid(format!(
+                "the manager of {} gave its root up (finish/release): open a new one to save or delete",
+                self.root.url
+            ))),
             None => self
                 .writable()
                 .and(Err(Error::internal("a writable manager without its claim on rank 0"))),

@@ -2865,6 +2865,108 @@ static void test_typed_values(dcp_context *ctx) {
     dcp_checkpoint_free(c);
 }
 
+/* The checkpoint manager: saves under one root with retention, resume from the newest whole
+   step past a damaged one (named, with why), into poisoned buffers, the claim, NULL arguments. */
+static void test_manager(dcp_context *ctx) {
+    char root[4096], file[8192];
+    path_in(root, sizeof root, "managed");
+    dcp_manager_policy *policy = NULL;
+    dcp_manager *m = NULL, *m2 = NULL;
+    EXPECT_NULL(dcp_manager_policy_new(NULL));
+    OK(dcp_manager_policy_new(&policy));
+    EXPECT_NULL(dcp_manager_policy_set_keep_last(NULL, 2));
+    EXPECT_INVALID(dcp_manager_policy_set_keep_last(policy, 0));
+    OK(dcp_manager_policy_set_keep_last(policy, 2));
+    OK(dcp_manager_policy_set_keep_every(policy, 4));
+    OK(dcp_manager_policy_set_save_interval(policy, 2));
+    OK(dcp_manager_policy_set_full_verify(policy, false));
+    OK(dcp_manager_policy_set_lease_seconds(policy, 600));
+    OK(dcp_manager_policy_set_read_only(policy, false));
+    EXPECT_NULL(dcp_manager_policy_set_save_options(policy, NULL));
+    EXPECT_NULL(dcp_manager_open(NULL, root, policy, &m));
+    EXPECT_NULL(dcp_manager_open(ctx, NULL, policy, &m));
+    EXPECT_NULL(dcp_manager_open(ctx, root, policy, NULL));
+    if (!OK(dcp_manager_open(ctx, root, policy, &m)) || !m) {
+        dcp_manager_policy_free(policy);
+        return;
+    }
+    /* A second manager on the claimed root: BUSY, naming the holder. */
+    EXPECT(dcp_manager_open(ctx, root, policy, &m2), DCP_ERROR_BUSY);
+    CHECK(m2 == NULL && msg_has("pid"));
+    enum { N = 1000 };
+    int32_t *w = xmalloc(sizeof(int32_t) * N);
+    const int64_t n1[1] = {N};
+    dcp_state *st = NULL;
+    OK(dcp_state_new(&st));
+    OK(dcp_state_add_tensor(st, "w", DCP_INT32, 1, n1, NULL, w, sizeof(int32_t) * N));
+    bool should = false;
+    OK(dcp_manager_should_save(m, 4, &should));
+    CHECK(should);
+    OK(dcp_manager_should_save(m, 5, &should));
+    CHECK(!should);
+    for (uint64_t step = 0; step <= 10; step += 2) {
+        for (int i = 0; i < N; i++) w[i] = (int32_t)(step * 100000 + (uint64_t)i);
+        if (step == 10) {
+            dcp_future *f = NULL;
+            if (OK(dcp_manager_save_async(m, step, st, &f)) && f) {
+                for (int i = 0; i < N; i++) w[i] = -1; /* staged: the checkpoint keeps step 10's values */
+                dcp_future_free(f);
+            }
+            OK(dcp_manager_wait(m));
+        } else {
+            OK(dcp_manager_save(m, step, st));
+        }
+    }
+    /* Kept: the last 2 (8, 10) and the multiples of 4 (0, 4, 8). */
+    const char *kept[] = {"step-00000000", "step-00000004", "step-00000008", "step-00000010"};
+    const char *gone[] = {"step-00000002", "step-00000006"};
+    for (size_t i = 0; i < 4; i++) CHECKF(access(file_in(file, sizeof file, root, kept[i]), F_OK) == 0, "%s was deleted", kept[i]);
+    for (size_t i = 0; i < 2; i++) CHECKF(access(file_in(file, sizeof file, root, gone[i]), F_OK) != 0, "%s was kept", gone[i]);
+    int64_t latest = -2;
+    OK(dcp_manager_latest(m, &latest));
+    CHECK(latest == 10);
+    /* The newest step loses its .metadata: resume falls back to 8 and says why. */
+    file_in(file, sizeof file, root, "step-00000010/.metadata");
+    CHECK(unlink(file) == 0);
+    memset(w, GARBAGE, sizeof(int32_t) * N);
+    OK(dcp_manager_load_latest(m, st, &latest));
+    CHECK(latest == 8);
+    bool same = true;
+    for (int i = 0; i < N && same; i++) same = w[i] == (int32_t)(800000 + i);
+    CHECKF(same, "load_latest did not restore step 8 exactly");
+    size_t nskipped = 0;
+    OK(dcp_manager_skipped_count(m, &nskipped));
+    CHECK(nskipped == 1);
+    uint64_t sstep = 0;
+    dcp_step_health health = DCP_STEP_WHOLE;
+    const char *message = NULL;
+    OK(dcp_manager_skipped(m, 0, &sstep, &health, &message));
+    CHECKF(sstep == 10 && health == DCP_STEP_UNCOMMITTED && message && *message, "skipped %llu health %d", (unsigned long long)sstep, (int)health);
+    OK(dcp_manager_skipped(m, 0, NULL, NULL, NULL));
+    EXPECT_INVALID(dcp_manager_skipped(m, 1, &sstep, &health, &message));
+    /* Retention removes the uncommitted step, never the newest whole one. */
+    size_t deleted = 0;
+    OK(dcp_manager_apply_retention(m, &deleted));
+    CHECK(deleted == 1);
+    CHECK(access(file_in(file, sizeof file, root, "step-00000008/.metadata"), F_OK) == 0);
+    OK(dcp_manager_finish(m));
+    EXPECT_INVALID(dcp_manager_save(m, 12, st));
+    dcp_manager_free(m);
+    /* The claim was given up: another manager opens the root. */
+    if (OK(dcp_manager_open(ctx, root, NULL, &m2)) && m2) {
+        OK(dcp_manager_latest(m2, &latest));
+        CHECK(latest == 8);
+        dcp_manager_free(m2);
+    }
+    EXPECT_NULL(dcp_manager_latest(NULL, &latest));
+    EXPECT_NULL(dcp_manager_skipped_count(NULL, &nskipped));
+    dcp_manager_free(NULL);
+    dcp_manager_policy_free(NULL);
+    dcp_manager_policy_free(policy);
+    dcp_state_free(st);
+    free(w);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -2900,6 +3002,7 @@ int main(int argc, char **argv) {
     test_meshes_and_sharding(ctx);
     test_async_and_options(ctx, rt_dir);
     test_typed_values(ctx);
+    test_manager(ctx);
 
     dcp_context_free(ctx);
 
