@@ -861,11 +861,15 @@ dcp_status dcp_manager_wait(dcp_manager *manager);
 dcp_status dcp_manager_latest(dcp_manager *manager, int64_t *step);
 
 /**
- * Loads the newest whole step into `state` (in place, resharding as needed) and writes it to
- * `*step` (-1, with `state` untouched: no whole step). A step whose load finds damage the
- * check did not is skipped too, and the next older one loaded. Collective.
+ * Loads the newest whole step into `state` (in place, resharding as needed, with `opts`; NULL:
+ * the defaults) and writes it to `*step` (-1, with `state` untouched: no whole step). A step
+ * whose load finds damage the check did not is skipped too, and the next older one loaded.
+ * Keys the checkpoint lacks (partial loads) are listed by `dcp_state_missing_key`. Collective.
  */
-dcp_status dcp_manager_load_latest(dcp_manager *manager, dcp_state *state, int64_t *step);
+dcp_status dcp_manager_load_latest(dcp_manager *manager,
+                                   dcp_state *state,
+                                   const dcp_load_options *opts,
+                                   int64_t *step);
 
 /**
  * How many newer steps the last `dcp_manager_latest` / `dcp_manager_load_latest` skipped.

@@ -865,9 +865,10 @@ public:
         return step < 0 ? std::nullopt : std::optional<uint64_t>(static_cast<uint64_t>(step));
     }
     /** Collective: loads the newest whole step into `st` (nullopt: none, `st` untouched). */
-    std::optional<uint64_t> load_latest(State &st) {
+    std::optional<uint64_t> load_latest(State &st, const LoadOptions &opts = LoadOptions()) {
         int64_t step = -1;
-        ctx_->check(dcp_manager_load_latest(get(), st.get(), &step));
+        auto o = opts.handle();
+        ctx_->check(dcp_manager_load_latest(get(), st.get(), o.get(), &step));
         return step < 0 ? std::nullopt : std::optional<uint64_t>(static_cast<uint64_t>(step));
     }
     /** The steps the last latest() / load_latest() skipped, newest first, with why. */

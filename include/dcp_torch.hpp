@@ -566,31 +566,35 @@ public:
      */
     void load(const std::string &path, const LoadOptions &opts = LoadOptions()) {
         auto b = build(detail::Mode::Load);
-        LoadOptions partial = opts;
-        partial.strict = false; // strictness is decided here, with the exceptions above
-        dcp::load(ctx_, b->state, path, partial);
-        auto missing_list = b->state.missing_keys();
-        std::set<std::string> missing(missing_list.begin(), missing_list.end());
-        for (auto &c : b->created) {
-            size_t n = 0;
-            for (const auto &k : c.keys) n += missing.count(k);
-            if (n == c.keys.size()) {
-                c.undo();
-                for (const auto &k : c.keys) missing.erase(k);
-            }
+        dcp::load(ctx_, b->state, path, partial(opts));
+        apply_loaded(*b, path, opts);
+    }
+
+    /** Collective: saves everything registered as step `step` of `manager`'s series (retention
+        runs once it is committed). */
+    void save(Manager &manager, uint64_t step) {
+        auto b = build(detail::Mode::Save);
+        manager.save(step, b->state);
+    }
+
+    /** Collective: save_async as step `step` of `manager`'s series. */
+    Future save_async(Manager &manager, uint64_t step) {
+        auto b = build(detail::Mode::Save);
+        return manager.save_async(step, b->state, b);
+    }
+
+    /** Collective: resumes from the newest whole step of `manager`'s series (damaged and
+        unfinished newer steps are skipped: manager.skipped() says which and why), as load()
+        does; returns the step, or nullopt when there is none (nothing is changed). */
+    std::optional<uint64_t> load_latest(Manager &manager, const LoadOptions &opts = LoadOptions()) {
+        auto b = build(detail::Mode::Load);
+        auto step = manager.load_latest(b->state, partial(opts));
+        if (!step) {
+            for (auto &c : b->created) c.undo();
+            return step;
         }
-        for (const auto &k : b->optional) missing.erase(k);
-        missing_.clear();
-        for (const auto &k : b->keys)
-            if (missing.count(k)) missing_.push_back(k);
-        if (opts.strict && !missing_.empty()) {
-            std::string msg = "checkpoint " + path + " lacks " + std::to_string(missing_.size()) + " registered key(s):";
-            for (size_t i = 0; i < missing_.size() && i < 10; ++i) msg += " " + missing_[i];
-            if (missing_.size() > 10) msg += " ...";
-            throw Error(DCP_ERROR_NOT_FOUND, msg);
-        }
-        for (auto &f : b->validate) f(b->state);
-        for (auto &f : b->apply) f(b->state);
+        apply_loaded(*b, "step " + std::to_string(*step), opts);
+        return step;
     }
 
     /** Keys the last load did not find (non-strict loads). */
@@ -600,6 +604,38 @@ public:
     std::vector<std::string> keys() { return build(detail::Mode::Save)->keys; }
 
 private:
+    static LoadOptions partial(LoadOptions opts) {
+        opts.strict = false; // strictness is decided in apply_loaded, with the exceptions above
+        return opts;
+    }
+
+    /** After a partial load of `b`: state created for the load and not found is undone, strict
+        loads fail on missing keys, then scalars are validated and applied. */
+    void apply_loaded(detail::Built &b, const std::string &what, const LoadOptions &opts) {
+        auto missing_list = b.state.missing_keys();
+        std::set<std::string> missing(missing_list.begin(), missing_list.end());
+        for (auto &c : b.created) {
+            size_t n = 0;
+            for (const auto &k : c.keys) n += missing.count(k);
+            if (n == c.keys.size()) {
+                c.undo();
+                for (const auto &k : c.keys) missing.erase(k);
+            }
+        }
+        for (const auto &k : b.optional) missing.erase(k);
+        missing_.clear();
+        for (const auto &k : b.keys)
+            if (missing.count(k)) missing_.push_back(k);
+        if (opts.strict && !missing_.empty()) {
+            std::string msg = "checkpoint " + what + " lacks " + std::to_string(missing_.size()) + " registered key(s):";
+            for (size_t i = 0; i < missing_.size() && i < 10; ++i) msg += " " + missing_[i];
+            if (missing_.size() > 10) msg += " ...";
+            throw Error(DCP_ERROR_NOT_FOUND, msg);
+        }
+        for (auto &f : b.validate) f(b.state);
+        for (auto &f : b.apply) f(b.state);
+    }
+
     std::shared_ptr<detail::Built> build(detail::Mode mode) {
         at::NoGradGuard no_grad;
         auto b = std::make_shared<detail::Built>();

@@ -1,4 +1,7 @@
-use super::{dcp_context, dcp_future, dcp_save_options, dcp_state, dcp_status, free_box, guard, invalid, mut_arg, ref_arg, str_arg};
+use super::{
+    dcp_context, dcp_future, dcp_load_options, dcp_save_options, dcp_state, dcp_status, free_box, guard, invalid, mut_arg, ref_arg, str_arg,
+};
+use crate::engine::{LoadOptions, LoadReport};
 use crate::manager::{CheckpointManager, Damage, ManagerPolicy, Resume, StepHealth};
 use std::ffi::{c_char, CString};
 
@@ -94,7 +97,9 @@ pub unsafe extern "C" fn dcp_manager_policy_set_save_interval(policy: *mut dcp_m
 pub unsafe extern "C" fn dcp_manager_policy_set_keep_last(policy: *mut dcp_manager_policy, keep_last: u32) -> dcp_status {
     with_policy("dcp_manager_policy_set_keep_last", policy, |p| {
         if keep_last == 0 {
-            return Err(invalid("keep_last must be at least 1: retention never deletes the newest whole step"));
+            return Err(invalid(
+                "keep_last must be at least 1: retention never deletes the newest whole step",
+            ));
         }
         p.keep_last = keep_last as usize;
         Ok(())
@@ -171,7 +176,10 @@ pub unsafe extern "C" fn dcp_manager_open(
         let (ctx, root, policy, out) = unsafe { (ref_arg(ctx, "ctx")?, str_arg(root, "root")?, policy.as_ref(), mut_arg(out, "out")?) };
         let policy = policy.map(|p| p.inner.clone()).unwrap_or_default();
         let inner = CheckpointManager::open(&ctx.inner, root, policy)?;
-        *out = Box::into_raw(Box::new(dcp_manager { inner, skipped: Vec::new() }));
+        *out = Box::into_raw(Box::new(dcp_manager {
+            inner,
+            skipped: Vec::new(),
+        }));
         Ok(())
     })
 }
@@ -269,15 +277,36 @@ pub unsafe extern "C" fn dcp_manager_latest(manager: *mut dcp_manager, step: *mu
     })
 }
 
-/// Loads the newest whole step into `state` (in place, resharding as needed) and writes it to
-/// `*step` (-1, with `state` untouched: no whole step). A step whose load finds damage the
-/// check did not is skipped too, and the next older one loaded. Collective.
+/// Loads the newest whole step into `state` (in place, resharding as needed, with `opts`; NULL:
+/// the defaults) and writes it to `*step` (-1, with `state` untouched: no whole step). A step
+/// whose load finds damage the check did not is skipped too, and the next older one loaded.
+/// Keys the checkpoint lacks (partial loads) are listed by `dcp_state_missing_key`. Collective.
 #[no_mangle]
-pub unsafe extern "C" fn dcp_manager_load_latest(manager: *mut dcp_manager, state: *mut dcp_state, step: *mut i64) -> dcp_status {
+pub unsafe extern "C" fn dcp_manager_load_latest(
+    manager: *mut dcp_manager,
+    state: *mut dcp_state,
+    opts: *const dcp_load_options,
+    step: *mut i64,
+) -> dcp_status {
     guard("dcp_manager_load_latest", || {
         // SAFETY: the pointers are NULL or valid (header contract).
-        let (m, st, step) = unsafe { (mut_arg(manager, "manager")?, mut_arg(state, "state")?, mut_arg(step, "step")?) };
-        let found = m.inner.load_latest(&mut st.inner)?;
+        let (m, st, opts, step) = unsafe {
+            (
+                mut_arg(manager, "manager")?,
+                mut_arg(state, "state")?,
+                opts.as_ref(),
+                mut_arg(step, "step")?,
+            )
+        };
+        let default = LoadOptions::default();
+        st.last_load = LoadReport::default();
+        let found = m
+            .inner
+            .load_latest_with(&mut st.inner, opts.map(|o| &o.inner).unwrap_or(&default))?;
+        let found = found.map(|(resume, report)| {
+            st.last_load = report;
+            resume
+        });
         remember(m, found, step);
         Ok(())
     })

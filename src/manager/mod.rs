@@ -12,7 +12,7 @@ mod scan;
 
 pub use policy::{ManagerPolicy, DEFAULT_LEASE_SECONDS};
 
-use crate::engine::load::{load, LoadOptions};
+use crate::engine::load::{load, LoadOptions, LoadReport};
 use crate::engine::save::{save, save_async, SaveFuture, SaveReport};
 use crate::engine::Context;
 use crate::error::{lock, Error, ErrorKind, Result};
@@ -324,6 +324,12 @@ impl CheckpointManager {
     /// damage the check did not (a checksum) is skipped like the others and the next older
     /// whole step is loaded. Collective.
     pub fn load_latest(&self, state: &mut State) -> Result<Option<Resume>> {
+        Ok(self.load_latest_with(state, &LoadOptions::default())?.map(|(resume, _)| resume))
+    }
+
+    /// [`load_latest`](Self::load_latest) with load options (partial loads, threads...); also
+    /// returns the load's report (the keys a partial load did not find). Collective.
+    pub fn load_latest_with(&self, state: &mut State, opts: &LoadOptions) -> Result<Option<(Resume, LoadReport)>> {
         self.settle()?;
         let mut found: Vec<Skipped> = Vec::new();
         let mut below = None;
@@ -332,13 +338,13 @@ impl CheckpointManager {
                 return Ok(None);
             };
             let _guard = ReadGuard::new(&self.root.url, resume.step);
-            let loaded = load(&self.ctx, state, &resume.location, &LoadOptions::default());
+            let loaded = load(&self.ctx, state, &resume.location, opts);
             let damage = from_rank0(&self.ctx, || Ok(loaded.as_ref().err().and_then(|e| load_damage(e.kind()))))?;
             match (loaded, damage) {
-                (Ok(_), _) => {
+                (Ok(report), _) => {
                     found.append(&mut resume.skipped);
                     resume.skipped = found;
-                    return Ok(Some(resume));
+                    return Ok(Some((resume, report)));
                 }
                 (Err(e), Some(d)) => {
                     found.append(&mut resume.skipped);

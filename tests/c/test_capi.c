@@ -2929,7 +2929,7 @@ static void test_manager(dcp_context *ctx) {
     file_in(file, sizeof file, root, "step-00000010/.metadata");
     CHECK(unlink(file) == 0);
     memset(w, GARBAGE, sizeof(int32_t) * N);
-    OK(dcp_manager_load_latest(m, st, &latest));
+    OK(dcp_manager_load_latest(m, st, NULL, &latest));
     CHECK(latest == 8);
     bool same = true;
     for (int i = 0; i < N && same; i++) same = w[i] == (int32_t)(800000 + i);
