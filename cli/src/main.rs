@@ -1,5 +1,5 @@
 //! `dcp`: inspect, verify, diff and convert PyTorch Distributed Checkpoint directories with
-//! libdcp.
+//! libdcp; list and prune the checkpoint series a `CheckpointManager` keeps.
 
 #![warn(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
@@ -8,8 +8,10 @@ mod convert;
 mod diff;
 mod error;
 mod from_safetensors;
+mod gc;
 mod inspect;
 mod json;
+mod ls;
 mod progress;
 mod safetensors_file;
 mod stream;
@@ -22,7 +24,8 @@ const HELP: &str = "\
 usage: dcp <command> [options]
 
 Inspects, verifies, compares and converts PyTorch Distributed Checkpoint (DCP) directories,
-written by torch.distributed.checkpoint or by libdcp.
+written by torch.distributed.checkpoint or by libdcp; lists and prunes the series of them a
+libdcp CheckpointManager saves under one root.
 
 commands:
   inspect DIR [--json]             keys, dtypes, shapes, chunks, bytes; totals per file and rank
@@ -32,6 +35,10 @@ commands:
   convert DIR --to safetensors OUT_DIR
   convert FILE... --from safetensors OUT_DIR
                                    to and from Hugging Face safetensors
+  ls ROOT [--json] [--verify]      the steps of a checkpoint series (CheckpointManager): status
+                                   (whole / uncommitted / damaged and why), size, age, latest
+  gc ROOT --keep-last K [--keep-every M] [--dry-run]
+                                   deletes the steps a retention policy does not keep
 
 Run 'dcp <command> --help' for a command's options. Exit status: 0 success, 1 failure (or, for
 verify and diff, a problem or difference found), 2 usage error.";
@@ -57,16 +64,22 @@ enum Command {
     Diff(diff::Args),
     #[command(override_help = convert::HELP, args_override_self = true)]
     Convert(convert::Args),
+    #[command(override_help = ls::HELP, args_override_self = true)]
+    Ls(ls::Args),
+    #[command(override_help = gc::HELP, args_override_self = true)]
+    Gc(gc::Args),
     /// `dcp help [COMMAND]`: a command's help, or the overview.
     #[command(hide = true)]
     Help { command: Option<String>, rest: Vec<String> },
 }
 
-const COMMANDS: [(&str, &str); 4] = [
+const COMMANDS: [(&str, &str); 6] = [
     ("inspect", inspect::HELP),
     ("verify", verify::HELP),
     ("diff", diff::HELP),
     ("convert", convert::HELP),
+    ("ls", ls::HELP),
+    ("gc", gc::HELP),
 ];
 
 /// A clap error as one line naming the command, or help printed (exit 0).
@@ -110,6 +123,8 @@ fn run(argv: Vec<String>) -> CliResult {
         Some(Command::Verify(a)) => verify::run(a),
         Some(Command::Diff(a)) => diff::run(a),
         Some(Command::Convert(a)) => convert::run(a),
+        Some(Command::Ls(a)) => ls::run(a),
+        Some(Command::Gc(a)) => gc::run(a),
     }
 }
 

@@ -1,11 +1,12 @@
 //! The `dcp` command-line tool on small checkpoints written by libdcp (and by hand, for
 //! layouts libdcp refuses to write): inspect (text and JSON), verify (a good checkpoint and
-//! each planted fault), diff, convert to safetensors and back, help and usage errors.
+//! each planted fault), diff, convert to safetensors and back, ls and gc on a checkpoint series,
+//! help and usage errors.
 
 use dcp::comm::tcp::TcpComm;
 use dcp::format::metadata::{default_path, EntryMeta, Metadata, StorageIndex, StorageInfo, TensorMeta};
 use dcp::format::zipitem::{self, TensorItemLayout};
-use dcp::{save, Checkpoint, Context, DType, Region, SaveOptions, State, TensorView};
+use dcp::{save, Checkpoint, CheckpointManager, Context, DType, ManagerPolicy, Region, SaveOptions, State, TensorView};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -813,7 +814,7 @@ fn convert_filter_strip_and_cast() {
 
 #[test]
 fn help_on_every_subcommand() {
-    for cmd in ["inspect", "verify", "diff", "convert"] {
+    for cmd in ["inspect", "verify", "diff", "convert", "ls", "gc"] {
         for flag in ["--help", "-h"] {
             let out = dcp(&[cmd, flag]);
             assert_eq!(out.code, 0, "{cmd} {flag}");
@@ -845,6 +846,12 @@ fn usage_errors_exit_2_with_one_line() {
         vec!["convert", s(&d), "--to", "safetensors"],
         vec!["convert", "--from", "safetensors", "out"],
         vec!["convert", s(&d), "--to", "safetensors", "out", "--filter"],
+        vec!["ls"],
+        vec!["ls", "a", "b"],
+        vec!["gc", s(&d)],
+        vec!["gc", s(&d), "--keep-last", "0"],
+        vec!["gc", s(&d), "--keep-last", "-1"],
+        vec!["gc", s(&d), "--keep-last", "1", "--keep-every", "0"],
     ];
     for args in cases {
         let out = dcp(&args);
@@ -863,6 +870,8 @@ fn failures_exit_1_with_one_line() {
         vec!["diff", s(&missing), s(&missing)],
         vec!["convert", s(&missing), "--to", "safetensors", "/tmp/x"],
         vec!["convert", "/nonexistent.safetensors", "--from", "safetensors", s(&missing)],
+        vec!["ls", s(&missing)],
+        vec!["gc", s(&missing), "--keep-last", "1"],
     ] {
         let out = dcp(&args);
         assert_eq!(out.code, 1, "{args:?}");
@@ -1147,4 +1156,200 @@ fn convert_from_safetensors_refuses_hostile_files() {
         assert!(!out_dir.join(".metadata").exists(), "{name}: a checkpoint was committed");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// ls and gc: a checkpoint series saved by CheckpointManager
+// ---------------------------------------------------------------------------------------------
+
+fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// The data files of a step.
+fn data_files(root: &Path, step: u64) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(step_dir(root, step))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "distcp"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Steps 0..=4 saved by a manager (which then gives the root up): 0, 1 and 2 whole, 3 with a
+/// truncated data file (damaged), 4 without `.metadata` (uncommitted).
+fn series(name: &str) -> PathBuf {
+    let root = tmp(name);
+    let ctx = Context::local();
+    let mut manager = CheckpointManager::open(&ctx, s(&root), ManagerPolicy::default().keep_last(10)).unwrap();
+    for step in 0..5u64 {
+        let mut weights = vec![step as f32; 64];
+        let mut st = State::new();
+        st.add_tensor("w", TensorView::from_slice_mut(&mut weights, &[8, 8]).unwrap())
+            .unwrap();
+        st.add_int("step", step as i64).unwrap();
+        manager.save(step, &st).unwrap();
+    }
+    manager.finish().unwrap();
+    let torn = &data_files(&root, 3)[0];
+    let len = std::fs::metadata(torn).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(torn)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    std::fs::remove_file(step_dir(&root, 4).join(".metadata")).unwrap();
+    root
+}
+
+/// `(step, status column, latest mark)` of each row of `dcp ls`.
+fn ls_rows(stdout: &str) -> Vec<(u64, String, bool)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mark = l.starts_with('*');
+            let cols: Vec<&str> = l.get(1..)?.split_whitespace().collect();
+            let step = cols.first()?.parse().ok()?;
+            // step, size (number and unit), age, then the status.
+            Some((step, cols[4..].join(" "), mark))
+        })
+        .collect()
+}
+
+fn ls_steps(root: &Path) -> Vec<u64> {
+    let out = dcp(&["ls", s(root)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    ls_rows(&out.stdout).iter().map(|r| r.0).collect()
+}
+
+#[test]
+fn ls_names_each_status_and_the_latest() {
+    let root = series("ls-series");
+    let out = dcp(&["ls", s(&root)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rows = ls_rows(&out.stdout);
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1, 2, 3, 4], "{}", out.stdout);
+    for (step, status, _) in &rows[..3] {
+        assert_eq!(status, "whole", "step {step}: {}", out.stdout);
+    }
+    assert!(rows[3].1.starts_with("damaged (torn): data file"), "{}", out.stdout);
+    assert!(rows[3].1.contains("bytes"), "{}", out.stdout);
+    assert!(rows[4].1.starts_with("uncommitted (files but no .metadata"), "{}", out.stdout);
+    assert_eq!(rows.iter().filter(|r| r.2).map(|r| r.0).collect::<Vec<_>>(), [2], "{}", out.stdout);
+    assert!(out.stdout.contains("latest: step 2 ("), "{}", out.stdout);
+
+    let out = dcp(&["ls", s(&root), "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = parse_json(&out.stdout);
+    assert_eq!(v["root"], s(&root));
+    assert_eq!(v["latest"], 2);
+    let steps = v["steps"].as_array().unwrap();
+    let field = |k: &str| steps.iter().map(|s| s[k].clone()).collect::<Vec<Value>>();
+    assert_eq!(field("step"), [0, 1, 2, 3, 4].map(Value::from));
+    assert_eq!(
+        field("status"),
+        ["whole", "whole", "whole", "damaged", "uncommitted"].map(Value::from)
+    );
+    assert_eq!(
+        field("damage"),
+        [Value::Null, Value::Null, Value::Null, "size_mismatch".into(), Value::Null]
+    );
+    assert_eq!(field("latest"), [false, false, true, false, false].map(Value::from));
+    for st in steps {
+        assert!(st["bytes"].as_u64().unwrap() > 0, "{st}");
+        assert!(st["modified_unix_seconds"].as_u64().is_some(), "{st}");
+        assert_eq!(st["message"].as_str().unwrap().is_empty(), st["status"] == "whole", "{st}");
+    }
+    assert_eq!(steps[2]["location"], s(&step_dir(&root, 2)));
+}
+
+#[test]
+fn ls_verify_checks_every_crc() {
+    let root = series("ls-verify");
+    // A flipped payload byte in step 2: the cheap check passes it, the CRCs do not.
+    let dir = step_dir(&root, 2);
+    let (file, at) = record_offset(&dir, "w", Some(&[0, 0]), "data/0");
+    flip(&dir.join(file), at);
+    let cheap = ls_rows(&dcp(&["ls", s(&root)]).stdout);
+    assert_eq!((cheap[2].1.as_str(), cheap[2].2), ("whole", true));
+    let out = dcp(&["ls", s(&root), "--verify"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let full = ls_rows(&out.stdout);
+    assert!(full[2].1.starts_with("damaged (checksum): full verify failed"), "{}", out.stdout);
+    assert_eq!(full.iter().filter(|r| r.2).map(|r| r.0).collect::<Vec<_>>(), [1], "{}", out.stdout);
+}
+
+#[test]
+fn gc_keeps_the_newest_whole_step() {
+    let root = series("gc-series");
+    let dry = dcp(&["gc", s(&root), "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(ls_steps(&root), [0, 1, 2, 3, 4], "the dry run deleted something");
+    let would: Vec<&str> = dry.stdout.lines().filter(|l| l.starts_with("would delete step")).collect();
+    assert_eq!(
+        would,
+        [
+            "would delete step 0 (whole)",
+            "would delete step 1 (whole)",
+            "would delete step 4 (uncommitted)"
+        ],
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout.contains("kept 2 (2, 3); latest: step 2 (dry run: nothing deleted)"),
+        "{}",
+        dry.stdout
+    );
+
+    let out = dcp(&["gc", s(&root), "--keep-last", "1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let deleted: Vec<String> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("deleted step"))
+        .map(String::from)
+        .collect();
+    let predicted: Vec<String> = would.iter().map(|l| l.replacen("would delete", "deleted", 1)).collect();
+    assert_eq!(deleted, predicted, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("deleted 3 steps, kept 2 (2, 3); latest: step 2"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(ls_steps(&root), [2, 3]);
+    for gone in [0, 1, 4] {
+        assert!(!step_dir(&root, gone).exists(), "step {gone}");
+    }
+    // Resuming still works from the step kept.
+    let manager = CheckpointManager::open(&Context::local(), s(&root), ManagerPolicy::default().read_only(true)).unwrap();
+    assert_eq!(manager.latest().unwrap().unwrap().step, 2);
+}
+
+#[test]
+fn gc_keep_every_keeps_multiples() {
+    let root = series("gc-every");
+    let out = dcp(&["gc", s(&root), "--keep-last", "1", "--keep-every", "2"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(ls_steps(&root), [0, 2, 3], "{}", out.stdout);
+}
+
+#[test]
+fn gc_fails_busy_while_a_manager_holds_the_root() {
+    let root = series("gc-busy");
+    let holder = CheckpointManager::open(&Context::local(), s(&root), ManagerPolicy::default()).unwrap();
+    let out = dcp(&["gc", s(&root), "--keep-last", "1"]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.starts_with("dcp gc: "), "{}", out.stderr);
+    assert!(out.stderr.contains(s(&root)) && out.stderr.contains("busy"), "{}", out.stderr);
+    assert_eq!(ls_steps(&root), [0, 1, 2, 3, 4], "gc deleted while busy");
+    // Reading needs no claim: ls and a dry run work while the holder is there.
+    let dry = dcp(&["gc", s(&root), "--keep-last", "1", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    holder.finish().unwrap();
+    assert_eq!(dcp(&["gc", s(&root), "--keep-last", "1"]).code, 0);
+    assert_eq!(ls_steps(&root), [2, 3]);
 }
