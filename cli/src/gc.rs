@@ -3,7 +3,7 @@
 
 use crate::error::{CliError, CliResult};
 use crate::ls;
-use dcp::{ManagerPolicy, StepHealth, StepStatus};
+use dcp::{ManagerPolicy, StepStatus};
 use std::collections::BTreeSet;
 
 pub const HELP: &str = "\
@@ -76,8 +76,10 @@ pub fn run(args: Args) -> CliResult {
 }
 
 fn dry_run(root: &str, policy: &ManagerPolicy) -> CliResult {
-    let steps = ls::list("gc", root, false)?;
-    let doomed = to_delete(&steps, policy);
+    let manager = ls::open("gc", root, policy.clone().read_only(true))?;
+    let fail = |e| ls::fail_at("gc", root, e);
+    let steps = manager.list().map_err(fail)?;
+    let doomed: BTreeSet<u64> = manager.retention_preview(policy).map_err(fail)?.into_iter().collect();
     for s in steps.iter().filter(|s| doomed.contains(&s.step)) {
         println!("would delete step {} ({})", s.step, ls::short_status(s.health));
     }
@@ -99,69 +101,4 @@ fn summary(verb: &str, deleted: usize, kept: &[StepStatus]) -> String {
         kept.len(),
         steps.join(", ")
     )
-}
-
-/// The steps retention deletes, by the library's rules (`src/manager/retention.rs`,
-/// `to_delete`, which is private): kept are the newest whole step, the `keep_last` newest
-/// whole steps, whole multiples of `keep_every_steps`, and damaged steps newer than the newest
-/// whole one; every other step is deleted. No step is being loaded by this process, so none is
-/// protected. A test checks that this agrees with what `gc` then deletes.
-fn to_delete(steps: &[StepStatus], policy: &ManagerPolicy) -> BTreeSet<u64> {
-    let whole = |s: &&StepStatus| s.health == StepHealth::Whole;
-    let newest_whole = steps.iter().rev().find(whole).map(|s| s.step);
-    let recent_whole: BTreeSet<u64> = steps
-        .iter()
-        .rev()
-        .filter(whole)
-        .take(policy.keep_last.max(1))
-        .map(|s| s.step)
-        .collect();
-    let keep = |s: &StepStatus| -> bool {
-        if Some(s.step) == newest_whole {
-            return true;
-        }
-        match s.health {
-            StepHealth::Whole => recent_whole.contains(&s.step) || policy.keeps_forever(s.step),
-            StepHealth::Uncommitted => false,
-            StepHealth::Damaged(_) => newest_whole.is_none_or(|n| s.step > n),
-        }
-    };
-    steps.iter().filter(|s| !keep(s)).map(|s| s.step).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dcp::Damage;
-
-    fn status(step: u64, health: StepHealth) -> StepStatus {
-        StepStatus {
-            step,
-            location: format!("root/step-{step:08}"),
-            health,
-            message: String::new(),
-            bytes: 0,
-            modified_unix_seconds: None,
-            latest: false,
-        }
-    }
-
-    /// The cases of retention.rs's own unit tests, through this copy of its rules.
-    #[test]
-    fn mirrors_the_library_rules() {
-        let policy = ManagerPolicy::default().keep_last(2).keep_every_steps(Some(4));
-        let steps: Vec<StepStatus> = [0, 2, 4, 6, 8, 10].iter().map(|&s| status(s, StepHealth::Whole)).collect();
-        assert_eq!(to_delete(&steps, &policy), BTreeSet::from([2, 6]));
-
-        let policy = ManagerPolicy::default().keep_last(1);
-        let mut steps: Vec<StepStatus> = [1, 2].iter().map(|&s| status(s, StepHealth::Whole)).collect();
-        steps.push(status(3, StepHealth::Damaged(Damage::Checksum)));
-        steps.push(status(4, StepHealth::Uncommitted));
-        assert_eq!(to_delete(&steps, &policy), BTreeSet::from([1, 4]));
-        let broken = [
-            status(1, StepHealth::Damaged(Damage::MissingFile)),
-            status(2, StepHealth::Uncommitted),
-        ];
-        assert_eq!(to_delete(&broken, &policy), BTreeSet::from([2]));
-    }
 }

@@ -471,10 +471,10 @@ impl CheckpointManager {
         }
     }
 
-    /// Deletes what `policy` does not keep (rank 0).
-    fn retain(&self, policy: &ManagerPolicy) -> Result<Vec<u64>> {
-        self.writable()?;
-        self.confirm_claim()?;
+    /// The steps [`apply_retention`](Self::apply_retention) with `policy` would delete now,
+    /// deleting nothing (a dry run; works on a read-only manager). Not collective.
+    pub fn retention_preview(&self, policy: &ManagerPolicy) -> Result<Vec<u64>> {
+        policy.check()?;
         let mut healths = Vec::new();
         for step in self.root.steps()? {
             let location = self.root.step_location(step);
@@ -488,7 +488,14 @@ impl CheckpointManager {
             healths.iter().rev().find(|(_, h)| *h == StepHealth::Whole).map(|(s, _)| *s)
         };
         let protected = steps_being_read(&self.root.url);
-        let doomed = retention::to_delete(&healths, newest_whole, policy, &protected);
+        Ok(retention::to_delete(&healths, newest_whole, policy, &protected))
+    }
+
+    /// Deletes what `policy` does not keep (rank 0).
+    fn retain(&self, policy: &ManagerPolicy) -> Result<Vec<u64>> {
+        self.writable()?;
+        self.confirm_claim()?;
+        let doomed = self.retention_preview(policy)?;
         for &step in &doomed {
             retention::delete_step(&self.ctx, &self.root, step)?;
         }
