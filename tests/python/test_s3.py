@@ -260,6 +260,20 @@ class S3(unittest.TestCase):
         self.assertIn("S3 conformance passed against s3://", out)
         self.assertIn("Checkpoint::open_with applied the context's storage options", out)
 
+    def test_checkpoint_manager_on_an_s3_root(self):
+        # tests/manager.rs's S3 test (saves, retention, the claim, a torn step, 3 TCP ranks)
+        # against this server; it skips without DCP_TEST_S3_URL, so check that it ran.
+        cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
+        if not os.path.exists(cargo):
+            skip_or_fail(self, "no `cargo` to run the Rust manager test with")
+        env = dict(os.environ, DCP_TEST_S3_URL=f"s3://{BUCKET}/manager-{os.getpid()}")
+        r = subprocess.run([cargo, "test", "--release", "--test", "manager", "an_s3_root", "--", "--nocapture"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        out = r.stdout + r.stderr
+        self.assertEqual(r.returncode, 0, out[-6000:])
+        self.assertIn("test result: ok. 1 passed", out)
+        self.assertIn("manager on an S3 root passed against s3://", out)
+
     def test_checkpoint_open_with_context_uses_its_storage_options(self):
         import ctypes
         url = self.url()
