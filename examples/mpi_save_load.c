@@ -4,7 +4,8 @@
  * Each rank holds an FSDP-style shard (rows split over all ranks, uneven and empty shards
  * allowed) of a small model, saves one checkpoint collectively, then loads it back under a
  * different layout (2-D HSDP when the world size is even, else fully replicated) and checks
- * every element. Run with:  mpirun -np 4 ./mpi_save_load /tmp/ckpt
+ * every element; then saves a series under a checkpoint manager and resumes from it past an
+ * unfinished newest step. Run with:  mpirun -np 4 ./mpi_save_load /tmp/ckpt
  */
 #include <math.h>
 #include <mpi.h>
@@ -133,11 +134,46 @@ int main(int argc, char **argv) {
     int64_t step = 0;
     CHECK(dcp_state_get_int(state, "train.step", &step));
     if (step != 1234) bad++;
+    /* A series under a checkpoint manager (PATH-series-WORLD): steps 1-3 of this layout, keep the
+       last 2; the newest loses its .metadata on rank 0; every rank agrees to resume from step
+       2, skipping 3, and loads it back exactly. */
+    char root[4096];
+    snprintf(root, sizeof root, "%s-series-%d", argv[1], world);
+    dcp_manager_policy *policy = NULL;
+    CHECK(dcp_manager_policy_new(&policy));
+    CHECK(dcp_manager_policy_set_keep_last(policy, 2));
+    dcp_manager *series = NULL;
+    CHECK(dcp_manager_open(ctx, root, policy, &series));
+    for (uint64_t s = 1; s <= 3; s++) CHECK(dcp_manager_save(series, s, state));
+    if (rank == 0) {
+        char md[8192];
+        snprintf(md, sizeof md, "%s/step-00000003/.metadata", root);
+        if (remove(md) != 0) bad++;
+    }
+    MPI_Barrier(comm);
+    for (int p = 0; p < NPARAMS; p++)
+        for (int64_t i = 0; i < lrows[p] * shapes[p][1]; i++) loaded[p][i] = NAN;
+    int64_t resumed = -1;
+    size_t skipped = 0;
+    CHECK(dcp_manager_load_latest(series, state, NULL, &resumed));
+    CHECK(dcp_manager_skipped_count(series, &skipped));
+    if (resumed != 2 || skipped != 1) bad++;
+    for (int p = 0; p < NPARAMS; p++) {
+        int64_t cols = shapes[p][1];
+        for (int64_t r = 0; r < lrows[p]; r++)
+            for (int64_t c = 0; c < cols; c++)
+                if (loaded[p][r * cols + c] != value(p, (lstart[p] + r) * cols + c)) bad++;
+    }
+    CHECK(dcp_manager_finish(series));
+    dcp_manager_free(series);
+    dcp_manager_policy_free(policy);
+
     long total_bad = 0;
     MPI_Reduce(&bad, &total_bad, 1, MPI_LONG, MPI_SUM, 0, comm);
     if (rank == 0)
-        printf("mpi_save_load: %d ranks saved FSDP shards, loaded as %s: %s\n", world, hsdp ? "2-D HSDP" : "replicated",
-               total_bad == 0 ? "all values match" : "MISMATCH");
+        printf("mpi_save_load: %d ranks saved FSDP shards, loaded as %s, then a managed series resumed from step %lld "
+               "past an unfinished step: %s\n",
+               world, hsdp ? "2-D HSDP" : "replicated", (long long)resumed, total_bad == 0 ? "all values match" : "MISMATCH");
 
     for (int p = 0; p < NPARAMS; p++) free(shards[p]), free(loaded[p]);
     dcp_state_free(state);
