@@ -7,9 +7,13 @@
 // nn.Module and torch.optim.Adam (tests/python/test_libtorch.py does).
 //
 //   libtorch_train [--steps N] [--save-at K --save DIR] [--resume DIR] [--device cpu|cuda]
+//                  [--series ROOT --every N]
 //                  [--optim adam|adamw|amsgrad|sgd|sgd0] [--rank R --world W --store FILE]
 //
 // Prints "step I loss HEX" (C's %a, exact) on rank 0 for every step it runs.
+//
+// --series ROOT --every N: a checkpoint series under a dcp::Manager: resume from its newest
+// whole step (if any) in one call, an async save every N steps (the last 2 kept).
 //
 // Multi-rank (W = 1, 2 or 4 processes, gloo over a c10d::FileStore): every rank keeps the whole
 // model and computes the same update. The batch of each step is cut into 4 micro-batches;
@@ -70,14 +74,14 @@ std::pair<torch::Tensor, torch::Tensor> batch(int64_t i) {
 }
 
 struct Args {
-    int64_t steps = 12, save_at = -1;
-    std::string save, resume, device = "cpu", optim = "adam", store, dcp_group = "process-group";
+    int64_t steps = 12, save_at = -1, every = 0;
+    std::string save, resume, series, device = "cpu", optim = "adam", store, dcp_group = "process-group";
     int rank = 0, world = 1;
 };
 
 [[noreturn]] void usage(const char *msg) {
     std::fprintf(stderr,
-                 "libtorch_train: %s\nusage: libtorch_train [--steps N] [--save-at K --save DIR] [--resume DIR]\n"
+                 "libtorch_train: %s\nusage: libtorch_train [--steps N] [--save-at K --save DIR] [--resume DIR] [--series ROOT --every N]\n"
                  "       [--device cpu|cuda] [--optim adam|adamw|amsgrad|sgd|sgd0] [--rank R --world W --store FILE]\n"
                  "       [--dcp-group process-group|backend]\n",
                  msg);
@@ -96,6 +100,8 @@ Args parse(int argc, char **argv) {
         else if (k == "--save-at") a.save_at = std::stoll(val());
         else if (k == "--save") a.save = val();
         else if (k == "--resume") a.resume = val();
+        else if (k == "--series") a.series = val();
+        else if (k == "--every") a.every = std::stoll(val());
         else if (k == "--device") a.device = val();
         else if (k == "--optim") a.optim = val();
         else if (k == "--rank") a.rank = std::stoi(val());
@@ -105,6 +111,8 @@ Args parse(int argc, char **argv) {
         else usage(("unknown argument " + k).c_str());
     }
     if ((a.save_at >= 0) != !a.save.empty()) usage("--save-at and --save go together");
+    if (!a.series.empty() != (a.every > 0)) usage("--series and --every N (N > 0) go together");
+    if (!a.series.empty() && !a.resume.empty()) usage("--series resumes from its own newest step: no --resume");
     if (a.world < 1 || kMicro % a.world != 0) usage("--world must divide 4");
     if (a.world > 1 && a.store.empty()) usage("--world > 1 needs --store FILE");
     if (a.world > 1 && a.device != "cpu") usage("this example runs several ranks on CPU (gloo) only");
@@ -222,6 +230,14 @@ int main(int argc, char **argv) try {
         if (args.rank == 0) std::fprintf(stderr, "resumed from %s at step %lld\n", args.resume.c_str(), (long long)done);
     }
 
+    std::unique_ptr<dcp::Manager> series;
+    if (!args.series.empty()) {
+        series = std::make_unique<dcp::Manager>(ckpt.context(), args.series,
+                                                dcp::ManagerPolicy().set_save_interval(static_cast<uint64_t>(args.every)).set_keep_last(2));
+        if (auto step = ckpt.load_latest(*series); step && args.rank == 0)
+            std::fprintf(stderr, "resumed from step %llu of %s (train.step %lld)\n", (unsigned long long)*step, args.series.c_str(), (long long)done);
+    }
+
     dcp::Future pending;
     if (done == args.save_at) { // --save-at 0: the state before training (a fresh optimizer)
         ckpt.save(args.save, dcp::SaveOptions().set_overwrite(true));
@@ -237,7 +253,9 @@ int main(int argc, char **argv) try {
             double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
             if (args.rank == 0) std::fprintf(stderr, "async save of step %lld to %s: blocked %.1f ms\n", (long long)done, args.save.c_str(), ms);
         }
+        if (series && series->should_save(static_cast<uint64_t>(done))) pending = ckpt.save_async(*series, static_cast<uint64_t>(done));
     }
+    if (series) series->finish(); // waits for the last save, applies retention, gives the root up
     if (pending.valid()) {
         pending.wait();
         if (args.rank == 0) std::fprintf(stderr, "checkpoint %s committed\n", args.save.c_str());

@@ -200,6 +200,21 @@ class CppResume(Case):
         self.assertEqual(sorted(resumed), list(range(SAVE_AT, STEPS)))
         self.assertEqual(hexes(resumed, range(SAVE_AT, STEPS)), hexes(full, range(SAVE_AT, STEPS)))
 
+    def test_series_resumes_in_one_call(self):
+        # Killed after step 8 of 12 (a run of 8 steps): every 3 steps a save, the last 2 kept;
+        # the rerun resumes from step 6 and reproduces the uninterrupted run's losses exactly.
+        root = self.sub("series")
+        full = run_cpp("--steps", STEPS)
+        first = run_cpp("--steps", 8, "--series", root, "--every", 3)
+        self.assertEqual(hexes(first, range(8)), hexes(full, range(8)))
+        self.assertEqual(sorted(d for d in os.listdir(root) if d.startswith("step-")), ["step-00000003", "step-00000006"])
+        resumed = run_cpp("--steps", STEPS, "--series", root, "--every", 3)
+        self.assertEqual(sorted(resumed), list(range(6, STEPS)))
+        self.assertEqual(hexes(resumed, range(6, STEPS)), hexes(full, range(6, STEPS)))
+        # torch loads a step of the series as it is.
+        meta = FileSystemReader(os.path.join(root, "step-00000012")).read_metadata()
+        self.assertIn("model.net1.weight", meta.state_dict_metadata)
+
     def test_world_sizes(self):
         ref = run_cpp("--steps", STEPS)
         # 4 ranks save sharded files; their run is the same arithmetic as one process's.
