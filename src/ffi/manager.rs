@@ -58,8 +58,10 @@ impl From<StepHealth> for dcp_step_health {
 #[no_mangle]
 pub unsafe extern "C" fn dcp_manager_policy_new(out: *mut *mut dcp_manager_policy) -> dcp_status {
     guard("dcp_manager_policy_new", || {
-        // SAFETY: `out` is NULL or writable (header contract).
-        *unsafe { mut_arg(out, "out")? } = Box::into_raw(Box::new(dcp_manager_policy {
+        // SAFETY: `out` is NULL or writable (header contract). Checked before the allocation: a
+        // NULL `out` must not leak it.
+        let out = unsafe { mut_arg(out, "out")? };
+        *out = Box::into_raw(Box::new(dcp_manager_policy {
             inner: ManagerPolicy::default(),
         }));
         Ok(())
