@@ -59,6 +59,7 @@ pub mod comm;
 pub mod storage;
 
 mod cuda;
+mod host;
 internal_mod!(engine, error, format, mesh, plan, region, state, tensor);
 
 mod ffi;

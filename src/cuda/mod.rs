@@ -134,11 +134,7 @@ pub fn physical_id(ordinal: i32) -> Result<String> {
     let bus = std::ffi::CStr::from_bytes_until_nul(&buf)
         .map(|c| c.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mut host = [0u8; 256];
-    // SAFETY: gethostname writes at most `host.len()` bytes into the local array (truncated
-    // names may lack the NUL: the search below stops at the array's end).
-    unsafe { libc::gethostname(host.as_mut_ptr() as *mut std::ffi::c_char, host.len()) };
-    let host = String::from_utf8_lossy(&host[..host.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned();
+    let host = crate::host::hostname();
     Ok(format!("{host}/{bus}"))
 }
 

@@ -11,7 +11,6 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,25 +36,7 @@ fn now_ms() -> u64 {
 }
 
 fn random_owner() -> String {
-    // RandomState is seeded from the OS once per process and advanced per instance.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
-}
-
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into the local array.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".to_string();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end])
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .collect()
+    format!("{:016x}", crate::host::random_u64())
 }
 
 /// Whether process `pid` of this host exists (a process that exists but is not ours counts).
@@ -106,7 +87,7 @@ impl Lease {
     /// Whether the holder may still be at work: not expired, and not a process of this host
     /// that is gone.
     fn is_live(&self, now_ms: u64) -> bool {
-        let gone = self.host == hostname() && self.pid != std::process::id() && !process_exists(self.pid);
+        let gone = self.host == crate::host::hostname() && self.pid != std::process::id() && !process_exists(self.pid);
         now_ms < self.expires_ms && !gone
     }
 
@@ -135,7 +116,7 @@ impl Claim {
             storage,
             mine: Lease {
                 owner: random_owner(),
-                host: hostname(),
+                host: crate::host::hostname(),
                 pid: std::process::id(),
                 expires_ms: 0,
             },
@@ -224,7 +205,7 @@ mod tests {
         assert_eq!(Lease::decode(format!("{HEADER}\nowner=1\n").as_bytes()), None);
         let now = now_ms();
         let here = Lease {
-            host: hostname(),
+            host: crate::host::hostname(),
             pid: std::process::id(),
             expires_ms: now + 10_000,
             ..l

@@ -366,8 +366,8 @@ impl CheckpointManager {
         let mut out = Vec::new();
         for step in self.root.steps()? {
             let location = self.root.step_location(step);
+            let (health, message) = self.check_step(step, self.policy.full_verify_on_resume)?;
             let storage = self.ctx.open_storage(&location)?;
-            let (health, message) = scan::check_step(storage.as_ref(), &location, self.policy.full_verify_on_resume)?;
             let (bytes, modified_unix_seconds) = scan::usage(storage.as_ref(), self.root.step_dir(step).as_deref())?;
             out.push(StepStatus {
                 step,
@@ -433,10 +433,9 @@ impl CheckpointManager {
     fn make_room(&self, step: u64) -> Result<()> {
         self.confirm_claim()?;
         let location = self.root.step_location(step);
-        let storage = self.ctx.open_storage(&location)?;
         let exists = self.root.step_dir(step).is_none_or(|d| d.exists());
         if exists {
-            match scan::check_step(storage.as_ref(), &location, false)?.0 {
+            match self.check_step(step, false)?.0 {
                 StepHealth::Whole if self.policy.save_options.overwrite => {}
                 StepHealth::Whole => {
                     return Err(Error::new(
@@ -477,9 +476,7 @@ impl CheckpointManager {
         policy.check()?;
         let mut healths = Vec::new();
         for step in self.root.steps()? {
-            let location = self.root.step_location(step);
-            let storage = self.ctx.open_storage(&location)?;
-            healths.push((step, scan::check_step(storage.as_ref(), &location, false)?.0));
+            healths.push((step, self.check_step(step, false)?.0));
         }
         // The step a resume would pick, by the resume's own check, is never deleted.
         let newest_whole = if self.policy.full_verify_on_resume {
@@ -502,13 +499,19 @@ impl CheckpointManager {
         Ok(doomed)
     }
 
+    /// `step`'s health and what is wrong with it: the cheap check, or a full verify.
+    fn check_step(&self, step: u64, full_verify: bool) -> Result<(StepHealth, String)> {
+        let location = self.root.step_location(step);
+        let storage = self.ctx.open_storage(&location)?;
+        scan::check_step(storage.as_ref(), &location, full_verify)
+    }
+
     /// The newest whole step (below `below`, when given), with the newer ones skipped (rank 0).
     fn find_latest(&self, below: Option<u64>) -> Result<Option<Resume>> {
         let mut skipped = Vec::new();
         for step in self.root.steps()?.into_iter().rev().filter(|s| below.is_none_or(|b| *s < b)) {
             let location = self.root.step_location(step);
-            let storage = self.ctx.open_storage(&location)?;
-            let (health, message) = scan::check_step(storage.as_ref(), &location, self.policy.full_verify_on_resume)?;
+            let (health, message) = self.check_step(step, self.policy.full_verify_on_resume)?;
             if health == StepHealth::Whole {
                 return Ok(Some(Resume { step, location, skipped }));
             }

@@ -101,7 +101,7 @@ const TMP_RANDOM_DIGITS: usize = 16;
 /// A fresh temporary name a small file is staged under before it is renamed or linked to
 /// `name`: `{name}.{16 random hex digits}.tmp`, so that two writers never share one.
 pub fn unique_tmp_name(name: &str) -> String {
-    format!("{name}.{:0width$x}.tmp", random_u64(), width = TMP_RANDOM_DIGITS)
+    format!("{name}.{:0width$x}.tmp", crate::host::random_u64(), width = TMP_RANDOM_DIGITS)
 }
 
 /// The name a temporary made by [`unique_tmp_name`] stands in for; `None` for any other name.
@@ -115,28 +115,6 @@ pub fn tmp_target(name: &str) -> Option<&str> {
 /// Whether `name` is a temporary made by [`unique_tmp_name`] (a leftover when no save is running).
 pub fn is_tmp_name(name: &str) -> bool {
     tmp_target(name).is_some()
-}
-
-/// 64 bits from the kernel's random source, mixed with the time, the process id and a counter
-/// (so that a failing source still gives distinct values).
-fn random_u64() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer, which lives here.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    let mut v = if got == bytes.len() as isize {
-        u64::from_le_bytes(bytes)
-    } else {
-        0
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    v ^= nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    v
 }
 
 /// Alignment of direct (O_DIRECT) I/O.

@@ -132,10 +132,7 @@ fn copy_into_arena(
         // dropped, waiting for them, before the arena on every path).
         false => Some(unsafe { launch_deferred(&deferred, opts.device_snapshot_bytes, &ctx.inner.snapshots) }?),
     };
-    let mut bytes = DeferredBytes::default();
-    if let Some(f) = &in_flight {
-        bytes = f.bytes();
-    }
+    let bytes = in_flight.as_ref().map(InFlightCopies::bytes).unwrap_or_default();
     let mut streams = DeviceStreams::default();
     // Synchronised on every return: the arena must not go back to the pool under a copy.
     let mut used = SyncOnDrop::default();
