@@ -261,6 +261,42 @@ fn a_second_manager_on_a_root_is_busy_and_an_expired_claim_is_taken_over() {
 }
 
 #[test]
+fn a_hostile_lease_file_is_neither_read_whole_nor_followed_outside_the_root() {
+    let lease = |root: &TempDir| root.path().join(".libdcp_manager");
+    // A 16 GiB (sparse) lease and a garbled one name no holder: taken over, not read into
+    // memory, and replaced by a real lease.
+    for tag in ["huge", "garbage"] {
+        let root = TempDir::new(&format!("mgr-lease-{tag}"));
+        std::fs::create_dir_all(root.path()).unwrap();
+        let f = std::fs::File::create(lease(&root)).unwrap();
+        match tag {
+            "huge" => f.set_len(16 << 30).unwrap(),
+            _ => std::fs::write(lease(&root), b"\x00\xffnot a lease\nowner=").unwrap(),
+        }
+        let mut m = open(&root, ManagerPolicy::default());
+        save_step(&mut m, 1, 0);
+        assert!(
+            std::fs::metadata(lease(&root)).unwrap().len() < 4096,
+            "{tag}: the lease was not replaced"
+        );
+        m.finish().unwrap();
+    }
+    // A lease that is a symlink to a file outside the root: that file is never written.
+    let root = TempDir::new("mgr-lease-link");
+    let outside = TempDir::new("mgr-lease-outside");
+    std::fs::create_dir_all(root.path()).unwrap();
+    std::fs::create_dir_all(outside.path()).unwrap();
+    let target = outside.path().join("precious");
+    std::fs::write(&target, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&target, lease(&root)).unwrap();
+    if let Ok(mut m) = CheckpointManager::open(&Context::local(), root.s(), ManagerPolicy::default()) {
+        save_step(&mut m, 1, 0);
+        m.finish().unwrap();
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+}
+
+#[test]
 fn async_retention_runs_only_after_the_save_committed() {
     let root = TempDir::new("mgr-async");
     let mut m = open(&root, ManagerPolicy::default().keep_last(1).async_save(true));

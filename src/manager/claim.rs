@@ -142,12 +142,20 @@ impl Claim {
     }
 
     /// The lease as stored (`None`: missing or unreadable).
+    /// A lease file larger than any lease is unreadable, and is not read into memory.
     fn read(&self) -> Result<Option<Lease>> {
-        match self.storage.read_all(LEASE_FILE) {
-            Ok(b) => Ok(Lease::decode(&b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.context("reading the claim on the checkpoint root")),
+        let file = match self.storage.open_read(LEASE_FILE) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.context("reading the claim on the checkpoint root")),
+        };
+        if file.len() > MAX_LEASE_BYTES as u64 {
+            return Ok(None);
         }
+        let bytes = file
+            .read_vec(0, file.len() as usize)
+            .map_err(|e| e.context("reading the claim on the checkpoint root"))?;
+        Ok(Lease::decode(&bytes))
     }
 
     fn busy(&self, why: &str) -> Error {
