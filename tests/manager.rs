@@ -296,6 +296,52 @@ fn a_hostile_lease_file_is_neither_read_whole_nor_followed_outside_the_root() {
     assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
 }
 
+/// A 16 MiB tmpfs mounted on a fresh directory (root only); `None`, with a message, otherwise.
+fn small_file_system(tag: &str) -> Option<(impl Drop, TempDir)> {
+    // (Unmounted before the directory is removed: tuple fields drop in order.)
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = TempDir::new(tag);
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return None;
+    }
+    let guard = Unmount(dir.path().to_path_buf());
+    Some((guard, dir))
+}
+
+#[test]
+fn a_save_that_fills_the_disk_fails_and_deletes_nothing() {
+    let Some((_mount, root)) = small_file_system("mgr-full") else {
+        return;
+    };
+    let mut m = open(&root, ManagerPolicy::default().keep_last(1));
+    save_step(&mut m, 1, 0);
+    save_step(&mut m, 2, 0);
+    // 24 MiB does not fit in the 16 MiB file system.
+    let big = vec![1.5f32; 6 << 20];
+    let mut st = State::new();
+    st.add_tensor("w0", TensorView::from_slice(&big, &[big.len() as u64]).unwrap())
+        .unwrap();
+    assert!(m.save(3, &st).is_err(), "a save larger than the disk succeeded");
+    // Step 2 (the last one kept) is still whole and resumes bit-exact; step 3 never counts.
+    let resume = load_latest_checked(&m, 0).unwrap();
+    assert_eq!(resume.step, 2);
+    assert!(steps_on_disk(root.path()).contains(&2));
+    m.finish().unwrap();
+}
+
 #[test]
 fn async_retention_runs_only_after_the_save_committed() {
     let root = TempDir::new("mgr-async");
